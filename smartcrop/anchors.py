@@ -1,0 +1,190 @@
+"""Candidate crops ("anchors").
+
+Two families:
+
+* :func:`gaic_anchors` — GAIC's free-ratio grid anchors (Zeng et al., CVPR 2019 / TPAMI 2020): the image is
+  split into a 12×12 grid, the top-left corner lies at the centre of one of the 4×4 top-left cells and the
+  bottom-right corner at the centre of one of the 4×4 bottom-right cells; crops covering at least half of the
+  grid with an aspect ratio in [0.5, 2] are kept (87-90 crops on usual photos).  These are exactly the crops
+  GAICD's annotations score.
+* :func:`ratio_anchors` — crops of one requested aspect ratio ``W:H``: several scales from the largest crop of
+  that ratio down to about half of the image area, each at several positions.  Every anchor has exactly that
+  ratio to within one pixel and the largest crop of that ratio is always the first anchor.
+
+Boxes are ``(x1, y1, x2, y2)`` in pixels of the (upright) image, as ``float32`` numpy arrays of shape (N, 4).
+This module only needs numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+
+import numpy as np
+
+GRID_BINS = 12
+
+
+def gaic_anchors(width: int, height: int, bins: int = GRID_BINS) -> np.ndarray:
+    """GAIC's free-ratio grid anchors for a ``width`` × ``height`` image, in GAICD's annotation order.
+
+    The order (x1, y1, x2, y2 indices nested as in the GAIC reference code, rows first) matches the line
+    order of GAICD's annotation files.
+    """
+    step_w = width / bins
+    step_h = height / bins
+    corner = bins // 3  # 4 cells for a 12 grid
+    boxes = []
+    for r1 in range(corner):  # top row index
+        for c1 in range(corner):  # left column index
+            for r2 in range(bins - corner, bins):
+                for c2 in range(bins - corner, bins):
+                    area_cells = (r2 - r1) * (c2 - c1)
+                    if area_cells <= 0.4999 * bins * bins:
+                        continue
+                    ratio = (c2 - c1) * step_w / ((r2 - r1) * step_h)  # width / height in pixels
+                    if not 0.5 < ratio < 2.0:
+                        continue
+                    boxes.append(
+                        (step_w * (c1 + 0.5), step_h * (r1 + 0.5), step_w * (c2 + 0.5), step_h * (r2 + 0.5))
+                    )
+    if not boxes:  # extreme panoramas: no grid crop has a ratio in (0.5, 2); fall back to the grid's extent
+        boxes.append((step_w * 0.5, step_h * 0.5, step_w * (bins - 0.5), step_h * (bins - 0.5)))
+    return np.asarray(boxes, dtype=np.float32)
+
+
+_RATIO_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[:xX/]\s*(\d+(?:\.\d+)?)\s*$")
+
+
+def parse_ratio(text: str) -> Fraction:
+    """Parse ``"16:9"``, ``"16x9"``, ``"4/5"``, ``"1.91:1"`` or a plain number such as ``"1.5"``.
+
+    Raises ``ValueError`` with a one-line message for anything else (zero, negative, garbage, absurd ratios).
+    """
+    s = str(text).strip()
+    m = _RATIO_RE.match(s)
+    try:
+        if m:
+            w, h = Fraction(m.group(1)), Fraction(m.group(2))
+        else:
+            w, h = Fraction(s), Fraction(1)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"bad aspect ratio {text!r}: expected W:H such as 16:9") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"bad aspect ratio {text!r}: width and height must be positive")
+    r = w / h
+    if not Fraction(1, 100) <= r <= 100:
+        raise ValueError(f"bad aspect ratio {text!r}: must lie between 1:100 and 100:1")
+    return r
+
+
+def ratio_label(text: str) -> str:
+    """File-name friendly label of a ratio string: ``"16:9"`` → ``"16x9"``, ``"any"`` → ``"any"``."""
+    s = str(text).strip().lower()
+    if s == "any":
+        return "any"
+    m = _RATIO_RE.match(s)
+    if m:
+        return f"{m.group(1)}x{m.group(2)}"
+    return s.replace(".", "_")
+
+
+def _positions(slack: float, n: int) -> np.ndarray:
+    if n <= 1 or slack <= 0:
+        return np.array([slack / 2.0])
+    return np.linspace(0.0, slack, n)
+
+
+def ratio_anchors(
+    width: int,
+    height: int,
+    ratio: float | Fraction | str,
+    n_scales: int = 6,
+    max_positions: int = 7,
+    min_area: float = 0.5,
+) -> np.ndarray:
+    """Crops of aspect ratio ``ratio`` (width / height) inside a ``width`` × ``height`` image.
+
+    Scales run from the largest crop of that ratio down to one whose area is ``min_area`` of the image (or,
+    when the largest crop is already smaller than that, down to 80% of its side).  At each scale the crop is
+    placed at up to ``max_positions`` positions per axis, spaced about one GAIC grid cell (1/12 of the side)
+    apart.  Coordinates are integers; each box's ``w / h`` equals ``ratio`` to within one pixel of either side.
+    The first box is the largest crop of that ratio, centred.
+    """
+    if isinstance(ratio, str):
+        ratio = parse_ratio(ratio)
+    r = float(ratio)
+    width, height = int(width), int(height)
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+
+    # largest crop of that ratio
+    if width / height > r:
+        h_max = float(height)
+        w_max = h_max * r
+    else:
+        w_max = float(width)
+        h_max = w_max / r
+    max_area_frac = (w_max * h_max) / (width * height)
+    s_min = math.sqrt(min(max(min_area / max_area_frac, 0.5), 0.8))
+    scales = np.linspace(1.0, s_min, n_scales) if n_scales > 1 else np.array([1.0])
+
+    boxes: list[tuple[int, int, int, int]] = []
+    seen: set[tuple[int, int, int, int]] = set()
+    for s in scales:
+        # integer size with the exact ratio to within one pixel, at least 1×1, inside the image
+        if r >= 1:
+            h = max(1, min(height, round(h_max * s)))
+            w = max(1, min(width, round(h * r)))
+            if w == width:  # width-limited: recompute h from w so the ratio stays within one pixel
+                h = max(1, min(height, round(w / r)))
+        else:
+            w = max(1, min(width, round(w_max * s)))
+            h = max(1, min(height, round(w / r)))
+            if h == height:
+                w = max(1, min(width, round(h * r)))
+        slack_x, slack_y = width - w, height - h
+        nx = min(max_positions, 1 + round(slack_x / (width / GRID_BINS)))
+        ny = min(max_positions, 1 + round(slack_y / (height / GRID_BINS)))
+        xs = _positions(slack_x, nx)
+        ys = _positions(slack_y, ny)
+        # centre first at the largest scale, so boxes[0] is the centred largest crop
+        order_x = np.argsort(np.abs(xs - slack_x / 2.0), kind="stable")
+        order_y = np.argsort(np.abs(ys - slack_y / 2.0), kind="stable")
+        for iy in order_y:
+            for ix in order_x:
+                x1 = int(round(xs[ix]))
+                y1 = int(round(ys[iy]))
+                b = (x1, y1, x1 + w, y1 + h)
+                if b not in seen:
+                    seen.add(b)
+                    boxes.append(b)
+    return np.asarray(boxes, dtype=np.float32)
+
+
+def anchors_for(width: int, height: int, ratio: str | float | Fraction | None) -> np.ndarray:
+    """Free GAIC anchors for ``ratio`` ``None``/``"any"``, otherwise :func:`ratio_anchors`."""
+    if ratio is None or (isinstance(ratio, str) and ratio.strip().lower() == "any"):
+        return gaic_anchors(width, height)
+    return ratio_anchors(width, height, ratio)
+
+
+def scale_boxes(boxes: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """Scale (N, 4) boxes by ``sx`` horizontally and ``sy`` vertically."""
+    out = np.asarray(boxes, dtype=np.float32).copy()
+    out[:, [0, 2]] *= sx
+    out[:, [1, 3]] *= sy
+    return out
+
+
+def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU between every box of ``a`` (N, 4) and every box of ``b`` (M, 4)."""
+    a = np.asarray(a, dtype=np.float64)[:, None, :]
+    b = np.asarray(b, dtype=np.float64)[None, :, :]
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = iw * ih
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / np.maximum(area_a + area_b - inter, 1e-12)

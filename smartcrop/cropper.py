@@ -1,0 +1,166 @@
+"""The library's front door: load a model, score candidate crops, pick the best ones.
+
+>>> from smartcrop import Cropper
+>>> cropper = Cropper()                                  # the shipped model, best device
+>>> crops = cropper.crop("photo.jpg", ratios=["16:9", "1:1"])
+>>> crops[0].box, crops[0].score, crops[0].ratio         # (x1, y1, x2, y2) in upright pixels
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .anchors import anchors_for, box_iou_matrix
+
+
+@dataclass(frozen=True)
+class Crop:
+    box: tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels of the upright full-resolution image
+    score: float  # model score (GAICD MOS units, roughly 1..5)
+    ratio: str  # the requested ratio ("16:9", "any", ...)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.box[2] - self.box[0], self.box[3] - self.box[1]
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: no MPS device is available")
+    if device not in {"cpu", "cuda", "mps"} and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r} (auto, cpu, cuda, mps)")
+    return device
+
+
+def network_size(width: int, height: int, short_side: int = 256, max_long_side: int = 768) -> tuple[int, int]:
+    """Size (w, h) the network sees: short side ``short_side``, long side capped, at least 32 px each."""
+    s = short_side / min(width, height)
+    if max(width, height) * s > max_long_side:
+        s = max_long_side / max(width, height)
+    return max(32, round(width * s)), max(32, round(height * s))
+
+
+def image_tensor(image, size: tuple[int, int]):
+    """PIL RGB image → float tensor (1, 3, h, w) in 0..255 at ``size`` (w, h)."""
+    import torch
+    from PIL import Image
+
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != tuple(size):
+        image = image.resize(size, Image.BILINEAR, reducing_gap=2.0)
+    arr = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).float()
+
+
+def distinct_top(boxes: np.ndarray, scores: np.ndarray, k: int, max_iou: float = 0.6) -> list[int]:
+    """Indices of the ``k`` best boxes, skipping any overlapping an already chosen one by IoU > ``max_iou``."""
+    order = np.argsort(-scores, kind="stable")
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) >= k:
+            break
+        if chosen and box_iou_matrix(boxes[i : i + 1], boxes[chosen]).max() > max_iou:
+            continue
+        chosen.append(int(i))
+    return chosen
+
+
+class Cropper:
+    """Score crops with a SAC-Net model.
+
+    ``weights``: a model file; ``model``: the name of a user model (``smartcrop models``); neither: the shipped
+    model.  ``device``: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.
+    """
+
+    def __init__(self, weights: str | os.PathLike | None = None, device: str = "auto", model: str | None = None,
+                 net=None):
+        from .weights import load_model, resolve_model
+
+        self.device = resolve_device(device)
+        if net is None:
+            self.path = resolve_model(weights, model)
+            net = load_model(self.path, device=self.device)
+        else:
+            self.path = getattr(net, "source_path", None)
+            net = net.to(self.device).eval()
+        self.net = net
+        self.config = net.config
+
+    # -- low level -------------------------------------------------------------------------------------------
+
+    def score_boxes(self, image, full_size: tuple[int, int] | None,
+                    box_sets: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Scores of several sets of boxes on one image, from one backbone pass.
+
+        ``image`` is a PIL image (possibly a reduced decode); ``full_size`` is the (w, h) of the image the boxes
+        are expressed in (``None``: the image's own size).
+        """
+        import torch
+
+        full_w, full_h = full_size or image.size
+        net_w, net_h = network_size(full_w, full_h, self.config.short_side, self.config.max_long_side)
+        x = image_tensor(image, (net_w, net_h)).to(self.device)
+        sx, sy = net_w / full_w, net_h / full_h
+        out: dict[str, np.ndarray] = {}
+        with torch.inference_mode():
+            feats = self.net.image_features(x)
+            for key, boxes in box_sets.items():
+                b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+                if len(b) == 0:
+                    out[key] = np.zeros(0, dtype=np.float32)
+                    continue
+                scaled = b * np.array([sx, sy, sx, sy], dtype=np.float32)
+                scores = self.net.score_boxes(feats, torch.from_numpy(scaled).to(self.device))
+                out[key] = scores.float().cpu().numpy()
+        return out
+
+    # -- high level ------------------------------------------------------------------------------------------
+
+    def best_crops(self, image, full_size: tuple[int, int] | None, ratios: Sequence[str] = ("any",),
+                   top_k: int = 1) -> list[Crop]:
+        """The ``top_k`` best distinct crops for every ratio, from one backbone pass."""
+        full_w, full_h = full_size or image.size
+        box_sets = {r: anchors_for(full_w, full_h, r) for r in ratios}
+        scores = self.score_boxes(image, (full_w, full_h), box_sets)
+        crops: list[Crop] = []
+        for r in ratios:
+            boxes, s = box_sets[r], scores[r]
+            for i in distinct_top(boxes, s, top_k):
+                x1, y1, x2, y2 = (int(round(v)) for v in boxes[i])
+                crops.append(Crop((x1, y1, x2, y2), float(s[i]), r))
+        return crops
+
+    def crop(self, image, ratios: Iterable[str] | str = ("any",), top_k: int = 1) -> list[Crop]:
+        """Best crop(s) of ``image`` (a path, bytes or PIL image) for each of ``ratios``.
+
+        Paths and bytes are decoded with EXIF orientation applied; boxes are in upright full-resolution pixels.
+        """
+        from PIL import Image
+
+        if isinstance(ratios, str):
+            ratios = [ratios]
+        if isinstance(image, Image.Image):
+            loaded_img, full = image.convert("RGB"), image.size
+        else:
+            from .imageio import load_image
+
+            li = load_image(image, target_short_side=self.config.short_side)
+            loaded_img, full = li.image, li.full_size
+        return self.best_crops(loaded_img, full, list(ratios), top_k)

@@ -1,0 +1,93 @@
+"""Benchmarks on GAICD (dense human scores) and FCDB (one expert crop per photo).
+
+GAICD: the model scores every annotated crop of each image; per-image SRCC/PCC and Acc K/N are averaged
+(:func:`smartcrop.metrics.gaicd_metrics`).  FCDB: the model picks its best crop, either among free GAIC anchors
+(``ratio="any"``, as the paper does) or among anchors of the expert crop's aspect ratio (``ratio="gt"``); IoU
+and boundary displacement are averaged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .anchors import gaic_anchors, ratio_anchors
+from .data import FcdbItem, GaicdItem
+from .imageio import ImageError, load_image
+from .metrics import fcdb_metrics, gaicd_metrics
+from .progress import track
+
+
+def gaicd_predictions(cropper, items: Sequence[GaicdItem], progress: bool | None = None,
+                      on_error: Callable[[str], None] | None = None) -> list[tuple[GaicdItem, np.ndarray]]:
+    """Model scores of every annotated crop of every image, in annotation order."""
+    out = []
+    for item in track(items, len(items), "GAICD", progress):
+        try:
+            li = load_image(item.image_path, target_short_side=cropper.config.short_side)
+        except ImageError as e:
+            if on_error:
+                on_error(f"{item.image_path}: {e}")
+            continue
+        s = cropper.score_boxes(li.image, li.full_size, {"gt": item.boxes})["gt"]
+        out.append((item, s))
+    return out
+
+
+def evaluate_gaicd(cropper, items: Sequence[GaicdItem], predictions_path: str | Path | None = None,
+                   progress: bool | None = None, on_error=None) -> dict:
+    preds = gaicd_predictions(cropper, items, progress, on_error)
+    if predictions_path is not None:
+        write_predictions(preds, predictions_path)
+    return gaicd_metrics((s, item.mos) for item, s in preds)
+
+
+def write_predictions(preds, path: str | Path) -> None:
+    """One JSON line per image: ``{"image": NAME, "scores": [...]}`` in annotation order (atomic write)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            for item, s in preds:
+                f.write(json.dumps({"image": item.name, "scores": [round(float(v), 6) for v in s]}) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progress: bool | None = None,
+                 on_error=None) -> list[tuple[FcdbItem, np.ndarray, tuple[int, int]]]:
+    """The model's best box for each photo: among free anchors (``any``) or anchors of the expert's ratio (``gt``)."""
+    if ratio not in {"any", "gt"}:
+        raise ValueError(f"ratio must be 'any' or 'gt', not {ratio!r}")
+    out = []
+    for item in track(items, len(items), f"FCDB ({ratio})", progress):
+        try:
+            li = load_image(item.image_path, target_short_side=cropper.config.short_side)
+        except ImageError as e:
+            if on_error:
+                on_error(f"{item.image_path}: {e}")
+            continue
+        w, h = li.full_size
+        if ratio == "any":
+            boxes = gaic_anchors(w, h)
+        else:
+            x1, y1, x2, y2 = item.box
+            boxes = ratio_anchors(w, h, max(x2 - x1, 1e-6) / max(y2 - y1, 1e-6))
+        s = cropper.score_boxes(li.image, (w, h), {"a": boxes})["a"]
+        out.append((item, boxes[int(np.argmax(s))], (w, h)))
+    return out
+
+
+def evaluate_fcdb(cropper, items: Sequence[FcdbItem], ratio: str = "any", progress: bool | None = None,
+                  on_error=None) -> dict:
+    choices = fcdb_choices(cropper, items, ratio, progress, on_error)
+    return fcdb_metrics((tuple(b), item.box, w, h) for item, b, (w, h) in choices)

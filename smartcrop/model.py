@@ -1,0 +1,368 @@
+"""SAC-Net crop scorer in plain PyTorch.
+
+"Image Cropping with Spatial-aware Feature and Rank Consistency" (CVPR 2023), on a MobileNetV2 backbone:
+
+* backbone: torchvision-compatible MobileNetV2 (module names identical, so an ImageNet ``state_dict`` in
+  torchvision's layout loads strictly);
+* region feature F_r: multi-scale maps (stride 8, 16 and 32 blocks, brought to stride 16) reduced to 32
+  channels by a 1×1 conv, RoIAlign + RoDAlign at 9×9 (both with ``grid_sample``), two FC layers → 256;
+* spatial-aware feature F_s: the channel-wise max of every one of the 19 backbone layers, resized to 64×64,
+  squeeze-and-excitation channel attention, concatenated with the binary crop mask, two 5×5 convs with max
+  pooling and an FC → 256;
+* score head on [F_r, F_s] and a pairwise ranking head on [feat_i, feat_j].
+
+All anchors of one image share one backbone pass: :meth:`SACNet.image_features` runs the backbone once and
+:meth:`SACNet.score_boxes` scores any number of boxes on that result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------------------------------------------
+# Backbone: torchvision's MobileNetV2, same module names
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+class Conv2dNormActivation(nn.Sequential):
+    """conv → BN → ReLU6, indexed 0/1/2 like torchvision's ``Conv2dNormActivation``."""
+
+    def __init__(self, inp: int, out: int, kernel: int = 3, stride: int = 1, groups: int = 1):
+        super().__init__(
+            nn.Conv2d(inp, out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(out),
+            nn.ReLU6(inplace=True),
+        )
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int):
+        super().__init__()
+        hidden = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(Conv2dNormActivation(inp, hidden, kernel=1))
+        layers += [
+            Conv2dNormActivation(hidden, hidden, stride=stride, groups=hidden),
+            nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(oup),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.out_channels = oup
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_res_connect:
+            return x + self.conv(x)
+        return self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision.models.mobilenet_v2 (width 1.0) with the same parameter names; ``features`` has 19 layers."""
+
+    # t, c, n, s
+    SETTINGS = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
+                [6, 320, 1, 1]]
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        inp = 32
+        last = 1280
+        feats: list[nn.Module] = [Conv2dNormActivation(3, inp, stride=2)]
+        self.layer_channels = [inp]
+        for t, c, n, s in self.SETTINGS:
+            out = _make_divisible(c)
+            for i in range(n):
+                feats.append(InvertedResidual(inp, out, s if i == 0 else 1, t))
+                self.layer_channels.append(out)
+                inp = out
+        feats.append(Conv2dNormActivation(inp, last, kernel=1))
+        self.layer_channels.append(last)
+        self.features = nn.Sequential(*feats)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # ImageNet classification, used only for checks
+        x = self.features(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.classifier(x)
+
+
+# Indices of the layers tapped for the multi-scale region feature: last block of stride 8, 16 and 32.
+TAP_S8, TAP_S16, TAP_S32 = 6, 13, 17
+N_LAYERS = 19
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RoIAlign / RoDAlign with grid_sample
+
+
+def _sample_grid(boxes: torch.Tensor, out_size: int, sampling: int, stride: float, fh: int, fw: int) -> torch.Tensor:
+    """Normalised ``grid_sample`` coordinates (N, S, S, 2) of ``sampling``² points per bin of each box.
+
+    Boxes are in input-image pixels; feature pixel ``i`` covers ``[i, i+1)`` in feature units (image / stride),
+    so its centre is ``i + 0.5``: the convention of ``grid_sample(align_corners=False)`` and of torchvision's
+    ``roi_align(aligned=True)``.
+    """
+    n = boxes.shape[0]
+    s = out_size * sampling
+    t = (torch.arange(s, device=boxes.device, dtype=boxes.dtype) + 0.5) / s  # (S,) in (0, 1)
+    b = boxes / stride
+    xs = b[:, 0:1] + (b[:, 2:3] - b[:, 0:1]) * t  # (N, S)
+    ys = b[:, 1:2] + (b[:, 3:4] - b[:, 1:2]) * t
+    gx = xs / fw * 2 - 1
+    gy = ys / fh * 2 - 1
+    return torch.stack(
+        [gx[:, None, :].expand(n, s, s), gy[:, :, None].expand(n, s, s)], dim=-1
+    )
+
+
+def roi_align(feat: torch.Tensor, boxes: torch.Tensor, out_size: int = 9, stride: float = 16.0,
+              sampling: int = 2) -> torch.Tensor:
+    """RoIAlign of ``boxes`` (N, 4; x1, y1, x2, y2 in image pixels) on ``feat`` (1, C, H, W) → (N, C, S, S).
+
+    Each output bin is the mean of ``sampling``×``sampling`` bilinear samples (zero outside the map).
+    """
+    _, c, fh, fw = feat.shape
+    grid = _sample_grid(boxes, out_size, sampling, stride, fh, fw)
+    out = F.grid_sample(feat.expand(boxes.shape[0], c, fh, fw), grid, mode="bilinear",
+                        padding_mode="zeros", align_corners=False)
+    return F.avg_pool2d(out, sampling) if sampling > 1 else out
+
+
+def box_masks(boxes: torch.Tensor, height: int, width: int, stride: float) -> torch.Tensor:
+    """Soft masks (N, 1, H, W): the share of each cell of an H×W map (cell = stride pixels) inside each box."""
+    b = boxes / stride
+    xs = torch.arange(width, device=boxes.device, dtype=boxes.dtype)
+    ys = torch.arange(height, device=boxes.device, dtype=boxes.dtype)
+    cover_x = (torch.minimum(xs + 1, b[:, 2:3]) - torch.maximum(xs, b[:, 0:1])).clamp(0, 1)  # (N, W)
+    cover_y = (torch.minimum(ys + 1, b[:, 3:4]) - torch.maximum(ys, b[:, 1:2])).clamp(0, 1)  # (N, H)
+    return (cover_y[:, :, None] * cover_x[:, None, :])[:, None]
+
+
+def rod_align(feat: torch.Tensor, boxes: torch.Tensor, out_size: int = 9, stride: float = 16.0,
+              sampling: int = 2) -> torch.Tensor:
+    """RoDAlign: the whole map with each crop zeroed out, aligned to ``out_size``² → (N, C, S, S)."""
+    _, c, fh, fw = feat.shape
+    keep = 1.0 - box_masks(boxes, fh, fw, stride)  # (N, 1, H, W)
+    whole = feat.new_tensor([[0.0, 0.0, fw * stride, fh * stride]]).expand(boxes.shape[0], 4)
+    grid = _sample_grid(whole, out_size, sampling, stride, fh, fw)
+    out = F.grid_sample(feat * keep, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.avg_pool2d(out, sampling) if sampling > 1 else out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SAC-Net
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "mobilenet_v2"
+    saf: bool = True  # spatial-aware feature on (False = the paper's "basic" model)
+    reduced_channels: int = 32
+    align_size: int = 9
+    saf_size: int = 64
+    saf_channels: tuple = (16, 32)  # output channels of the two 5×5 convs
+    feat_dim: int = 256
+    dropout: float = 0.3
+    # input normalisation applied to 0..255 RGB: (x - mean) / std
+    mean: list = field(default_factory=lambda: [127.5, 127.5, 127.5])
+    std: list = field(default_factory=lambda: [127.5, 127.5, 127.5])
+    short_side: int = 256
+    max_long_side: int = 768
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class ImageFeatures:
+    """What one backbone pass yields for one image: everything needed to score any boxes on it."""
+
+    region_map: torch.Tensor  # (1, C, H/16, W/16) reduced multi-scale map
+    saf: torch.Tensor | None  # (1, 19, 64, 64) attended spatial-aware maps, or None for the basic model
+    input_size: tuple[int, int]  # (width, height) of the network input, in whose pixels boxes are given
+
+
+@dataclass
+class BackbonePrefix:
+    """State of the backbone after its first ``stop`` layers (used to cache a frozen prefix in training)."""
+
+    x: torch.Tensor  # output of layer stop-1 (or the normalised input when stop == 0)
+    taps: dict  # layer index → output, for the tapped layers already run
+    saf_maps: list  # channel-max maps (B, 1, 64, 64) of the layers already run
+    stop: int
+    input_size: tuple[int, int]
+
+    def to(self, device) -> "BackbonePrefix":
+        return BackbonePrefix(self.x.to(device), {k: v.to(device) for k, v in self.taps.items()},
+                              [m.to(device) for m in self.saf_maps], self.stop, self.input_size)
+
+    def detach(self) -> "BackbonePrefix":
+        return BackbonePrefix(self.x.detach(), {k: v.detach() for k, v in self.taps.items()},
+                              [m.detach() for m in self.saf_maps], self.stop, self.input_size)
+
+    def flip(self) -> "BackbonePrefix":
+        """Horizontally flipped prefix (the backbone is close to flip-equivariant; used as cheap augmentation)."""
+        return BackbonePrefix(self.x.flip(-1), {k: v.flip(-1) for k, v in self.taps.items()},
+                              [m.flip(-1) for m in self.saf_maps], self.stop, self.input_size)
+
+
+class SACNet(nn.Module):
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or ModelConfig()
+        if cfg.backbone != "mobilenet_v2":
+            raise ValueError(f"unknown backbone {cfg.backbone!r} (available: mobilenet_v2)")
+        self.backbone = MobileNetV2()
+        ch = self.backbone.layer_channels
+        ms_in = ch[TAP_S8] + ch[TAP_S16] + ch[TAP_S32]
+        self.reduce = nn.Sequential(nn.Conv2d(ms_in, cfg.reduced_channels, 1), nn.ReLU(inplace=True))
+        a = cfg.align_size
+        d = cfg.feat_dim
+        self.region_fc = nn.Sequential(
+            nn.Linear(2 * cfg.reduced_channels * a * a, 2 * d), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout),
+            nn.Linear(2 * d, d), nn.ReLU(inplace=True),
+        )
+        if cfg.saf:
+            k = N_LAYERS
+            self.saf_norm = nn.InstanceNorm2d(k, affine=True)
+            self.se = nn.Sequential(nn.Linear(k, 8), nn.ReLU(inplace=True), nn.Linear(8, k), nn.Sigmoid())
+            c1, c2 = cfg.saf_channels
+            self.saf_conv1 = nn.Conv2d(k + 1, c1, 5, padding=2)  # input: k attended maps + the crop mask
+            self.saf_conv2 = nn.Conv2d(c1, c2, 5, padding=2)
+            side = cfg.saf_size // 8  # pool 4 then pool 2
+            self.saf_fc = nn.Sequential(nn.Linear(c2 * side * side, d), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout))
+            head_in = 2 * d
+        else:
+            head_in = d
+        self.head_in = head_in
+        self.score_head = nn.Sequential(nn.Linear(head_in, d), nn.ReLU(inplace=True), nn.Linear(d, 1))
+        self.rank_head = nn.Sequential(nn.Linear(2 * head_in, d), nn.ReLU(inplace=True), nn.Linear(d, 1))
+        self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    # -- backbone --------------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "SACNet":
+        super().train(mode)
+        # The ImageNet weights come with BatchNorm folded into the convs (identity BN): keep BN frozen in eval
+        # mode; batches here are single images, whose statistics would be meaningless anyway.
+        for m in self.backbone.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """0..255 RGB (B, 3, H, W) → network input."""
+        return (images - self.mean) / self.std
+
+    def backbone_prefix(self, images: torch.Tensor, stop: int = 0) -> BackbonePrefix:
+        """Run backbone layers ``0 .. stop-1`` on 0..255 RGB images (B, 3, H, W)."""
+        x = self.normalize(images)
+        prefix = BackbonePrefix(x, {}, [], 0, (images.shape[-1], images.shape[-2]))
+        return self.backbone_continue(prefix, stop)
+
+    def backbone_continue(self, prefix: BackbonePrefix, stop: int = N_LAYERS) -> BackbonePrefix:
+        x = prefix.x
+        taps = dict(prefix.taps)
+        maps = list(prefix.saf_maps)
+        s = self.config.saf_size
+        for i in range(prefix.stop, stop):
+            x = self.backbone.features[i](x)
+            if i in (TAP_S8, TAP_S16, TAP_S32):
+                taps[i] = x
+            if self.config.saf:
+                m = x.amax(dim=1, keepdim=True)
+                maps.append(F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False))
+        return BackbonePrefix(x, taps, maps, max(stop, prefix.stop), prefix.input_size)
+
+    def features_from_prefix(self, prefix: BackbonePrefix) -> ImageFeatures:
+        # the last layer (1×1 conv to 1280 channels) only feeds the spatial-aware feature
+        p = self.backbone_continue(prefix, N_LAYERS if self.config.saf else TAP_S32 + 1)
+        f8, f16, f32 = p.taps[TAP_S8], p.taps[TAP_S16], p.taps[TAP_S32]
+        size = f16.shape[-2:]
+        f8 = F.adaptive_avg_pool2d(f8, size) if f8.shape[-2:] != size else f8
+        f32 = F.interpolate(f32, size=size, mode="bilinear", align_corners=False)
+        region_map = self.reduce(torch.cat([f8, f16, f32], dim=1))
+        saf = None
+        if self.config.saf:
+            saf = self.saf_norm(torch.cat(p.saf_maps, dim=1))
+            w = self.se(saf.mean(dim=(2, 3)))
+            saf = saf * w[:, :, None, None]
+        return ImageFeatures(region_map, saf, p.input_size)
+
+    def image_features(self, images: torch.Tensor) -> ImageFeatures:
+        """One backbone pass over a (1, 3, H, W) 0..255 RGB image."""
+        return self.features_from_prefix(self.backbone_prefix(images, 0))
+
+    # -- heads -----------------------------------------------------------------------------------------------
+
+    def crop_features(self, feats: ImageFeatures, boxes: torch.Tensor) -> torch.Tensor:
+        """Features [F_r, F_s] (N, head_in) of ``boxes`` (N, 4) given in network-input pixels."""
+        cfg = self.config
+        fmap = feats.region_map
+        stride = feats.input_size[1] / fmap.shape[-2]
+        roi = roi_align(fmap, boxes, cfg.align_size, stride)
+        rod = rod_align(fmap, boxes, cfg.align_size, stride)
+        f_r = self.region_fc(torch.cat([roi, rod], dim=1).flatten(1))
+        if not cfg.saf:
+            return f_r
+        # the binary crop mask on the 64×64 grid of the spatial-aware maps
+        mask = _crop_mask(boxes, feats.input_size, cfg.saf_size).to(fmap.dtype)
+        # conv1 over [saf, mask] = conv over saf (shared by all crops) + conv over the mask (per crop)
+        w = self.saf_conv1.weight
+        shared = F.conv2d(feats.saf, w[:, :-1], self.saf_conv1.bias, padding=2)
+        per_crop = F.conv2d(mask, w[:, -1:], None, padding=2)
+        h = F.max_pool2d(F.relu_(per_crop.add_(shared)), 4)
+        h = F.max_pool2d(F.relu(self.saf_conv2(h)), 2)
+        f_s = self.saf_fc(h.flatten(1))
+        return torch.cat([f_r, f_s], dim=1)
+
+    def score_features(self, crop_feats: torch.Tensor) -> torch.Tensor:
+        return self.score_head(crop_feats).squeeze(-1)
+
+    def rank_logits(self, feats_i: torch.Tensor, feats_j: torch.Tensor) -> torch.Tensor:
+        """Logit of P(crop i beats crop j) for paired rows of ``feats_i`` and ``feats_j``."""
+        return self.rank_head(torch.cat([feats_i, feats_j], dim=1)).squeeze(-1)
+
+    def score_boxes(self, feats: ImageFeatures, boxes: torch.Tensor) -> torch.Tensor:
+        return self.score_features(self.crop_features(feats, boxes))
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Scores of ``boxes`` (N, 4; network-input pixels) on one image (1, 3, H, W) in 0..255."""
+        return self.score_boxes(self.image_features(images), boxes)
+
+
+def _crop_mask(boxes: torch.Tensor, input_size: tuple[int, int], s: int) -> torch.Tensor:
+    """Binary crop masks (N, 1, s, s): cells of an s×s grid over the input whose centre lies in the box."""
+    w, h = input_size
+    c = (torch.arange(s, device=boxes.device, dtype=boxes.dtype) + 0.5) / s
+    cx, cy = c * w, c * h
+    inx = (cx[None, :] >= boxes[:, 0:1]) & (cx[None, :] <= boxes[:, 2:3])
+    iny = (cy[None, :] >= boxes[:, 1:2]) & (cy[None, :] <= boxes[:, 3:4])
+    return (iny[:, :, None] & inx[:, None, :]).to(boxes.dtype)[:, None]
+
+
+def load_backbone_state(model: SACNet, state: dict) -> None:
+    """Load a torchvision-layout MobileNetV2 ImageNet ``state_dict`` into ``model.backbone`` (strict)."""
+    model.backbone.load_state_dict(state, strict=True)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

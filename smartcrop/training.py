@@ -1,0 +1,479 @@
+"""Training: labeled GAICD-style scores, FCDB-style expert boxes, and rank consistency on unlabeled photos.
+
+Losses (per training step = one labeled image, plus one unlabeled image when unlabeled data is given):
+
+* GAICD-layout images (dense MOS): ``L_reg`` smooth-L1 between the score head and the normalised MOS
+  ((MOS − 2.95) / 0.8) of ``crops_per_image`` sampled crops, plus ``λ_cls · L_cls``: binary cross-entropy of
+  the pairwise ranking head on up to ``P = 256`` pairs whose MOS differ by more than ``η = 0.5``.
+* FCDB-layout images (one expert box): candidate anchors (GAIC free anchors, anchors of the expert crop's
+  ratio, and the expert box itself) get their IoU with the expert box.  IoU is *not* a MOS, so it is never
+  regressed: only pairs whose IoU differ by more than ``τ`` are used, as a margin ranking loss on the score
+  head and BCE on the ranking head, weighted by ``λ_fcdb``.  (See docs/results.md for why.)
+* Unlabeled photos: the rank-consistency hinge ``max(0, δ + sign(p_ij − 0.5)(ŷ_j − ŷ_i))`` over all pairs of
+  ``N`` sampled anchors, δ = 0.1, the ranking head's verdict acting as the label of the score head.
+
+The backbone can be trained end to end (``frozen_layers=0``; photometric jitter and flips applied to the
+image) or with its first ``frozen_layers`` layers frozen, in which case their outputs are computed once per
+image and flip and cached in memory (fast on a CPU; photometric jitter is then not applied).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .anchors import box_iou_matrix, gaic_anchors, ratio_anchors
+
+MOS_MEAN, MOS_STD = 2.95, 0.8
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    lr: float = 1e-4
+    backbone_lr_mult: float = 1.0
+    weight_decay: float = 1e-4
+    lr_step: int = 6  # multiply lr by 0.1 at this epoch (1-based count of finished epochs)
+    crops_per_image: int = 64
+    pairs_per_image: int = 256  # P
+    eta: float = 0.5  # MOS gap of the pairs used by L_cls
+    lambda_cls: float = 1.0
+    fcdb_weight: float = 0.5
+    fcdb_tau: float = 0.2  # IoU gap of the FCDB pairs
+    fcdb_margin: float = 0.25  # margin of the FCDB ranking loss, in normalised MOS units
+    fcdb_crops: int = 32
+    rc_weight: float = 1.0
+    rc_anchors: int = 16  # N
+    rc_delta: float = 0.1
+    gaicd_share: float = 0.35  # GAICD images are repeated so they make up about this share of labeled steps
+    fcdb_per_epoch: int = 0  # 0: all FCDB images each epoch; else a random subset of this size
+    frozen_layers: int = 14
+    jitter: float = 0.2
+    seed: int = 0
+    saf: bool = True
+    rc: bool = True
+
+
+@dataclass
+class Sample:
+    """One training image after preprocessing."""
+
+    kind: str  # "gaicd" | "fcdb" | "unlabeled"
+    name: str
+    size: tuple[int, int]  # network input (w, h)
+    boxes: np.ndarray | None = None  # (N, 4) in network pixels (un-flipped)
+    targets: np.ndarray | None = None  # normalised MOS (gaicd) or IoU (fcdb)
+    image: object = None  # uint8 tensor (3, h, w) when training end to end
+    prefix: list = field(default_factory=list)  # cached backbone prefixes [plain, flipped] when frozen
+
+
+def _flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    out = boxes.copy()
+    out[:, 0] = width - boxes[:, 2]
+    out[:, 2] = width - boxes[:, 0]
+    return out
+
+
+def fcdb_candidates(width: float, height: float, box) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate crops of an FCDB photo and their IoU with the expert box (the expert box is included)."""
+    x1, y1, x2, y2 = box
+    r = max(x2 - x1, 1e-3) / max(y2 - y1, 1e-3)
+    cands = np.concatenate([
+        gaic_anchors(int(round(width)), int(round(height))),
+        ratio_anchors(int(round(width)), int(round(height)), r) if 0.1 < r < 10 else np.zeros((0, 4), np.float32),
+        np.asarray([box], dtype=np.float32),
+    ])
+    return cands, box_iou_matrix(cands, np.asarray([box]))[:, 0].astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# losses
+
+
+def pair_indices(targets: np.ndarray, min_gap: float, max_pairs: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``max_pairs`` index pairs (i, j) with ``targets[i] - targets[j] > min_gap`` (i the better one)."""
+    diff = targets[:, None] - targets[None, :]
+    ii, jj = np.nonzero(diff > min_gap)
+    if len(ii) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    if len(ii) > max_pairs:
+        sel = rng.choice(len(ii), max_pairs, replace=False)
+        ii, jj = ii[sel], jj[sel]
+    # present half of the pairs in (worse, better) order so the ranking head sees both labels
+    pairs = np.stack([ii, jj], 1)
+    swap = rng.random(len(pairs)) < 0.5
+    pairs[swap] = pairs[swap][:, ::-1]
+    return pairs
+
+
+def rank_consistency_loss(scores, rank_logits_ij, delta: float = 0.1):
+    """Mean of ``max(0, δ + sign(p_ij − 0.5)(ŷ_j − ŷ_i))`` over pairs; ``rank_logits_ij`` is logit(p_ij).
+
+    ``scores`` are (ŷ_i, ŷ_j) tensors for each pair.  The ranking head's verdict is a label: no gradient.
+    """
+    import torch
+
+    yi, yj = scores
+    sign = torch.sign(rank_logits_ij.detach())  # sign(p − 0.5) == sign(logit)
+    return torch.relu(delta + sign * (yj - yi)).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, model, cfg: TrainConfig, device: str = "cpu", log: Callable[[str], None] = print):
+        import torch
+
+        self.torch = torch
+        self.model = model.to(device)
+        self.cfg = cfg
+        self.device = device
+        self.log = log
+        self.rng = np.random.default_rng(cfg.seed)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        frozen = cfg.frozen_layers
+        for i, layer in enumerate(model.backbone.features):
+            for p in layer.parameters():
+                p.requires_grad_(i >= frozen)
+        for p in model.backbone.classifier.parameters():
+            p.requires_grad_(False)
+        bb = [p for p in model.backbone.parameters() if p.requires_grad]
+        heads = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+        groups = [{"params": heads, "lr": cfg.lr}]
+        if bb:
+            groups.append({"params": bb, "lr": cfg.lr * cfg.backbone_lr_mult})
+        self.opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=max(1, cfg.lr_step), gamma=0.1)
+        self.epoch = 0
+        self.history: list[dict] = []
+
+    # -- data ------------------------------------------------------------------------------------------------
+
+    def prepare(self, kind: str, name: str, pil_image, full_size, boxes=None, targets=None) -> Sample:
+        """Resize to the network size and, when the backbone prefix is frozen, cache its output (plain and flipped)."""
+        from .cropper import image_tensor, network_size
+
+        torch = self.torch
+        cfg_m = self.model.config
+        w, h = network_size(full_size[0], full_size[1], cfg_m.short_side, cfg_m.max_long_side)
+        x = image_tensor(pil_image, (w, h))
+        sx, sy = w / full_size[0], h / full_size[1]
+        if boxes is not None:
+            boxes = (np.asarray(boxes, np.float32) * np.array([sx, sy, sx, sy], np.float32)).astype(np.float32)
+        s = Sample(kind, name, (w, h), boxes, None if targets is None else np.asarray(targets, np.float32))
+        if self.cfg.frozen_layers > 0:
+            with torch.no_grad():
+                self.model.eval()
+                for img in (x, x.flip(-1)):
+                    p = self.model.backbone_prefix(img.to(self.device), self.cfg.frozen_layers)
+                    s.prefix.append(_half(p.detach()))
+        else:
+            s.image = x[0].to(torch.uint8)
+        return s
+
+    def _features(self, s: Sample, flip: bool):
+        torch = self.torch
+        m = self.model
+        if s.prefix:
+            return m.features_from_prefix(_full(s.prefix[1 if flip else 0], self.device))
+        x = s.image.float().unsqueeze(0).to(self.device)
+        if flip:
+            x = x.flip(-1)
+        if self.cfg.jitter > 0:
+            x = _photometric_jitter(x, self.cfg.jitter, self.rng, torch)
+        return m.image_features(x)
+
+    # -- one step --------------------------------------------------------------------------------------------
+
+    def labeled_loss(self, s: Sample):
+        torch = self.torch
+        F = torch.nn.functional
+        cfg = self.cfg
+        flip = bool(self.rng.random() < 0.5)
+        feats = self._features(s, flip)
+        boxes = _flip_boxes(s.boxes, s.size[0]) if flip else s.boxes
+        n = len(boxes)
+        k = cfg.crops_per_image if s.kind == "gaicd" else cfg.fcdb_crops
+        idx = self.rng.choice(n, min(k, n), replace=False)
+        if s.kind == "fcdb":  # always include the expert box (the last candidate)
+            idx[0] = n - 1
+            idx = np.unique(idx)
+        b = torch.from_numpy(boxes[idx]).to(self.device)
+        t = s.targets[idx]
+        cf = self.model.crop_features(feats, b)
+        scores = self.model.score_features(cf)
+        parts = {}
+        if s.kind == "gaicd":
+            parts["reg"] = F.smooth_l1_loss(scores, torch.from_numpy(t).to(self.device))
+            pairs = pair_indices(t, cfg.eta, cfg.pairs_per_image, self.rng)
+            if len(pairs) and cfg.lambda_cls > 0:
+                pi, pj = torch.from_numpy(pairs[:, 0]).to(self.device), torch.from_numpy(pairs[:, 1]).to(self.device)
+                logits = self.model.rank_logits(cf[pi], cf[pj])
+                lab = torch.from_numpy((t[pairs[:, 0]] > t[pairs[:, 1]]).astype(np.float32)).to(self.device)
+                parts["cls"] = cfg.lambda_cls * F.binary_cross_entropy_with_logits(logits, lab)
+        else:
+            pairs = pair_indices(t, cfg.fcdb_tau, cfg.pairs_per_image, self.rng)
+            if len(pairs):
+                pi, pj = torch.from_numpy(pairs[:, 0]).to(self.device), torch.from_numpy(pairs[:, 1]).to(self.device)
+                better = torch.from_numpy(np.where(t[pairs[:, 0]] > t[pairs[:, 1]], 1.0, -1.0).astype(np.float32))
+                better = better.to(self.device)
+                parts["fcdb_rank"] = cfg.fcdb_weight * torch.relu(
+                    cfg.fcdb_margin - better * (scores[pi] - scores[pj])).mean()
+                if cfg.lambda_cls > 0:
+                    logits = self.model.rank_logits(cf[pi], cf[pj])
+                    parts["fcdb_cls"] = cfg.fcdb_weight * cfg.lambda_cls * F.binary_cross_entropy_with_logits(
+                        logits, (better > 0).float())
+        return parts
+
+    def consistency_loss(self, s: Sample):
+        torch = self.torch
+        cfg = self.cfg
+        flip = bool(self.rng.random() < 0.5)
+        feats = self._features(s, flip)
+        anchors = gaic_anchors(*s.size)
+        idx = self.rng.choice(len(anchors), min(cfg.rc_anchors, len(anchors)), replace=False)
+        b = torch.from_numpy(anchors[idx]).to(self.device)
+        cf = self.model.crop_features(feats, b)
+        y = self.model.score_features(cf)
+        ii, jj = np.triu_indices(len(idx), 1)
+        ii_t, jj_t = torch.from_numpy(ii).to(self.device), torch.from_numpy(jj).to(self.device)
+        logits = self.model.rank_logits(cf[ii_t], cf[jj_t])
+        return {"rc": cfg.rc_weight * rank_consistency_loss((y[ii_t], y[jj_t]), logits, cfg.rc_delta)}
+
+    def epoch_plan(self, gaicd: Sequence[Sample], fcdb: Sequence[Sample]) -> list[Sample]:
+        cfg = self.cfg
+        f = list(fcdb)
+        if cfg.fcdb_per_epoch and len(f) > cfg.fcdb_per_epoch:
+            f = [f[i] for i in self.rng.choice(len(f), cfg.fcdb_per_epoch, replace=False)]
+        g = list(gaicd)
+        if g and f and cfg.gaicd_share > 0:
+            want = cfg.gaicd_share / (1 - cfg.gaicd_share) * len(f)
+            g = g * max(1, int(round(want / len(g))))
+        plan = g + f
+        order = self.rng.permutation(len(plan))
+        return [plan[i] for i in order]
+
+    def train_epoch(self, plan: Sequence[Sample], unlabeled: Sequence[Sample], bar=None) -> dict:
+        """One pass over ``plan`` (from :meth:`epoch_plan`), each step paired with an unlabeled photo."""
+        self.model.train()
+        use_rc = self.cfg.rc and self.cfg.rc_weight > 0 and len(unlabeled) > 0
+        u_order = self.rng.permutation(len(unlabeled)) if use_rc else []
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        t0 = time.time()
+        for step, s in enumerate(plan):
+            parts = self.labeled_loss(s)
+            if use_rc:
+                parts.update(self.consistency_loss(unlabeled[u_order[step % len(unlabeled)]]))
+            if not parts:
+                continue
+            loss = sum(parts.values())
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
+            if bar is not None:
+                bar.advance(1, status=" ".join(f"{k} {sums[k] / counts[k]:.3f}" for k in sums))
+        self.sched.step()
+        self.epoch += 1
+        rec = {"epoch": self.epoch, "steps": len(plan), "seconds": round(time.time() - t0, 1),
+               "lr": self.opt.param_groups[0]["lr"], "loss": {k: sums[k] / counts[k] for k in sums}}
+        return rec
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        torch = self.torch
+        return {
+            "model": self.model.state_dict(), "config": self.model.config.to_dict(),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "epoch": self.epoch,
+            "history": json.dumps(self.history), "train_config": json.dumps(asdict(self.cfg)),
+            "rng": json.dumps(self.rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        self.torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        torch = self.torch
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.epoch = int(st["epoch"])
+        self.history = json.loads(st["history"])
+        self.rng.bit_generator.state = json.loads(st["rng"])
+        torch.set_rng_state(st["torch_rng"])
+
+
+def _half(p):
+    from .model import BackbonePrefix
+
+    return BackbonePrefix(p.x.half().cpu(), {k: v.half().cpu() for k, v in p.taps.items()},
+                          [m.half().cpu() for m in p.saf_maps], p.stop, p.input_size)
+
+
+def _full(p, device):
+    from .model import BackbonePrefix
+
+    return BackbonePrefix(p.x.to(device).float(), {k: v.to(device).float() for k, v in p.taps.items()},
+                          [m.to(device).float() for m in p.saf_maps], p.stop, p.input_size)
+
+
+def _photometric_jitter(x, amount: float, rng: np.random.Generator, torch):
+    """Random brightness, contrast and saturation (each ×U(1−a, 1+a)) on a 0..255 batch."""
+    b, c, s = (float(rng.uniform(1 - amount, 1 + amount)) for _ in range(3))
+    x = x * b
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * c + mean
+    gray = x.mean(dim=1, keepdim=True)
+    x = (x - gray) * s + gray
+    return x.clamp(0, 255)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the whole run
+
+
+@dataclass
+class TrainData:
+    gaicd: list = field(default_factory=list)  # GaicdItem
+    fcdb: list = field(default_factory=list)  # FcdbItem
+    unlabeled: list = field(default_factory=list)  # Path
+    val_gaicd: list = field(default_factory=list)
+    val_fcdb: list = field(default_factory=list)
+
+
+def split_validation(items: list, fraction: float) -> tuple[list, list]:
+    """Deterministic hold-out: every k-th item by name (k = round(1 / fraction)); ``(train, val)``."""
+    if fraction <= 0 or len(items) < 2:
+        return list(items), []
+    k = max(2, int(round(1 / fraction)))
+    ordered = sorted(items, key=lambda it: it.name)
+    val = ordered[k // 2 :: k]
+    names = {it.name for it in val}
+    return [it for it in items if it.name not in names], val
+
+
+def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None], progress=None) -> tuple:
+    from .imageio import ImageError, load_image
+    from .progress import progress_bar
+
+    short = trainer.model.config.short_side
+    jobs = [("gaicd", it) for it in data.gaicd] + [("fcdb", it) for it in data.fcdb] + \
+           [("unlabeled", p) for p in data.unlabeled]
+    out = {"gaicd": [], "fcdb": [], "unlabeled": []}
+    skipped = 0
+    with progress_bar(len(jobs), "preparing images", progress) as bar:
+        for kind, it in jobs:
+            path = it if kind == "unlabeled" else it.image_path
+            try:
+                li = load_image(path, target_short_side=short)
+            except ImageError as e:
+                log(f"warning: skipping {path}: {e}")
+                skipped += 1
+                bar.advance()
+                continue
+            if kind == "gaicd":
+                s = trainer.prepare(kind, it.name, li.image, li.full_size, it.boxes, (it.mos - MOS_MEAN) / MOS_STD)
+            elif kind == "fcdb":
+                boxes, ious = fcdb_candidates(li.full_size[0], li.full_size[1], it.box)
+                s = trainer.prepare(kind, it.name, li.image, li.full_size, boxes, ious)
+            else:
+                s = trainer.prepare(kind, Path(path).name, li.image, li.full_size)
+            out[kind].append(s)
+            bar.advance()
+    return out["gaicd"], out["fcdb"], out["unlabeled"], skipped
+
+
+def validate(model, data: TrainData, device: str) -> dict:
+    from .cropper import Cropper
+    from .evaluate import evaluate_fcdb, evaluate_gaicd
+
+    model.eval()
+    cropper = Cropper(net=model, device=device)
+    res = {}
+    if data.val_gaicd:
+        m = evaluate_gaicd(cropper, data.val_gaicd, progress=False)
+        res["gaicd"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+    if data.val_fcdb:
+        m = evaluate_fcdb(cropper, data.val_fcdb, "any", progress=False)
+        res["fcdb_any"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+    model.train()
+    return res
+
+
+def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: str = "cpu",
+                 resume: Path | None = None, info: dict | None = None, log: Callable[[str], None] = print,
+                 progress: bool | None = None) -> dict:
+    """Train ``model`` on ``data``; checkpoint every epoch to ``OUT.ckpt``, log to ``OUT.log.jsonl``, save ``OUT``."""
+    from .progress import progress_bar
+    from .weights import save_model
+
+    out = Path(out)
+    ckpt = out.with_suffix(".ckpt")
+    log_path = out.with_suffix(".log.jsonl")
+    trainer = Trainer(model, cfg, device, log)
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+        log(f"resumed from {resume} after epoch {trainer.epoch}")
+    t0 = time.time()
+    gaicd, fcdb, unl, skipped = prepare_samples(trainer, data, log, progress)
+    prep_s = time.time() - t0
+    log(f"prepared {len(gaicd)} GAICD, {len(fcdb)} FCDB, {len(unl)} unlabeled images in {prep_s:.0f} s"
+        + (f" ({skipped} skipped)" if skipped else ""))
+    if not gaicd and not fcdb:
+        raise ValueError("no labeled training images: give --gaicd and/or --fcdb")
+    if cfg.rc and not unl:
+        log("note: no unlabeled photos given: training without the rank-consistency loss")
+    with open(log_path, "a") as lf:
+        lf.write(json.dumps({"event": "start", "config": asdict(cfg), "model": model.config.to_dict(),
+                             "n_gaicd": len(gaicd), "n_fcdb": len(fcdb), "n_unlabeled": len(unl),
+                             "prepare_seconds": round(prep_s, 1), "info": info or {}}) + "\n")
+        while trainer.epoch < cfg.epochs:
+            plan = trainer.epoch_plan(gaicd, fcdb)
+            with progress_bar(len(plan), f"epoch {trainer.epoch + 1}/{cfg.epochs}", progress, status=True) as bar:
+                rec = trainer.train_epoch(plan, unl, bar)
+            rec["val"] = validate(trainer.model, data, device)
+            trainer.history.append(rec)
+            trainer.save_checkpoint(ckpt)
+            lf.write(json.dumps(rec) + "\n")
+            lf.flush()
+            log(_epoch_line(rec))
+    model.eval()
+    final = trainer.history[-1] if trainer.history else {}
+    card_info = dict(info or {})
+    card_info["training"] = dict(card_info.get("training", {}), config=asdict(cfg), epochs_run=trainer.epoch,
+                                 n_gaicd=len(gaicd), n_fcdb=len(fcdb), n_unlabeled=len(unl),
+                                 seconds_per_epoch=[h["seconds"] for h in trainer.history])
+    card_info["validation"] = final.get("val", {})
+    card = save_model(model, out, card_info)
+    log(f"saved {out} (sha256 {card['sha256'][:12]}…)")
+    return card
+
+
+def _epoch_line(rec: dict) -> str:
+    loss = " ".join(f"{k}={v:.4f}" for k, v in rec["loss"].items())
+    val = []
+    g = rec.get("val", {}).get("gaicd")
+    if g:
+        val.append(f"val GAICD srcc={g['srcc']:.3f} acc5={g['acc5']:.1f} acc10={g['acc10']:.1f}")
+    f = rec.get("val", {}).get("fcdb_any")
+    if f:
+        val.append(f"val FCDB iou={f['iou']:.3f}")
+    return f"epoch {rec['epoch']}: {rec['seconds']:.0f} s, {loss}; " + ", ".join(val)

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+
+from smartcrop.anchors import anchors_for, box_iou_matrix, gaic_anchors, parse_ratio, ratio_anchors, ratio_label
+
+
+@pytest.mark.parametrize("w,h,count", [(1024, 683, 83), (683, 1024, 83), (1024, 1024, 90), (1024, 556, 52)])
+def test_gaic_counts_and_geometry(w, h, count):
+    a = gaic_anchors(w, h)
+    assert len(a) == count
+    step_w, step_h = w / 12, h / 12
+    # corners at the centres of the 4x4 corner cells
+    for col, step, lo in ((0, step_w, 0), (1, step_h, 0), (2, step_w, 8), (3, step_h, 8)):
+        idx = a[:, col] / step - 0.5
+        assert np.allclose(idx, np.round(idx), atol=1e-4)
+        idx = np.round(idx)
+        assert idx.min() >= lo and idx.max() <= lo + 3
+    cells = ((a[:, 2] - a[:, 0]) / step_w) * ((a[:, 3] - a[:, 1]) / step_h)
+    assert (cells >= 72 - 1e-3).all()  # at least half of the 144 cells
+    r = (a[:, 2] - a[:, 0]) / (a[:, 3] - a[:, 1])
+    assert ((r > 0.5) & (r < 2.0)).all()
+
+
+def test_gaic_first_boxes_match_gaicd_annotation_order():
+    # first lines of a real GAICD annotation of a 1024x683 image, converted to x1 y1 x2 y2 (rounded pixels)
+    a = np.round(gaic_anchors(1024, 683))
+    assert a[0].tolist() == [43, 28, 811, 484]
+    assert a[1].tolist() == [43, 28, 896, 484]
+
+
+def test_gaic_extreme_panorama_still_gives_a_crop():
+    a = gaic_anchors(30000, 200)
+    assert len(a) >= 1
+    assert (a[:, 0] >= 0).all() and (a[:, 2] <= 30000).all()
+
+
+@pytest.mark.parametrize("ratio", ["16:9", "1:1", "4:5", "9:16", "3:2", "21:9", "1.91:1"])
+@pytest.mark.parametrize("w,h", [(4000, 3000), (3000, 4000), (1024, 683), (30000, 200), (200, 30000), (1, 1),
+                                 (7, 5), (64, 64)])
+def test_ratio_anchors_exact_ratio_bounds_and_largest_first(ratio, w, h):
+    r = float(parse_ratio(ratio))
+    a = ratio_anchors(w, h, ratio)
+    assert len(a) >= 1
+    assert (a[:, 0] >= 0).all() and (a[:, 1] >= 0).all() and (a[:, 2] <= w).all() and (a[:, 3] <= h).all()
+    bw, bh = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+    assert (bw >= 1).all() and (bh >= 1).all()
+    assert np.allclose(a, np.round(a))
+    # exact ratio to within one pixel on either side
+    assert (np.minimum(np.abs(bw - bh * r), np.abs(bh - bw / r)) <= 1.0 + 1e-6).all()
+    # the largest crop of that ratio comes first and touches two opposite sides
+    assert bw[0] * bh[0] == (bw * bh).max()
+    if w >= 8 and h >= 8:
+        assert bw[0] >= w - 1 or bh[0] >= h - 1
+    # no duplicates
+    assert len({tuple(b) for b in a.tolist()}) == len(a)
+
+
+def test_ratio_anchors_cover_a_range_of_scales_and_positions():
+    a = ratio_anchors(4000, 3000, "16:9")
+    areas = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) / (4000 * 3000)
+    assert areas.max() == pytest.approx(0.75, abs=0.01)
+    assert areas.min() == pytest.approx(0.5, abs=0.03)  # down to about half of the image
+    assert len(np.unique(np.round(areas, 3))) >= 5
+    assert len(np.unique(a[:, 1])) >= 3  # several vertical positions
+    assert 30 <= len(a) <= 200
+
+
+def test_same_ratio_as_image_gives_whole_image_first():
+    a = ratio_anchors(1600, 900, "16:9")
+    assert a[0].tolist() == [0, 0, 1600, 900]
+
+
+@pytest.mark.parametrize("bad", ["16:0", "0:9", "-1:2", "abc", "", "16:9:1", "1000:1"])
+def test_parse_ratio_rejects_bad(bad):
+    with pytest.raises(ValueError):
+        parse_ratio(bad)
+
+
+def test_parse_ratio_forms_and_labels():
+    assert parse_ratio("16:9") == parse_ratio("16x9") == parse_ratio("32/18")
+    assert float(parse_ratio("1.5")) == 1.5
+    assert ratio_label("16:9") == "16x9"
+    assert ratio_label("any") == "any"
+
+
+def test_anchors_for_dispatch_and_iou():
+    assert len(anchors_for(1024, 683, "any")) == 83
+    assert len(anchors_for(1024, 683, None)) == 83
+    b = anchors_for(1024, 683, "1:1")
+    assert box_iou_matrix(b[:1], b[:1])[0, 0] == pytest.approx(1.0)
+    iou = box_iou_matrix(np.array([[0, 0, 2, 2]]), np.array([[1, 0, 3, 2], [5, 5, 6, 6]]))
+    assert iou[0].tolist() == pytest.approx([1 / 3, 0.0])

@@ -1,0 +1,169 @@
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from smartcrop.model import (MobileNetV2, ModelConfig, SACNet, box_masks, count_parameters, roi_align,  # noqa: E402
+                             rod_align)
+
+
+def bilinear(feat, u, v):
+    """Reference bilinear sample of feat (C, H, W) at continuous (u, v), pixel centres at i + 0.5, zero outside."""
+    c, h, w = feat.shape
+    x, y = u - 0.5, v - 0.5
+    x0, y0 = math.floor(x), math.floor(y)
+    out = np.zeros(c)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            xi, yi = x0 + dx, y0 + dy
+            wt = (1 - abs(x - xi)) * (1 - abs(y - yi))
+            if 0 <= xi < w and 0 <= yi < h:
+                out += wt * feat[:, yi, xi]
+    return out
+
+
+def roi_reference(feat, box, out, stride, sampling):
+    c = feat.shape[0]
+    x1, y1, x2, y2 = (v / stride for v in box)
+    res = np.zeros((c, out, out))
+    bw, bh = (x2 - x1) / out, (y2 - y1) / out
+    for i in range(out):
+        for j in range(out):
+            acc = np.zeros(c)
+            for si in range(sampling):
+                for sj in range(sampling):
+                    v = y1 + bh * (i + (si + 0.5) / sampling)
+                    u = x1 + bw * (j + (sj + 0.5) / sampling)
+                    acc += bilinear(feat, u, v)
+            res[:, i, j] = acc / sampling**2
+    return res
+
+
+def test_roi_align_matches_direct_bilinear_reference():
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(1, 3, 7, 9, generator=g, dtype=torch.float64)
+    boxes = torch.tensor([[0.0, 0.0, 144.0, 112.0], [20.0, 13.0, 90.0, 70.0], [33.3, 5.5, 140.0, 111.0]],
+                         dtype=torch.float64)
+    got = roi_align(feat, boxes, out_size=4, stride=16.0, sampling=2).numpy()
+    for k, b in enumerate(boxes.tolist()):
+        ref = roi_reference(feat[0].numpy(), b, 4, 16.0, 2)
+        np.testing.assert_allclose(got[k], ref, atol=1e-9)
+
+
+def test_roi_align_on_linear_ramp_gives_bin_centres():
+    # a map whose value is the x coordinate of the pixel centre: sampling returns the bin centres' x
+    w = 10
+    feat = (torch.arange(w, dtype=torch.float64) + 0.5).view(1, 1, 1, w).expand(1, 1, 6, w).contiguous()
+    got = roi_align(feat, torch.tensor([[16.0, 16.0, 112.0, 80.0]], dtype=torch.float64), 3, 16.0, 2)
+    # box spans x in [1, 7] feature units: bins of width 2, centres 2, 4, 6
+    np.testing.assert_allclose(got[0, 0, 1].numpy(), [2.0, 4.0, 6.0], atol=1e-9)
+
+
+def test_rod_align_zeroes_the_inside_of_the_box():
+    feat = torch.ones(1, 2, 8, 8)
+    box = torch.tensor([[0.0, 0.0, 64.0, 128.0]])  # the left half of a 128x128 input (stride 16)
+    mask = box_masks(box, 8, 8, 16.0)
+    assert mask[0, 0, :, :4].eq(1).all() and mask[0, 0, :, 4:].eq(0).all()
+    out = rod_align(feat, box, out_size=4, stride=16.0, sampling=2)
+    assert out.shape == (1, 2, 4, 4)
+    assert torch.allclose(out[0, :, :, :2], torch.zeros(2, 4, 2))  # the crop is discarded
+    assert torch.allclose(out[0, :, 1:-1, 2:-1], torch.ones(2, 2, 1))  # the rest is kept
+    # a box outside the map discards nothing
+    out2 = rod_align(feat, torch.tensor([[200.0, 200.0, 300.0, 300.0]]), 4, 16.0, 2)
+    assert out2[0, :, 1:-1, 1:-1].eq(1).all()
+
+
+def test_mobilenet_names_match_torchvision_layout():
+    m = MobileNetV2()
+    keys = set(m.state_dict())
+    for k in ["features.0.0.weight", "features.0.1.running_var", "features.1.conv.0.0.weight", "features.1.conv.1.weight",
+              "features.1.conv.2.bias", "features.2.conv.0.0.weight", "features.2.conv.1.0.weight",
+              "features.2.conv.2.weight", "features.2.conv.3.running_mean", "features.18.0.weight",
+              "features.18.1.bias", "classifier.1.weight", "classifier.1.bias"]:
+        assert k in keys
+    assert len(m.features) == 19
+    assert count_parameters(m) == 3504872  # torchvision's mobilenet_v2 has 3,504,872 parameters
+    # a state dict with torchvision's key set loads strictly
+    m2 = MobileNetV2()
+    m2.load_state_dict(m.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("saf", [True, False])
+def test_shapes_and_shared_backbone_pass(saf):
+    torch.manual_seed(0)
+    net = SACNet(ModelConfig(saf=saf)).eval()
+    x = torch.rand(1, 3, 96, 160) * 255
+    boxes = torch.tensor([[0.0, 0.0, 160.0, 96.0], [10.0, 5.0, 120.0, 90.0], [40.0, 0.0, 140.0, 60.0]])
+    with torch.no_grad():
+        feats = net.image_features(x)
+        cf = net.crop_features(feats, boxes)
+        assert cf.shape == (3, 512 if saf else 256)
+        s = net.score_boxes(feats, boxes)
+        assert s.shape == (3,)
+        # scoring boxes one at a time on the same features gives the same scores as in a batch
+        for i in range(3):
+            assert torch.allclose(net.score_boxes(feats, boxes[i : i + 1]), s[i : i + 1], atol=1e-5)
+        assert torch.allclose(net(x, boxes), s, atol=1e-5)
+        r = net.rank_logits(cf[:2], cf[1:])
+        assert r.shape == (2,)
+    assert (feats.saf is not None) == saf
+    if saf:
+        assert feats.saf.shape == (1, 19, 64, 64)
+
+
+def test_saf_mask_changes_scores_and_split_conv_equals_full_conv():
+    torch.manual_seed(0)
+    net = SACNet(ModelConfig()).eval()
+    x = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        feats = net.image_features(x)
+        b = torch.tensor([[0.0, 0.0, 40.0, 40.0], [24.0, 24.0, 64.0, 64.0]])
+        from smartcrop.model import _crop_mask
+
+        mask = _crop_mask(b, feats.input_size, 64)
+        full = torch.nn.functional.conv2d(torch.cat([feats.saf.expand(2, -1, -1, -1), mask], 1),
+                                          net.saf_conv1.weight, net.saf_conv1.bias, padding=2)
+        w = net.saf_conv1.weight
+        split = (torch.nn.functional.conv2d(feats.saf, w[:, :-1], net.saf_conv1.bias, padding=2)
+                 + torch.nn.functional.conv2d(mask, w[:, -1:], None, padding=2))
+        assert torch.allclose(full, split, atol=1e-5)
+        assert mask[0, 0, :40, :40].all() and not mask[0, 0, 40:, 40:].any()
+
+
+@pytest.mark.parametrize("saf", [True, False])
+def test_gradients_flow_to_every_trainable_part(saf):
+    torch.manual_seed(0)
+    net = SACNet(ModelConfig(saf=saf)).train()
+    x = torch.rand(1, 3, 64, 96) * 255
+    boxes = torch.tensor([[0.0, 0.0, 96.0, 64.0], [10.0, 5.0, 80.0, 60.0]])
+    feats = net.image_features(x)
+    cf = net.crop_features(feats, boxes)
+    loss = net.score_features(cf).sum() + net.rank_logits(cf[:1], cf[1:]).sum()
+    loss.backward()
+    groups = ["backbone.features.0.", "backbone.features.17.", "reduce.", "region_fc.", "score_head.", "rank_head."]
+    if saf:
+        groups += ["backbone.features.18.", "se.", "saf_conv1.", "saf_conv2.", "saf_fc.", "saf_norm."]
+    for g in groups:
+        grads = [p.grad for n, p in net.named_parameters() if n.startswith(g)]
+        assert grads and any(gr is not None and gr.abs().sum() > 0 for gr in grads), g
+
+
+def test_prefix_cache_equals_full_pass():
+    torch.manual_seed(0)
+    net = SACNet(ModelConfig()).eval()
+    x = torch.rand(1, 3, 64, 96) * 255
+    b = torch.tensor([[0.0, 0.0, 96.0, 64.0], [10.0, 5.0, 80.0, 60.0]])
+    with torch.no_grad():
+        direct = net.score_boxes(net.image_features(x), b)
+        p = net.backbone_prefix(x, 14)
+        cached = net.score_boxes(net.features_from_prefix(p), b)
+    assert torch.allclose(direct, cached, atol=1e-5)
+
+
+def test_bn_stays_frozen_in_train_mode():
+    net = SACNet(ModelConfig()).train()
+    bns = [m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    assert net.region_fc.training
