@@ -112,33 +112,50 @@ class Cropper:
         ``image`` is a PIL image (possibly a reduced decode); ``full_size`` is the (w, h) of the image the boxes
         are expressed in (``None``: the image's own size).
         """
+        return self.score_boxes_batch([(image, full_size)], [box_sets])[0]
+
+    def score_boxes_batch(self, images: Sequence[tuple], box_sets: Sequence[Mapping[str, np.ndarray]]) -> list:
+        """Like :meth:`score_boxes` for several ``(image, full_size)``; images whose network input has the same
+        size share one batched backbone pass."""
         import torch
 
-        full_w, full_h = full_size or image.size
-        net_w, net_h = network_size(full_w, full_h, self.config.short_side, self.config.max_long_side)
-        x = image_tensor(image, (net_w, net_h)).to(self.device)
-        sx, sy = net_w / full_w, net_h / full_h
-        out: dict[str, np.ndarray] = {}
+        sizes = []
+        for img, full in images:
+            fw, fh = full or img.size
+            sizes.append(network_size(fw, fh, self.config.short_side, self.config.max_long_side))
+        results: list = [None] * len(images)
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(sizes):
+            groups.setdefault(s, []).append(i)
         with torch.inference_mode():
-            feats = self.net.image_features(x)
-            for key, boxes in box_sets.items():
-                b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-                if len(b) == 0:
-                    out[key] = np.zeros(0, dtype=np.float32)
-                    continue
-                scaled = b * np.array([sx, sy, sx, sy], dtype=np.float32)
-                scores = self.net.score_boxes(feats, torch.from_numpy(scaled).to(self.device))
-                out[key] = scores.float().cpu().numpy()
-        return out
+            for (net_w, net_h), idx in groups.items():
+                x = torch.cat([image_tensor(images[i][0], (net_w, net_h)) for i in idx]).to(self.device)
+                feats = self.net.image_features(x)
+                for j, i in enumerate(idx):
+                    fw, fh = images[i][1] or images[i][0].size
+                    sx, sy = net_w / fw, net_h / fh
+                    f = feats.select(j)
+                    out = {}
+                    for key, boxes in box_sets[i].items():
+                        b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * np.array([sx, sy, sx, sy], np.float32)
+                        if len(b) == 0:
+                            out[key] = np.zeros(0, dtype=np.float32)
+                            continue
+                        out[key] = self.net.score_boxes(f, torch.from_numpy(b).to(self.device)).float().cpu().numpy()
+                    results[i] = out
+        return results
 
-    # -- high level ------------------------------------------------------------------------------------------
+    def best_crops_batch(self, images: Sequence[tuple], ratios: Sequence[str] = ("any",), top_k: int = 1) -> list:
+        """:meth:`best_crops` for several ``(image, full_size)`` pairs, batching the backbone where possible."""
+        box_sets = []
+        for img, full in images:
+            fw, fh = full or img.size
+            box_sets.append({r: anchors_for(fw, fh, r) for r in ratios})
+        scores = self.score_boxes_batch(images, box_sets)
+        return [self._pick(bs, sc, ratios, top_k) for bs, sc in zip(box_sets, scores)]
 
-    def best_crops(self, image, full_size: tuple[int, int] | None, ratios: Sequence[str] = ("any",),
-                   top_k: int = 1) -> list[Crop]:
-        """The ``top_k`` best distinct crops for every ratio, from one backbone pass."""
-        full_w, full_h = full_size or image.size
-        box_sets = {r: anchors_for(full_w, full_h, r) for r in ratios}
-        scores = self.score_boxes(image, (full_w, full_h), box_sets)
+    @staticmethod
+    def _pick(box_sets, scores, ratios, top_k) -> list[Crop]:
         crops: list[Crop] = []
         for r in ratios:
             boxes, s = box_sets[r], scores[r]
@@ -146,6 +163,13 @@ class Cropper:
                 x1, y1, x2, y2 = (int(round(v)) for v in boxes[i])
                 crops.append(Crop((x1, y1, x2, y2), float(s[i]), r))
         return crops
+
+    # -- high level ------------------------------------------------------------------------------------------
+
+    def best_crops(self, image, full_size: tuple[int, int] | None, ratios: Sequence[str] = ("any",),
+                   top_k: int = 1) -> list[Crop]:
+        """The ``top_k`` best distinct crops for every ratio, from one backbone pass."""
+        return self.best_crops_batch([(image, full_size)], ratios, top_k)[0]
 
     def crop(self, image, ratios: Iterable[str] | str = ("any",), top_k: int = 1) -> list[Crop]:
         """Best crop(s) of ``image`` (a path, bytes or PIL image) for each of ``ratios``.

@@ -198,6 +198,11 @@ class ImageFeatures:
     saf: torch.Tensor | None  # (1, 19, 64, 64) attended spatial-aware maps, or None for the basic model
     input_size: tuple[int, int]  # (width, height) of the network input, in whose pixels boxes are given
 
+    def select(self, i: int) -> "ImageFeatures":
+        """The features of image ``i`` of a batch."""
+        return ImageFeatures(self.region_map[i : i + 1], None if self.saf is None else self.saf[i : i + 1],
+                             self.input_size)
+
 
 @dataclass
 class BackbonePrefix:

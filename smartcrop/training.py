@@ -241,6 +241,8 @@ class Trainer:
         flip = bool(self.rng.random() < 0.5)
         feats = self._features(s, flip)
         anchors = gaic_anchors(*s.size)
+        if len(anchors) < 2:  # e.g. extreme panoramas: no pair to compare
+            return {}
         idx = self.rng.choice(len(anchors), min(cfg.rc_anchors, len(anchors)), replace=False)
         b = torch.from_numpy(anchors[idx]).to(self.device)
         cf = self.model.crop_features(feats, b)
@@ -282,7 +284,7 @@ class Trainer:
             loss.backward()
             self.opt.step()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
                 counts[k] = counts.get(k, 0) + 1
             if bar is not None:
                 bar.advance(1, status=" ".join(f"{k} {sums[k] / counts[k]:.3f}" for k in sums))

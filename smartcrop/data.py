@@ -1,0 +1,145 @@
+"""Dataset readers (official GAICD and FCDB layouts) and photo-folder listing.  No image is decoded here.
+
+GAICD (Zeng et al.): ``ROOT/images/SPLIT/*.jpg`` and ``ROOT/annotations/SPLIT/*.txt`` with one line
+``y1 x1 y2 x2 MOS`` per grid-anchor crop in the image's pixels (note: y first); MOS −2 marks an unrated crop.
+Any split name works (``dev``, ``train``, ``val``, ``test`` …), so the full GAICD release reads unchanged.
+
+FCDB (Chen et al.): ``ROOT/images/`` and ``ROOT/cropping_{training,testing}_set.json``, lists of
+``{"url", "flickr_photo_id", "crop": [x, y, w, h]}``; the image file is the last part of the url.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
+UNRATED = -2.0
+
+
+@dataclass(frozen=True)
+class GaicdItem:
+    name: str
+    image_path: Path
+    boxes: np.ndarray = field(repr=False)  # (N, 4) float32 x1, y1, x2, y2
+    mos: np.ndarray = field(repr=False)  # (N,) float32
+
+
+@dataclass(frozen=True)
+class FcdbItem:
+    name: str
+    image_path: Path
+    box: tuple  # x1, y1, x2, y2
+
+
+def gaicd_splits(root: str | os.PathLike) -> list[str]:
+    d = Path(root) / "annotations"
+    return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+
+def parse_gaicd_annotation(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    boxes, mos = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 5:
+                raise ValueError(f"{path}:{lineno}: expected 'y1 x1 y2 x2 MOS', got {line.strip()!r}")
+            try:
+                y1, x1, y2, x2, m = (float(v) for v in parts)
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: not numbers: {line.strip()!r}") from None
+            if m == UNRATED:
+                continue
+            if not (x2 > x1 and y2 > y1):
+                raise ValueError(f"{path}:{lineno}: empty box {line.strip()!r}")
+            boxes.append((x1, y1, x2, y2))
+            mos.append(m)
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(mos, dtype=np.float32)
+
+
+def read_gaicd(root: str | os.PathLike, split: str) -> list[GaicdItem]:
+    """Annotated images of one split, sorted by name (images without annotations are skipped)."""
+    root = Path(root)
+    img_dir = root / "images" / split
+    ann_dir = root / "annotations" / split
+    if not img_dir.is_dir():
+        raise FileNotFoundError(f"{img_dir}: no such GAICD image folder (expected ROOT/images/{split}/)")
+    if not ann_dir.is_dir():
+        raise FileNotFoundError(f"{ann_dir}: no such GAICD annotation folder (expected ROOT/annotations/{split}/)")
+    items = []
+    for img in sorted(img_dir.iterdir()):
+        if img.suffix.lower() not in {".jpg", ".jpeg", ".png"} or img.name.startswith("."):
+            continue
+        ann = ann_dir / f"{img.stem}.txt"
+        if not ann.is_file():
+            continue
+        boxes, mos = parse_gaicd_annotation(ann)
+        if len(mos):
+            items.append(GaicdItem(img.stem, img, boxes, mos))
+    return items
+
+
+def read_fcdb(root: str | os.PathLike, split: str = "test") -> list[FcdbItem]:
+    """Photos of FCDB's ``train`` or ``test`` list with their expert crop, in list order."""
+    root = Path(root)
+    names = {"train": "cropping_training_set.json", "test": "cropping_testing_set.json"}
+    if split not in names:
+        raise ValueError(f"FCDB split must be 'train' or 'test', not {split!r}")
+    js = root / names[split]
+    if not js.is_file():
+        raise FileNotFoundError(f"{js}: no such FCDB list")
+    try:
+        entries = json.loads(js.read_text())
+    except ValueError as e:
+        raise ValueError(f"{js}: not valid JSON ({e})") from None
+    items, missing = [], 0
+    for k, e in enumerate(entries):
+        try:
+            fname = str(e["url"]).rstrip("/").rsplit("/", 1)[-1]
+            x, y, w, h = (float(v) for v in e["crop"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{js}: entry {k} lacks a url or a crop [x, y, w, h]") from None
+        path = root / "images" / fname
+        if not path.is_file():
+            missing += 1
+            continue
+        items.append(FcdbItem(Path(fname).stem, path, (x, y, x + w, y + h)))
+    if missing:
+        warnings.warn(f"{js}: {missing} listed photos are not in {root / 'images'}; skipped", stacklevel=2)
+    return items
+
+
+def list_images(paths: Iterable[str | os.PathLike], recursive: bool = True) -> list[Path]:
+    """Image files among ``paths``: files as given, folders walked (recursively by default), sorted.
+
+    Hidden files and folders (starting with '.') are skipped in walks; a missing path raises
+    ``FileNotFoundError`` naming it.
+    """
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            out.append(p)
+        elif p.is_dir():
+            if recursive:
+                found = []
+                for dirpath, dirnames, filenames in os.walk(p):
+                    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                    for f in filenames:
+                        if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES:
+                            found.append(Path(dirpath) / f)
+                out.extend(sorted(found))
+            else:
+                out.extend(sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                                  and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return out

@@ -1,0 +1,114 @@
+"""Cropping metrics, exactly as GAIC (Zeng et al.) and FCDB (Chen et al.) define them.  numpy only.
+
+GAICD: per-image Spearman (SRCC) and Pearson (PCC) correlation between predicted and human scores, averaged
+over images; Acc K/N: the share of the top-K predicted crops whose human score is at least the N-th highest
+human score of the image (ties counted in), averaged over images, in percent; Acc5 / Acc10 are the means over
+K = 1..4.  FCDB: IoU and boundary displacement of the chosen crop against the expert crop.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+
+def rankdata(x) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (as ``scipy.stats.rankdata(method="average")``)."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    ranks = np.empty(len(x), dtype=np.float64)
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def pcc(pred, gt) -> float:
+    """Pearson correlation; 0.0 when either vector is constant (no ordering information)."""
+    a = np.asarray(pred, dtype=np.float64).ravel()
+    b = np.asarray(gt, dtype=np.float64).ravel()
+    if len(a) != len(b):
+        raise ValueError(f"length mismatch: {len(a)} predictions for {len(b)} ground-truth scores")
+    a = a - a.mean()
+    b = b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    if den <= 0:
+        return 0.0
+    return float((a * b).sum() / den)
+
+
+def srcc(pred, gt) -> float:
+    """Spearman rank correlation (Pearson of average ranks); 0.0 when either vector is constant."""
+    return pcc(rankdata(pred), rankdata(gt))
+
+
+def acc_kn(pred, gt, k: int, n: int) -> float:
+    """GAIC's Acc K/N for one image, in 0..1.
+
+    The top-K crops by prediction (ties broken by the lower index) count as hits when their ground-truth
+    score is at least the N-th highest ground-truth score (ties at that score counted in).
+    """
+    p = np.asarray(pred, dtype=np.float64).ravel()
+    g = np.asarray(gt, dtype=np.float64).ravel()
+    if len(p) != len(g):
+        raise ValueError(f"length mismatch: {len(p)} predictions for {len(g)} ground-truth scores")
+    if len(g) == 0:
+        raise ValueError("no crops")
+    threshold = np.sort(g)[::-1][min(n, len(g)) - 1]
+    top = np.argsort(-p, kind="stable")[: min(k, len(p))]
+    return float((g[top] >= threshold).mean())
+
+
+GAICD_KEYS = ("n_images", "srcc", "pcc", "acc1_5", "acc2_5", "acc3_5", "acc4_5", "acc1_10", "acc2_10", "acc3_10",
+              "acc4_10", "acc5", "acc10")
+
+
+def gaicd_metrics(pairs: Iterable[tuple]) -> dict:
+    """Averages over images of ``(pred, gt)`` pairs: n_images, srcc, pcc, acc{K}_{N} (percent), acc5, acc10."""
+    rows = []
+    for pred, gt in pairs:
+        row = {"srcc": srcc(pred, gt), "pcc": pcc(pred, gt)}
+        for n in (5, 10):
+            for k in (1, 2, 3, 4):
+                row[f"acc{k}_{n}"] = 100.0 * acc_kn(pred, gt, k, n)
+        rows.append(row)
+    out: dict = {"n_images": len(rows)}
+    for key in GAICD_KEYS[1:11]:
+        out[key] = float(np.mean([r[key] for r in rows])) if rows else float("nan")
+    out["acc5"] = float(np.mean([out[f"acc{k}_5"] for k in (1, 2, 3, 4)]))
+    out["acc10"] = float(np.mean([out[f"acc{k}_10"] for k in (1, 2, 3, 4)]))
+    return out
+
+
+def iou(box_a, box_b) -> float:
+    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes."""
+    ax1, ay1, ax2, ay2 = (float(v) for v in box_a)
+    bx1, by1, bx2, by2 = (float(v) for v in box_b)
+    iw = max(0.0, min(ax2, bx2) - max(ax1, bx1))
+    ih = max(0.0, min(ay2, by2) - max(ay1, by1))
+    inter = iw * ih
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def boundary_displacement(box, gt, width: float, height: float) -> float:
+    """Mean of the four side offsets, horizontal ones divided by the width, vertical ones by the height."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    g1, h1, g2, h2 = (float(v) for v in gt)
+    return (abs(x1 - g1) / width + abs(x2 - g2) / width + abs(y1 - h1) / height + abs(y2 - h2) / height) / 4.0
+
+
+def fcdb_metrics(items: Iterable[tuple]) -> dict:
+    """Means over ``(pred_box, gt_box, width, height)``: n_images, iou, disp."""
+    ious, disps = [], []
+    for box, gt, w, h in items:
+        ious.append(iou(box, gt))
+        disps.append(boundary_displacement(box, gt, w, h))
+    return {"n_images": len(ious), "iou": float(np.mean(ious)) if ious else float("nan"),
+            "disp": float(np.mean(disps)) if disps else float("nan")}

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+from smartcrop.metrics import (acc_kn, boundary_displacement, fcdb_metrics, gaicd_metrics, iou, pcc, rankdata,
+                               srcc)
+
+
+def test_rankdata_average_ties():
+    assert rankdata([10, 20, 20, 5]).tolist() == [2.0, 3.5, 3.5, 1.0]
+
+
+def test_srcc_hand_computed_with_ties():
+    # pred ranks: [1, 2, 3, 4]; gt [1, 2, 2, 3] -> ranks [1, 2.5, 2.5, 4]
+    # Pearson of ranks: dx = [-1.5, -.5, .5, 1.5], dy = [-1.5, 0, 0, 1.5]; sum dxdy = 4.5;
+    # sum dx^2 = 5, sum dy^2 = 4.5 -> 4.5 / sqrt(22.5) = 0.948683
+    assert srcc([0.1, 0.2, 0.3, 0.4], [1, 2, 2, 3]) == pytest.approx(0.9486833, abs=1e-6)
+    assert srcc([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert srcc([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+def test_pcc_known_value():
+    # x = [1,2,3], y = [1,3,2]: dx = [-1,0,1], dy = [-1,1,0] -> 1 / sqrt(2*2) = 0.5
+    assert pcc([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        pcc([1, 2], [1, 2, 3])
+
+
+def test_srcc_matches_scipy_if_available():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a = rng.integers(0, 6, 40).astype(float)
+        b = rng.normal(size=40)
+        assert srcc(a, b) == pytest.approx(stats.spearmanr(a, b).correlation, abs=1e-12)
+
+
+def test_acc_kn_ties_counted_in():
+    gt = np.array([5.0, 4.0, 4.0, 4.0, 3.0, 1.0])
+    # N = 2: threshold = 2nd highest = 4.0, so every crop with 4.0 counts
+    pred = np.array([0.0, 0.1, 0.2, 0.9, 0.8, 0.7])  # top-3: idx 3 (4.0), 4 (3.0), 5 (1.0)
+    assert acc_kn(pred, gt, 1, 2) == 1.0
+    assert acc_kn(pred, gt, 2, 2) == 0.5
+    assert acc_kn(pred, gt, 3, 2) == pytest.approx(1 / 3)
+    # N larger than the number of crops: threshold is the minimum, every crop is a hit
+    assert acc_kn(pred, gt, 4, 10) == 1.0
+    # ties in the prediction are broken by the lower index
+    assert acc_kn([1.0, 1.0, 0.0], [1.0, 5.0, 2.0], 1, 1) == 0.0
+
+
+def test_gaicd_metrics_average_and_percent():
+    g1 = (np.array([3.0, 2.0, 1.0, 0.0, -1.0, -2.0]), np.array([6.0, 5.0, 4.0, 3.0, 2.0, 1.0]))  # perfect
+    g2 = (np.array([-3.0, -2.0, -1.0, 0.0, 1.0, 2.0]), np.array([6.0, 5.0, 4.0, 3.0, 2.0, 1.0]))  # reversed
+    m = gaicd_metrics([g1, g2])
+    assert list(m)[:3] == ["n_images", "srcc", "pcc"]
+    assert m["n_images"] == 2
+    assert m["srcc"] == pytest.approx(0.0)
+    # image 1: all top-K in the top-5; image 2: the top-1 prediction is the worst crop (outside the top-5)
+    # image 2, N=5 (threshold 2.0): top-1 = gt 1.0 -> 0; top-2 adds 2.0 -> 1/2; top-3 -> 2/3; top-4 -> 3/4
+    assert m["acc1_5"] == pytest.approx(50.0)
+    assert m["acc2_5"] == pytest.approx(75.0)
+    assert m["acc4_5"] == pytest.approx((100 + 75) / 2)
+    assert m["acc5"] == pytest.approx(np.mean([m["acc1_5"], m["acc2_5"], m["acc3_5"], m["acc4_5"]]))
+    assert m["acc1_10"] == 100.0 and m["acc10"] == 100.0
+
+
+def test_iou_and_disp():
+    assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    # offsets 10/100, 0, 5/50, 5/50 -> mean 0.075
+    assert boundary_displacement((10, 0, 100, 45), (0, 0, 100, 50), 100, 50) == pytest.approx((0.1 + 0 + 0 + 0.1) / 4)
+    m = fcdb_metrics([((0, 0, 10, 10), (0, 0, 10, 10), 10, 10), ((0, 0, 10, 10), (5, 0, 15, 10), 20, 10)])
+    assert m["n_images"] == 2
+    assert m["iou"] == pytest.approx((1 + 1 / 3) / 2)
+    assert m["disp"] == pytest.approx((0 + (5 / 20 + 5 / 20) / 4) / 2)

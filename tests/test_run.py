@@ -1,0 +1,234 @@
+"""`smartcrop run` end to end through the CLI (an untrained small model: behaviour, not crop quality)."""
+
+import hashlib
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("torch")
+from typer.testing import CliRunner  # noqa: E402
+
+from smartcrop.cli import app  # noqa: E402
+
+from conftest import draw_photo  # noqa: E402
+
+
+def run(args, stdin=None):
+    r = CliRunner().invoke(app, ["run", *map(str, args)], input=stdin)
+    return r.exit_code, r.stdout_bytes, r.stderr
+
+
+def jsonl(out: bytes):
+    return [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def bomb_png(path: Path, w: int = 40000, h: int = 40000) -> Path:
+    """A tiny PNG whose header claims w×h pixels (1.6 gigapixels)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytearray(data[16:29])
+    ihdr[0:8] = struct.pack(">II", w, h)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_folder_two_ratios_json(tmp_path, small_model_file):
+    src = tmp_path / "in"
+    for k in range(3):
+        draw_photo(src / f"p{k}.jpg", size=(300, 200), seed=k)
+    before = {p: sha(p) for p in src.iterdir()}
+    code, out, _ = run([src, "--ratio", "16:9", "--ratio", "1:1", "--json", "-o", tmp_path / "out",
+                        "--weights", small_model_file])
+    assert code == 0
+    recs = jsonl(out)
+    assert len(recs) == 6
+    for r in recs:
+        x1, y1, x2, y2 = r["box"]
+        assert 0 <= x1 < x2 <= 300 and 0 <= y1 < y2 <= 200
+        w, h = Image.open(r["output"]).size
+        assert [w, h] == r["size"] == [x2 - x1, y2 - y1]
+        target = 16 / 9 if r["ratio"] == "16:9" else 1.0
+        assert abs(w - h * target) <= target + 1e-6 or abs(h - w / target) <= 1
+        assert Path(r["output"]).name == f"{Path(r['input']).stem}_{r['ratio'].replace(':', 'x')}.jpg"
+    assert {p: sha(p) for p in src.iterdir()} == before  # inputs untouched
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
+
+
+def test_bad_inputs_are_reported_and_the_rest_is_done(tmp_path, small_model_file):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "zero.jpg").write_bytes(b"")
+    good = draw_photo(src / "good.jpg", size=(320, 240))
+    (src / "truncated.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (src / "text.jpg").write_text("hello, I am not a photo\n")
+    bomb_png(src / "bomb.png")
+    rgba = Image.new("RGBA", (120, 80), (255, 0, 0, 0))
+    rgba.save(src / "alpha.png")
+    Image.fromarray((np.arange(120 * 80).reshape(80, 120) * 6).astype(np.uint16)).save(src / "deep16.png")
+    Image.new("CMYK", (100, 80), (0, 255, 255, 0)).save(src / "cmyk.jpg")
+    Image.new("L", (90, 70), 128).save(src / "gray.jpg")
+    Image.new("P", (90, 70), 3).save(src / "palette.png")
+    frames = [Image.new("RGB", (64, 48), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(src / "one.png")
+    Image.new("RGB", (30000, 200), (50, 60, 70)).save(src / "pano.jpg", quality=50)
+    code, out, err = run([src, "--ratio", "16:9", "--json", "-o", tmp_path / "out", "--weights", small_model_file])
+    assert code == 1
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    failed = {n for n in ("zero.jpg", "truncated.jpg", "text.jpg", "bomb.png") if any(n in ln for ln in lines)}
+    assert failed == {"zero.jpg", "truncated.jpg", "text.jpg", "bomb.png"}
+    assert len(lines) == 4, lines  # one line per failure, nothing else
+    done = {Path(r["input"]).name: r for r in jsonl(out)}
+    assert set(done) == {"good.jpg", "alpha.png", "deep16.png", "cmyk.jpg", "gray.jpg", "palette.png", "anim.gif",
+                         "one.png", "pano.jpg"}
+    for r in done.values():
+        assert Path(r["output"]).is_file()
+    assert done["pano.jpg"]["box"][3] <= 200 and done["pano.jpg"]["size"][0] <= 356
+    assert done["one.png"]["size"] == [1, 1]
+    assert Path(done["anim.gif"]["output"]).suffix == ".png"
+    assert Image.open(done["alpha.png"]["output"]).mode == "RGBA"  # alpha kept for PNG
+
+
+ORIENT_OPS = {
+    1: [], 2: [Image.FLIP_LEFT_RIGHT], 3: [Image.ROTATE_180], 4: [Image.FLIP_TOP_BOTTOM],
+    5: [Image.TRANSPOSE], 6: [Image.ROTATE_90], 7: [Image.TRANSVERSE], 8: [Image.ROTATE_270],
+}
+
+
+def stored_for(upright: Image.Image, orientation: int) -> Image.Image:
+    """Pixels to store so that applying EXIF `orientation` gives `upright` back (inverse transforms)."""
+    inverse = {Image.ROTATE_90: Image.ROTATE_270, Image.ROTATE_270: Image.ROTATE_90}
+    img = upright
+    for op in ORIENT_OPS[orientation]:
+        img = img.transpose(inverse.get(op, op))
+    return img
+
+
+def test_exif_orientations_give_upright_boxes_and_outputs(tmp_path, small_model_file):
+    upright_path = draw_photo(tmp_path / "upright.png", size=(240, 160), seed=3)
+    upright = Image.open(upright_path).convert("RGB")
+    src = tmp_path / "in"
+    src.mkdir()
+    for o in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = o
+        stored_for(upright, o).save(src / f"o{o}.png", exif=exif.tobytes())
+    code, out, err = run([src, "--ratio", "4:5", "--json", "-o", tmp_path / "out", "--weights", small_model_file])
+    assert code == 0, err
+    recs = {Path(r["input"]).stem: r for r in jsonl(out)}
+    ref = recs["o1"]
+    for o in range(1, 9):
+        r = recs[f"o{o}"]
+        assert r["box"] == ref["box"], o  # same upright pixels → same crop
+        img = Image.open(r["output"])
+        assert img.size == tuple(ref["size"])
+        assert img.getexif().get(0x0112, 1) == 1
+        x1, y1, x2, y2 = ref["box"]
+        expected = np.asarray(upright.crop((x1, y1, x2, y2)), dtype=float)
+        assert np.abs(np.asarray(img.convert("RGB"), dtype=float) - expected).mean() < 2.0, o
+
+
+def test_stdin_image_to_stdout_and_stdin_list(tmp_path, small_model_file):
+    p = draw_photo(tmp_path / "a.jpg", size=(300, 200))
+    code, out, err = run(["-", "--ratio", "1:1", "--weights", small_model_file], stdin=p.read_bytes())
+    assert code == 0, err
+    img = Image.open(io.BytesIO(out))
+    assert img.format == "JPEG" and img.size == (200, 200)
+    q = draw_photo(tmp_path / "b.png", size=(200, 300))
+    code, out, err = run(["-", "--ratio", "1:1", "--json", "-o", tmp_path / "o", "--weights", small_model_file],
+                         stdin=f"{p}\n{q}\n".encode())
+    assert code == 0, err
+    assert sorted(Path(r["output"]).name for r in jsonl(out)) == ["a_1x1.jpg", "b_1x1.png"]
+
+
+def test_names_clashes_reruns_and_mirroring(tmp_path, small_model_file):
+    src = tmp_path / "in"
+    draw_photo(src / "x" / "same.jpg")
+    draw_photo(src / "y" / "same.jpg")
+    draw_photo(src / "y" / "dup.jpg")
+    draw_photo(src / "y" / "dup.png")
+    out = tmp_path / "out"
+    args = [src, "-r", "--ratio", "16:9", "-o", out, "--weights", small_model_file, "--json"]
+    code, o1, _ = run(args)
+    assert code == 0
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert names == ["x/same_16x9.jpg", "y/dup_16x9.jpg", "y/dup_16x9.png", "y/same_16x9.jpg"]
+    first = {p: sha(p) for p in out.rglob("*") if p.is_file()}
+    code, o2, _ = run(args)  # re-run: nothing overwritten, new names
+    assert code == 0
+    assert all(sha(p) == h for p, h in first.items())
+    assert (out / "x" / "same_16x9-1.jpg").is_file()
+    code, o3, _ = run(args + ["--skip-existing"])
+    assert code == 0 and jsonl(o3) == []
+    code, o4, _ = run(args + ["--overwrite"])
+    assert code == 0 and {Path(r["output"]).name for r in jsonl(o4)} == {"same_16x9.jpg", "dup_16x9.jpg",
+                                                                         "dup_16x9.png"}
+    # two inputs of one run never share an output: a template without {ext}
+    code, o5, _ = run([src / "y", "--ratio", "1:1", "-o", tmp_path / "o5", "--name", "{stem}.jpg",
+                       "--weights", small_model_file, "--json"])
+    assert code == 0
+    assert sorted(Path(r["output"]).name for r in jsonl(o5)) == ["dup-1.jpg", "dup.jpg", "same.jpg"]
+
+
+@pytest.mark.parametrize("args", [
+    ["--ratio", "16:0"], ["--ratio", "abc"], ["--name", "../{stem}.jpg"], ["--name", "/tmp/{stem}.jpg"],
+    ["--name", "{nope}.jpg"], ["--size", "12xx"], ["--overwrite", "--skip-existing"],
+])
+def test_usage_errors_exit_2(tmp_path, small_model_file, args):
+    p = draw_photo(tmp_path / "a.jpg")
+    code, out, err = run([p, "-o", tmp_path / "o", "--weights", small_model_file, *args])
+    assert code == 2
+    assert err.strip() and len(err.strip().splitlines()) == 1
+
+
+def test_missing_input_and_unwritable_output_exit_2(tmp_path, small_model_file):
+    code, _, err = run([tmp_path / "nope.jpg", "--weights", small_model_file])
+    assert code == 2 and "nope.jpg" in err
+    p = draw_photo(tmp_path / "a.jpg")
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run([p, "-o", tmp_path / "afile", "--weights", small_model_file])
+    assert code == 2 and "afile" in err
+
+
+def test_size_max_side_top_k_preview_dry_run(tmp_path, small_model_file):
+    p = draw_photo(tmp_path / "a.jpg", size=(400, 300))
+    code, out, _ = run([p, "--size", "64x36", "-o", tmp_path / "s", "--json", "--weights", small_model_file])
+    assert code == 0 and jsonl(out)[0]["size"] == [64, 36] and Image.open(jsonl(out)[0]["output"]).size == (64, 36)
+    code, out, _ = run([p, "--ratio", "1:1", "--max-side", "50", "-o", tmp_path / "m", "--json",
+                        "--weights", small_model_file])
+    assert code == 0 and jsonl(out)[0]["size"] == [50, 50]
+    code, out, _ = run([p, "--ratio", "1:1", "--top-k", "3", "-o", tmp_path / "k", "--json", "--preview",
+                        tmp_path / "sheet.jpg", "--weights", small_model_file])
+    recs = jsonl(out)
+    assert code == 0 and len(recs) == 3 and len({tuple(r["box"]) for r in recs}) == 3
+    assert [Path(r["output"]).name for r in recs] == ["a_1x1_1.jpg", "a_1x1_2.jpg", "a_1x1_3.jpg"]
+    assert recs[0]["score"] >= recs[1]["score"] >= recs[2]["score"]
+    assert Image.open(tmp_path / "sheet.jpg").size[0] > 100
+    code, out, _ = run([p, "--ratio", "1:1", "--dry-run", "--json", "-o", tmp_path / "d", "--weights",
+                        small_model_file])
+    assert code == 0 and jsonl(out)[0]["output"] is None and not (tmp_path / "d").exists()
+
+
+def test_python_api(tmp_path, small_model_file):
+    from smartcrop import Cropper
+
+    p = draw_photo(tmp_path / "a.jpg", size=(300, 200))
+    c = Cropper(weights=small_model_file, device="cpu")
+    crops = c.crop(p, ratios=["16:9", "any"])
+    assert [k.ratio for k in crops] == ["16:9", "any"]
+    x1, y1, x2, y2 = crops[0].box
+    assert abs((x2 - x1) - (y2 - y1) * 16 / 9) <= 16 / 9 + 1e-6
+    assert crops == c.crop(Image.open(p), ratios=["16:9", "any"])
