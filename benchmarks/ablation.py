@@ -59,13 +59,16 @@ def main(argv=None) -> int:
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "val_gaicd": [it.name for it in data.val_gaicd],
                "variants": {}}
     for variant in args.variants.split(","):
-        saf = "saf" in variant
-        rc = "rc" in variant
+        # "saf+rc" or "saf+rc@fw=1.0" (a variant with its own FCDB loss weight)
+        name, _, opt = variant.partition("@")
+        saf = "saf" in name.split("+")
+        rc = "rc" in name.split("+")
+        fcdb_weight = float(opt.split("=")[1]) if opt.startswith("fw=") else args.fcdb_weight
         torch.manual_seed(0)
         net = SACNet(ModelConfig(saf=saf))
         load_backbone_weights(net, args.backbone_weights)
         cfg = TrainConfig(epochs=args.epochs, lr_step=args.lr_step, saf=saf, rc=rc,
-                          fcdb_per_epoch=args.fcdb_per_epoch, fcdb_weight=args.fcdb_weight)
+                          fcdb_per_epoch=args.fcdb_per_epoch, fcdb_weight=fcdb_weight)
         tr = Trainer(net, cfg, "cpu", log)
         hist = []
         for _ in range(cfg.epochs):
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
         results["variants"][variant] = res
         log(f"[{variant}] final {json.dumps({k: v for k, v in res.items() if k not in ('history', 'config')})}")
         if args.save_models:
-            save_model(net, args.save_models / f"{variant.replace('+', '_')}.safetensors",
+            save_model(net, args.save_models / f"{variant.replace('+', '_').replace('@', '_').replace('=', '')}.safetensors",
                        {"training": {"ablation": variant, "config": asdict(cfg)}})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))

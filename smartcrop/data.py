@@ -20,30 +20,47 @@ from typing import Iterable
 import numpy as np
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
+GAICD_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 UNRATED = -2.0
 
 
 @dataclass(frozen=True)
 class GaicdItem:
+    """One annotated GAICD image.  Equality and hashing use ``name`` and ``image_path`` only (arrays are not
+    hashable)."""
+
     name: str
     image_path: Path
-    boxes: np.ndarray = field(repr=False)  # (N, 4) float32 x1, y1, x2, y2
-    mos: np.ndarray = field(repr=False)  # (N,) float32
+    boxes: np.ndarray = field(repr=False, compare=False)  # (N, 4) float32 x1, y1, x2, y2 in image pixels
+    mos: np.ndarray = field(repr=False, compare=False)  # (N,) float32 mean opinion scores
 
 
 @dataclass(frozen=True)
 class FcdbItem:
     name: str
     image_path: Path
-    box: tuple  # x1, y1, x2, y2
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in image pixels
 
 
 def gaicd_splits(root: str | os.PathLike) -> list[str]:
-    d = Path(root) / "annotations"
-    return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+    """Labeled splits of a GAICD root: names with both ``images/SPLIT/`` and ``annotations/SPLIT/``, sorted.
+
+    Image-only folders (e.g. an unlabeled ``holdout``) are not listed; a root without ``annotations/`` has none.
+    """
+    root = Path(root)
+    d = root / "annotations"
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (root / "images" / p.name).is_dir())
 
 
 def parse_gaicd_annotation(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(boxes (N, 4) x1 y1 x2 y2, mos (N,))`` float32 from one GAICD ``y1 x1 y2 x2 MOS`` file, in file order.
+
+    Blank lines are ignored and unrated crops (MOS -2) skipped; anything else malformed raises ``ValueError``
+    naming the file and line number.
+    """
     boxes, mos = [], []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -56,6 +73,8 @@ def parse_gaicd_annotation(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 y1, x1, y2, x2, m = (float(v) for v in parts)
             except ValueError:
                 raise ValueError(f"{path}:{lineno}: not numbers: {line.strip()!r}") from None
+            if not all(np.isfinite((y1, x1, y2, x2, m))):
+                raise ValueError(f"{path}:{lineno}: not finite: {line.strip()!r}")
             if m == UNRATED:
                 continue
             if not (x2 > x1 and y2 > y1):
@@ -66,7 +85,12 @@ def parse_gaicd_annotation(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_gaicd(root: str | os.PathLike, split: str) -> list[GaicdItem]:
-    """Annotated images of one split, sorted by name (images without annotations are skipped)."""
+    """Annotated images of one split (any split name), sorted by name.
+
+    Images (.jpg/.jpeg/.png) without an annotation file are unlabeled and skipped, as are images whose crops
+    are all unrated.  A missing ``images/SPLIT`` or ``annotations/SPLIT`` folder raises ``FileNotFoundError``;
+    a malformed annotation line raises ``ValueError`` naming the file and line.
+    """
     root = Path(root)
     img_dir = root / "images" / split
     ann_dir = root / "annotations" / split
@@ -75,9 +99,9 @@ def read_gaicd(root: str | os.PathLike, split: str) -> list[GaicdItem]:
     if not ann_dir.is_dir():
         raise FileNotFoundError(f"{ann_dir}: no such GAICD annotation folder (expected ROOT/annotations/{split}/)")
     items = []
-    for img in sorted(img_dir.iterdir()):
-        if img.suffix.lower() not in {".jpg", ".jpeg", ".png"} or img.name.startswith("."):
-            continue
+    images = [p for p in img_dir.iterdir()
+              if p.suffix.lower() in GAICD_IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()]
+    for img in sorted(images, key=lambda p: (p.stem, p.name)):
         ann = ann_dir / f"{img.stem}.txt"
         if not ann.is_file():
             continue
@@ -88,7 +112,11 @@ def read_gaicd(root: str | os.PathLike, split: str) -> list[GaicdItem]:
 
 
 def read_fcdb(root: str | os.PathLike, split: str = "test") -> list[FcdbItem]:
-    """Photos of FCDB's ``train`` or ``test`` list with their expert crop, in list order."""
+    """Photos of FCDB's ``train`` or ``test`` list with their expert crop ``(x, y, x + w, y + h)``, in list order.
+
+    The image file is the last part of each entry's url, looked up in ``ROOT/images/``.  Entries whose image
+    is missing are skipped and counted in one ``UserWarning``.
+    """
     root = Path(root)
     names = {"train": "cropping_training_set.json", "test": "cropping_testing_set.json"}
     if split not in names:
@@ -100,6 +128,8 @@ def read_fcdb(root: str | os.PathLike, split: str = "test") -> list[FcdbItem]:
         entries = json.loads(js.read_text())
     except ValueError as e:
         raise ValueError(f"{js}: not valid JSON ({e})") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{js}: expected a JSON list of {{url, flickr_photo_id, crop}} entries")
     items, missing = [], 0
     for k, e in enumerate(entries):
         try:

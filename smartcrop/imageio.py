@@ -6,7 +6,7 @@ the metadata needed to write a faithful output: the EXIF block (Orientation rese
 Every unusable input -- empty, truncated, not an image, too large -- raises :class:`ImageError` with a one-line
 message meant for humans; corrupt *metadata* never prevents loading.
 
-Saving (:func:`save_image`, :func:`save_image_bytes`) converts to a mode the output format supports and writes
+Saving (:func:`save_image`, :func:`encode_image`) converts to a mode the output format supports and writes
 atomically (temporary file in the target directory, then rename), refusing to overwrite unless asked.
 
 Only Pillow is imported here, so the module stays cheap to import.
@@ -30,11 +30,13 @@ from typing import IO, Iterator, Union
 from PIL import Image
 
 __all__ = [
+    "FORMAT_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "ImageError",
     "LoadedImage",
     "crop_image",
     "encode_image",
+    "format_for_path",
     "is_image_path",
     "load_full",
     "load_image",
@@ -83,6 +85,9 @@ _OUTPUT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEB
                    ".tiff": "TIFF"}
 
 # ICC header colour-space signature (bytes 16..20) matching each standard pixel mode.
+#: Default file extension for each writable Pillow format name.
+FORMAT_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif"}
+
 _ICC_SPACE = {"L": b"GRAY", "RGB": b"RGB ", "RGBA": b"RGB "}
 
 
@@ -382,13 +387,12 @@ def _reduce_to(im: Image.Image, short_side: int) -> Image.Image:
 def crop_image(img: Image.Image, box: tuple[int, int, int, int],
                size: tuple[int, int] | None = None) -> Image.Image:
     """Crop ``box`` = (x1, y1, x2, y2) in pixels of ``img`` (clamped to its bounds), then optionally resize
-    to ``size`` = (w, h) with Lanczos.  Raises ValueError if the clamped box is empty."""
+    to ``size`` = (w, h) with Lanczos.  A box that is empty after clamping (or lies outside the image)
+    becomes the nearest 1-pixel-wide/high strip inside the image, so the result is always at least 1x1."""
     w, h = img.size
     x1, y1, x2, y2 = (int(round(v)) for v in box)
-    x1, x2 = max(0, min(x1, w)), max(0, min(x2, w))
-    y1, y2 = max(0, min(y1, h)), max(0, min(y2, h))
-    if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"empty crop box {tuple(box)} for a {w}x{h} image")
+    x1, y1 = max(0, min(x1, w - 1)), max(0, min(y1, h - 1))
+    x2, y2 = max(x1 + 1, min(x2, w)), max(y1 + 1, min(y2, h))
     out = img.crop((x1, y1, x2, y2))
     if size is not None:
         if size[0] < 1 or size[1] < 1:
@@ -430,8 +434,8 @@ def save_image(img: Image.Image, path: str | os.PathLike[str], *, format: str | 
     return path
 
 
-def save_image_bytes(img: Image.Image, format: str, *, quality: int = 95, exif: bytes | None = None,
-                     icc: bytes | None = None) -> bytes:
+def encode_image(img: Image.Image, format: str, *, quality: int = 95, exif: bytes | None = None,
+                 icc: bytes | None = None) -> bytes:
     """Encode ``img`` like :func:`save_image` and return the file's bytes (e.g. for stdout).
 
     ``format`` is a format or extension name: "JPEG", "jpg", ".png", "webp", "tiff", ...
@@ -441,7 +445,14 @@ def save_image_bytes(img: Image.Image, format: str, *, quality: int = 95, exif: 
     return buf.getvalue()
 
 
-encode_image = save_image_bytes  # alias used by the run pipeline for stdout output
+save_image_bytes = encode_image  # older name, kept as an alias
+
+
+def format_for_path(path: str | os.PathLike[str]) -> str:
+    """Pillow output format name ("JPEG", "PNG", "WEBP", "TIFF") for ``path``'s extension (case-insensitive);
+    :class:`ImageError` if the extension is not a writable format."""
+    p = Path(path)
+    return _output_format(p.suffix, p)
 
 
 def is_image_path(p: str | os.PathLike[str]) -> bool:

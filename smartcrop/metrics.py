@@ -29,37 +29,58 @@ def rankdata(x) -> np.ndarray:
     return ranks
 
 
-def pcc(pred, gt) -> float:
-    """Pearson correlation; 0.0 when either vector is constant (no ordering information)."""
+def _pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(pred, dtype=np.float64).ravel()
     b = np.asarray(gt, dtype=np.float64).ravel()
     if len(a) != len(b):
         raise ValueError(f"length mismatch: {len(a)} predictions for {len(b)} ground-truth scores")
+    return a, b
+
+
+def _constant(x: np.ndarray) -> bool:
+    return len(x) < 2 or bool(np.all(x == x[0]))
+
+
+def pcc(pred, gt) -> float:
+    """Pearson correlation.
+
+    Returns 0.0 when either vector is constant (or has fewer than two entries): the correlation is undefined
+    there and the prediction carries no ordering information.  The check is exact, so float round-off in the
+    mean of a constant vector cannot produce a spurious correlation.
+    """
+    a, b = _pair(pred, gt)
+    if _constant(a) or _constant(b):
+        return 0.0
     a = a - a.mean()
     b = b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
-    if den <= 0:
+    if not den > 0:
         return 0.0
-    return float((a * b).sum() / den)
+    return float(np.clip((a * b).sum() / den, -1.0, 1.0))
 
 
 def srcc(pred, gt) -> float:
-    """Spearman rank correlation (Pearson of average ranks); 0.0 when either vector is constant."""
-    return pcc(rankdata(pred), rankdata(gt))
+    """Spearman rank correlation: the Pearson correlation of the average ranks (ties share their mean rank).
+
+    Returns 0.0 when either vector is constant (all tied), like :func:`pcc`.
+    """
+    a, b = _pair(pred, gt)
+    return pcc(rankdata(a), rankdata(b))
 
 
 def acc_kn(pred, gt, k: int, n: int) -> float:
     """GAIC's Acc K/N for one image, in 0..1.
 
     The top-K crops by prediction (ties broken by the lower index) count as hits when their ground-truth
-    score is at least the N-th highest ground-truth score (ties at that score counted in).
+    score is at least the N-th highest ground-truth score (ties at that score counted in), i.e. the threshold
+    is ``sorted(gt, descending)[N-1]``; with fewer than N crops the threshold is ``min(gt)``.  With fewer than
+    K crops, all of them are the top-K.
     """
-    p = np.asarray(pred, dtype=np.float64).ravel()
-    g = np.asarray(gt, dtype=np.float64).ravel()
-    if len(p) != len(g):
-        raise ValueError(f"length mismatch: {len(p)} predictions for {len(g)} ground-truth scores")
+    p, g = _pair(pred, gt)
     if len(g) == 0:
         raise ValueError("no crops")
+    if k < 1 or n < 1:
+        raise ValueError(f"K and N must be at least 1, got K={k}, N={n}")
     threshold = np.sort(g)[::-1][min(n, len(g)) - 1]
     top = np.argsort(-p, kind="stable")[: min(k, len(p))]
     return float((g[top] >= threshold).mean())
@@ -70,7 +91,12 @@ GAICD_KEYS = ("n_images", "srcc", "pcc", "acc1_5", "acc2_5", "acc3_5", "acc4_5",
 
 
 def gaicd_metrics(pairs: Iterable[tuple]) -> dict:
-    """Averages over images of ``(pred, gt)`` pairs: n_images, srcc, pcc, acc{K}_{N} (percent), acc5, acc10."""
+    """Averages over images of ``(pred, gt)`` score pairs (one pair of arrays per image).
+
+    Keys, in order: ``n_images``, ``srcc``, ``pcc`` (per image, then averaged), ``acc1_5`` … ``acc4_5``,
+    ``acc1_10`` … ``acc4_10`` (Acc K/N averaged over images, in percent 0-100), ``acc5`` and ``acc10`` (means
+    of the four Acc K/5 resp. Acc K/10).  With no images every value but ``n_images`` is NaN.
+    """
     rows = []
     for pred, gt in pairs:
         row = {"srcc": srcc(pred, gt), "pcc": pcc(pred, gt)}
@@ -87,13 +113,16 @@ def gaicd_metrics(pairs: Iterable[tuple]) -> dict:
 
 
 def iou(box_a, box_b) -> float:
-    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes."""
+    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes (continuous pixel coordinates, area =
+    ``(x2 - x1) * (y2 - y1)``); 0.0 when both are empty."""
     ax1, ay1, ax2, ay2 = (float(v) for v in box_a)
     bx1, by1, bx2, by2 = (float(v) for v in box_b)
     iw = max(0.0, min(ax2, bx2) - max(ax1, bx1))
     ih = max(0.0, min(ay2, by2) - max(ay1, by1))
     inter = iw * ih
-    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    area_a = max(0.0, ax2 - ax1) * max(0.0, ay2 - ay1)
+    area_b = max(0.0, bx2 - bx1) * max(0.0, by2 - by1)
+    union = area_a + area_b - inter
     return inter / union if union > 0 else 0.0
 
 

@@ -148,11 +148,18 @@ def looks_like_image(data: bytes) -> bool:
 
 def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file: str | None = None,
                    on_error: Callable[[str], None] | None = None) -> list[InputItem]:
-    """Input items from paths (``-`` = stdin: one image, or a list of paths one per line) and a list file."""
+    """Input items from paths (``-`` = stdin: one image, or a list of paths one per line) and a list file.
+
+    A path given on the command line that does not exist is a usage error (:class:`UsageError`, exit 2);
+    a missing path read from a file list is reported through ``on_error`` and the others still run.
+    """
     from .data import IMAGE_SUFFIXES
 
     items: list[InputItem] = []
     names: list[str] = list(paths)
+    for n in names:
+        if n != "-" and not Path(n).exists():
+            raise UsageError(f"{n}: no such file or folder")
     if list_file is not None:
         if list_file == "-":
             text = (stdin or sys.stdin.buffer).read().decode("utf-8", "replace")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smartcrop.data import list_images, read_fcdb, read_gaicd
+from smartcrop.data import FcdbItem, GaicdItem, gaicd_splits, list_images, read_fcdb, read_gaicd
 
 
 def make_gaicd(root, split="val"):
@@ -12,6 +12,7 @@ def make_gaicd(root, split="val"):
     (root / "annotations" / split).mkdir(parents=True)
     for name in ("b", "a", "c"):
         Image.new("RGB", (40, 30)).save(root / "images" / split / f"{name}.jpg")
+    # y1 x1 y2 x2 MOS; the -2 line is unrated, the blank line ignored
     (root / "annotations" / split / "a.txt").write_text("1 2 20 30 3.5\n0 0 30 40 -2\n\n2 3 25 35 2.25\n")
     (root / "annotations" / split / "b.txt").write_text("0 0 30 40 4\n")
     # c has no annotation: unlabeled, skipped
@@ -22,56 +23,122 @@ def test_read_gaicd_swaps_y_x_and_skips_unrated(tmp_path):
     items = read_gaicd(tmp_path, "val")
     assert [it.name for it in items] == ["a", "b"]
     a = items[0]
-    assert a.boxes.tolist() == [[2, 1, 30, 20], [3, 2, 35, 25]]  # x1 y1 x2 y2
+    assert isinstance(a, GaicdItem)
+    assert a.image_path == tmp_path / "images" / "val" / "a.jpg"
+    assert a.boxes.tolist() == [[2, 1, 30, 20], [3, 2, 35, 25]]  # x1 y1 x2 y2, annotation order
     assert a.mos.tolist() == pytest.approx([3.5, 2.25])
-    assert a.boxes.dtype == np.float32
+    assert a.boxes.dtype == np.float32 and a.mos.dtype == np.float32
+    assert a.boxes.shape == (2, 4) and a.mos.shape == (2,)
+    assert items[1].boxes.tolist() == [[0, 0, 40, 30]]
+    # items are hashable / comparable by name and path despite the arrays
+    assert len({*items, *read_gaicd(tmp_path, "val")}) == 2
+
+
+@pytest.mark.parametrize("split", ["dev", "holdout", "train", "test", "my_split"])
+def test_read_gaicd_any_split_name_and_suffixes(tmp_path, split):
+    make_gaicd(tmp_path, split)
+    img_dir = tmp_path / "images" / split
+    Image.new("RGB", (20, 20)).save(img_dir / "d.PNG")
+    Image.new("RGB", (20, 20)).save(img_dir / "e.jpeg")
+    (img_dir / "f.gif").write_bytes(b"")  # not a GAICD image type
+    (img_dir / "notes.txt").write_text("x")
+    for stem in ("d", "e", "f", "notes"):
+        (tmp_path / "annotations" / split / f"{stem}.txt").write_text("0 0 10 10 3\n")
+    items = read_gaicd(tmp_path, split)
+    assert [it.name for it in items] == ["a", "b", "d", "e"]
+    assert [it.image_path.name for it in items][2:] == ["d.PNG", "e.jpeg"]
 
 
 def test_read_gaicd_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="images/test"):
         read_gaicd(tmp_path, "test")
     make_gaicd(tmp_path, "train")
-    (tmp_path / "annotations" / "train" / "b.txt").write_text("0 0 30\n")
-    with pytest.raises(ValueError, match=r"b.txt:1"):
+    ann = tmp_path / "annotations" / "train" / "b.txt"
+    ann.write_text("0 0 30\n")
+    with pytest.raises(ValueError, match=r"b\.txt:1"):
         read_gaicd(tmp_path, "train")
+    ann.write_text("0 0 30 40 4\n\n0 0 x 40 4\n")  # line numbers count blank lines
+    with pytest.raises(ValueError, match=r"b\.txt:3"):
+        read_gaicd(tmp_path, "train")
+    ann.write_text("0 0 30 40 4 5\n")
+    with pytest.raises(ValueError, match=r"b\.txt:1"):
+        read_gaicd(tmp_path, "train")
+    ann.write_text("0 0 30 40 nan\n")
+    with pytest.raises(ValueError, match=r"b\.txt:1"):
+        read_gaicd(tmp_path, "train")
+    # images but no annotations folder for that split
+    (tmp_path / "images" / "holdout").mkdir()
+    with pytest.raises(FileNotFoundError, match="annotations/holdout"):
+        read_gaicd(tmp_path, "holdout")
+
+
+def test_read_gaicd_all_unrated_image_is_skipped(tmp_path):
+    make_gaicd(tmp_path, "val")
+    (tmp_path / "annotations" / "val" / "b.txt").write_text("0 0 30 40 -2\n0 0 10 10 -2.0\n")
+    assert [it.name for it in read_gaicd(tmp_path, "val")] == ["a"]
+
+
+def test_gaicd_splits(tmp_path):
+    assert gaicd_splits(tmp_path) == []
+    make_gaicd(tmp_path, "val")
+    make_gaicd(tmp_path, "dev")
+    (tmp_path / "images" / "holdout").mkdir()  # unlabeled: no annotations
+    (tmp_path / "annotations" / "orphan").mkdir()  # annotations without images
+    assert gaicd_splits(tmp_path) == ["dev", "val"]
+
+
+def write_fcdb(root, name, entries):
+    (root / name).write_text(json.dumps(entries))
 
 
 def test_read_fcdb(tmp_path):
     (tmp_path / "images").mkdir()
     Image.new("RGB", (64, 48)).save(tmp_path / "images" / "123_abc_b.jpg")
+    Image.new("RGB", (64, 48)).save(tmp_path / "images" / "7_z_c.jpg")
     entries = [{"url": "https://x/y/123_abc_b.jpg", "flickr_photo_id": 123, "crop": [4, 5, 30, 20]},
-               {"url": "https://x/y/missing.jpg", "flickr_photo_id": 9, "crop": [0, 0, 1, 1]}]
-    (tmp_path / "cropping_testing_set.json").write_text(json.dumps(entries))
+               {"url": "https://x/y/missing.jpg", "flickr_photo_id": 9, "crop": [0, 0, 1, 1]},
+               {"url": "https://x/7_z_c.jpg", "flickr_photo_id": 7, "crop": [0, 0, 64, 48]}]
+    write_fcdb(tmp_path, "cropping_testing_set.json", entries)
     with pytest.warns(UserWarning, match="1 listed photos"):
         items = read_fcdb(tmp_path, "test")
-    assert len(items) == 1
-    assert items[0].box == (4, 5, 34, 25)
-    assert items[0].image_path.name == "123_abc_b.jpg"
+    assert [it.name for it in items] == ["123_abc_b", "7_z_c"]  # json order, not sorted
+    assert isinstance(items[0], FcdbItem)
+    assert items[0].box == (4, 5, 34, 25)  # x, y, x + w, y + h
+    assert items[1].box == (0, 0, 64, 48)
+    assert items[0].image_path == tmp_path / "images" / "123_abc_b.jpg"
     with pytest.raises(FileNotFoundError):
         read_fcdb(tmp_path, "train")
+    write_fcdb(tmp_path, "cropping_training_set.json", entries[2:])
+    assert [it.name for it in read_fcdb(tmp_path, "train")] == ["7_z_c"]
     with pytest.raises(ValueError):
         read_fcdb(tmp_path, "dev")
 
 
+def test_read_fcdb_malformed(tmp_path):
+    (tmp_path / "images").mkdir()
+    write_fcdb(tmp_path, "cropping_testing_set.json", [{"url": "https://x/a.jpg"}])
+    with pytest.raises(ValueError, match="entry 0"):
+        read_fcdb(tmp_path)
+    write_fcdb(tmp_path, "cropping_testing_set.json", {"url": "https://x/a.jpg"})
+    with pytest.raises(ValueError, match="list"):
+        read_fcdb(tmp_path)
+    (tmp_path / "cropping_testing_set.json").write_text("[{")
+    with pytest.raises(ValueError, match="JSON"):
+        read_fcdb(tmp_path)
+
+
 def test_list_images(tmp_path):
     (tmp_path / "sub" / ".hidden").mkdir(parents=True)
-    for p in ["x.JPG", "sub/y.png", "sub/.hidden/z.jpg", "notes.txt", ".dot.jpg"]:
+    (tmp_path / "sub" / "deeper").mkdir()
+    for p in ["x.JPG", "sub/y.png", "sub/deeper/w.TIFF", "sub/v.webp", "sub/.hidden/z.jpg", "notes.txt",
+              ".dot.jpg"]:
         (tmp_path / p).write_bytes(b"")
     found = [p.relative_to(tmp_path).as_posix() for p in list_images([tmp_path])]
-    assert found == ["x.JPG", "sub/y.png"] or sorted(found) == ["sub/y.png", "x.JPG"]
+    assert found == ["sub/deeper/w.TIFF", "sub/v.webp", "sub/y.png", "x.JPG"]
+    assert list_images([tmp_path]) == list_images([str(tmp_path)])  # deterministic, str accepted
     assert [p.name for p in list_images([tmp_path], recursive=False)] == ["x.JPG"]
-    assert list_images([tmp_path / "notes.txt"]) == [tmp_path / "notes.txt"]  # explicit files as given
+    # explicit files as given (even with an unusual extension), in argument order, mixed with folders
+    mixed = list_images([tmp_path / "notes.txt", tmp_path / "sub" / "deeper"])
+    assert mixed == [tmp_path / "notes.txt", tmp_path / "sub" / "deeper" / "w.TIFF"]
     with pytest.raises(FileNotFoundError, match="nope"):
         list_images([tmp_path / "nope"])
-
-
-@pytest.mark.skipif(not __import__("pathlib").Path(__file__).resolve().parents[2].joinpath(
-    "shared", "data", "gaicd").is_dir(), reason="needs ../shared/data (not part of the project)")
-def test_real_gaicd_dev_layout():
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2] / "shared" / "data"
-    items = read_gaicd(root / "gaicd", "dev")
-    assert len(items) == 100
-    assert all(50 <= len(it.mos) <= 90 for it in items)
-    assert len(read_fcdb(root / "fcdb", "test")) == 167

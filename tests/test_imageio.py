@@ -9,9 +9,12 @@ from PIL import Image, ImageCms
 from PIL.JpegImagePlugin import JpegImageFile
 
 from smartcrop.imageio import (
+    FORMAT_EXTENSIONS,
     IMAGE_EXTENSIONS,
     ImageError,
     crop_image,
+    encode_image,
+    format_for_path,
     is_image_path,
     load_full,
     load_image,
@@ -395,8 +398,10 @@ def test_crop_image_clamps_and_resizes():
     assert out.size == (15, 10) and out.getpixel((3, 3)) == RED
     out = crop_image(img, (30, 0, 100, 100), size=(14, 8))
     assert out.size == (14, 8)
-    with pytest.raises(ValueError):
-        crop_image(img, (70, 0, 90, 10))
+    # empty or out-of-bounds boxes still give at least 1x1, inside the image
+    assert crop_image(img, (70, 0, 90, 10)).size == (1, 10)
+    assert crop_image(img, (5, 5, 5, 5)).size == (1, 1)
+    assert crop_image(img, (-9, -9, -1, -1)).getpixel((0, 0)) == RED
 
 
 def test_saved_output_orientation_reset_and_icc_kept(tmp_path):
@@ -517,9 +522,20 @@ def test_is_image_path():
     assert not is_image_path("notes.txt") and not is_image_path("jpg") and not is_image_path(".out.jpg.1234.tmp")
 
 
-def test_keep_original_flag_and_encode_alias(tmp_path):
-    from smartcrop.imageio import encode_image
+def test_format_for_path_and_extensions(tmp_path):
+    assert format_for_path("a/b.JPG") == format_for_path("x.jpeg") == "JPEG"
+    assert [format_for_path(f"x.{e}") for e in ("png", "webp", "tif", "TIFF")] == ["PNG", "WEBP", "TIFF", "TIFF"]
+    for bad in ("x.bmp", "x.gif", "noext", "x.txt"):
+        with pytest.raises(ImageError):
+            format_for_path(bad)
+    img = Image.fromarray(upright_array(12, 8))
+    for fmt, ext in FORMAT_EXTENSIONS.items():
+        assert format_for_path("out" + ext) == fmt
+        assert opened(save_image(img, tmp_path / ("out" + ext))).format == fmt
+        assert opened(encode_image(img, fmt)).format == fmt
 
+
+def test_keep_original_flag_and_encode_alias(tmp_path):
     Image.new("LA", (6, 4), (90, 0)).save(tmp_path / "la.png")
     li = load_image(tmp_path / "la.png", keep_original=True)
     assert li.original.mode == "RGBA" and li.image.getpixel((1, 1)) == WHITE
