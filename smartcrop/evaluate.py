@@ -47,20 +47,10 @@ def evaluate_gaicd(cropper, items: Sequence[GaicdItem], predictions_path: str | 
 
 def write_predictions(preds, path: str | Path) -> None:
     """One JSON line per image: ``{"image": NAME, "scores": [...]}`` in annotation order (atomic write)."""
-    import os
-    import tempfile
+    from .imageio import write_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for item, s in preds:
-                f.write(json.dumps({"image": item.name, "scores": [round(float(v), 6) for v in s]}) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    lines = [json.dumps({"image": item.name, "scores": [round(float(v), 6) for v in s]}) + "\n" for item, s in preds]
+    write_atomic(path, "".join(lines).encode())
 
 
 def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progress: bool | None = None,

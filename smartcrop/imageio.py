@@ -503,6 +503,23 @@ def _create_temp(path: Path) -> tuple[int, str]:
             continue
 
 
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (permissions follow the umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def _commit(tmp: str, path: Path, overwrite: bool) -> None:
     """Move the finished temporary file to ``path``."""
     if overwrite:

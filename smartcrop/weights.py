@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 FORMAT = "smartcrop-sacnet"
@@ -129,18 +128,9 @@ def read_card(path: str | os.PathLike) -> dict | None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from .imageio import write_atomic
+
+    write_atomic(path, data)
 
 
 def save_model(model, path: str | os.PathLike, info: dict | None = None) -> dict:
