@@ -1,0 +1,127 @@
+"""`smartcrop finetune`, `smartcrop models`, `--model NAME` and `smartcrop run --adapt` on tiny drawn albums."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from conftest import draw_photo  # noqa: E402
+from smartcrop.cli import app  # noqa: E402
+
+
+def cli(*args):
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_finetune_album_writes_a_loadable_model_that_moved(tmp_path, tiny_album, small_model_file, monkeypatch):
+    monkeypatch.setenv("SMARTCROP_HOME", str(tmp_path / "home"))
+    base_sha = sha(small_model_file)
+    code, _, err = cli("finetune", tiny_album, "-o", "holiday-2026", "--weights", small_model_file,
+                       "--epochs", "2", "--lr", "1e-3", "--distill", "0")
+    assert code == 0, err
+    assert "broken.jpg" in err  # the unreadable photo is named and skipped
+    out = tmp_path / "home" / "models" / "holiday-2026.safetensors"
+    assert out.is_file() and not out.with_suffix(".ckpt").exists()
+    assert sha(small_model_file) == base_sha  # the base model is never touched
+
+    from smartcrop.weights import load_model, read_card
+
+    base, tuned = load_model(small_model_file), load_model(out)
+    card = read_card(out)
+    assert card["finetune"]["photos"] == 6 and len(card["finetune"]["history"]) == 2
+    sd_b, sd_t = base.state_dict(), tuned.state_dict()
+    assert not torch.equal(sd_b["score_head.0.weight"], sd_t["score_head.0.weight"])
+    # the backbone and the ranking head are frozen during adaptation
+    assert all(torch.equal(sd_b[k], sd_t[k]) for k in sd_b if k.startswith(("backbone.", "rank_head.")))
+
+    # usable by name everywhere, and listed
+    code, out_json, _ = cli("models", "--json")
+    assert code == 0
+    assert [json.loads(line)["name"] for line in out_json.splitlines()][-1] == "holiday-2026"
+    code, out_run, err = cli("run", tiny_album / "p0.jpg", "--model", "holiday-2026", "--ratio", "1:1", "--json",
+                             "-o", tmp_path / "o")
+    assert code == 0, err
+    assert len(out_run.splitlines()) == 1
+    # an existing model is not replaced without --force
+    code, _, err = cli("finetune", tiny_album, "-o", "holiday-2026", "--weights", small_model_file)
+    assert code == 2 and "exists" in err
+
+
+def test_distillation_keeps_the_model_close_to_its_base(tmp_path, tiny_album, small_model_file):
+    from smartcrop.finetune import FinetuneConfig, finetune
+    from smartcrop.weights import load_model
+
+    photos = sorted(p for p in tiny_album.rglob("p*.jpg"))
+    x = torch.rand(1, 3, 64, 96) * 255
+    boxes = torch.tensor([[0.0, 0.0, 96.0, 64.0], [10.0, 5.0, 70.0, 50.0], [30.0, 0.0, 96.0, 60.0],
+                          [0.0, 10.0, 60.0, 64.0]])
+
+    def drift(distill):
+        base, net = load_model(small_model_file), load_model(small_model_file)
+        finetune(net, photos, FinetuneConfig(epochs=3, lr=3e-3, distill=distill), log=lambda s: None,
+                 progress=False)
+        with torch.no_grad():
+            a = base.score_boxes(base.image_features(x), boxes)
+            b = net.score_boxes(net.image_features(x), boxes)
+        return float((a - b).abs().mean())
+
+    assert drift(10.0) < drift(0.0)
+
+
+def test_finetune_with_labeled_data_and_resume(tmp_path, tiny_album, tiny_gaicd, small_model_file):
+    out = tmp_path / "m.safetensors"
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1",
+                       "--labeled", tiny_gaicd)
+    assert code == 0, err
+    from smartcrop.weights import read_card
+
+    hist = read_card(out)["finetune"]["history"]
+    assert set(hist[0]["loss"]) == {"rc", "labeled"}
+
+    # resume: a checkpoint after epoch 1 continues to epoch 2
+    from smartcrop.finetune import FinetuneConfig, finetune
+    from smartcrop.weights import load_model
+
+    photos = sorted(p for p in tiny_album.rglob("p*.jpg"))
+    net = load_model(small_model_file)
+    ck = tmp_path / "f.ckpt"
+    finetune(net, photos, FinetuneConfig(epochs=1), checkpoint=ck, log=lambda s: None, progress=False)
+    net2 = load_model(small_model_file)
+    h = finetune(net2, photos, FinetuneConfig(epochs=2), resume=ck, log=lambda s: None, progress=False)
+    assert [r["epoch"] for r in h] == [1, 2]
+
+
+def test_too_few_photos_is_a_clear_error(tmp_path, small_model_file):
+    album = tmp_path / "few"
+    draw_photo(album / "a.jpg")
+    draw_photo(album / "b.jpg", seed=2)
+    code, _, err = cli("finetune", album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file)
+    assert code == 2 and "only 2 usable photo" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_run_adapt_crops_with_an_adapted_copy_and_leaves_the_model_untouched(tmp_path, tiny_album,
+                                                                              small_model_file):
+    before = sha(small_model_file)
+    files = sorted(p.name for p in (tmp_path).rglob("*"))
+    code, out, err = cli("run", tiny_album, "-r", "--ratio", "4:5", "--adapt", "--adapt-epochs", "1", "--json",
+                         "-o", tmp_path / "out", "--weights", small_model_file)
+    assert code == 1 and "broken.jpg" in err  # one bad file, the rest cropped
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert len(recs) == 5 and all(Path(r["output"]).is_file() for r in recs)
+    assert sha(small_model_file) == before
+    new = sorted(p.name for p in tmp_path.rglob("*") if not str(p).startswith(str(tmp_path / "out")))
+    assert new == files  # nothing written besides the crops
+    x1, y1, x2, y2 = recs[0]["box"]
+    assert abs((x2 - x1) * 5 - (y2 - y1) * 4) <= 5 and np.isfinite(recs[0]["score"])
