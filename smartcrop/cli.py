@@ -52,7 +52,9 @@ def _print_table(title: str, metrics: dict, percent_keys: set) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=title)
+    console = Console()
+    console.print(title, style="bold")  # on its own line: a table title would wrap to the table's width
+    t = Table()
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in metrics.items():
@@ -60,7 +62,7 @@ def _print_table(title: str, metrics: dict, percent_keys: set) -> None:
             t.add_row(k, f"{v:.2f}" if k in percent_keys else f"{v:.4f}")
         else:
             t.add_row(k, str(v))
-    Console().print(t)
+    console.print(t)
 
 
 @eval_app.command("gaicd")
@@ -359,13 +361,13 @@ def train(
                                                     "backbone (torchvision layout). Default: $SMARTCROP_BACKBONE, "
                                                     "../shared/weights, then torch.hub."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this smartcrop model instead."),
-    epochs: int = typer.Option(8, "--epochs", min=1),
+    epochs: int = typer.Option(5, "--epochs", min=1),
     lr: float = typer.Option(1e-4, "--lr"),
-    lr_step: int = typer.Option(6, "--lr-step", help="Multiply the learning rate by 0.1 after this many epochs."),
+    lr_step: int = typer.Option(4, "--lr-step", help="Multiply the learning rate by 0.1 after this many epochs."),
     no_saf: bool = typer.Option(False, "--no-saf", help="Without the spatial-aware feature (the basic model)."),
     no_rc: bool = typer.Option(False, "--no-rc", help="Without the rank-consistency loss."),
-    fcdb_weight: float = typer.Option(0.5, "--fcdb-weight", help="Weight of the FCDB ranking losses."),
-    fcdb_per_epoch: int = typer.Option(0, "--fcdb-per-epoch", min=0, help="Random FCDB photos per epoch "
+    fcdb_weight: float = typer.Option(1.0, "--fcdb-weight", help="Weight of the FCDB ranking losses."),
+    fcdb_per_epoch: int = typer.Option(400, "--fcdb-per-epoch", min=0, help="Random FCDB photos per epoch "
                                        "(0: all); GAICD photos are repeated to make up ~35% of the steps."),
     frozen_layers: Optional[int] = typer.Option(None, "--frozen-layers", min=0, max=19, help="Freeze (and cache) "
                                                 "the first N backbone layers. Default: 14 on CPU, 0 on GPU."),

@@ -37,16 +37,16 @@ MOS_MEAN, MOS_STD = 2.95, 0.8
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
+    epochs: int = 5
     lr: float = 1e-4
     backbone_lr_mult: float = 1.0
     weight_decay: float = 1e-4
-    lr_step: int = 6  # multiply lr by 0.1 at this epoch (1-based count of finished epochs)
+    lr_step: int = 4  # multiply lr by 0.1 at this epoch (1-based count of finished epochs)
     crops_per_image: int = 64
     pairs_per_image: int = 256  # P
     eta: float = 0.5  # MOS gap of the pairs used by L_cls
     lambda_cls: float = 1.0
-    fcdb_weight: float = 0.5
+    fcdb_weight: float = 1.0
     fcdb_tau: float = 0.2  # IoU gap of the FCDB pairs
     fcdb_margin: float = 0.25  # margin of the FCDB ranking loss, in normalised MOS units
     fcdb_crops: int = 32
@@ -54,7 +54,7 @@ class TrainConfig:
     rc_anchors: int = 16  # N
     rc_delta: float = 0.1
     gaicd_share: float = 0.35  # GAICD images are repeated so they make up about this share of labeled steps
-    fcdb_per_epoch: int = 0  # 0: all FCDB images each epoch; else a random subset of this size
+    fcdb_per_epoch: int = 400  # 0: all FCDB images each epoch; else a random subset of this size
     frozen_layers: int = 14
     jitter: float = 0.2
     seed: int = 0
@@ -478,4 +478,4 @@ def _epoch_line(rec: dict) -> str:
     f = rec.get("val", {}).get("fcdb_any")
     if f:
         val.append(f"val FCDB iou={f['iou']:.3f}")
-    return f"epoch {rec['epoch']}: {rec['seconds']:.0f} s, {loss}; " + ", ".join(val)
+    return f"epoch {rec['epoch']}: {rec['seconds']:.0f} s, {loss}" + ("; " + ", ".join(val) if val else "")
