@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fcdb-per-epoch", type=int, default=400)
     ap.add_argument("--fcdb-weight", type=float, default=0.5)
     ap.add_argument("--val-fraction", type=float, default=0.2)
+    ap.add_argument("--fold", type=int, default=None, help="which 1/k slice of GAICD dev (by name) is held out; "
+                    "default: the slice `smartcrop train --val-fraction` holds out")
     ap.add_argument("--variants", default="basic,saf,rc,saf+rc")
     ap.add_argument("--out", type=Path, default=Path("runs/ablation.json"))
     ap.add_argument("--save-models", type=Path, default=None, help="folder to save each variant's model")
@@ -44,7 +46,13 @@ def main(argv=None) -> int:
     d = args.data
     data = TrainData(gaicd=read_gaicd(d / "gaicd", "dev"), fcdb=read_fcdb(d / "fcdb", "train"),
                      unlabeled=list_images([d / "unlabeled", d / "gaicd" / "images" / "holdout"]))
-    data.gaicd, data.val_gaicd = split_validation(data.gaicd, args.val_fraction)
+    if args.fold is None:
+        data.gaicd, data.val_gaicd = split_validation(data.gaicd, args.val_fraction)
+    else:  # every k-th image by name, starting at --fold (fold k // 2 is split_validation's slice)
+        k = max(2, int(round(1 / args.val_fraction)))
+        val = {it.name for it in sorted(data.gaicd, key=lambda it: it.name)[args.fold::k]}
+        data.val_gaicd = [it for it in data.gaicd if it.name in val]
+        data.gaicd = [it for it in data.gaicd if it.name not in val]
     data.fcdb, data.val_fcdb = split_validation(data.fcdb, args.val_fraction / 2)
     fcdb_test = read_fcdb(d / "fcdb", "test")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731

@@ -29,7 +29,7 @@ def largest(w: int, h: int, rw: int = 16, rh: int = 9) -> tuple[int, int]:
     return w, round(w * rh / rw)
 
 
-def vips_loop(photos: list[Path], out: Path) -> None:
+def vips_loop(photos: list[Path], out: Path) -> float:
     script = []
     for p in photos:
         w = int(subprocess.check_output(["vipsheader", "-f", "width", str(p)]).strip())
