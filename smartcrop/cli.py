@@ -356,7 +356,8 @@ def train(
     fcdb: List[Path] = typer.Option([], "--fcdb", help="FCDB-layout data (its training split). Repeatable."),
     unlabeled: List[Path] = typer.Option([], "--unlabeled", help="Folder of photos without labels, for rank "
                                          "consistency (recursive). Repeatable."),
-    backbone: str = typer.Option("mobilenet_v2", "--backbone", help="Backbone architecture."),
+    backbone: str = typer.Option("mobilenet_v2", "--backbone",
+                                 help="Backbone architecture (only mobilenet_v2 in this release)."),
     backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="ImageNet weights of the "
                                                     "backbone (torchvision layout). Default: $SMARTCROP_BACKBONE, "
                                                     "../shared/weights, then torch.hub."),
