@@ -331,9 +331,13 @@ def models(as_json: bool = typer.Option(False, "--json", help="JSON lines instea
     for m in rows:
         card = m["card"] or {}
         what = "fine-tuned" if "finetune" in card else "trained"
-        src = card.get("finetune", {}).get("albums") or card.get("training", {}).get("gaicd") or ""
-        t.add_row(m["name"], "shipped" if m["shipped"] else what, str(m["path"]),
-                  ", ".join(map(str, src)) if isinstance(src, list) else str(src))
+        if "finetune" in card:
+            src = f"{card['finetune'].get('photos', '?')} album photos"
+        else:
+            tr = card.get("training", {})
+            src = ", ".join(f"{tr[k]} {label}" for k, label in (("n_gaicd", "scored"), ("n_fcdb", "expert crops"),
+                                                                ("n_unlabeled", "unlabeled")) if tr.get(k))
+        t.add_row(m["name"], "shipped" if m["shipped"] else what, str(m["path"]), src or "?")
     Console().print(t)
     if not rows:
         err("no model found: the shipped model is missing from weights/")
