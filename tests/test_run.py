@@ -244,3 +244,39 @@ def test_python_api(tmp_path, small_model_file):
     assert [k.box for k in again] == [k.box for k in crops]
     assert all(abs(a.score - b.score) < 0.05 for a, b in zip(again, crops))
     assert c.crop(p, ratios=["16:9", "any"]) == crops  # deterministic
+
+
+def test_metadata_kept_or_stripped_formats_and_quality(tmp_path, small_model_file):
+    from PIL import ImageCms
+
+    src = tmp_path / "in"
+    src.mkdir()
+    base = Image.open(draw_photo(tmp_path / "base.png", size=(320, 240), seed=5)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x010F] = "TestCam"  # Make
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    base.save(src / "cam.jpg", exif=exif.tobytes(), icc_profile=icc, quality=95)
+    base.save(src / "scan.tif")
+    code, out, err = run([src, "--ratio", "4:3", "--json", "-o", tmp_path / "keep", "--weights", small_model_file])
+    assert code == 0, err
+    outs = {Path(r["input"]).name: Path(r["output"]) for r in jsonl(out)}
+    kept = Image.open(outs["cam.jpg"])
+    assert kept.getexif().get(0x010F) == "TestCam" and kept.info.get("icc_profile") == icc
+    assert outs["scan.tif"].suffix == ".tif" and Image.open(outs["scan.tif"]).format == "TIFF"
+
+    code, out, _ = run([src / "cam.jpg", "--ratio", "4:3", "--json", "-o", tmp_path / "strip", "--strip",
+                        "--weights", small_model_file])
+    stripped = Image.open(jsonl(out)[0]["output"])
+    assert code == 0 and 0x010F not in stripped.getexif() and "icc_profile" not in stripped.info
+
+    sizes = {}
+    for q in (30, 95):
+        code, out, _ = run([src / "cam.jpg", "--ratio", "4:3", "--json", "-o", tmp_path / f"q{q}", "--quality", q,
+                            "--weights", small_model_file])
+        sizes[q] = Path(jsonl(out)[0]["output"]).stat().st_size
+    assert sizes[30] < sizes[95]
+
+    code, out, _ = run([src / "cam.jpg", "--ratio", "4:3", "--json", "-o", tmp_path / "w", "--format", "webp",
+                        "--weights", small_model_file])
+    w = Path(jsonl(out)[0]["output"])
+    assert code == 0 and w.suffix == ".webp" and Image.open(w).format == "WEBP"
