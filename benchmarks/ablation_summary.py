@@ -18,11 +18,20 @@ from pathlib import Path
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", type=Path, nargs="+")
+    ap.add_argument("--per-fold", action="store_true", help="also print SRCC / Acc5 / Acc10 of each file (fold)")
     args = ap.parse_args(argv)
     rows: dict[str, list] = defaultdict(list)
     for f in args.files:
         for name, v in json.loads(f.read_text())["variants"].items():
             rows[name].append(v)
+    if args.per_fold:
+        print("| variant | " + " | ".join(f.stem for f in args.files) + " |")
+        print("|---|" + "---|" * len(args.files))
+        for name, vs in rows.items():
+            cells = [f"{v['val_gaicd']['srcc']:.3f} / {v['val_gaicd']['acc5']:.1f} / {v['val_gaicd']['acc10']:.1f}"
+                     for v in vs]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        print()
     print("| variant | folds | GAICD images | SRCC | PCC | Acc5 | Acc10 | FCDB test IoU (any) | FCDB test IoU (gt) "
           "| s/epoch (median) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
