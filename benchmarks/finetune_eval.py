@@ -34,15 +34,16 @@ SCHEMES = {
 }
 
 
-def mini_gaicd(src: Path, names: list[str], dest: Path, split: str) -> Path:
-    """A GAICD-layout folder holding only ``names`` of the dev split (symlinks)."""
+def mini_gaicd(src: Path, stems: list[str], dest: Path, split: str) -> Path:
+    """A GAICD-layout folder holding only the images ``stems`` of the dev split (symlinks)."""
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "images" / split).mkdir(parents=True)
     (dest / "annotations" / split).mkdir(parents=True)
-    for n in names:
-        stem = Path(n).stem
-        (dest / "images" / split / n).symlink_to((src / "images" / "dev" / n).resolve())
+    files = {p.stem: p for p in (src / "images" / "dev").iterdir()}
+    for stem in stems:
+        img = files[stem]
+        (dest / "images" / split / img.name).symlink_to(img.resolve())
         (dest / "annotations" / split / f"{stem}.txt").symlink_to((src / "annotations" / "dev" / f"{stem}.txt").resolve())
     return dest
 
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
 
     gaicd = args.data / "gaicd"
     val = json.loads(args.split_json.read_text())["val_gaicd"]
-    dev = sorted(p.name for p in (gaicd / "images" / "dev").iterdir())
+    dev = sorted(p.stem for p in (gaicd / "images" / "dev").iterdir() if not p.name.startswith("."))
     args.work.mkdir(parents=True, exist_ok=True)
     val_root = mini_gaicd(gaicd, val, args.work / "gaicd_heldout", "heldout")
     train_root = mini_gaicd(gaicd, [n for n in dev if n not in set(val)], args.work / "gaicd_train", "train")
