@@ -86,11 +86,13 @@ class Cropper:
     """Score crops with a SAC-Net model.
 
     ``weights``: a model file; ``model``: the name of a user model (``smartcrop models``); neither: the shipped
-    model.  ``device``: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.
+    model.  ``device``: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.  ``tta``: also score
+    the mirrored image and average (twice the model time; off by default because it measured within noise,
+    see docs/results.md).
     """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "auto", model: str | None = None,
-                 net=None):
+                 net=None, tta: bool = False):
         from .weights import load_model, resolve_model
 
         self.device = resolve_device(device)
@@ -102,6 +104,7 @@ class Cropper:
             net = net.to(self.device).eval()
         self.net = net
         self.config = net.config
+        self.tta = tta  # also score the mirrored image and average (two backbone passes)
 
     # -- low level -------------------------------------------------------------------------------------------
 
@@ -131,17 +134,24 @@ class Cropper:
             for (net_w, net_h), idx in groups.items():
                 x = torch.cat([image_tensor(images[i][0], (net_w, net_h)) for i in idx]).to(self.device)
                 feats = self.net.image_features(x)
+                feats_m = self.net.image_features(x.flip(-1)) if self.tta else None
                 for j, i in enumerate(idx):
                     fw, fh = images[i][1] or images[i][0].size
                     sx, sy = net_w / fw, net_h / fh
                     f = feats.select(j)
+                    f_m = feats_m.select(j) if feats_m is not None else None
                     out = {}
                     for key, boxes in box_sets[i].items():
                         b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * np.array([sx, sy, sx, sy], np.float32)
                         if len(b) == 0:
                             out[key] = np.zeros(0, dtype=np.float32)
                             continue
-                        out[key] = self.net.score_boxes(f, torch.from_numpy(b).to(self.device)).float().cpu().numpy()
+                        tb = torch.from_numpy(b).to(self.device)
+                        sc = self.net.score_boxes(f, tb)
+                        if f_m is not None:
+                            mirrored = torch.stack([net_w - tb[:, 2], tb[:, 1], net_w - tb[:, 0], tb[:, 3]], dim=1)
+                            sc = (sc + self.net.score_boxes(f_m, mirrored)) / 2
+                        out[key] = sc.float().cpu().numpy()
                     results[i] = out
         return results
 

@@ -280,3 +280,17 @@ def test_metadata_kept_or_stripped_formats_and_quality(tmp_path, small_model_fil
                         "--weights", small_model_file])
     w = Path(jsonl(out)[0]["output"])
     assert code == 0 and w.suffix == ".webp" and Image.open(w).format == "WEBP"
+
+
+def test_python_api_flip_tta_averages_with_the_mirrored_image(tmp_path, small_model_file):
+    from smartcrop import Cropper
+
+    img = Image.open(draw_photo(tmp_path / "a.png", size=(256, 256), seed=3)).convert("RGB")
+    boxes = np.array([[0, 0, 200, 150], [40, 30, 256, 256], [10, 60, 180, 240]], np.float32)
+    mirrored = np.stack([256 - boxes[:, 2], boxes[:, 1], 256 - boxes[:, 0], boxes[:, 3]], axis=1)
+    plain = Cropper(weights=small_model_file, device="cpu")
+    s = plain.score_boxes(img, None, {"b": boxes})["b"]
+    s_m = plain.score_boxes(img.transpose(Image.FLIP_LEFT_RIGHT), None, {"b": mirrored})["b"]
+    assert not np.allclose(s, s_m, atol=1e-4)  # the model is not flip-invariant, so the check below has teeth
+    tta = Cropper(weights=small_model_file, device="cpu", tta=True).score_boxes(img, None, {"b": boxes})["b"]
+    np.testing.assert_allclose(tta, (s + s_m) / 2, atol=1e-4)
