@@ -67,20 +67,29 @@ def main(argv=None) -> int:
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "val_gaicd": [it.name for it in data.val_gaicd],
                "variants": {}}
     for variant in args.variants.split(","):
-        # "saf+rc" or "saf+rc@fw=1.0" (a variant with its own FCDB loss weight)
-        name, _, opt = variant.partition("@")
+        # "saf+rc", "saf+rc@fw=1.0" (its own FCDB loss weight), "saf+rc@fl=iou" (FCDB IoU regressed as a
+        # score instead of ranked), "saf+rc@nofcdb" (no FCDB photos; GAICD repeated as often as with them)
+        name, *opts = variant.split("@")
+        opt = dict(o.partition("=")[::2] for o in opts)
         saf = "saf" in name.split("+")
         rc = "rc" in name.split("+")
-        fcdb_weight = float(opt.split("=")[1]) if opt.startswith("fw=") else args.fcdb_weight
+        fcdb_weight = float(opt["fw"]) if "fw" in opt else args.fcdb_weight
+        fcdb_loss = opt.get("fl", "rank")
+        if "nofcdb" in opt:
+            base = TrainConfig()
+            reps = max(1, int(round(base.gaicd_share / (1 - base.gaicd_share) * args.fcdb_per_epoch / len(g))))
+            g_v, f_v = g * reps, []
+        else:
+            g_v, f_v = g, f
         torch.manual_seed(0)
         net = SACNet(ModelConfig(saf=saf))
         load_backbone_weights(net, args.backbone_weights)
         cfg = TrainConfig(epochs=args.epochs, lr_step=args.lr_step, saf=saf, rc=rc,
-                          fcdb_per_epoch=args.fcdb_per_epoch, fcdb_weight=fcdb_weight)
+                          fcdb_per_epoch=args.fcdb_per_epoch, fcdb_weight=fcdb_weight, fcdb_loss=fcdb_loss)
         tr = Trainer(net, cfg, "cpu", log)
         hist = []
         for _ in range(cfg.epochs):
-            rec = tr.train_epoch(tr.epoch_plan(g, f), u)
+            rec = tr.train_epoch(tr.epoch_plan(g_v, f_v), u)
             rec["val"] = validate(net, data, "cpu")
             hist.append(rec)
             log(f"[{variant}] epoch {rec['epoch']} {rec['seconds']:.0f}s loss {rec['loss']} val {rec['val']}")

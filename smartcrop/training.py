@@ -50,6 +50,7 @@ class TrainConfig:
     fcdb_tau: float = 0.2  # IoU gap of the FCDB pairs
     fcdb_margin: float = 0.25  # margin of the FCDB ranking loss, in normalised MOS units
     fcdb_crops: int = 32
+    fcdb_loss: str = "rank"  # "rank" (the method); "iou": smooth-L1 to IoU z-scored per image (ablation only)
     rc_weight: float = 1.0
     rc_anchors: int = 16  # N
     rc_delta: float = 0.1
@@ -227,8 +228,13 @@ class Trainer:
                 pi, pj = torch.from_numpy(pairs[:, 0]).to(self.device), torch.from_numpy(pairs[:, 1]).to(self.device)
                 better = torch.from_numpy(np.where(t[pairs[:, 0]] > t[pairs[:, 1]], 1.0, -1.0).astype(np.float32))
                 better = better.to(self.device)
-                parts["fcdb_rank"] = cfg.fcdb_weight * torch.relu(
-                    cfg.fcdb_margin - better * (scores[pi] - scores[pj])).mean()
+                if cfg.fcdb_loss == "iou":  # the alternative we measured against: IoU treated as a score
+                    z = (t - s.targets.mean()) / max(float(s.targets.std()), 1e-6)
+                    parts["fcdb_reg"] = cfg.fcdb_weight * F.smooth_l1_loss(
+                        scores, torch.from_numpy(z.astype(np.float32)).to(self.device))
+                else:
+                    parts["fcdb_rank"] = cfg.fcdb_weight * torch.relu(
+                        cfg.fcdb_margin - better * (scores[pi] - scores[pj])).mean()
                 if cfg.lambda_cls > 0:
                     logits = self.model.rank_logits(cf[pi], cf[pj])
                     parts["fcdb_cls"] = cfg.fcdb_weight * cfg.lambda_cls * F.binary_cross_entropy_with_logits(

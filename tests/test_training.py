@@ -46,6 +46,36 @@ def test_each_loss_takes_a_step(tiny_gaicd, tiny_fcdb, tiny_album, frozen):
     assert all(not p.requires_grad for p in frozen_params) == (frozen > 0)
 
 
+def test_fcdb_iou_regression_variant_targets_per_image_zscores(tiny_gaicd, tiny_fcdb, tiny_album):
+    """The ablation's alternative FCDB loss regresses the score head to the per-image z-score of IoU."""
+    tr = make_trainer(fcdb_loss="iou", fcdb_crops=10_000)  # every candidate each step
+    _, f, _ = samples(tr, tiny_gaicd, tiny_fcdb, tiny_album)
+    s = f[0]
+
+    class NoFlipAllCandidates:  # no mirroring, and the candidate draw returns all of them (expert box first)
+        def __init__(self, g):
+            self.g = g
+
+        def random(self, size=None):
+            return 0.9 if size is None else self.g.random(size)
+
+        def choice(self, n, size=None, replace=True):
+            if size == n == len(s.boxes) and not replace:
+                return np.arange(n)[::-1].copy()
+            return self.g.choice(n, size, replace=replace)
+
+        def __getattr__(self, name):
+            return getattr(self.g, name)
+
+    tr.rng = NoFlipAllCandidates(tr.rng)
+    assert set(tr.labeled_loss(s)) == {"fcdb_reg", "fcdb_cls"}
+    z = torch.from_numpy(((s.targets - s.targets.mean()) / s.targets.std()).astype(np.float32))
+    tr.model.score_features = lambda cf: z.clone()
+    assert float(tr.labeled_loss(s)["fcdb_reg"]) < 1e-6
+    tr.model.score_features = lambda cf: z + 1.0  # off by one everywhere: smooth-L1 = 0.5
+    assert float(tr.labeled_loss(s)["fcdb_reg"]) == pytest.approx(0.5, abs=1e-5)
+
+
 @pytest.fixture
 def one_thread():
     """Threaded CPU reductions sum in varying order (runs differ by ~1e-4 after Adam); one thread is exact."""
