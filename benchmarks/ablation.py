@@ -5,6 +5,9 @@ same seed and schedule, validate on the same held-out GAICD slice and FCDB slice
 the FCDB test split.  Results go to a JSON file (and are summarised in docs/results.md).
 
     python benchmarks/ablation.py --data ../shared/data --epochs 5 --out runs/ablation.json
+
+Variants are ``basic``, ``saf``, ``rc``, ``saf+rc``, optionally with options after ``@``: ``@fw=W`` (FCDB
+loss weight), ``@fl=iou`` (FCDB IoU regressed as a score instead of ranked), ``@nofcdb`` (no FCDB photos).
 """
 
 from __future__ import annotations
