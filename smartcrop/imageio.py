@@ -34,6 +34,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageError",
     "LoadedImage",
+    "OUTPUT_FORMATS",
     "crop_image",
     "encode_image",
     "format_for_path",
@@ -80,8 +81,8 @@ _UNSAFE_FORMATS = frozenset({"EPS"})
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 
-# Writable formats by extension; format names are looked up the same way ("JPEG" -> ".jpeg").
-_OUTPUT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF",
+#: Writable formats by extension; format names are looked up the same way ("JPEG" -> ".jpeg").
+OUTPUT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF",
                    ".tiff": "TIFF"}
 
 # ICC header colour-space signature (bytes 16..20) matching each standard pixel mode.
@@ -462,7 +463,7 @@ def is_image_path(p: str | os.PathLike[str]) -> bool:
 
 def _output_format(name: str, path: Path | None = None) -> str:
     """Pillow format name for a format/extension name; :class:`ImageError` if not writable."""
-    fmt = _OUTPUT_FORMATS.get("." + name.lower().lstrip(".")) if name else None
+    fmt = OUTPUT_FORMATS.get("." + name.lower().lstrip(".")) if name else None
     if fmt is None:
         what = f"file name {path.name!r}" if path is not None and name == path.suffix else f"format {name!r}"
         raise ImageError(f"unsupported output {what} (use .jpg, .png, .webp or .tif)")

@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .anchors import parse_ratio, ratio_label
-from .imageio import ImageError, crop_image, encode_image, load_image, save_image
+from .imageio import FORMAT_EXTENSIONS, OUTPUT_FORMATS, ImageError, crop_image, encode_image, load_image, save_image
 
-OUTPUT_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "tif": "TIFF", "tiff": "TIFF"}
-_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tif"}
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"II*\x00", b"MM\x00*", b"BM")
 TEMPLATE_FIELDS = {"stem", "ratio", "ext", "rank", "w", "h", "name"}
 
@@ -246,12 +244,14 @@ class OutputNamer:
 
 
 def output_ext(item: InputItem, out_format: str | None, loaded_format: str | None) -> str:
+    """Output extension (no dot): ``out_format``, else the input's own if writable (``jpeg`` → ``jpg``), else
+    that of its decoded format if writable, else ``png``."""
     if out_format:
         return out_format
-    ext = item.suffix.lower().lstrip(".")
+    ext = item.suffix.lower()
     if ext in OUTPUT_FORMATS:
-        return "jpg" if ext == "jpeg" else ext
-    return _FORMAT_EXT.get(loaded_format or "", "png") if loaded_format in _FORMAT_EXT else "png"
+        return "jpg" if ext == ".jpeg" else ext[1:]
+    return FORMAT_EXTENSIONS.get(loaded_format or "", ".png")[1:]
 
 
 def output_size(box: tuple, size: tuple | None, max_side: int | None) -> tuple[int, int]:
@@ -321,8 +321,8 @@ class Runner:
         exif = None if opts.strip else li.exif
         icc = None if opts.strip else li.icc
         if self.namer is None:  # stdout
-            fmt = OUTPUT_FORMATS[output_ext(item, opts.out_format, li.format)]
-            data = encode_image(img, fmt, quality=opts.quality, exif=exif, icc=icc)
+            data = encode_image(img, output_ext(item, opts.out_format, li.format), quality=opts.quality, exif=exif,
+                                icc=icc)
             out = sys.stdout.buffer
             out.write(data)
             out.flush()
