@@ -127,16 +127,11 @@ def read_card(path: str | os.PathLike) -> dict | None:
 # save / load
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    from .imageio import write_atomic
-
-    write_atomic(path, data)
-
-
 def save_model(model, path: str | os.PathLike, info: dict | None = None) -> dict:
     """Save ``model`` (a SACNet) as ``path`` (.safetensors) plus its card ``path.json``; returns the card."""
     from safetensors.torch import save
 
+    from .imageio import write_atomic
     from .model import count_parameters
 
     path = Path(path)
@@ -146,12 +141,12 @@ def save_model(model, path: str | os.PathLike, info: dict | None = None) -> dict
     header.update(info or {})
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     data = save(state, metadata={"smartcrop": json.dumps(header, sort_keys=True)})
-    _atomic_write_bytes(path, data)
+    write_atomic(path, data)
     card = dict(header)
     card["sha256"] = hashlib.sha256(data).hexdigest()
     card["parameters"] = count_parameters(model)
     card["file"] = path.name
-    _atomic_write_bytes(card_path(path), (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(card_path(path), (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
     return card
 
 
