@@ -78,18 +78,16 @@ def main(argv=None) -> int:
         rc = "rc" in name.split("+")
         fcdb_weight = float(opt["fw"]) if "fw" in opt else args.fcdb_weight
         fcdb_loss = opt.get("fl", "rank")
-        if "nofcdb" in opt:
-            base = TrainConfig()
-            reps = max(1, int(round(base.gaicd_share / (1 - base.gaicd_share) * args.fcdb_per_epoch / len(g))))
-            g_v, f_v = g * reps, []
-        else:
-            g_v, f_v = g, f
         torch.manual_seed(0)
         net = SACNet(ModelConfig(saf=saf))
         load_backbone_weights(net, args.backbone_weights)
         cfg = TrainConfig(epochs=args.epochs, lr_step=args.lr_step, saf=saf, rc=rc,
                           fcdb_per_epoch=args.fcdb_per_epoch, fcdb_weight=fcdb_weight, fcdb_loss=fcdb_loss)
         tr = Trainer(net, cfg, "cpu", log)
+        g_v, f_v = g, f
+        if "nofcdb" in opt:  # the GAICD images as many times per epoch as they would come with FCDB
+            n_fcdb = min(len(f), args.fcdb_per_epoch) if args.fcdb_per_epoch else len(f)
+            g_v, f_v = g * tr.gaicd_repeats(len(g), n_fcdb), []
         hist = []
         for _ in range(cfg.epochs):
             rec = tr.train_epoch(tr.epoch_plan(g_v, f_v), u)

@@ -258,15 +258,20 @@ class Trainer:
         logits = self.model.rank_logits(cf[ii_t], cf[jj_t])
         return {"rc": cfg.rc_weight * rank_consistency_loss((y[ii_t], y[jj_t]), logits, cfg.rc_delta)}
 
+    def gaicd_repeats(self, n_gaicd: int, n_fcdb: int) -> int:
+        """How many times the GAICD images go into an epoch with ``n_fcdb`` FCDB photos, so that they make up
+        about ``gaicd_share`` of the labeled steps (once when either set is empty)."""
+        share = self.cfg.gaicd_share
+        if not n_gaicd or not n_fcdb or share <= 0:
+            return 1
+        return max(1, int(round(share / (1 - share) * n_fcdb / n_gaicd)))
+
     def epoch_plan(self, gaicd: Sequence[Sample], fcdb: Sequence[Sample]) -> list[Sample]:
         cfg = self.cfg
         f = list(fcdb)
         if cfg.fcdb_per_epoch and len(f) > cfg.fcdb_per_epoch:
             f = [f[i] for i in self.rng.choice(len(f), cfg.fcdb_per_epoch, replace=False)]
-        g = list(gaicd)
-        if g and f and cfg.gaicd_share > 0:
-            want = cfg.gaicd_share / (1 - cfg.gaicd_share) * len(f)
-            g = g * max(1, int(round(want / len(g))))
+        g = list(gaicd) * self.gaicd_repeats(len(gaicd), len(f))
         plan = g + f
         order = self.rng.permutation(len(plan))
         return [plan[i] for i in order]
