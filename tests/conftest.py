@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def sha(p: Path) -> str:
+    """sha256 of a file's bytes (to prove a file was not touched)."""
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
 
 def draw_photo(path: Path, size=(160, 120), seed: int = 0, fmt: str | None = None) -> Path:

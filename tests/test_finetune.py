@@ -1,6 +1,5 @@
 """`smartcrop finetune`, `smartcrop models`, `--model NAME` and `smartcrop run --adapt` on tiny drawn albums."""
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -11,17 +10,13 @@ torch = pytest.importorskip("torch")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from conftest import draw_photo  # noqa: E402
+from conftest import draw_photo, sha  # noqa: E402
 from smartcrop.cli import app  # noqa: E402
 
 
 def cli(*args):
     r = CliRunner().invoke(app, [str(a) for a in args])
     return r.exit_code, r.stdout, r.stderr
-
-
-def sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def test_finetune_album_writes_a_loadable_model_that_moved(tmp_path, tiny_album, small_model_file, monkeypatch):

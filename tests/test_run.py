@@ -1,6 +1,5 @@
 """`smartcrop run` end to end through the CLI (an untrained small model: behaviour, not crop quality)."""
 
-import hashlib
 import io
 import json
 import struct
@@ -16,7 +15,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from smartcrop.cli import app  # noqa: E402
 
-from conftest import draw_photo  # noqa: E402
+from conftest import draw_photo, sha  # noqa: E402
 
 
 def run(args, stdin=None):
@@ -26,10 +25,6 @@ def run(args, stdin=None):
 
 def jsonl(out: bytes):
     return [json.loads(line) for line in out.decode().splitlines() if line.strip()]
-
-
-def sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def bomb_png(path: Path, w: int = 40000, h: int = 40000) -> Path:
