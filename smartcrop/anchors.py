@@ -178,6 +178,15 @@ def scale_boxes(boxes: np.ndarray, sx: float, sy: float) -> np.ndarray:
     return out
 
 
+def flip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+    """Mirror (N, 4) boxes horizontally inside an image ``width`` pixels wide."""
+    b = np.asarray(boxes)
+    out = b.copy()
+    out[:, 0] = width - b[:, 2]
+    out[:, 2] = width - b[:, 0]
+    return out
+
+
 def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU between every box of ``a`` (N, 4) and every box of ``b`` (M, 4)."""
     a = np.asarray(a, dtype=np.float64)[:, None, :]

@@ -11,9 +11,30 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
+
+from .errors import SmartcropError
+
+
+def err(msg: str) -> None:
+    """One line on stderr."""
+    print(f"smartcrop: {msg}", file=sys.stderr, flush=True)
+
+
+class _Commands(TyperGroup):
+    """Every :class:`SmartcropError` that escapes a command is one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SmartcropError as e:
+            err(str(e))
+            raise typer.Exit(2) from None
+
 
 app = typer.Typer(
     name="smartcrop",
+    cls=_Commands,
     help="Learned photo cropping: crop folders of photos to any aspect ratio with a SAC-Net crop scorer.",
     no_args_is_help=True,
     add_completion=False,
@@ -23,24 +44,10 @@ eval_app = typer.Typer(help="Benchmark a model on GAICD (human scores) or FCDB (
 app.add_typer(eval_app, name="eval")
 
 
-def err(msg: str) -> None:
-    """One line on stderr."""
-    print(f"smartcrop: {msg}", file=sys.stderr, flush=True)
-
-
-def fail(msg: str, code: int = 2) -> None:
-    err(msg)
-    raise typer.Exit(code)
-
-
 def _cropper(weights: Optional[Path], model: Optional[str], device: str):
     from .cropper import Cropper
-    from .weights import WeightsError
 
-    try:
-        return Cropper(weights=weights, model=model, device=device)
-    except (WeightsError, ValueError) as e:
-        fail(str(e))
+    return Cropper(weights=weights, model=model, device=device)
 
 
 WEIGHTS_OPT = typer.Option(None, "--weights", "-w", help="Model file (.safetensors); default: the shipped model.")
@@ -77,15 +84,9 @@ def eval_gaicd(
         None, "--predictions", help="Write per-image scores (JSON lines, annotation order) to this file."),
 ):
     """SRCC, PCC and Acc K/N of the model's scores against GAICD's human scores."""
-    from .data import read_gaicd
-    from .evaluate import evaluate_gaicd
+    from .evaluate import benchmark_items, evaluate_gaicd
 
-    try:
-        items = read_gaicd(root, split)
-    except (OSError, ValueError) as e:
-        fail(str(e))
-    if not items:
-        fail(f"{root}: no annotated images in split {split!r}")
+    items = benchmark_items("gaicd", root, split)
     cropper = _cropper(weights, model, device)
     errors: list[str] = []
     m = evaluate_gaicd(cropper, items, predictions, on_error=lambda s: (errors.append(s), err(s)))
@@ -108,19 +109,12 @@ def eval_fcdb(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ):
     """IoU and boundary displacement of the model's best crop against FCDB's expert crops."""
-    from .data import read_fcdb
-    from .evaluate import evaluate_fcdb
+    from .errors import UsageError
+    from .evaluate import benchmark_items, evaluate_fcdb
 
-    if split not in {"test", "train"}:
-        fail(f"--split must be test or train, not {split!r}")
     if ratio not in {"any", "gt"}:
-        fail(f"--ratio must be any or gt, not {ratio!r}")
-    try:
-        items = read_fcdb(root, split)
-    except (OSError, ValueError) as e:
-        fail(str(e))
-    if not items:
-        fail(f"{root}: no usable images in split {split!r}")
+        raise UsageError(f"--ratio must be any or gt, not {ratio!r}")
+    items = benchmark_items("fcdb", root, split)
     cropper = _cropper(weights, model, device)
     errors: list[str] = []
     m = evaluate_fcdb(cropper, items, ratio, on_error=lambda s: (errors.append(s), err(s)))
@@ -169,81 +163,33 @@ def run(
     adapt_epochs: int = typer.Option(2, "--adapt-epochs", min=1, help="Epochs of the --adapt fine-tune."),
 ):
     """Crop photos to the requested aspect ratios with the best-scoring crops."""
-    from .runner import RunOptions, Runner, UsageError, collect_inputs, normalize_ratios, parse_size
-
     from .progress import stderr_is_tty
+    from .runner import Runner, plan_run
 
-    if overwrite and skip_existing:
-        fail("--overwrite and --skip-existing exclude each other")
-    if not inputs and from_file is None:
-        fail("no input: give photos or folders, '-' for stdin, or --from-file FILE")
+    plan = plan_run(inputs or [], from_file=from_file, recursive=recursive, ratios=ratio, size=size, output=output,
+                    out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
+                    skip_existing=skip_existing, on_error=err, name_template=name, max_side=max_side, top_k=top_k,
+                    quality=quality, strip=strip, workers=jobs, batch=batch)
+    cropper = _cropper(weights, model, device)
+    if adapt:
+        from .finetune import adapt_cropper
+
+        cropper = adapt_cropper(cropper, [it.path for it in plan.items if it.path is not None], adapt_epochs, log=err)
+
+    def on_record(rec):
+        if as_json:
+            print(json.dumps(rec.to_json()), flush=True)
+        elif dry_run:
+            print(f"{rec.input}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}", flush=True)
+
     try:
-        sz = parse_size(size)
-        ratios = normalize_ratios(ratio, sz)
-        fmt = None
-        if out_format:
-            fmt = out_format.lower().lstrip(".")
-            fmt = {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt)
-            if fmt not in {"jpg", "png", "webp", "tif"}:
-                raise UsageError(f"--format must be jpg, png, webp or tif, not {out_format!r}")
-        errors: list[str] = []
-        items = collect_inputs(list(inputs or []), recursive, list_file=from_file,
-                               on_error=lambda s: (errors.append(s), err(s)))
-        stdin_image = any(it.path is None for it in items)
-        if stdin_image and len(items) > 1:
-            raise UsageError("a single image on stdin cannot be mixed with other inputs")
-        if not items and not errors:
-            raise UsageError("no image files found in the inputs" + ("" if recursive else " (use -r for sub-folders)"))
-        if stdin_image and output is None:
-            out_dir = None
-            if as_json and not dry_run:
-                raise UsageError("--json with an image on stdout: give -o DIR or --dry-run")
-        else:
-            out_dir = output or Path("cropped")
-            if not dry_run:
-                try:
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    probe = out_dir / f".smartcrop-write-test-{__import__('os').getpid()}"
-                    probe.touch()
-                    probe.unlink()
-                except OSError as e:
-                    raise UsageError(f"{out_dir}: output folder is not writable ({e.strerror or e})") from None
-        if preview is not None and preview.suffix.lower() not in {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff"}:
-            raise UsageError("--preview must name a .jpg, .png, .webp or .tif file")
-        opts = RunOptions(ratios=ratios, out_dir=out_dir, name_template=name, size=sz, max_side=max_side,
-                          top_k=top_k, quality=quality, out_format=fmt, strip=strip, overwrite=overwrite,
-                          skip_existing=skip_existing, dry_run=dry_run, workers=jobs, batch=batch, preview=preview)
-        cropper = _cropper(weights, model, device)
-        if adapt:
-            from .finetune import AlbumError, adapt_cropper
-
-            try:
-                cropper = adapt_cropper(cropper, [it.path for it in items if it.path is not None], adapt_epochs,
-                                        log=err)
-            except AlbumError as e:
-                raise UsageError(f"--adapt: {e}") from None
-
-        def on_record(rec):
-            if as_json:
-                print(json.dumps(rec.to_json()), flush=True)
-            elif dry_run:
-                print(f"{rec.input}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}", flush=True)
-
-        runner = Runner(cropper, opts, on_record=on_record, on_error=err)
-        summary = runner.run(items)
-    except UsageError as e:
-        fail(str(e))
+        summary = Runner(cropper, plan.opts, on_record=on_record, on_error=err).run(plan.items)
     except KeyboardInterrupt:
         err("interrupted: finished files are complete, nothing partial was left")
         raise typer.Exit(130)
-    failed = summary.failed + len(errors)
     if stderr_is_tty():
-        what = "boxes computed" if dry_run else "crops written"
-        err(f"{summary.images} photos, {len(summary.records)} {what}"
-            + (f", {summary.skipped} skipped (exist)" if summary.skipped else "")
-            + (f", {failed} failed" if failed else "")
-            + ("" if dry_run or out_dir is None else f" → {out_dir}"))
-    raise typer.Exit(1 if failed else 0)
+        err(summary.describe(plan.opts, len(plan.input_errors)))
+    raise typer.Exit(1 if summary.failed or plan.input_errors else 0)
 
 
 @app.command()
@@ -264,48 +210,27 @@ def finetune(
     force: bool = typer.Option(False, "--force", help="Replace an existing output model."),
 ):
     """Adapt a model to your own photos with rank consistency (no labels needed)."""
-    import shlex
-
     from .data import list_images
-    from .finetune import AlbumError, FinetuneConfig
-    from .finetune import finetune as run_finetune
-    from .weights import WeightsError, save_model, user_models_dir, valid_model_name
+    from .errors import UsageError
+    from .finetune import FinetuneConfig, finetune, output_path, save_finetuned
+    from .weights import user_models_dir
 
-    if out.endswith(".safetensors"):
-        out_path = Path(out)
-    elif valid_model_name(out) and "/" not in out:
-        out_path = user_models_dir() / f"{out}.safetensors"
-    else:
-        fail(f"--out must be a .safetensors path or a model name (letters, digits, . _ -), not {out!r}")
+    out_path = output_path(out)
+    if resume is not None and not resume.is_file():
+        raise UsageError(f"{resume}: no such checkpoint")
     if out_path.exists() and not force and resume is None:
-        fail(f"{out_path} exists: choose another name or pass --force")
+        raise UsageError(f"{out_path} exists: choose another name or pass --force")
     try:
         photos = list_images(albums, recursive=True)
     except OSError as e:
-        fail(str(e))
+        raise UsageError(str(e)) from None
     cropper = _cropper(weights, model, device)
-    net = cropper.net
-    base_path = cropper.path
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = out_path.with_suffix(".ckpt")
     cfg = FinetuneConfig(epochs=epochs, lr=lr, distill=distill, seed=seed)
-    try:
-        history = run_finetune(net, photos, cfg, labeled, ckpt, resume, cropper.device, log=err)
-    except AlbumError as e:
-        fail(str(e))
-    except (OSError, ValueError) as e:
-        fail(str(e))
-    header = dict(getattr(net, "header", {}) or {})
-    header.pop("config", None)
-    header["finetune"] = {"base": str(base_path), "albums": [str(a) for a in albums], "photos": len(photos),
-                          "labeled": str(labeled) if labeled else None, "config": cfg.__dict__,
-                          "history": history,
-                          "command": "smartcrop finetune " + " ".join(shlex.quote(a) for a in sys.argv[2:])}
-    try:
-        card = save_model(net, out_path, header)
-    except WeightsError as e:
-        fail(str(e))
-    ckpt.unlink(missing_ok=True)
+    history = finetune(cropper.net, photos, cfg, labeled, out_path.with_suffix(".ckpt"), resume, cropper.device,
+                       log=err)
+    card = save_finetuned(cropper.net, out_path, base_path=cropper.path, albums=albums, photos=len(photos),
+                          labeled=labeled, cfg=cfg, history=history, argv=sys.argv[2:])
     err(f"saved {out_path} (sha256 {card['sha256'][:12]}…)"
         + (f"; use it with --model {out_path.stem}" if out_path.parent == user_models_dir() else ""))
 
@@ -343,14 +268,6 @@ def models(as_json: bool = typer.Option(False, "--json", help="JSON lines instea
         err("no model found: the shipped model is missing from weights/")
 
 
-def _gaicd_spec(spec: str) -> tuple[Path, str]:
-    """``ROOT[:SPLIT]`` → (root, split); the split defaults to ``train``."""
-    root, sep, split = spec.rpartition(":")
-    if sep and split and "/" not in split and "\\" not in split:
-        return Path(root), split
-    return Path(spec), "train"
-
-
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (.safetensors); OUT.ckpt and "
@@ -386,63 +303,26 @@ def train(
     import shlex
 
     from .cropper import resolve_device
-    from .data import list_images, read_fcdb, read_gaicd
-    from .training import TrainConfig, TrainData, run_training, split_validation
-    from .weights import WeightsError, load_backbone_weights, load_model
+    from .errors import UsageError
+    from .training import TrainConfig, build_model, load_train_data, run_training
 
     if out.suffix != ".safetensors":
-        fail("--out must end in .safetensors")
-    try:
-        dev = resolve_device(device)
-    except ValueError as e:
-        fail(str(e))
-    data = TrainData()
-    try:
-        for spec in gaicd:
-            root, split = _gaicd_spec(spec)
-            data.gaicd += read_gaicd(root, split)
-        for root in fcdb:
-            data.fcdb += read_fcdb(root, "train")
-        if unlabeled:
-            data.unlabeled = list_images(unlabeled, recursive=True)
-    except (OSError, ValueError) as e:
-        fail(str(e))
-    if not data.gaicd and not data.fcdb:
-        fail("no labeled data: give --gaicd ROOT[:SPLIT] and/or --fcdb ROOT")
-    data.gaicd, data.val_gaicd = split_validation(data.gaicd, val_fraction)
-    data.fcdb, data.val_fcdb = split_validation(data.fcdb, val_fraction / 2)
-
-    import torch
-
-    from .model import ModelConfig, SACNet
-
-    torch.manual_seed(seed)
-    try:
-        if init is not None:
-            net = load_model(init)
-            if net.config.saf == no_saf:
-                fail("--init model and --no-saf disagree")
-            source = f"init {init}"
-        else:
-            net = SACNet(ModelConfig(backbone=backbone, saf=not no_saf))
-            source = load_backbone_weights(net, backbone_weights)
-    except (WeightsError, ValueError) as e:
-        fail(str(e))
-    if frozen_layers is None:
-        frozen_layers = 0 if dev != "cpu" else 14
-    cfg = TrainConfig(epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf, rc=not no_rc,
-                      fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch, frozen_layers=frozen_layers,
-                      seed=seed)
+        raise UsageError("--out must end in .safetensors")
+    if resume is not None and not resume.is_file():
+        raise UsageError(f"{resume}: no such checkpoint")
+    dev = resolve_device(device)
+    data = load_train_data(gaicd, fcdb, unlabeled, val_fraction)
+    net, source = build_model(init, backbone, not no_saf, backbone_weights, seed)
+    cfg = TrainConfig.for_device(dev, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf, rc=not no_rc,
+                                 fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch, frozen_layers=frozen_layers,
+                                 seed=seed)
     info = {
         "command": "smartcrop train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "training": {"backbone_init": source, "gaicd": list(gaicd), "fcdb": [str(p) for p in fcdb],
                      "unlabeled": [str(p) for p in unlabeled],
                      "val_gaicd": [it.name for it in data.val_gaicd], "n_val_fcdb": len(data.val_fcdb)},
     }
-    try:
-        run_training(net, data, cfg, out, dev, resume, info, log=err)
-    except ValueError as e:
-        fail(str(e))
+    run_training(net, data, cfg, out, dev, resume, info, log=err)
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .anchors import anchors_for, box_iou_matrix
+from .anchors import anchors_for, box_iou_matrix, scale_boxes
+from .transforms import image_tensor, network_size
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,10 @@ class Crop:
 
 
 def resolve_device(device: str = "auto") -> str:
+    """``auto`` → the best available device (CUDA, then MPS, then CPU); others are checked to exist."""
     import torch
+
+    from .errors import DeviceError
 
     device = (device or "auto").lower()
     if device == "auto":
@@ -40,33 +44,12 @@ def resolve_device(device: str = "auto") -> str:
             return "mps"
         return "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+        raise DeviceError("device 'cuda': no CUDA device is available")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("--device mps: no MPS device is available")
+        raise DeviceError("device 'mps': no MPS device is available")
     if device not in {"cpu", "cuda", "mps"} and not device.startswith("cuda:"):
-        raise ValueError(f"unknown device {device!r} (auto, cpu, cuda, mps)")
+        raise DeviceError(f"unknown device {device!r} (auto, cpu, cuda, mps)")
     return device
-
-
-def network_size(width: int, height: int, short_side: int = 256, max_long_side: int = 768) -> tuple[int, int]:
-    """Size (w, h) the network sees: short side ``short_side``, long side capped, at least 32 px each."""
-    s = short_side / min(width, height)
-    if max(width, height) * s > max_long_side:
-        s = max_long_side / max(width, height)
-    return max(32, round(width * s)), max(32, round(height * s))
-
-
-def image_tensor(image, size: tuple[int, int]):
-    """PIL RGB image → float tensor (1, 3, h, w) in 0..255 at ``size`` (w, h)."""
-    import torch
-    from PIL import Image
-
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if image.size != tuple(size):
-        image = image.resize(size, Image.BILINEAR, reducing_gap=2.0)
-    arr = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).float()
 
 
 def distinct_top(boxes: np.ndarray, scores: np.ndarray, k: int, max_iou: float = 0.6) -> list[int]:
@@ -142,7 +125,7 @@ class Cropper:
                     f_m = feats_m.select(j) if feats_m is not None else None
                     out = {}
                     for key, boxes in box_sets[i].items():
-                        b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * np.array([sx, sy, sx, sy], np.float32)
+                        b = scale_boxes(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), sx, sy)
                         if len(b) == 0:
                             out[key] = np.zeros(0, dtype=np.float32)
                             continue

@@ -15,11 +15,12 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
+from .imageio import is_image_path
+
 GAICD_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 UNRATED = -2.0
 
@@ -147,8 +148,27 @@ def read_fcdb(root: str | os.PathLike, split: str = "test") -> list[FcdbItem]:
     return items
 
 
+def walk_images(folder: Path, recursive: bool = True, on_error: Callable[[str], None] | None = None) -> list[Path]:
+    """Image files (by extension) in ``folder``, sorted as paths, hidden files and folders skipped.
+
+    A sub-folder that cannot be read is reported through ``on_error`` (one line naming it) and skipped; without
+    ``on_error`` the ``OSError`` is raised.
+    """
+    def report(e: OSError) -> None:
+        if on_error is None:
+            raise e
+        on_error(f"{e.filename or folder}: cannot read folder ({e.strerror or e})")
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=report):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")] if recursive else []
+        base = Path(dirpath)
+        found += [base / f for f in filenames if not f.startswith(".") and is_image_path(f) and (base / f).is_file()]
+    return sorted(found)
+
+
 def list_images(paths: Iterable[str | os.PathLike], recursive: bool = True) -> list[Path]:
-    """Image files among ``paths``: files as given, folders walked (recursively by default), sorted.
+    """Image files among ``paths``: files as given, folders walked (recursively by default), sorted per folder.
 
     Hidden files and folders (starting with '.') are skipped in walks; a missing path raises
     ``FileNotFoundError`` naming it.
@@ -159,17 +179,7 @@ def list_images(paths: Iterable[str | os.PathLike], recursive: bool = True) -> l
         if p.is_file():
             out.append(p)
         elif p.is_dir():
-            if recursive:
-                found = []
-                for dirpath, dirnames, filenames in os.walk(p):
-                    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                    for f in filenames:
-                        if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES:
-                            found.append(Path(dirpath) / f)
-                out.extend(sorted(found))
-            else:
-                out.extend(sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
-                                  and f.suffix.lower() in IMAGE_SUFFIXES))
+            out.extend(walk_images(p, recursive))
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
     return out

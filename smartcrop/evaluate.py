@@ -81,3 +81,20 @@ def evaluate_fcdb(cropper, items: Sequence[FcdbItem], ratio: str = "any", progre
                   on_error=None) -> dict:
     choices = fcdb_choices(cropper, items, ratio, progress, on_error)
     return fcdb_metrics((tuple(b), item.box, w, h) for item, b, (w, h) in choices)
+
+
+def benchmark_items(kind: str, root: str | Path, split: str) -> list:
+    """The annotated items of a GAICD (``kind="gaicd"``) or FCDB (``"fcdb"``: split test or train) benchmark;
+    an unreadable or empty one is a :class:`~smartcrop.errors.UsageError` naming it."""
+    from .data import read_fcdb, read_gaicd
+    from .errors import UsageError
+
+    if kind == "fcdb" and split not in {"test", "train"}:
+        raise UsageError(f"FCDB split must be test or train, not {split!r}")
+    try:
+        items = read_gaicd(root, split) if kind == "gaicd" else read_fcdb(root, split)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if not items:
+        raise UsageError(f"{root}: no annotated images in split {split!r}")
+    return items

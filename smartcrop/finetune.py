@@ -18,19 +18,20 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .anchors import gaic_anchors
+from .anchors import flip_boxes, gaic_anchors, scale_boxes
+from .errors import UsageError
+from .training import TrainConfig
 
-MIN_PHOTOS = 4
 
-
-class AlbumError(Exception):
+class AlbumError(UsageError):
     """The album cannot be used (too few readable photos); one-line message."""
 
 
@@ -45,6 +46,17 @@ class FinetuneConfig:
     labeled_weight: float = 1.0
     steps_per_photo: int = 1
     seed: int = 0
+    min_photos: int = 4  # fewer usable album photos is an error
+    max_labeled: int = 400  # labeled photos drawn at most from --labeled data
+    # how labeled photos are used: the training recipe's crops per photo, pair thresholds, margin, MOS units
+    labeled: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        d = dict(d)
+        if isinstance(d.get("labeled"), dict):
+            d["labeled"] = TrainConfig(**d["labeled"])
+        return cls(**d)
 
 
 @dataclass
@@ -68,25 +80,21 @@ def _trainable(net) -> list:
     return params
 
 
-def _flip(boxes: np.ndarray, width: int) -> np.ndarray:
-    out = boxes.copy()
-    out[:, 0], out[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
-    return out
-
-
 def cache_photos(net, sources: Sequence, log: Callable[[str], None], progress=None, device: str = "cpu",
-                 kind: str = "album", labels: Sequence | None = None) -> list[AlbumPhoto]:
-    """Decode, run the frozen backbone (plain and mirrored) and keep the image features and base scores."""
+                 kind: str = "album", recipe: TrainConfig | None = None) -> list[AlbumPhoto]:
+    """Decode, run the frozen backbone (plain and mirrored) and keep the image features and base scores.
+
+    The caller puts ``net`` in eval mode.  ``recipe`` gives the MOS normalisation of GAICD-layout photos."""
     import torch
 
-    from .cropper import image_tensor, network_size
     from .imageio import ImageError, load_image
     from .progress import progress_bar
-    from .training import MOS_MEAN, MOS_STD, fcdb_candidates
+    from .training import fcdb_candidates
+    from .transforms import image_tensor, network_size, normalize_mos
 
+    recipe = recipe or TrainConfig()
     cfg = net.config
     out: list[AlbumPhoto] = []
-    net.eval()
     with progress_bar(len(sources), f"reading {kind} photos", progress) as bar, torch.no_grad():
         for k, src in enumerate(sources):
             path = getattr(src, "image_path", src)
@@ -102,11 +110,11 @@ def cache_photos(net, sources: Sequence, log: Callable[[str], None], progress=No
             sx, sy = w / fw, h / fh
             targets = None
             if kind == "gaicd":
-                anchors = src.boxes * np.array([sx, sy, sx, sy], np.float32)
-                targets = (src.mos - MOS_MEAN) / MOS_STD
+                anchors = scale_boxes(src.boxes, sx, sy)
+                targets = normalize_mos(src.mos, recipe.mos_mean, recipe.mos_std)
             elif kind == "fcdb":
                 cands, ious = fcdb_candidates(fw, fh, src.box)
-                anchors = cands * np.array([sx, sy, sx, sy], np.float32)
+                anchors = scale_boxes(cands, sx, sy)
                 targets = ious
             else:
                 anchors = gaic_anchors(w, h)
@@ -114,7 +122,7 @@ def cache_photos(net, sources: Sequence, log: Callable[[str], None], progress=No
             feats, base = [], []
             for flip in (False, True):
                 f = net.image_features(x.flip(-1) if flip else x)
-                b = _flip(anchors, w) if flip else anchors
+                b = flip_boxes(anchors, w) if flip else anchors
                 base.append(net.score_boxes(f, torch.from_numpy(b).to(device)).cpu().numpy())
                 feats.append(f)
             out.append(AlbumPhoto(Path(path).name, (w, h), feats, anchors, base, targets, kind))
@@ -131,50 +139,45 @@ class Finetuner:
         self.cfg = cfg
         self.device = device
         self.rng = np.random.default_rng(cfg.seed)
-        torch.manual_seed(cfg.seed)
         self.opt = torch.optim.Adam(_trainable(net), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.epoch = 0
         self.history: list[dict] = []
 
     def photo_loss(self, ph: AlbumPhoto) -> dict:
-        from .training import pair_indices, rank_consistency_loss
+        from .losses import fcdb_loss, gaicd_loss, rank_consistency
 
         torch = self.torch
-        F = torch.nn.functional
         cfg = self.cfg
+        rec = cfg.labeled
         flip = int(self.rng.random() < 0.5)
-        boxes = _flip(ph.anchors, ph.size[0]) if flip else ph.anchors
+        boxes = flip_boxes(ph.anchors, ph.size[0]) if flip else ph.anchors
         n = len(boxes)
-        idx = self.rng.choice(n, min(cfg.anchors if ph.kind == "album" else 32, n), replace=False)
+        idx = self.rng.choice(n, min(cfg.anchors if ph.kind == "album" else rec.fcdb_crops, n), replace=False)
         cf = self.net.crop_features(ph.feats[flip], torch.from_numpy(boxes[idx]).to(self.device))
         y = self.net.score_features(cf)
         parts = {}
-        if ph.kind == "album" and len(idx) >= 2:
-            ii, jj = np.triu_indices(len(idx), 1)
-            ti, tj = torch.from_numpy(ii).to(self.device), torch.from_numpy(jj).to(self.device)
-            with torch.no_grad():
-                logits = self.net.rank_logits(cf[ti], cf[tj])
-            parts["rc"] = rank_consistency_loss((y[ti], y[tj]), logits, cfg.delta)
-            if cfg.distill > 0:
-                base = torch.from_numpy(ph.base[flip][idx]).to(self.device)
-                parts["distill"] = cfg.distill * F.mse_loss(y, base)
-        elif ph.kind == "album":
-            pass  # a single anchor (extreme panorama): nothing to compare
-        elif ph.kind == "gaicd":
-            t = torch.from_numpy(ph.targets[idx].astype(np.float32)).to(self.device)
-            parts["labeled"] = cfg.labeled_weight * F.smooth_l1_loss(y, t)
+        if ph.kind == "album":
+            rc = rank_consistency(self.net, cf, y, cfg.delta)
+            if rc is not None:  # None: a single anchor (extreme panorama), nothing to compare
+                parts["rc"] = rc
+                if cfg.distill > 0:
+                    base = torch.from_numpy(ph.base[flip][idx]).to(self.device)
+                    parts["distill"] = cfg.distill * torch.nn.functional.mse_loss(y, base)
+        elif ph.kind == "gaicd":  # the score head only: the ranking head stays as trained
+            t = ph.targets[idx].astype(np.float32)
+            reg = gaicd_loss(self.net, cf, y, t, self.rng, eta=rec.eta, max_pairs=rec.pairs_per_image,
+                             lambda_cls=0.0)["reg"]
+            parts["labeled"] = cfg.labeled_weight * reg
         else:  # fcdb: margin ranking on IoU pairs
-            t = ph.targets[idx]
-            pairs = pair_indices(t, 0.2, 256, self.rng)
-            if len(pairs):
-                pi = torch.from_numpy(pairs[:, 0]).to(self.device)
-                pj = torch.from_numpy(pairs[:, 1]).to(self.device)
-                sign = torch.from_numpy(np.where(t[pairs[:, 0]] > t[pairs[:, 1]], 1.0, -1.0).astype(np.float32))
-                parts["labeled"] = cfg.labeled_weight * torch.relu(0.25 - sign.to(self.device) * (y[pi] - y[pj])).mean()
+            rank = fcdb_loss(self.net, cf, y, ph.targets[idx], self.rng, tau=rec.fcdb_tau,
+                             max_pairs=rec.pairs_per_image, margin=rec.fcdb_margin, weight=cfg.labeled_weight,
+                             lambda_cls=0.0)
+            if rank:
+                parts["labeled"] = rank["fcdb_rank"]
         return parts
 
     def train_epoch(self, album: Sequence[AlbumPhoto], labeled: Sequence[AlbumPhoto] = (), bar=None) -> dict:
-        self.net.train()
+        """One pass over the album; the caller puts the model in training mode (see :func:`finetune`)."""
         sums: dict[str, float] = {}
         t0 = time.time()
         order = np.concatenate([self.rng.permutation(len(album)) for _ in range(self.cfg.steps_per_photo)])
@@ -193,7 +196,6 @@ class Finetuner:
             if bar is not None:
                 bar.advance(1, status=" ".join(f"{k} {v / (step + 1):.4f}" for k, v in sums.items()))
         self.epoch += 1
-        self.net.eval()
         rec = {"epoch": self.epoch, "seconds": round(time.time() - t0, 2), "photos": len(album),
                "loss": {k: v / max(1, len(order)) for k, v in sums.items()}}
         self.history.append(rec)
@@ -232,30 +234,38 @@ def labeled_sources(root: Path) -> tuple[str, list]:
 
 def finetune(net, photos: Sequence[Path], cfg: FinetuneConfig, labeled_root: Path | None = None,
              checkpoint: Path | None = None, resume: Path | None = None, device: str = "cpu",
-             log: Callable[[str], None] = print, progress=None, max_labeled: int = 400):
-    """Fine-tune ``net`` in place on ``photos``; returns the list of epoch records."""
-    from .progress import progress_bar
+             log: Callable[[str], None] = print, progress=None):
+    """Fine-tune ``net`` in place on ``photos``; returns the list of epoch records.
 
+    The global RNGs are seeded here (from ``cfg.seed``) and the model's mode is switched here only: eval while
+    photos are cached, train for each epoch, eval when done.
+    """
+    from .progress import progress_bar
+    from .training import seed_everything
+
+    seed_everything(cfg.seed)
     net.to(device)
-    album = cache_photos(net, list(photos), log, progress, device)
-    if len(album) < MIN_PHOTOS:
-        raise AlbumError(f"only {len(album)} usable photo(s) in the album: at least {MIN_PHOTOS} are needed "
+    net.eval()
+    album = cache_photos(net, list(photos), log, progress, device, recipe=cfg.labeled)
+    if len(album) < cfg.min_photos:
+        raise AlbumError(f"only {len(album)} usable photo(s) in the album: at least {cfg.min_photos} are needed "
                          f"(dozens or more give a useful adaptation)")
     labeled: list = []
     if labeled_root is not None:
         kind, items = labeled_sources(labeled_root)
-        if len(items) > max_labeled:
+        if len(items) > cfg.max_labeled:
             rng = np.random.default_rng(cfg.seed)
-            items = [items[i] for i in sorted(rng.choice(len(items), max_labeled, replace=False))]
-        labeled = cache_photos(net, items, log, progress, device, kind=kind)
+            items = [items[i] for i in sorted(rng.choice(len(items), cfg.max_labeled, replace=False))]
+        labeled = cache_photos(net, items, log, progress, device, kind=kind, recipe=cfg.labeled)
         if not labeled:
             raise AlbumError(f"{labeled_root}: no usable labeled photos")
-        cfg = FinetuneConfig(**{**asdict(cfg), "distill": 0.0})
+        cfg = replace(cfg, distill=0.0)
     ft = Finetuner(net, cfg, device)
     if resume is not None:
         ft.load_checkpoint(resume)
         log(f"resumed from {resume} after epoch {ft.epoch}")
     while ft.epoch < cfg.epochs:
+        net.train()
         with progress_bar(len(album) * cfg.steps_per_photo, f"fine-tune epoch {ft.epoch + 1}/{cfg.epochs}",
                           progress, status=True) as bar:
             rec = ft.train_epoch(album, labeled, bar)
@@ -267,6 +277,33 @@ def finetune(net, photos: Sequence[Path], cfg: FinetuneConfig, labeled_root: Pat
         p.requires_grad_(True)
     net.eval()
     return ft.history
+
+
+def output_path(out: str) -> Path:
+    """Where ``finetune --out OUT`` writes: a ``.safetensors`` path as given, or a bare model name in the user's
+    models folder (then usable as ``--model NAME``)."""
+    from .weights import user_models_dir, valid_model_name
+
+    if out.endswith(".safetensors"):
+        return Path(out)
+    if valid_model_name(out) and "/" not in out:
+        return user_models_dir() / f"{out}.safetensors"
+    raise UsageError(f"output must be a .safetensors path or a model name (letters, digits, . _ -), not {out!r}")
+
+
+def save_finetuned(net, out_path: Path, *, base_path, albums: Sequence[Path], photos: int, labeled: Path | None,
+                   cfg: FinetuneConfig, history: list, argv: Sequence[str] = ()) -> dict:
+    """Write the fine-tuned model with a card saying what it was adapted from and on; returns the card."""
+    from .weights import save_model
+
+    header = dict(getattr(net, "header", {}) or {})
+    header.pop("config", None)
+    header["finetune"] = {"base": str(base_path), "albums": [str(a) for a in albums], "photos": photos,
+                          "labeled": str(labeled) if labeled else None, "config": asdict(cfg),
+                          "history": history, "command": "smartcrop finetune " + " ".join(map(shlex.quote, argv))}
+    card = save_model(net, out_path, header)
+    out_path.with_suffix(".ckpt").unlink(missing_ok=True)
+    return card
 
 
 def adapt_cropper(cropper, photos: Sequence[Path], epochs: int = 2, log: Callable[[str], None] = print):

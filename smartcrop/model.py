@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops import crop_masks, rod_align, roi_align
+
 # --------------------------------------------------------------------------------------------------------------
 # Backbone: torchvision's MobileNetV2, same module names
 
@@ -98,71 +100,12 @@ class MobileNetV2(nn.Module):
         return self.classifier(x)
 
 
-# Indices of the layers tapped for the multi-scale region feature: last block of stride 8, 16 and 32.
-TAP_S8, TAP_S16, TAP_S32 = 6, 13, 17
-N_LAYERS = 19
-
-
-# --------------------------------------------------------------------------------------------------------------
-# RoIAlign / RoDAlign with grid_sample
-
-
-def _sample_grid(boxes: torch.Tensor, out_size: int, sampling: int, stride: float, fh: int, fw: int) -> torch.Tensor:
-    """Normalised ``grid_sample`` coordinates (N, S, S, 2) of ``sampling``² points per bin of each box.
-
-    Boxes are in input-image pixels; feature pixel ``i`` covers ``[i, i+1)`` in feature units (image / stride),
-    so its centre is ``i + 0.5``: the convention of ``grid_sample(align_corners=False)`` and of torchvision's
-    ``roi_align(aligned=True)``.
-    """
-    n = boxes.shape[0]
-    s = out_size * sampling
-    t = (torch.arange(s, device=boxes.device, dtype=boxes.dtype) + 0.5) / s  # (S,) in (0, 1)
-    b = boxes / stride
-    xs = b[:, 0:1] + (b[:, 2:3] - b[:, 0:1]) * t  # (N, S)
-    ys = b[:, 1:2] + (b[:, 3:4] - b[:, 1:2]) * t
-    gx = xs / fw * 2 - 1
-    gy = ys / fh * 2 - 1
-    return torch.stack(
-        [gx[:, None, :].expand(n, s, s), gy[:, :, None].expand(n, s, s)], dim=-1
-    )
-
-
-def roi_align(feat: torch.Tensor, boxes: torch.Tensor, out_size: int = 9, stride: float = 16.0,
-              sampling: int = 2) -> torch.Tensor:
-    """RoIAlign of ``boxes`` (N, 4; x1, y1, x2, y2 in image pixels) on ``feat`` (1, C, H, W) → (N, C, S, S).
-
-    Each output bin is the mean of ``sampling``×``sampling`` bilinear samples (zero outside the map).
-    """
-    _, c, fh, fw = feat.shape
-    grid = _sample_grid(boxes, out_size, sampling, stride, fh, fw)
-    out = F.grid_sample(feat.expand(boxes.shape[0], c, fh, fw), grid, mode="bilinear",
-                        padding_mode="zeros", align_corners=False)
-    return F.avg_pool2d(out, sampling) if sampling > 1 else out
-
-
-def box_masks(boxes: torch.Tensor, height: int, width: int, stride: float) -> torch.Tensor:
-    """Soft masks (N, 1, H, W): the share of each cell of an H×W map (cell = stride pixels) inside each box."""
-    b = boxes / stride
-    xs = torch.arange(width, device=boxes.device, dtype=boxes.dtype)
-    ys = torch.arange(height, device=boxes.device, dtype=boxes.dtype)
-    cover_x = (torch.minimum(xs + 1, b[:, 2:3]) - torch.maximum(xs, b[:, 0:1])).clamp(0, 1)  # (N, W)
-    cover_y = (torch.minimum(ys + 1, b[:, 3:4]) - torch.maximum(ys, b[:, 1:2])).clamp(0, 1)  # (N, H)
-    return (cover_y[:, :, None] * cover_x[:, None, :])[:, None]
-
-
-def rod_align(feat: torch.Tensor, boxes: torch.Tensor, out_size: int = 9, stride: float = 16.0,
-              sampling: int = 2) -> torch.Tensor:
-    """RoDAlign: the whole map with each crop zeroed out, aligned to ``out_size``² → (N, C, S, S)."""
-    _, c, fh, fw = feat.shape
-    keep = 1.0 - box_masks(boxes, fh, fw, stride)  # (N, 1, H, W)
-    whole = feat.new_tensor([[0.0, 0.0, fw * stride, fh * stride]]).expand(boxes.shape[0], 4)
-    grid = _sample_grid(whole, out_size, sampling, stride, fh, fw)
-    out = F.grid_sample(feat * keep, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return F.avg_pool2d(out, sampling) if sampling > 1 else out
-
-
 # --------------------------------------------------------------------------------------------------------------
 # SAC-Net
+
+
+#: Backbones this release can build.
+BACKBONES = ("mobilenet_v2",)
 
 
 @dataclass
@@ -175,6 +118,11 @@ class ModelConfig:
     saf_channels: tuple = (16, 32)  # output channels of the two 5×5 convs
     feat_dim: int = 256
     dropout: float = 0.3
+    taps: tuple = (6, 13, 17)  # backbone layers feeding the region feature: last block of stride 8, 16, 32
+    roi_sampling: int = 2  # bilinear samples per RoI/RoD bin side
+    se_hidden: int = 8  # width of the squeeze-and-excitation bottleneck over the 19 spatial-aware maps
+    saf_kernel: int = 5  # kernel of the two spatial-aware convs (padding keeps the size)
+    saf_pools: tuple = (4, 2)  # max-pool factor after each of the two spatial-aware convs
     # input normalisation applied to 0..255 RGB: (x - mean) / std
     mean: list = field(default_factory=lambda: [127.5, 127.5, 127.5])
     std: list = field(default_factory=lambda: [127.5, 127.5, 127.5])
@@ -186,8 +134,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """From a model file's header; absent fields take their defaults (files written before they existed)."""
+        kinds = {f.name: f.default for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(kinds[k], tuple) else v for k, v in d.items() if k in kinds})
 
 
 @dataclass
@@ -214,29 +163,21 @@ class BackbonePrefix:
     stop: int
     input_size: tuple[int, int]
 
-    def to(self, device) -> "BackbonePrefix":
-        return BackbonePrefix(self.x.to(device), {k: v.to(device) for k, v in self.taps.items()},
-                              [m.to(device) for m in self.saf_maps], self.stop, self.input_size)
-
     def detach(self) -> "BackbonePrefix":
         return BackbonePrefix(self.x.detach(), {k: v.detach() for k, v in self.taps.items()},
                               [m.detach() for m in self.saf_maps], self.stop, self.input_size)
-
-    def flip(self) -> "BackbonePrefix":
-        """Horizontally flipped prefix (the backbone is close to flip-equivariant; used as cheap augmentation)."""
-        return BackbonePrefix(self.x.flip(-1), {k: v.flip(-1) for k, v in self.taps.items()},
-                              [m.flip(-1) for m in self.saf_maps], self.stop, self.input_size)
 
 
 class SACNet(nn.Module):
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
         self.config = cfg = config or ModelConfig()
-        if cfg.backbone != "mobilenet_v2":
-            raise ValueError(f"unknown backbone {cfg.backbone!r} (available: mobilenet_v2)")
+        if cfg.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {cfg.backbone!r} (available: {', '.join(BACKBONES)})")
         self.backbone = MobileNetV2()
+        self.n_layers = len(self.backbone.features)
         ch = self.backbone.layer_channels
-        ms_in = ch[TAP_S8] + ch[TAP_S16] + ch[TAP_S32]
+        ms_in = sum(ch[i] for i in cfg.taps)
         self.reduce = nn.Sequential(nn.Conv2d(ms_in, cfg.reduced_channels, 1), nn.ReLU(inplace=True))
         a = cfg.align_size
         d = cfg.feat_dim
@@ -245,13 +186,15 @@ class SACNet(nn.Module):
             nn.Linear(2 * d, d), nn.ReLU(inplace=True),
         )
         if cfg.saf:
-            k = N_LAYERS
+            k = self.n_layers
             self.saf_norm = nn.InstanceNorm2d(k, affine=True)
-            self.se = nn.Sequential(nn.Linear(k, 8), nn.ReLU(inplace=True), nn.Linear(8, k), nn.Sigmoid())
+            self.se = nn.Sequential(nn.Linear(k, cfg.se_hidden), nn.ReLU(inplace=True), nn.Linear(cfg.se_hidden, k),
+                                    nn.Sigmoid())
             c1, c2 = cfg.saf_channels
-            self.saf_conv1 = nn.Conv2d(k + 1, c1, 5, padding=2)  # input: k attended maps + the crop mask
-            self.saf_conv2 = nn.Conv2d(c1, c2, 5, padding=2)
-            side = cfg.saf_size // 8  # pool 4 then pool 2
+            ks, pad = cfg.saf_kernel, cfg.saf_kernel // 2
+            self.saf_conv1 = nn.Conv2d(k + 1, c1, ks, padding=pad)  # input: k attended maps + the crop mask
+            self.saf_conv2 = nn.Conv2d(c1, c2, ks, padding=pad)
+            side = cfg.saf_size // (cfg.saf_pools[0] * cfg.saf_pools[1])
             self.saf_fc = nn.Sequential(nn.Linear(c2 * side * side, d), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout))
             head_in = 2 * d
         else:
@@ -283,14 +226,16 @@ class SACNet(nn.Module):
         prefix = BackbonePrefix(x, {}, [], 0, (images.shape[-1], images.shape[-2]))
         return self.backbone_continue(prefix, stop)
 
-    def backbone_continue(self, prefix: BackbonePrefix, stop: int = N_LAYERS) -> BackbonePrefix:
+    def backbone_continue(self, prefix: BackbonePrefix, stop: int | None = None) -> BackbonePrefix:
+        """Run the backbone from where ``prefix`` stopped up to layer ``stop`` (default: all layers)."""
+        stop = self.n_layers if stop is None else stop
         x = prefix.x
         taps = dict(prefix.taps)
         maps = list(prefix.saf_maps)
         s = self.config.saf_size
         for i in range(prefix.stop, stop):
             x = self.backbone.features[i](x)
-            if i in (TAP_S8, TAP_S16, TAP_S32):
+            if i in self.config.taps:
                 taps[i] = x
             if self.config.saf:
                 m = x.amax(dim=1, keepdim=True)
@@ -299,8 +244,9 @@ class SACNet(nn.Module):
 
     def features_from_prefix(self, prefix: BackbonePrefix) -> ImageFeatures:
         # the last layer (1×1 conv to 1280 channels) only feeds the spatial-aware feature
-        p = self.backbone_continue(prefix, N_LAYERS if self.config.saf else TAP_S32 + 1)
-        f8, f16, f32 = p.taps[TAP_S8], p.taps[TAP_S16], p.taps[TAP_S32]
+        t8, t16, t32 = self.config.taps
+        p = self.backbone_continue(prefix, self.n_layers if self.config.saf else t32 + 1)
+        f8, f16, f32 = p.taps[t8], p.taps[t16], p.taps[t32]
         size = f16.shape[-2:]
         f8 = F.adaptive_avg_pool2d(f8, size) if f8.shape[-2:] != size else f8
         f32 = F.interpolate(f32, size=size, mode="bilinear", align_corners=False)
@@ -323,19 +269,20 @@ class SACNet(nn.Module):
         cfg = self.config
         fmap = feats.region_map
         stride = feats.input_size[1] / fmap.shape[-2]
-        roi = roi_align(fmap, boxes, cfg.align_size, stride)
-        rod = rod_align(fmap, boxes, cfg.align_size, stride)
+        roi = roi_align(fmap, boxes, cfg.align_size, stride, cfg.roi_sampling)
+        rod = rod_align(fmap, boxes, cfg.align_size, stride, cfg.roi_sampling)
         f_r = self.region_fc(torch.cat([roi, rod], dim=1).flatten(1))
         if not cfg.saf:
             return f_r
         # the binary crop mask on the 64×64 grid of the spatial-aware maps
-        mask = _crop_mask(boxes, feats.input_size, cfg.saf_size).to(fmap.dtype)
+        mask = crop_masks(boxes, feats.input_size, cfg.saf_size).to(fmap.dtype)
         # conv1 over [saf, mask] = conv over saf (shared by all crops) + conv over the mask (per crop)
         w = self.saf_conv1.weight
-        shared = F.conv2d(feats.saf, w[:, :-1], self.saf_conv1.bias, padding=2)
-        per_crop = F.conv2d(mask, w[:, -1:], None, padding=2)
-        h = F.max_pool2d(F.relu_(per_crop.add_(shared)), 4)
-        h = F.max_pool2d(F.relu(self.saf_conv2(h)), 2)
+        pad = self.saf_conv1.padding
+        shared = F.conv2d(feats.saf, w[:, :-1], self.saf_conv1.bias, padding=pad)
+        per_crop = F.conv2d(mask, w[:, -1:], None, padding=pad)
+        h = F.max_pool2d(F.relu_(per_crop.add_(shared)), cfg.saf_pools[0])
+        h = F.max_pool2d(F.relu(self.saf_conv2(h)), cfg.saf_pools[1])
         f_s = self.saf_fc(h.flatten(1))
         return torch.cat([f_r, f_s], dim=1)
 
@@ -352,21 +299,6 @@ class SACNet(nn.Module):
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Scores of ``boxes`` (N, 4; network-input pixels) on one image (1, 3, H, W) in 0..255."""
         return self.score_boxes(self.image_features(images), boxes)
-
-
-def _crop_mask(boxes: torch.Tensor, input_size: tuple[int, int], s: int) -> torch.Tensor:
-    """Binary crop masks (N, 1, s, s): cells of an s×s grid over the input whose centre lies in the box."""
-    w, h = input_size
-    c = (torch.arange(s, device=boxes.device, dtype=boxes.dtype) + 0.5) / s
-    cx, cy = c * w, c * h
-    inx = (cx[None, :] >= boxes[:, 0:1]) & (cx[None, :] <= boxes[:, 2:3])
-    iny = (cy[None, :] >= boxes[:, 1:2]) & (cy[None, :] <= boxes[:, 3:4])
-    return (iny[:, :, None] & inx[:, None, :]).to(boxes.dtype)[:, None]
-
-
-def load_backbone_state(model: SACNet, state: dict) -> None:
-    """Load a torchvision-layout MobileNetV2 ImageNet ``state_dict`` into ``model.backbone`` (strict)."""
-    model.backbone.load_state_dict(state, strict=True)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .anchors import parse_ratio, ratio_label
+from .errors import SmartcropError, UsageError, one_line
 from .imageio import FORMAT_EXTENSIONS, OUTPUT_FORMATS, ImageError, crop_image, encode_image, load_image, save_image
 
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"II*\x00", b"MM\x00*", b"BM")
 TEMPLATE_FIELDS = {"stem", "ratio", "ext", "rank", "w", "h", "name"}
-
-
-class UsageError(Exception):
-    """A problem with the command line itself (exit code 2)."""
+#: ``--format`` names and their aliases → output extension
+FORMAT_NAMES = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp", "tif": "tif", "tiff": "tif"}
 
 
 @dataclass
@@ -99,7 +98,7 @@ def normalize_ratios(ratios: Sequence[str] | None, size: tuple | None) -> list[s
             out = [f"{size[0]}:{size[1]}"]
         for r in out:
             if r == "any" or abs(float(parse_ratio(r)) - want) / want > 0.01:
-                raise UsageError(f"--size {size[0]}x{size[1]} does not have the aspect ratio {r}")
+                raise UsageError(f"output size {size[0]}x{size[1]} does not have the aspect ratio {r}")
     return out or ["any"]
 
 
@@ -109,9 +108,9 @@ def parse_size(text: str | None) -> tuple | None:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise UsageError(f"bad --size {text!r}: expected WIDTHxHEIGHT such as 1920x1080") from None
+        raise UsageError(f"bad output size {text!r}: expected WIDTHxHEIGHT such as 1920x1080") from None
     if not (0 < w <= 65535 and 0 < h <= 65535):
-        raise UsageError(f"bad --size {text!r}: sides must be 1..65535")
+        raise UsageError(f"bad output size {text!r}: sides must be 1..65535")
     return w, h
 
 
@@ -120,10 +119,10 @@ def check_template(template: str) -> None:
     try:
         names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as e:
-        raise UsageError(f"bad --name template {template!r}: {e}") from None
+        raise UsageError(f"bad name template {template!r}: {e}") from None
     unknown = names - TEMPLATE_FIELDS
     if unknown:
-        raise UsageError(f"bad --name template {template!r}: unknown field(s) {', '.join(sorted(unknown))} "
+        raise UsageError(f"bad name template {template!r}: unknown field(s) {', '.join(sorted(unknown))} "
                          f"(available: {', '.join(sorted(TEMPLATE_FIELDS))})")
     sample = template.format(stem="x", ratio="16x9", ext="jpg", rank=1, w=1, h=1, name="x.jpg")
     _check_relative(sample, template)
@@ -133,7 +132,7 @@ def _check_relative(rendered: str, template: str) -> None:
     p = Path(rendered)
     if not rendered or p.is_absolute() or rendered.startswith(("/", "\\")) or ".." in p.parts or \
             any(part in {"", "."} for part in rendered.replace("\\", "/").split("/")[-1:]):
-        raise UsageError(f"--name template {template!r} would write outside the output folder")
+        raise UsageError(f"name template {template!r} would write outside the output folder")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -151,7 +150,7 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
     A path given on the command line that does not exist is a usage error (:class:`UsageError`, exit 2);
     a missing path read from a file list is reported through ``on_error`` and the others still run.
     """
-    from .data import IMAGE_SUFFIXES
+    from .data import walk_images
 
     items: list[InputItem] = []
     names: list[str] = list(paths)
@@ -182,13 +181,9 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
     for n in expanded:
         p = Path(n)
         if p.is_dir():
-            walker = sorted(p.rglob("*")) if recursive else sorted(p.iterdir())
-            for f in walker:
+            for f in walk_images(p, recursive, on_error=on_error):
                 rel = f.relative_to(p)
-                if any(part.startswith(".") for part in rel.parts) or not f.is_file():
-                    continue
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    items.append(InputItem(str(f), f, rel.parent, f.stem, f.suffix))
+                items.append(InputItem(str(f), f, rel.parent, f.stem, f.suffix))
         elif p.exists():
             items.append(InputItem(str(p), p, Path(), p.stem, p.suffix))
         else:
@@ -223,7 +218,7 @@ class OutputNamer:
         try:
             path.resolve().relative_to(self.root)
         except ValueError:
-            raise UsageError(f"--name template {self.template!r} would write outside the output folder") from None
+            raise UsageError(f"name template {self.template!r} would write outside the output folder") from None
         return path
 
     def assign(self, wanted: Path) -> Path | None:
@@ -265,6 +260,91 @@ def output_size(box: tuple, size: tuple | None, max_side: int | None) -> tuple[i
 
 
 # --------------------------------------------------------------------------------------------------------------
+# planning: every check that can be made before any photo is decoded
+
+
+@dataclass
+class RunPlan:
+    items: list  # InputItem
+    opts: RunOptions
+    input_errors: list  # one line per input that could not be collected (already reported)
+
+
+def parse_format(name: str | None) -> str | None:
+    """An output format name (``jpg``, ``jpeg``, ``png``, ``webp``, ``tif``, ``tiff``, any case) → extension."""
+    if not name:
+        return None
+    fmt = FORMAT_NAMES.get(name.lower().lstrip("."))
+    if fmt is None:
+        raise UsageError(f"output format must be jpg, png, webp or tif, not {name!r}")
+    return fmt
+
+
+def prepare_output_dir(out_dir: Path) -> None:
+    """Create the output folder and check that a file can be created in it.
+
+    The check creates a file with a random name and ``O_EXCL`` (``tempfile.mkstemp``), which never follows a
+    symlink planted in the folder, and removes it."""
+    import tempfile
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".smartcrop-probe-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{out_dir}: output folder is not writable ({e.strerror or e})") from None
+
+
+def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: bool = False,
+             ratios: Sequence[str] = (), size: str | None = None, output: Path | None = None,
+             out_format: str | None = None, preview: Path | None = None, dry_run: bool = False,
+             as_json: bool = False, overwrite: bool = False, skip_existing: bool = False, stdin=None,
+             on_error: Callable[[str], None] | None = None, **options) -> RunPlan:
+    """Validate a ``run`` request, collect its inputs and prepare the output folder.
+
+    Raises :class:`UsageError` for anything wrong with the request itself; inputs that cannot be collected
+    are reported through ``on_error`` and listed in the plan.  ``options`` are further :class:`RunOptions`
+    fields (``name_template``, ``max_side``, ``top_k``, ``quality``, ``strip``, ``workers``, ``batch``).
+    """
+    if overwrite and skip_existing:
+        raise UsageError("overwriting and skipping existing outputs exclude each other")
+    if not inputs and from_file is None:
+        raise UsageError("no input: give photos or folders, '-' for stdin, or a file list")
+    sz = parse_size(size)
+    opts = RunOptions(ratios=normalize_ratios(ratios, sz), size=sz, out_format=parse_format(out_format),
+                      preview=preview, dry_run=dry_run, overwrite=overwrite, skip_existing=skip_existing,
+                      **options)
+    if preview is not None and preview.suffix.lower() not in OUTPUT_FORMATS:
+        raise UsageError("the preview must be a .jpg, .png, .webp or .tif file")
+    if opts.name_template:
+        check_template(opts.name_template)
+    errors: list[str] = []
+
+    def report(line: str) -> None:
+        errors.append(line)
+        if on_error is not None:
+            on_error(line)
+
+    items = collect_inputs(list(inputs), recursive, stdin=stdin, list_file=from_file, on_error=report)
+    stdin_image = any(it.path is None for it in items)
+    if stdin_image and len(items) > 1:
+        raise UsageError("a single image on stdin cannot be mixed with other inputs")
+    if not items and not errors:
+        raise UsageError("no image files found in the inputs" + ("" if recursive else " (use -r for sub-folders)"))
+    if stdin_image and output is None:
+        opts.out_dir = None
+        if as_json and not dry_run:
+            raise UsageError("JSON lines and an image on stdout cannot share stdout: give an output folder or a "
+                             "dry run")
+    else:
+        opts.out_dir = output or Path("cropped")
+        if not dry_run:
+            prepare_output_dir(opts.out_dir)
+    return RunPlan(items, opts, errors)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # the run
 
 
@@ -275,6 +355,15 @@ class RunSummary:
     written: int = 0
     skipped: int = 0
     records: list = field(default_factory=list)
+
+    def describe(self, opts: RunOptions, input_errors: int = 0) -> str:
+        """The one-line summary shown on a terminal."""
+        failed = self.failed + input_errors
+        what = "boxes computed" if opts.dry_run else "crops written"
+        return (f"{self.images} photos, {len(self.records)} {what}"
+                + (f", {self.skipped} skipped (exist)" if self.skipped else "")
+                + (f", {failed} failed" if failed else "")
+                + ("" if opts.dry_run or opts.out_dir is None else f" → {opts.out_dir}"))
 
 
 class Runner:
@@ -394,9 +483,9 @@ class Runner:
                 item, fut = writes.popleft()
                 try:
                     recs = fut.result()
-                except (ImageError, OSError, ValueError) as e:
+                except (SmartcropError, ImageError, OSError, ValueError) as e:
                     summary.failed += 1
-                    self.on_error(f"{item.display}: {_one_line(e)}")
+                    self.on_error(f"{item.display}: {_describe(e)}")
                     bar.advance()
                     continue
                 for rec in recs:
@@ -417,10 +506,10 @@ class Runner:
                         item, fut = loads.popleft()
                         try:
                             batch.append((item, fut.result()))
-                        except (ImageError, OSError, ValueError) as e:
+                        except (SmartcropError, ImageError, OSError, ValueError) as e:
                             summary.images += 1
                             summary.failed += 1
-                            self.on_error(f"{item.display}: {_one_line(e)}")
+                            self.on_error(f"{item.display}: {_describe(e)}")
                             bar.advance()
                         fill()
                     if batch:
@@ -439,12 +528,12 @@ class Runner:
 
             try:
                 save_image(contact_sheet(self.thumbs), opts.preview, overwrite=True)
-            except (ImageError, OSError) as e:
+            except (SmartcropError, ImageError, OSError) as e:
                 summary.failed += 1
-                self.on_error(f"{opts.preview}: cannot write preview: {_one_line(e)}")
+                self.on_error(f"{opts.preview}: cannot write preview: {_describe(e)}")
         return summary
 
 
-def _one_line(e: BaseException) -> str:
+def _describe(e: BaseException) -> str:
     msg = getattr(e, "strerror", None) if isinstance(e, OSError) and not str(e) else str(e)
-    return " ".join(str(msg or type(e).__name__).split())
+    return one_line(msg or type(e).__name__)

@@ -1,16 +1,8 @@
 """Training: labeled GAICD-style scores, FCDB-style expert boxes, and rank consistency on unlabeled photos.
 
-Losses (per training step = one labeled image, plus one unlabeled image when unlabeled data is given):
-
-* GAICD-layout images (dense MOS): ``L_reg`` smooth-L1 between the score head and the normalised MOS
-  ((MOS − 2.95) / 0.8) of ``crops_per_image`` sampled crops, plus ``λ_cls · L_cls``: binary cross-entropy of
-  the pairwise ranking head on up to ``P = 256`` pairs whose MOS differ by more than ``η = 0.5``.
-* FCDB-layout images (one expert box): candidate anchors (GAIC free anchors, anchors of the expert crop's
-  ratio, and the expert box itself) get their IoU with the expert box.  IoU is *not* a MOS, so it is never
-  regressed: only pairs whose IoU differ by more than ``τ`` are used, as a margin ranking loss on the score
-  head and BCE on the ranking head, weighted by ``λ_fcdb``.  (See docs/results.md for why.)
-* Unlabeled photos: the rank-consistency hinge ``max(0, δ + sign(p_ij − 0.5)(ŷ_j − ŷ_i))`` over all pairs of
-  ``N`` sampled anchors, δ = 0.1, the ranking head's verdict acting as the label of the score head.
+Each training step is one labeled image (GAICD-layout dense scores or an FCDB-layout expert box), plus one
+unlabeled image for rank consistency when unlabeled photos are given; the losses are in
+:mod:`smartcrop.losses`.
 
 The backbone can be trained end to end (``frozen_layers=0``; photometric jitter and flips applied to the
 image) or with its first ``frozen_layers`` layers frozen, in which case their outputs are computed once per
@@ -20,7 +12,6 @@ image and flip and cached in memory (fast on a CPU; photometric jitter is then n
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -30,9 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .anchors import box_iou_matrix, gaic_anchors, ratio_anchors
-
-MOS_MEAN, MOS_STD = 2.95, 0.8
+from .anchors import box_iou_matrix, flip_boxes, gaic_anchors, ratio_anchors, scale_boxes
 
 
 @dataclass
@@ -61,6 +50,25 @@ class TrainConfig:
     seed: int = 0
     saf: bool = True
     rc: bool = True
+    mos_mean: float = 2.95  # GAICD MOS normalisation (the GAIC code's figures)
+    mos_std: float = 0.8
+
+    @classmethod
+    def for_device(cls, device: str, **overrides) -> "TrainConfig":
+        """The recipe for ``device``: on a CPU the first 14 backbone layers are frozen and cached (fast); on a
+        GPU the whole network is trained.  ``overrides`` whose value is None keep the recipe's value."""
+        recipe = {"frozen_layers": 14 if device == "cpu" else 0}
+        recipe.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**recipe)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's legacy and torch's global generators (the trainer's own generator is separate)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 @dataclass
@@ -76,13 +84,6 @@ class Sample:
     prefix: list = field(default_factory=list)  # cached backbone prefixes [plain, flipped] when frozen
 
 
-def _flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
-    out = boxes.copy()
-    out[:, 0] = width - boxes[:, 2]
-    out[:, 2] = width - boxes[:, 0]
-    return out
-
-
 def fcdb_candidates(width: float, height: float, box) -> tuple[np.ndarray, np.ndarray]:
     """Candidate crops of an FCDB photo and their IoU with the expert box (the expert box is included)."""
     x1, y1, x2, y2 = box
@@ -93,38 +94,6 @@ def fcdb_candidates(width: float, height: float, box) -> tuple[np.ndarray, np.nd
         np.asarray([box], dtype=np.float32),
     ])
     return cands, box_iou_matrix(cands, np.asarray([box]))[:, 0].astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# losses
-
-
-def pair_indices(targets: np.ndarray, min_gap: float, max_pairs: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``max_pairs`` index pairs (i, j) with ``targets[i] - targets[j] > min_gap`` (i the better one)."""
-    diff = targets[:, None] - targets[None, :]
-    ii, jj = np.nonzero(diff > min_gap)
-    if len(ii) == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    if len(ii) > max_pairs:
-        sel = rng.choice(len(ii), max_pairs, replace=False)
-        ii, jj = ii[sel], jj[sel]
-    # present half of the pairs in (worse, better) order so the ranking head sees both labels
-    pairs = np.stack([ii, jj], 1)
-    swap = rng.random(len(pairs)) < 0.5
-    pairs[swap] = pairs[swap][:, ::-1]
-    return pairs
-
-
-def rank_consistency_loss(scores, rank_logits_ij, delta: float = 0.1):
-    """Mean of ``max(0, δ + sign(p_ij − 0.5)(ŷ_j − ŷ_i))`` over pairs; ``rank_logits_ij`` is logit(p_ij).
-
-    ``scores`` are (ŷ_i, ŷ_j) tensors for each pair.  The ranking head's verdict is a label: no gradient.
-    """
-    import torch
-
-    yi, yj = scores
-    sign = torch.sign(rank_logits_ij.detach())  # sign(p − 0.5) == sign(logit)
-    return torch.relu(delta + sign * (yj - yi)).mean()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -140,8 +109,6 @@ class Trainer:
         self.device = device
         self.log = log
         self.rng = np.random.default_rng(cfg.seed)
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
         frozen = cfg.frozen_layers
         for i, layer in enumerate(model.backbone.features):
             for p in layer.parameters():
@@ -162,19 +129,17 @@ class Trainer:
 
     def prepare(self, kind: str, name: str, pil_image, full_size, boxes=None, targets=None) -> Sample:
         """Resize to the network size and, when the backbone prefix is frozen, cache its output (plain and flipped)."""
-        from .cropper import image_tensor, network_size
+        from .transforms import image_tensor, network_size
 
         torch = self.torch
         cfg_m = self.model.config
         w, h = network_size(full_size[0], full_size[1], cfg_m.short_side, cfg_m.max_long_side)
         x = image_tensor(pil_image, (w, h))
-        sx, sy = w / full_size[0], h / full_size[1]
         if boxes is not None:
-            boxes = (np.asarray(boxes, np.float32) * np.array([sx, sy, sx, sy], np.float32)).astype(np.float32)
+            boxes = scale_boxes(boxes, w / full_size[0], h / full_size[1])
         s = Sample(kind, name, (w, h), boxes, None if targets is None else np.asarray(targets, np.float32))
         if self.cfg.frozen_layers > 0:
-            with torch.no_grad():
-                self.model.eval()
+            with torch.no_grad():  # the frozen prefix has no dropout and frozen BN: the same in either mode
                 for img in (x, x.flip(-1)):
                     p = self.model.backbone_prefix(img.to(self.device), self.cfg.frozen_layers)
                     s.prefix.append(_half(p.detach()))
@@ -183,7 +148,8 @@ class Trainer:
         return s
 
     def _features(self, s: Sample, flip: bool):
-        torch = self.torch
+        from .transforms import photometric_jitter
+
         m = self.model
         if s.prefix:
             return m.features_from_prefix(_full(s.prefix[1 if flip else 0], self.device))
@@ -191,58 +157,37 @@ class Trainer:
         if flip:
             x = x.flip(-1)
         if self.cfg.jitter > 0:
-            x = _photometric_jitter(x, self.cfg.jitter, self.rng, torch)
+            x = photometric_jitter(x, self.cfg.jitter, self.rng)
         return m.image_features(x)
 
     # -- one step --------------------------------------------------------------------------------------------
 
     def labeled_loss(self, s: Sample):
-        torch = self.torch
-        F = torch.nn.functional
+        from .losses import fcdb_loss, gaicd_loss
+
         cfg = self.cfg
         flip = bool(self.rng.random() < 0.5)
         feats = self._features(s, flip)
-        boxes = _flip_boxes(s.boxes, s.size[0]) if flip else s.boxes
+        boxes = flip_boxes(s.boxes, s.size[0]) if flip else s.boxes
         n = len(boxes)
         k = cfg.crops_per_image if s.kind == "gaicd" else cfg.fcdb_crops
         idx = self.rng.choice(n, min(k, n), replace=False)
         if s.kind == "fcdb":  # always include the expert box (the last candidate)
             idx[0] = n - 1
             idx = np.unique(idx)
-        b = torch.from_numpy(boxes[idx]).to(self.device)
-        t = s.targets[idx]
-        cf = self.model.crop_features(feats, b)
+        cf = self.model.crop_features(feats, self.torch.from_numpy(boxes[idx]).to(self.device))
         scores = self.model.score_features(cf)
-        parts = {}
+        t = s.targets[idx]
         if s.kind == "gaicd":
-            parts["reg"] = F.smooth_l1_loss(scores, torch.from_numpy(t).to(self.device))
-            pairs = pair_indices(t, cfg.eta, cfg.pairs_per_image, self.rng)
-            if len(pairs) and cfg.lambda_cls > 0:
-                pi, pj = torch.from_numpy(pairs[:, 0]).to(self.device), torch.from_numpy(pairs[:, 1]).to(self.device)
-                logits = self.model.rank_logits(cf[pi], cf[pj])
-                lab = torch.from_numpy((t[pairs[:, 0]] > t[pairs[:, 1]]).astype(np.float32)).to(self.device)
-                parts["cls"] = cfg.lambda_cls * F.binary_cross_entropy_with_logits(logits, lab)
-        else:
-            pairs = pair_indices(t, cfg.fcdb_tau, cfg.pairs_per_image, self.rng)
-            if len(pairs):
-                pi, pj = torch.from_numpy(pairs[:, 0]).to(self.device), torch.from_numpy(pairs[:, 1]).to(self.device)
-                better = torch.from_numpy(np.where(t[pairs[:, 0]] > t[pairs[:, 1]], 1.0, -1.0).astype(np.float32))
-                better = better.to(self.device)
-                if cfg.fcdb_loss == "iou":  # the alternative we measured against: IoU treated as a score
-                    z = (t - s.targets.mean()) / max(float(s.targets.std()), 1e-6)
-                    parts["fcdb_reg"] = cfg.fcdb_weight * F.smooth_l1_loss(
-                        scores, torch.from_numpy(z.astype(np.float32)).to(self.device))
-                else:
-                    parts["fcdb_rank"] = cfg.fcdb_weight * torch.relu(
-                        cfg.fcdb_margin - better * (scores[pi] - scores[pj])).mean()
-                if cfg.lambda_cls > 0:
-                    logits = self.model.rank_logits(cf[pi], cf[pj])
-                    parts["fcdb_cls"] = cfg.fcdb_weight * cfg.lambda_cls * F.binary_cross_entropy_with_logits(
-                        logits, (better > 0).float())
-        return parts
+            return gaicd_loss(self.model, cf, scores, t, self.rng, eta=cfg.eta, max_pairs=cfg.pairs_per_image,
+                              lambda_cls=cfg.lambda_cls)
+        return fcdb_loss(self.model, cf, scores, t, self.rng, tau=cfg.fcdb_tau, max_pairs=cfg.pairs_per_image,
+                         margin=cfg.fcdb_margin, weight=cfg.fcdb_weight, lambda_cls=cfg.lambda_cls,
+                         mode=cfg.fcdb_loss, image_ious=s.targets)
 
     def consistency_loss(self, s: Sample):
-        torch = self.torch
+        from .losses import rank_consistency
+
         cfg = self.cfg
         flip = bool(self.rng.random() < 0.5)
         feats = self._features(s, flip)
@@ -250,13 +195,9 @@ class Trainer:
         if len(anchors) < 2:  # e.g. extreme panoramas: no pair to compare
             return {}
         idx = self.rng.choice(len(anchors), min(cfg.rc_anchors, len(anchors)), replace=False)
-        b = torch.from_numpy(anchors[idx]).to(self.device)
-        cf = self.model.crop_features(feats, b)
+        cf = self.model.crop_features(feats, self.torch.from_numpy(anchors[idx]).to(self.device))
         y = self.model.score_features(cf)
-        ii, jj = np.triu_indices(len(idx), 1)
-        ii_t, jj_t = torch.from_numpy(ii).to(self.device), torch.from_numpy(jj).to(self.device)
-        logits = self.model.rank_logits(cf[ii_t], cf[jj_t])
-        return {"rc": cfg.rc_weight * rank_consistency_loss((y[ii_t], y[jj_t]), logits, cfg.rc_delta)}
+        return {"rc": cfg.rc_weight * rank_consistency(self.model, cf, y, cfg.rc_delta)}
 
     def gaicd_repeats(self, n_gaicd: int, n_fcdb: int) -> int:
         """How many times the GAICD images go into an epoch with ``n_fcdb`` FCDB photos, so that they make up
@@ -277,8 +218,9 @@ class Trainer:
         return [plan[i] for i in order]
 
     def train_epoch(self, plan: Sequence[Sample], unlabeled: Sequence[Sample], bar=None) -> dict:
-        """One pass over ``plan`` (from :meth:`epoch_plan`), each step paired with an unlabeled photo."""
-        self.model.train()
+        """One pass over ``plan`` (from :meth:`epoch_plan`), each step paired with an unlabeled photo.
+
+        The caller puts the model in training mode (see :func:`run_training`)."""
         use_rc = self.cfg.rc and self.cfg.rc_weight > 0 and len(unlabeled) > 0
         u_order = self.rng.permutation(len(unlabeled)) if use_rc else []
         sums: dict[str, float] = {}
@@ -348,17 +290,6 @@ def _full(p, device):
                           [m.to(device).float() for m in p.saf_maps], p.stop, p.input_size)
 
 
-def _photometric_jitter(x, amount: float, rng: np.random.Generator, torch):
-    """Random brightness, contrast and saturation (each ×U(1−a, 1+a)) on a 0..255 batch."""
-    b, c, s = (float(rng.uniform(1 - amount, 1 + amount)) for _ in range(3))
-    x = x * b
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * c + mean
-    gray = x.mean(dim=1, keepdim=True)
-    x = (x - gray) * s + gray
-    return x.clamp(0, 255)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # the whole run
 
@@ -386,6 +317,7 @@ def split_validation(items: list, fraction: float) -> tuple[list, list]:
 def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None], progress=None) -> tuple:
     from .imageio import ImageError, load_image
     from .progress import progress_bar
+    from .transforms import normalize_mos
 
     short = trainer.model.config.short_side
     jobs = [("gaicd", it) for it in data.gaicd] + [("fcdb", it) for it in data.fcdb] + \
@@ -403,7 +335,8 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
                 bar.advance()
                 continue
             if kind == "gaicd":
-                s = trainer.prepare(kind, it.name, li.image, li.full_size, it.boxes, (it.mos - MOS_MEAN) / MOS_STD)
+                mos = normalize_mos(it.mos, trainer.cfg.mos_mean, trainer.cfg.mos_std)
+                s = trainer.prepare(kind, it.name, li.image, li.full_size, it.boxes, mos)
             elif kind == "fcdb":
                 boxes, ious = fcdb_candidates(li.full_size[0], li.full_size[1], it.box)
                 s = trainer.prepare(kind, it.name, li.image, li.full_size, boxes, ious)
@@ -414,11 +347,65 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
     return out["gaicd"], out["fcdb"], out["unlabeled"], skipped
 
 
+def gaicd_spec(spec: str) -> tuple[Path, str]:
+    """``ROOT[:SPLIT]`` → (root, split); the split defaults to ``train``."""
+    root, sep, split = spec.rpartition(":")
+    if sep and split and "/" not in split and "\\" not in split:
+        return Path(root), split
+    return Path(spec), "train"
+
+
+def load_train_data(gaicd: Sequence[str] = (), fcdb: Sequence[Path] = (), unlabeled: Sequence[Path] = (),
+                    val_fraction: float = 0.2) -> TrainData:
+    """Read the training sets (GAICD ``ROOT[:SPLIT]`` specs, FCDB roots, folders of unlabeled photos) and hold
+    out ``val_fraction`` of the GAICD images and half that of the FCDB ones for per-epoch validation."""
+    from .data import list_images, read_fcdb, read_gaicd
+    from .errors import UsageError
+
+    data = TrainData()
+    try:
+        for spec in gaicd:
+            data.gaicd += read_gaicd(*gaicd_spec(spec))
+        for root in fcdb:
+            data.fcdb += read_fcdb(root, "train")
+        if unlabeled:
+            data.unlabeled = list_images(unlabeled, recursive=True)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if not data.gaicd and not data.fcdb:
+        raise UsageError("no labeled data: give GAICD (ROOT[:SPLIT]) and/or FCDB training data")
+    data.gaicd, data.val_gaicd = split_validation(data.gaicd, val_fraction)
+    data.fcdb, data.val_fcdb = split_validation(data.fcdb, val_fraction / 2)
+    return data
+
+
+def build_model(init: Path | None = None, backbone: str = "mobilenet_v2", saf: bool = True,
+                backbone_weights: Path | None = None, seed: int = 0):
+    """``(model, source)``: a new SAC-Net with ImageNet backbone weights, or a smartcrop model to start from."""
+    import torch
+
+    from .errors import UsageError
+    from .model import BACKBONES, ModelConfig, SACNet
+    from .weights import load_backbone_weights, load_model
+
+    torch.manual_seed(seed)  # the heads' initialisation
+    if backbone not in BACKBONES:
+        raise UsageError(f"unknown backbone {backbone!r} (available: {', '.join(BACKBONES)})")
+    if init is not None:
+        net = load_model(init)
+        if net.config.saf != saf:
+            raise UsageError(f"{init}: the model {'has' if net.config.saf else 'lacks'} the spatial-aware feature, "
+                             "unlike the requested architecture")
+        return net, f"init {init}"
+    net = SACNet(ModelConfig(backbone=backbone, saf=saf))
+    return net, load_backbone_weights(net, backbone_weights)
+
+
 def validate(model, data: TrainData, device: str) -> dict:
+    """Metrics of ``model`` (in eval mode) on the held-out GAICD and FCDB items of ``data``."""
     from .cropper import Cropper
     from .evaluate import evaluate_fcdb, evaluate_gaicd
 
-    model.eval()
     cropper = Cropper(net=model, device=device)
     res = {}
     if data.val_gaicd:
@@ -427,31 +414,37 @@ def validate(model, data: TrainData, device: str) -> dict:
     if data.val_fcdb:
         m = evaluate_fcdb(cropper, data.val_fcdb, "any", progress=False)
         res["fcdb_any"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
-    model.train()
     return res
 
 
 def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: str = "cpu",
                  resume: Path | None = None, info: dict | None = None, log: Callable[[str], None] = print,
                  progress: bool | None = None) -> dict:
-    """Train ``model`` on ``data``; checkpoint every epoch to ``OUT.ckpt``, log to ``OUT.log.jsonl``, save ``OUT``."""
+    """Train ``model`` on ``data``; checkpoint every epoch to ``OUT.ckpt``, log to ``OUT.log.jsonl``, save ``OUT``.
+
+    The global RNGs are seeded here (from ``cfg.seed``), and the model's train/eval mode is switched here only:
+    eval while images are prepared and during validation, train for each epoch, eval when done.
+    """
+    from .errors import UsageError
     from .progress import progress_bar
     from .weights import save_model
 
     out = Path(out)
     ckpt = out.with_suffix(".ckpt")
     log_path = out.with_suffix(".log.jsonl")
+    seed_everything(cfg.seed)
     trainer = Trainer(model, cfg, device, log)
     if resume is not None:
         trainer.load_checkpoint(resume)
         log(f"resumed from {resume} after epoch {trainer.epoch}")
     t0 = time.time()
+    model.eval()
     gaicd, fcdb, unl, skipped = prepare_samples(trainer, data, log, progress)
     prep_s = time.time() - t0
     log(f"prepared {len(gaicd)} GAICD, {len(fcdb)} FCDB, {len(unl)} unlabeled images in {prep_s:.0f} s"
         + (f" ({skipped} skipped)" if skipped else ""))
     if not gaicd and not fcdb:
-        raise ValueError("no labeled training images: give --gaicd and/or --fcdb")
+        raise UsageError("no labeled training image could be read")
     if cfg.rc and not unl:
         log("note: no unlabeled photos given: training without the rank-consistency loss")
     with open(log_path, "a") as lf:
@@ -460,15 +453,16 @@ def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: st
                              "prepare_seconds": round(prep_s, 1), "info": info or {}}) + "\n")
         while trainer.epoch < cfg.epochs:
             plan = trainer.epoch_plan(gaicd, fcdb)
+            model.train()
             with progress_bar(len(plan), f"epoch {trainer.epoch + 1}/{cfg.epochs}", progress, status=True) as bar:
                 rec = trainer.train_epoch(plan, unl, bar)
-            rec["val"] = validate(trainer.model, data, device)
+            model.eval()
+            rec["val"] = validate(model, data, device)
             trainer.history.append(rec)
             trainer.save_checkpoint(ckpt)
             lf.write(json.dumps(rec) + "\n")
             lf.flush()
             log(_epoch_line(rec))
-    model.eval()
     final = trainer.history[-1] if trainer.history else {}
     card_info = dict(info or {})
     card_info["training"] = dict(card_info.get("training", {}), config=asdict(cfg), epochs_run=trainer.epoch,

@@ -5,8 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from smartcrop.model import (MobileNetV2, ModelConfig, SACNet, box_masks, count_parameters, roi_align,  # noqa: E402
-                             rod_align)
+from smartcrop.model import MobileNetV2, ModelConfig, SACNet, count_parameters  # noqa: E402
+from smartcrop.ops import box_masks, crop_masks, roi_align, rod_align  # noqa: E402
 
 
 def bilinear(feat, u, v):
@@ -113,23 +113,29 @@ def test_shapes_and_shared_backbone_pass(saf):
         assert feats.saf.shape == (1, 19, 64, 64)
 
 
-def test_saf_mask_changes_scores_and_split_conv_equals_full_conv():
+def test_crop_features_equal_the_papers_full_conv_over_maps_and_mask():
+    """crop_features splits conv1 over [SAF maps, crop mask] into a shared and a per-crop part: the result must
+    equal the plain convolution over the concatenated input, and the crop mask must matter."""
+    F = torch.nn.functional
     torch.manual_seed(0)
     net = SACNet(ModelConfig()).eval()
     x = torch.rand(1, 3, 64, 64) * 255
+    b = torch.tensor([[0.0, 0.0, 40.0, 40.0], [24.0, 24.0, 64.0, 64.0]])
     with torch.no_grad():
         feats = net.image_features(x)
-        b = torch.tensor([[0.0, 0.0, 40.0, 40.0], [24.0, 24.0, 64.0, 64.0]])
-        from smartcrop.model import _crop_mask
-
-        mask = _crop_mask(b, feats.input_size, 64)
-        full = torch.nn.functional.conv2d(torch.cat([feats.saf.expand(2, -1, -1, -1), mask], 1),
-                                          net.saf_conv1.weight, net.saf_conv1.bias, padding=2)
-        w = net.saf_conv1.weight
-        split = (torch.nn.functional.conv2d(feats.saf, w[:, :-1], net.saf_conv1.bias, padding=2)
-                 + torch.nn.functional.conv2d(mask, w[:, -1:], None, padding=2))
-        assert torch.allclose(full, split, atol=1e-5)
+        got = net.crop_features(feats, b)
+        mask = crop_masks(b, feats.input_size, 64)
         assert mask[0, 0, :40, :40].all() and not mask[0, 0, 40:, 40:].any()
+        h = F.conv2d(torch.cat([feats.saf.expand(2, -1, -1, -1), mask], 1), net.saf_conv1.weight,
+                     net.saf_conv1.bias, padding=2)
+        h = F.max_pool2d(F.relu(h), 4)
+        h = F.max_pool2d(F.relu(net.saf_conv2(h)), 2)
+        f_s = net.saf_fc(h.flatten(1))
+        assert torch.allclose(got[:, 256:], f_s, atol=1e-5)
+        net.saf_conv1.weight[:, -1] = 0  # blind the spatial-aware branch to the crop mask
+        blind = net.crop_features(feats, b)
+    assert torch.allclose(blind[:, :256], got[:, :256])  # the region feature does not see the mask
+    assert (blind[:, 256:] - got[:, 256:]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("saf", [True, False])

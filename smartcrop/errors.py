@@ -1,0 +1,30 @@
+"""The library's exceptions: one base class, one-line messages meant for people.
+
+Library messages describe the problem in the library's own terms (a file, a value); the command line adds
+the flag it came from and maps :class:`UsageError` (and any other :class:`SmartcropError` raised before work
+starts) to exit code 2.  Errors about one input photo (:class:`smartcrop.imageio.ImageError`) fail that photo
+only.
+"""
+
+from __future__ import annotations
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """``text`` on one line (whitespace runs collapsed), at most ``limit`` characters."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+class SmartcropError(Exception):
+    """Base of every error smartcrop raises on purpose; ``str(err)`` is one line."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(one_line(message))
+
+
+class UsageError(SmartcropError):
+    """What was asked for cannot be done as asked (a bad value, an impossible combination): exit code 2."""
+
+
+class DeviceError(UsageError):
+    """The requested compute device does not exist on this machine."""

@@ -1,0 +1,72 @@
+"""Generic tensor operations on boxes and feature maps, used by the model: RoIAlign, RoDAlign and crop masks.
+
+Everything is plain PyTorch (``grid_sample`` and pooling), so it runs on any device without compiled
+extensions.  Boxes are ``(N, 4)`` tensors ``x1, y1, x2, y2`` in input-image pixels; a feature map of stride
+``s`` has cell ``i`` covering ``[i·s, (i+1)·s)`` of the image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _sample_grid(boxes: torch.Tensor, out_size: int, sampling: int, stride: float, fh: int, fw: int) -> torch.Tensor:
+    """Normalised ``grid_sample`` coordinates (N, S, S, 2) of ``sampling``² points per bin of each box.
+
+    Feature pixel ``i`` covers ``[i, i+1)`` in feature units (image / stride), so its centre is ``i + 0.5``:
+    the convention of ``grid_sample(align_corners=False)`` and of torchvision's ``roi_align(aligned=True)``.
+    """
+    n = boxes.shape[0]
+    s = out_size * sampling
+    t = (torch.arange(s, device=boxes.device, dtype=boxes.dtype) + 0.5) / s  # (S,) in (0, 1)
+    b = boxes / stride
+    xs = b[:, 0:1] + (b[:, 2:3] - b[:, 0:1]) * t  # (N, S)
+    ys = b[:, 1:2] + (b[:, 3:4] - b[:, 1:2]) * t
+    gx = xs / fw * 2 - 1
+    gy = ys / fh * 2 - 1
+    return torch.stack([gx[:, None, :].expand(n, s, s), gy[:, :, None].expand(n, s, s)], dim=-1)
+
+
+def roi_align(feat: torch.Tensor, boxes: torch.Tensor, out_size: int = 9, stride: float = 16.0,
+              sampling: int = 2) -> torch.Tensor:
+    """RoIAlign of ``boxes`` (N, 4) on ``feat`` (1, C, H, W) → (N, C, S, S).
+
+    Each output bin is the mean of ``sampling``×``sampling`` bilinear samples (zero outside the map).
+    """
+    _, c, fh, fw = feat.shape
+    grid = _sample_grid(boxes, out_size, sampling, stride, fh, fw)
+    out = F.grid_sample(feat.expand(boxes.shape[0], c, fh, fw), grid, mode="bilinear",
+                        padding_mode="zeros", align_corners=False)
+    return F.avg_pool2d(out, sampling) if sampling > 1 else out
+
+
+def box_masks(boxes: torch.Tensor, height: int, width: int, stride: float) -> torch.Tensor:
+    """Soft masks (N, 1, H, W): the share of each cell of an H×W map (cell = stride pixels) inside each box."""
+    b = boxes / stride
+    xs = torch.arange(width, device=boxes.device, dtype=boxes.dtype)
+    ys = torch.arange(height, device=boxes.device, dtype=boxes.dtype)
+    cover_x = (torch.minimum(xs + 1, b[:, 2:3]) - torch.maximum(xs, b[:, 0:1])).clamp(0, 1)  # (N, W)
+    cover_y = (torch.minimum(ys + 1, b[:, 3:4]) - torch.maximum(ys, b[:, 1:2])).clamp(0, 1)  # (N, H)
+    return (cover_y[:, :, None] * cover_x[:, None, :])[:, None]
+
+
+def rod_align(feat: torch.Tensor, boxes: torch.Tensor, out_size: int = 9, stride: float = 16.0,
+              sampling: int = 2) -> torch.Tensor:
+    """RoDAlign: the whole map with each crop zeroed out, aligned to ``out_size``² → (N, C, S, S)."""
+    _, c, fh, fw = feat.shape
+    keep = 1.0 - box_masks(boxes, fh, fw, stride)  # (N, 1, H, W)
+    whole = feat.new_tensor([[0.0, 0.0, fw * stride, fh * stride]]).expand(boxes.shape[0], 4)
+    grid = _sample_grid(whole, out_size, sampling, stride, fh, fw)
+    out = F.grid_sample(feat * keep, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.avg_pool2d(out, sampling) if sampling > 1 else out
+
+
+def crop_masks(boxes: torch.Tensor, input_size: tuple[int, int], s: int) -> torch.Tensor:
+    """Binary crop masks (N, 1, s, s): cells of an s×s grid over the input whose centre lies in the box."""
+    w, h = input_size
+    c = (torch.arange(s, device=boxes.device, dtype=boxes.dtype) + 0.5) / s
+    cx, cy = c * w, c * h
+    inx = (cx[None, :] >= boxes[:, 0:1]) & (cx[None, :] <= boxes[:, 2:3])
+    iny = (cy[None, :] >= boxes[:, 1:2]) & (cy[None, :] <= boxes[:, 3:4])
+    return (iny[:, :, None] & inx[:, None, :]).to(boxes.dtype)[:, None]

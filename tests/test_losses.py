@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from smartcrop.losses import (fcdb_loss, gaicd_loss, pair_indices, rank_consistency,  # noqa: E402
+                              rank_consistency_loss)
+
+
+class Heads:
+    """A stand-in model whose ranking head prefers the crop with the larger first feature."""
+
+    def rank_logits(self, fi, fj):
+        return (fi[:, 0] - fj[:, 0]) * 10
+
+
+def test_pair_indices_keep_only_gaps_beyond_the_threshold_in_both_orders():
+    rng = np.random.default_rng(0)
+    t = np.array([1.0, 2.0, 3.5, 3.6])
+    pairs = pair_indices(t, 0.5, 100, rng)
+    assert {tuple(sorted(p)) for p in pairs.tolist()} == {(0, 1), (0, 2), (0, 3), (1, 2), (1, 3)}
+    better_first = [t[i] > t[j] for i, j in pairs.tolist()]
+    assert any(better_first) and not all(better_first)  # both label values occur
+    assert len(pair_indices(t, 0.5, 2, rng)) == 2
+    assert pair_indices(np.ones(5), 0.5, 10, rng).shape == (0, 2)
+
+
+def test_gaicd_loss_is_zero_when_scores_equal_targets_and_the_head_ranks_right():
+    t = np.array([-1.0, 0.0, 1.5], np.float32)
+    cf = torch.from_numpy(t)[:, None]  # the stand-in head ranks by this feature: right
+    parts = gaicd_loss(Heads(), cf, torch.from_numpy(t), t, np.random.default_rng(0), eta=0.5, max_pairs=10,
+                       lambda_cls=1.0)
+    assert parts["reg"].item() == pytest.approx(0.0)
+    assert parts["cls"].item() < 1e-3
+    wrong = gaicd_loss(Heads(), -cf, torch.from_numpy(t) + 1, t, np.random.default_rng(0), eta=0.5, max_pairs=10,
+                       lambda_cls=2.0)
+    assert wrong["reg"].item() == pytest.approx(0.5)  # smooth-L1 of an error of 1
+    assert wrong["cls"].item() > 10  # 2 × BCE of confident wrong verdicts
+    assert set(gaicd_loss(Heads(), cf, torch.from_numpy(t), t, np.random.default_rng(0), eta=0.5, max_pairs=10,
+                          lambda_cls=0.0)) == {"reg"}
+
+
+def test_fcdb_rank_loss_is_a_margin_on_iou_ordered_pairs():
+    ious = np.array([0.9, 0.5, 0.1], np.float32)
+    cf = torch.from_numpy(ious)[:, None]
+    kw = dict(tau=0.2, max_pairs=10, margin=0.25, weight=2.0, lambda_cls=0.0)
+    good = fcdb_loss(Heads(), cf, torch.tensor([1.0, 0.5, 0.0]), ious, np.random.default_rng(0), **kw)
+    assert set(good) == {"fcdb_rank"} and good["fcdb_rank"].item() == pytest.approx(0.0)  # gaps ≥ margin
+    flat = fcdb_loss(Heads(), cf, torch.zeros(3), ious, np.random.default_rng(0), **kw)
+    assert flat["fcdb_rank"].item() == pytest.approx(2.0 * 0.25)  # every pair violates the margin by 0.25
+    assert fcdb_loss(Heads(), cf, torch.zeros(3), np.full(3, 0.5, np.float32), np.random.default_rng(0), **kw) == {}
+
+
+def test_fcdb_iou_mode_regresses_the_per_image_zscore():
+    image_ious = np.array([0.9, 0.5, 0.1, 0.3], np.float32)
+    ious = image_ious[:3]
+    z = torch.from_numpy(((ious - image_ious.mean()) / image_ious.std()).astype(np.float32))
+    kw = dict(tau=0.2, max_pairs=10, margin=0.25, weight=1.0, lambda_cls=0.0, mode="iou", image_ious=image_ious)
+    cf = torch.zeros(3, 1)
+    assert fcdb_loss(Heads(), cf, z, ious, np.random.default_rng(0), **kw)["fcdb_reg"].item() < 1e-6
+    assert fcdb_loss(Heads(), cf, z + 1, ious, np.random.default_rng(0), **kw)["fcdb_reg"].item() == \
+        pytest.approx(0.5, abs=1e-5)
+    with pytest.raises(ValueError, match="unknown FCDB loss"):
+        fcdb_loss(Heads(), cf, z, ious, np.random.default_rng(0), **{**kw, "mode": "l2"})
+
+
+def test_rank_consistency_loss_follows_the_ranking_head():
+    yi = torch.tensor([1.0, 0.0])
+    yj = torch.tensor([0.0, 1.0])
+    logits = torch.tensor([3.0, 3.0])  # head says i beats j in both pairs
+    # pair 1 agrees (hinge 0.1 + (0 - 1) < 0 -> 0); pair 2 disagrees: 0.1 + 1 = 1.1
+    assert rank_consistency_loss((yi, yj), logits, 0.1).item() == pytest.approx(1.1 / 2)
+
+
+def test_rank_consistency_over_all_pairs_and_no_gradient_through_the_verdict():
+    cf = torch.tensor([[3.0], [2.0], [1.0]], requires_grad=True)  # head: 0 > 1 > 2
+    y = torch.tensor([0.0, 0.0, 1.0], requires_grad=True)  # score head disagrees on pairs (0,2) and (1,2)
+    loss = rank_consistency(Heads(), cf, y, 0.1)
+    assert loss.item() == pytest.approx((0.1 + 1.1 + 1.1) / 3)
+    loss.backward()
+    assert cf.grad is None or cf.grad.abs().sum() == 0
+    assert y.grad.abs().sum() > 0
+    assert rank_consistency(Heads(), cf[:1], y[:1], 0.1) is None
