@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -21,17 +21,21 @@ from .metrics import fcdb_metrics, gaicd_metrics
 from .progress import track
 
 
+def _decoded(cropper, items: Sequence, what: str, progress: bool | None, on_error) -> Iterator[tuple]:
+    """``(item, loaded image)`` for every item whose image decodes; the others are reported through ``on_error``."""
+    for item in track(items, len(items), what, progress):
+        try:
+            yield item, load_image(item.image_path, target_short_side=cropper.config.short_side)
+        except ImageError as e:
+            if on_error:
+                on_error(f"{item.image_path}: {e}")
+
+
 def gaicd_predictions(cropper, items: Sequence[GaicdItem], progress: bool | None = None,
                       on_error: Callable[[str], None] | None = None) -> list[tuple[GaicdItem, np.ndarray]]:
     """Model scores of every annotated crop of every image, in annotation order."""
     out = []
-    for item in track(items, len(items), "GAICD", progress):
-        try:
-            li = load_image(item.image_path, target_short_side=cropper.config.short_side)
-        except ImageError as e:
-            if on_error:
-                on_error(f"{item.image_path}: {e}")
-            continue
+    for item, li in _decoded(cropper, items, "GAICD", progress, on_error):
         s = cropper.score_boxes(li.image, li.full_size, {"gt": item.boxes})["gt"]
         out.append((item, s))
     return out
@@ -59,13 +63,7 @@ def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progres
     if ratio not in {"any", "gt"}:
         raise ValueError(f"ratio must be 'any' or 'gt', not {ratio!r}")
     out = []
-    for item in track(items, len(items), f"FCDB ({ratio})", progress):
-        try:
-            li = load_image(item.image_path, target_short_side=cropper.config.short_side)
-        except ImageError as e:
-            if on_error:
-                on_error(f"{item.image_path}: {e}")
-            continue
+    for item, li in _decoded(cropper, items, f"FCDB ({ratio})", progress, on_error):
         w, h = li.full_size
         if ratio == "any":
             boxes = gaic_anchors(w, h)

@@ -178,26 +178,21 @@ class Finetuner:
 
     def train_epoch(self, album: Sequence[AlbumPhoto], labeled: Sequence[AlbumPhoto] = (), bar=None) -> dict:
         """One pass over the album; the caller puts the model in training mode (see :func:`finetune`)."""
-        sums: dict[str, float] = {}
+        from .training import LossMeter, optimizer_step
+
+        meter = LossMeter()
         t0 = time.time()
         order = np.concatenate([self.rng.permutation(len(album)) for _ in range(self.cfg.steps_per_photo)])
-        for step, i in enumerate(order):
+        for i in order:
             parts = self.photo_loss(album[i])
             if labeled:
                 parts.update(self.photo_loss(labeled[int(self.rng.integers(len(labeled)))]))
-            if not parts:
-                continue
-            loss = sum(parts.values())
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            optimizer_step(self.opt, parts, meter)
             if bar is not None:
-                bar.advance(1, status=" ".join(f"{k} {v / (step + 1):.4f}" for k, v in sums.items()))
+                bar.advance(1, status=meter.status())
         self.epoch += 1
         rec = {"epoch": self.epoch, "seconds": round(time.time() - t0, 2), "photos": len(album),
-               "loss": {k: v / max(1, len(order)) for k, v in sums.items()}}
+               "loss": meter.means()}
         self.history.append(rec)
         return rec
 

@@ -71,6 +71,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class LossMeter:
+    """Running mean of each named loss term over the steps where it occurred."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, parts: dict) -> None:
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+    def status(self) -> str:
+        return " ".join(f"{k} {v:.4f}" for k, v in self.means().items())
+
+
+def optimizer_step(opt, parts: dict, meter: LossMeter) -> None:
+    """One optimiser step on the sum of the loss terms ``parts`` (nothing when there is none)."""
+    if not parts:
+        return
+    loss = sum(parts.values())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    meter.add(parts)
+
+
 @dataclass
 class Sample:
     """One training image after preprocessing."""
@@ -223,28 +253,19 @@ class Trainer:
         The caller puts the model in training mode (see :func:`run_training`)."""
         use_rc = self.cfg.rc and self.cfg.rc_weight > 0 and len(unlabeled) > 0
         u_order = self.rng.permutation(len(unlabeled)) if use_rc else []
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        meter = LossMeter()
         t0 = time.time()
         for step, s in enumerate(plan):
             parts = self.labeled_loss(s)
             if use_rc:
                 parts.update(self.consistency_loss(unlabeled[u_order[step % len(unlabeled)]]))
-            if not parts:
-                continue
-            loss = sum(parts.values())
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-                counts[k] = counts.get(k, 0) + 1
+            optimizer_step(self.opt, parts, meter)
             if bar is not None:
-                bar.advance(1, status=" ".join(f"{k} {sums[k] / counts[k]:.3f}" for k in sums))
+                bar.advance(1, status=meter.status())
         self.sched.step()
         self.epoch += 1
         rec = {"epoch": self.epoch, "steps": len(plan), "seconds": round(time.time() - t0, 1),
-               "lr": self.opt.param_groups[0]["lr"], "loss": {k: sums[k] / counts[k] for k in sums}}
+               "lr": self.opt.param_groups[0]["lr"], "loss": meter.means()}
         return rec
 
     # -- checkpoints -----------------------------------------------------------------------------------------
