@@ -1,0 +1,77 @@
+"""`smartcrop train` and `smartcrop eval` through the command line, on tiny data drawn by the tests."""
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+from typer.testing import CliRunner  # noqa: E402
+
+from smartcrop.cli import app  # noqa: E402
+
+
+def cli(*args):
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_train_from_init_writes_a_model_with_its_card(tmp_path, tiny_gaicd, tiny_fcdb, tiny_album, small_model_file):
+    from smartcrop.weights import load_model, read_card
+
+    out = tmp_path / "runs" / "m.safetensors"
+    out.parent.mkdir()
+    code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--unlabeled", tiny_album,
+                       "--init", small_model_file, "--epochs", "1", "--val-fraction", "0.34", "--device", "cpu",
+                       "--out", out)
+    assert code == 0, err
+    assert "broken.jpg" in err  # the unreadable unlabeled photo is named and skipped
+    card = read_card(out)
+    tr = card["training"]
+    assert tr["n_gaicd"] == 2 and tr["n_fcdb"] == 3 and tr["n_unlabeled"] == 5  # one GAICD image held out
+    assert tr["config"]["frozen_layers"] == 14  # the CPU recipe
+    assert card["command"].startswith("smartcrop train") and card["validation"]["gaicd"]["n_images"] == 1
+    assert load_model(out).config.short_side == 64  # the --init model's architecture
+    lines = [json.loads(x) for x in out.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "start" and lines[-1]["epoch"] == 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--out", "m.pt", "--gaicd", "x"], ["--out", ".safetensors"]),
+    (["--out", "m.safetensors"], ["no labeled data"]),
+    (["--out", "m.safetensors", "--gaicd", "nowhere:train"], ["nowhere"]),
+    (["--out", "m.safetensors", "--gaicd", "x", "--resume", "missing.ckpt"], ["missing.ckpt", "no such checkpoint"]),
+    (["--out", "m.safetensors", "--gaicd", "x", "--backbone", "resnet50"], ["resnet50", "mobilenet_v2"]),
+])
+def test_train_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_gaicd, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    args = [str(tiny_gaicd) + ":train" if a == "x" else a for a in args]
+    code, out, err = cli("train", *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for w in words:
+        assert w in err
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_eval_gaicd_and_fcdb_json(tiny_gaicd, tiny_fcdb, small_model_file):
+    code, out, err = cli("eval", "gaicd", tiny_gaicd, "--split", "train", "--weights", small_model_file, "--json")
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["n_images"] == 3 and -1 <= m["srcc"] <= 1 and 0 <= m["acc5"] <= 100
+    for ratio in ("any", "gt"):
+        code, out, err = cli("eval", "fcdb", tiny_fcdb, "--split", "test", "--ratio", ratio, "--weights",
+                             small_model_file, "--json")
+        assert code == 0, err
+        m = json.loads(out)
+        assert m["n_images"] == 2 and 0 < m["iou"] <= 1 and m["disp"] >= 0
+
+
+def test_eval_table_and_usage_errors(tmp_path, tiny_gaicd, tiny_fcdb, small_model_file):
+    code, out, _ = cli("eval", "gaicd", tiny_gaicd, "--split", "train", "--weights", small_model_file)
+    assert code == 0 and "srcc" in out and "GAICD train (3 images)" in out
+    for args, word in ((["gaicd", tiny_gaicd, "--split", "nosuch"], "nosuch"),
+                       (["fcdb", tiny_fcdb, "--split", "dev"], "test or train"),
+                       (["fcdb", tiny_fcdb, "--ratio", "16:9"], "any or gt"),
+                       (["gaicd", tmp_path / "nothing", "--split", "test"], "nothing")):
+        code, _, err = cli("eval", *args, "--weights", small_model_file)
+        assert code == 2 and word in err and len(err.strip().splitlines()) == 1, err

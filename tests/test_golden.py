@@ -1,0 +1,41 @@
+"""Golden boxes of the shipped model on a photo drawn by the test.
+
+When the shipped model changes on purpose, these boxes change: look at the new crops, then update GOLDEN
+(python -c in the docstring of test_shipped_model_golden_boxes prints them).
+"""
+
+import pytest
+
+pytest.importorskip("torch")
+
+from conftest import draw_photo  # noqa: E402
+
+# ratio → (box, score) from weights/sacnet_mobilenetv2.safetensors on draw_photo(size=(640, 427), seed=7):
+# a gradient sky, a green ground band and a red disc centred near (490, 239), radius 53
+GOLDEN = {
+    "any": ((187, 89, 613, 409), 0.8173),
+    "16:9": ((148, 112, 640, 389), 1.0959),
+    "1:1": ((270, 57, 640, 427), 1.0789),
+    "4:5": ((334, 45, 640, 427), 1.3056),
+}
+SUBJECT = (437, 186, 543, 292)
+
+
+def test_shipped_model_golden_boxes(tmp_path):
+    """Reprint with: cd tests && python -c "from pathlib import Path; from conftest import draw_photo;
+    from smartcrop import Cropper; p = draw_photo(Path('/tmp/g.png'), size=(640, 427), seed=7);
+    [print(c.ratio, c.box, round(c.score, 4)) for c in Cropper(device='cpu').crop(p, list(GOLDEN))]"
+    """
+    from smartcrop import Cropper
+    from smartcrop.weights import shipped_model_path
+
+    if shipped_model_path() is None:
+        pytest.fail("the shipped model is missing from weights/")
+    photo = draw_photo(tmp_path / "golden.png", size=(640, 427), seed=7)
+    crops = Cropper(device="cpu").crop(photo, list(GOLDEN))
+    got = {c.ratio: (c.box, round(c.score, 4)) for c in crops}
+    for ratio, (box, score) in GOLDEN.items():
+        assert got[ratio][0] == box, (ratio, got[ratio])
+        assert got[ratio][1] == pytest.approx(score, abs=2e-3), (ratio, got[ratio])
+        x1, y1, x2, y2 = box
+        assert x1 <= SUBJECT[0] and y1 <= SUBJECT[1] and x2 >= SUBJECT[2] and y2 >= SUBJECT[3]  # subject kept
