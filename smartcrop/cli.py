@@ -164,7 +164,8 @@ def run(
 ):
     """Crop photos to the requested aspect ratios with the best-scoring crops."""
     from .progress import stderr_is_tty
-    from .runner import Runner, plan_run
+    from .plan import plan_run
+    from .runner import Runner
 
     plan = plan_run(inputs or [], from_file=from_file, recursive=recursive, ratios=ratio, size=size, output=output,
                     out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
