@@ -288,8 +288,10 @@ def test_16bit_png_scaled_not_clipped(tmp_path):
     assert got[0] == (0, 0, 0) and got[2] == WHITE
     assert close(got[1], (128, 128, 128), 1)
     assert close(got[3], (4, 4, 4), 1)  # 1000 / 257 ~ 3.9: scaled, not clipped to 255
+    assert li.bit_depth == 16 and not li.reduced_depth  # grayscale: the depth is kept in ``original``
     full = load_full(tmp_path / "deep.png")
-    assert full.original.mode == "L" and full.original.getpixel((2, 1)) == 255
+    assert full.original.mode == "I;16" and full.original.getpixel((3, 1)) == 1000
+    assert full.image.mode == "RGB" and full.image.getpixel((2, 1)) == WHITE
 
 
 def test_float_tiff_scaled(tmp_path):
