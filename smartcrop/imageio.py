@@ -38,6 +38,8 @@ from typing import IO, Any, Iterator, Union
 
 from PIL import Image
 
+from .errors import SmartcropError, one_line
+
 __all__ = [
     "FORMAT_EXTENSIONS",
     "IMAGE_EXTENSIONS",
@@ -57,7 +59,6 @@ __all__ = [
     "reset_xmp_orientation",
     "safe_name",
     "save_image",
-    "save_image_bytes",
 ]
 
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
@@ -120,11 +121,11 @@ _AVIF_BRANDS = frozenset({b"avif", b"avis"})
 EXIF_IFD = 0x8769
 
 
-class ImageError(Exception):
+class ImageError(SmartcropError):
     """An input (or output name) that cannot be used; ``str(err)`` is a one-line human-readable reason."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(safe_name(_one_line(message)))
+        super().__init__(safe_name(one_line(message)))
 
 
 @dataclass
@@ -633,12 +634,7 @@ def _decode_error(err: Exception, max_pixels: int) -> str:
 
 
 def _detail(err: BaseException) -> str:
-    return _one_line(str(err)) or type(err).__name__
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return one_line(str(err)) or type(err).__name__
 
 
 # C0 and C1 controls, DEL, bidi embeddings/overrides/isolates/marks, line and paragraph separators, and lone
@@ -798,7 +794,6 @@ def encode_image(img: Image.Image, format: str, *, quality: int = 95, exif: byte
     return buf.getvalue()
 
 
-save_image_bytes = encode_image  # older name, kept as an alias
 
 
 def format_for_path(path: str | os.PathLike[str]) -> str:

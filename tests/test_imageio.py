@@ -20,7 +20,6 @@ from smartcrop.imageio import (
     load_image,
     reset_orientation,
     save_image,
-    save_image_bytes,
 )
 
 RED, GREEN, GRAY, WHITE = (255, 0, 0), (0, 255, 0), (128, 128, 128), (255, 255, 255)
@@ -423,13 +422,13 @@ def test_saved_output_orientation_reset_and_icc_kept(tmp_path):
             assert close(im.convert("RGB").getpixel((3, 3)), RED), ext  # pixels stored upright
     # a caller forgetting to reset the orientation still gets orientation 1 written
     raw = opened(src).info["exif"]
-    data = save_image_bytes(li.image, "jpeg", exif=raw)
+    data = encode_image(li.image, "jpeg", exif=raw)
     assert opened(data).getexif()[0x0112] == 1
 
 
 def test_icc_profile_dropped_when_colour_space_mismatches(tmp_path):
     gray_icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # not RGB
-    data = save_image_bytes(Image.new("RGB", (4, 4)), "png", icc=gray_icc)
+    data = encode_image(Image.new("RGB", (4, 4)), "png", icc=gray_icc)
     assert "icc_profile" not in opened(data).info
 
 
@@ -444,7 +443,7 @@ def test_round_trip(tmp_path, ext, fmt, exact):
     assert li.format == fmt and li.full_size == (64, 48)
     diff = np.abs(np.asarray(li.image, np.int16) - a).mean()
     assert diff == 0 if exact else diff < 3
-    assert save_image_bytes(Image.fromarray(a), ext)[:4] == out.read_bytes()[:4]
+    assert encode_image(Image.fromarray(a), ext)[:4] == out.read_bytes()[:4]
 
 
 @pytest.mark.parametrize("ext,keeps_alpha", [("png", True), ("webp", True), ("tif", True), ("jpg", False)])
@@ -464,7 +463,7 @@ def test_save_rgba(tmp_path, ext, keeps_alpha):
 
 def test_save_converts_exotic_modes(tmp_path):
     for mode in ("I;16", "CMYK", "LA", "P", "1"):
-        data = save_image_bytes(Image.new(mode, (4, 4)), "webp")
+        data = encode_image(Image.new(mode, (4, 4)), "webp")
         assert opened(data).format == "WEBP"
         save_image(Image.new(mode, (4, 4)), tmp_path / f"{mode.replace(';', '')}.jpg")
 
@@ -512,7 +511,7 @@ def test_unknown_output_format(tmp_path):
         save_image(Image.new("RGB", (4, 4)), tmp_path / "out.xyz")
     assert_one_line_error(ei, "unsupported output")
     with pytest.raises(ImageError):
-        save_image_bytes(Image.new("RGB", (4, 4)), "bmp")
+        encode_image(Image.new("RGB", (4, 4)), "bmp")
     assert list(tmp_path.iterdir()) == []
     out = save_image(Image.new("RGB", (4, 4)), tmp_path / "noext", format="png")
     assert opened(out).format == "PNG"
@@ -537,14 +536,13 @@ def test_format_for_path_and_extensions(tmp_path):
         assert opened(encode_image(img, fmt)).format == fmt
 
 
-def test_keep_original_flag_and_encode_alias(tmp_path):
+def test_keep_original_flag(tmp_path):
     Image.new("LA", (6, 4), (90, 0)).save(tmp_path / "la.png")
     li = load_image(tmp_path / "la.png", keep_original=True)
     assert li.original.mode == "RGBA" and li.image.getpixel((1, 1)) == WHITE
     assert load_image(tmp_path / "la.png").original is None
     with pytest.raises(ValueError):
         load_image(tmp_path / "la.png", keep_original=True, target_short_side=2)
-    assert encode_image is save_image_bytes
 
 
 def test_concurrent_loads(tmp_path):
