@@ -794,6 +794,31 @@ def encode_image(img: Image.Image, format: str, *, quality: int = 95, exif: byte
     return buf.getvalue()
 
 
+def write_file(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False) -> Path:
+    """Write already encoded ``data`` to ``path`` atomically, like :func:`save_image`: a temporary file is
+    written completely (its length checked), flushed to disk, then moved to ``path`` (FileExistsError if it
+    exists and not ``overwrite``)."""
+    path = Path(path)
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, "file exists", str(path))
+    fd, tmp = _create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if f.tell() != len(data):
+                raise OSError(errno.EIO, f"short write ({f.tell()} of {len(data)} bytes)", str(path))
+            os.fsync(f.fileno())
+        _commit(tmp, path, overwrite)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
 
 
 def format_for_path(path: str | os.PathLike[str]) -> str:
