@@ -142,7 +142,10 @@ def run(
     max_side: Optional[int] = typer.Option(None, "--max-side", min=1, help="Downscale crops so their longest "
                                            "side is at most N pixels."),
     top_k: int = typer.Option(1, "--top-k", min=1, max=20, help="Write the K best distinct crops per ratio."),
-    quality: int = typer.Option(92, "--quality", min=1, max=100, help="JPEG/WebP quality."),
+    quality: Optional[int] = typer.Option(None, "--quality", min=1, max=100, help="JPEG/WebP/AVIF quality of "
+                                          "re-encoded crops (default 92); giving it re-encodes JPEG crops too."),
+    reencode: bool = typer.Option(False, "--reencode", help="Re-encode JPEG crops instead of cutting them "
+                                  "losslessly from the original's DCT blocks."),
     out_format: Optional[str] = typer.Option(None, "--format", help="Output format: jpg, png, webp or tif "
                                              "(default: the input's)."),
     strip: bool = typer.Option(False, "--strip", help="Drop EXIF and ICC profile from the outputs."),
@@ -155,9 +158,10 @@ def run(
     weights: Optional[Path] = WEIGHTS_OPT,
     model: Optional[str] = MODEL_OPT,
     device: str = DEVICE_OPT,
-    batch: int = typer.Option(1, "--batch", min=1, max=64, help="Photos scored per model pass (same-size photos "
-                              "are batched)."),
-    jobs: int = typer.Option(2, "--jobs", "-j", min=1, max=32, help="Decode/encode worker threads."),
+    batch: int = typer.Option(8, "--batch", min=1, max=256, help="Photos scored per model pass (photos of the "
+                              "same size share one backbone pass)."),
+    jobs: int = typer.Option(0, "--jobs", "-j", min=0, max=256, help="Worker processes that decode and write "
+                             "(default 0: one per usable core; 1: everything in this process)."),
     adapt: bool = typer.Option(False, "--adapt", help="First fine-tune a copy of the model on these very photos "
                                "(rank consistency), then crop with it. The shipped model is not changed."),
     adapt_epochs: int = typer.Option(2, "--adapt-epochs", min=1, help="Epochs of the --adapt fine-tune."),
@@ -165,17 +169,12 @@ def run(
     """Crop photos to the requested aspect ratios with the best-scoring crops."""
     from .progress import stderr_is_tty
     from .plan import plan_run
-    from .runner import Runner
+    from .runner import crop_photos
 
     plan = plan_run(inputs or [], from_file=from_file, recursive=recursive, ratios=ratio, size=size, output=output,
                     out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
                     skip_existing=skip_existing, on_error=err, name_template=name, max_side=max_side, top_k=top_k,
-                    quality=quality, strip=strip, workers=jobs, batch=batch)
-    cropper = _cropper(weights, model, device)
-    if adapt:
-        from .finetune import adapt_cropper
-
-        cropper = adapt_cropper(cropper, [it.path for it in plan.items if it.path is not None], adapt_epochs, log=err)
+                    quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch)
 
     def on_record(rec):
         if as_json:
@@ -184,7 +183,8 @@ def run(
             print(f"{rec.input}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}", flush=True)
 
     try:
-        summary = Runner(cropper, plan.opts, on_record=on_record, on_error=err).run(plan.items)
+        summary = crop_photos(plan, weights=weights, model=model, device=device,
+                              adapt_epochs=adapt_epochs if adapt else 0, on_record=on_record, on_error=err)
     except KeyboardInterrupt:
         err("interrupted: finished files are complete, nothing partial was left")
         raise typer.Exit(130)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import string
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from .anchors import ratio_label
@@ -39,11 +40,19 @@ def _check_relative(rendered: str, template: str) -> None:
         raise UsageError(f"name template {template!r} would write outside the output folder")
 
 
+@dataclass
+class Claim:
+    """Where one crop goes: ``path``, or nothing to write when ``skip`` says why (``"exists"``)."""
+
+    path: Path
+    skip: str | None = None
+
+
 class OutputNamer:
     """Assigns each crop an output path: never two crops of one run on the same file; existing files are kept
     (a ``-1``, ``-2`` … suffix is added), overwritten (``overwrite``) or the crop skipped (``skip_existing``)."""
 
-    def __init__(self, out_dir: Path, template: str, overwrite: bool, skip_existing: bool):
+    def __init__(self, out_dir: Path, template: str, overwrite: bool, skip_existing: bool, items=()):
         self.out_dir = out_dir
         self.root = out_dir.resolve()
         self.template = template
@@ -62,6 +71,12 @@ class OutputNamer:
         except ValueError:
             raise UsageError(f"name template {self.template!r} would write outside the output folder") from None
         return path
+
+    def claim(self, item: InputItem, ratio: str, rank: int, ext: str, size: tuple) -> Claim:
+        """The output of one crop (see :meth:`assign`)."""
+        wanted = self.render(item, ratio, rank, ext, size)
+        path = self.assign(wanted)
+        return Claim(wanted, "exists") if path is None else Claim(path)
 
     def assign(self, wanted: Path) -> Path | None:
         """The path to write for ``wanted``, or None to skip it."""

@@ -29,14 +29,16 @@ class RunOptions:
     size: tuple | None = None  # exact output size (w, h)
     max_side: int | None = None
     top_k: int = 1
-    quality: int = 92
+    quality: int | None = None  # None: lossless JPEG crops where possible, else quality 92
+    reencode: bool = False  # never crop JPEGs losslessly
+    upscale: bool = False  # allow --size to enlarge a crop
     out_format: str | None = None  # force an output format (jpg, png, webp, tif)
     strip: bool = False
     overwrite: bool = False
     skip_existing: bool = False
     dry_run: bool = False
-    workers: int = 2
-    batch: int = 1
+    workers: int = 0  # worker processes; 0: one per usable core
+    batch: int = 8  # photos scored per model pass
     preview: Path | None = None
 
     def template(self) -> str:

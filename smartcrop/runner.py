@@ -1,25 +1,26 @@
-"""``smartcrop run``'s pipeline: decode, score, crop and write every photo of a :class:`~smartcrop.plan.RunPlan`.
+"""``smartcrop run``'s local engine: every core busy on the stages of :mod:`smartcrop.stages`.
 
-The pipeline per photo: decode once at full resolution with EXIF orientation applied (worker threads), score
-every requested ratio's anchors in one model pass (main thread), then crop, resize, encode and write
-atomically (worker threads).  At most a few photos are in flight, so memory stays flat over any folder.
+Worker processes decode each photo at the network's size (:func:`~smartcrop.stages.prepare`) and write its
+crops (:func:`~smartcrop.stages.finish`: lossless JPEG crops, or one full decode and re-encode); the main
+process holds the model and scores photos in batches across files while the workers go on.  Work in flight is
+bounded (a window of photos and a pixel budget for decodes), so memory stays flat over any folder; results
+are reported in input order.  With one worker (``-j 1``) everything runs in the main process.
 """
 
 from __future__ import annotations
 
 import sys
-import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import SmartcropError, UsageError, one_line
-from .imageio import ImageError, crop_image, encode_image, load_image, save_image
 from .inputs import InputItem
-from .naming import OutputNamer, check_template, output_ext, output_size
+from .naming import OutputNamer, output_ext
 from .plan import RunOptions
+from .pool import WorkerPool
+from .stages import CropError, CropSpec, FinishJob, check_crop, finish, output_size, prepare
 
 
 @dataclass
@@ -30,10 +31,17 @@ class CropRecord:
     box: list
     score: float
     size: list
+    skipped: str | None = None  # "exists": --skip-existing found the output already there
+    lossless: bool | None = None  # a DCT-domain JPEG crop (None: nothing written)
 
     def to_json(self) -> dict:
-        return {"input": self.input, "output": self.output, "ratio": self.ratio, "box": self.box,
-                "score": round(self.score, 4), "size": self.size}
+        out = {"input": self.input, "output": self.output, "ratio": self.ratio, "box": self.box,
+               "score": round(self.score, 4), "size": self.size}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        if self.lossless is not None:
+            out["lossless"] = self.lossless
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -59,132 +67,73 @@ class RunSummary:
 
 
 class Runner:
+    """Runs a plan's photos through the stages; ``on_record`` gets each crop's record, in input order."""
+
     def __init__(self, cropper, opts: RunOptions, on_record: Callable[[CropRecord], None] | None = None,
-                 on_error: Callable[[str], None] | None = None, progress: bool | None = None):
+                 on_error: Callable[[str], None] | None = None, progress: bool | None = None,
+                 pool: WorkerPool | None = None):
         self.cropper = cropper
         self.opts = opts
         self.on_record = on_record or (lambda r: None)
         self.on_error = on_error or (lambda s: print(s, file=sys.stderr))
         self.progress = progress
-        self.namer = None
-        if opts.out_dir is not None:
-            check_template(opts.template())
-            self.namer = OutputNamer(opts.out_dir, opts.template(), opts.overwrite, opts.skip_existing)
+        self.pool = pool
         self.thumbs: list = []
-        self._lock = threading.Lock()
 
-    # -- stages ----------------------------------------------------------------------------------------------
-
-    def _load(self, item: InputItem):
-        src = item.data if item.path is None else item.path
-        return load_image(src, keep_original=not self.opts.dry_run)
-
-    def _all_exist(self, item: InputItem) -> bool:
-        """With --skip-existing: true when every output this photo would get exists already (no decode needed)."""
-        t = self.opts.template()
-        if not (self.opts.skip_existing and self.namer) or "{w}" in t or "{h}" in t:
-            return False  # sizes are only known once the crop is chosen
-        ext = output_ext(item, self.opts.out_format, None)
-        for r in self.opts.ratios:
-            for rank in range(1, self.opts.top_k + 1):
-                if not self.namer.render(item, r, rank, ext, (0, 0)).exists():
-                    return False
-        return True
-
-    def _write(self, item: InputItem, li, crop, rank: int) -> CropRecord | None:
-        opts = self.opts
-        size = output_size(crop.box, opts.size, opts.max_side)
-        rec = CropRecord(item.display, None, crop.ratio, list(crop.box), crop.score, list(size))
-        if opts.dry_run:
-            return rec
-        img = crop_image(li.original if li.original is not None else li.image, crop.box,
-                         None if size == crop.size else size)
-        exif = None if opts.strip else li.exif
-        icc = None if opts.strip else li.icc
-        if self.namer is None:  # stdout
-            data = encode_image(img, output_ext(item, opts.out_format, li.format), quality=opts.quality, exif=exif,
-                                icc=icc)
-            out = sys.stdout.buffer
-            out.write(data)
-            out.flush()
-            rec.output = "-"
-            return rec
-        ext = output_ext(item, opts.out_format, li.format)
-        wanted = self.namer.render(item, crop.ratio, rank, ext, size)
-        for _ in range(3):
-            path = self.namer.assign(wanted)
-            if path is None:
-                return None
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                save_image(img, path, quality=opts.quality, exif=exif, icc=icc, overwrite=opts.overwrite)
-            except FileExistsError:  # appeared meanwhile: take the next free name
-                continue
-            rec.output = str(path)
-            return rec
-        raise OSError(f"{wanted}: could not find a free output name")
-
-    def _finish(self, item: InputItem, li, crops) -> list:
-        records = []
-        ranks: dict[str, int] = {}
-        for c in crops:
-            ranks[c.ratio] = ranks.get(c.ratio, 0) + 1
-            rec = self._write(item, li, c, ranks[c.ratio])
-            records.append(rec)
-        if self.opts.preview is not None:
-            self._add_thumb(item, li, crops)
-        return records
-
-    def _add_thumb(self, item, li, crops) -> None:
-        from .preview import thumbnail_with_boxes
-
-        t = thumbnail_with_boxes(li.image, li.full_size, crops, Path(item.display).name)
-        with self._lock:
-            self.thumbs.append(t)
-
-    # -- driver ----------------------------------------------------------------------------------------------
-
-    def run(self, items: Sequence[InputItem]) -> RunSummary:
+    def run(self, items: Sequence[InputItem], prepared: dict | None = None) -> RunSummary:
+        """Crop ``items``.  ``prepared`` maps item indices to futures of :func:`~smartcrop.stages.prepare`
+        submitted before the model was loaded (see :func:`start_prepare`)."""
         from .progress import progress_bar
 
         opts = self.opts
+        self._items = items
+        if opts.out_dir is None and (len(items) != 1 or len(opts.ratios) * opts.top_k != 1) and not opts.dry_run:
+            raise UsageError("writing to stdout needs exactly one input image and one crop (give an output folder)")
+        namer = None
+        if opts.out_dir is not None and not opts.dry_run:
+            namer = OutputNamer(opts.out_dir, opts.template(), opts.overwrite, opts.skip_existing, list(items))
+        own_pool = self.pool is None
+        pool = self.pool or WorkerPool(opts.workers)
         summary = RunSummary()
-        if self.namer is None and (len(items) != 1 or len(opts.ratios) * opts.top_k != 1) and not opts.dry_run:
-            raise UsageError("writing to stdout needs exactly one input image and one crop (use -o DIR)")
-        workers = max(1, opts.workers)
-        window = max(2, workers + opts.batch)
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="smartcrop-io")
-        loads: deque[tuple[InputItem, Future]] = deque()
-        writes: deque[tuple[InputItem, Future]] = deque()
-        it = iter(items)
+        cfg = self.cropper.config
+        window = max(4, 2 * pool.workers + opts.batch)
+        early = dict(prepared or {})
+        queue = iter(range(len(items)))
+        preps: deque = deque()  # (index, future of prepare)
+        writes: deque = deque()  # (index, records without output yet, future of finish)
 
-        def fill():
-            while len(loads) < window:
-                item = next(it, None)
-                if item is None:
+        def fail(i: int, e: BaseException, bar) -> None:
+            summary.failed += 1
+            self.on_error(f"{items[i].display}: {_describe(e)}")
+            bar.advance()
+
+        def fill() -> None:
+            while len(preps) + len(writes) < window:
+                i = next(queue, None)
+                if i is None:
                     return
-                if self._all_exist(item):
-                    summary.skipped += len(opts.ratios) * opts.top_k
-                    summary.images += 1
-                    bar.advance()
-                    continue
-                loads.append((item, pool.submit(self._load, item)))
+                fut = early.pop(i, None) or pool.submit(prepare, _source(items[i]), cfg.short_side, cfg.max_long_side)
+                preps.append((i, fut))
 
-        def drain_writes(block: bool):
-            while writes and (block or writes[0][1].done() or len(writes) > window):
-                item, fut = writes.popleft()
+        def drain(block: bool, bar) -> None:
+            while writes and (block or writes[0][2] is None or writes[0][2].done() or len(writes) > window // 2):
+                i, recs, fut = writes.popleft()
                 try:
-                    recs = fut.result()
-                except (SmartcropError, ImageError, OSError, ValueError) as e:
-                    summary.failed += 1
-                    self.on_error(f"{item.display}: {_describe(e)}")
-                    bar.advance()
+                    done = fut.result() if fut is not None else []
+                except _PER_FILE as e:
+                    fail(i, e, bar)
                     continue
+                for rec, w in zip([r for r in recs if r.skipped is None], done):
+                    rec.box, rec.output, rec.lossless = list(w.box), w.output, w.lossless
+                    if w.data is not None:
+                        sys.stdout.buffer.write(w.data)
+                        sys.stdout.buffer.flush()
+                        rec.output = "-"
                 for rec in recs:
-                    if rec is None:
+                    if rec.skipped:
                         summary.skipped += 1
-                        continue
-                    summary.written += 0 if opts.dry_run else 1
+                    elif not opts.dry_run:
+                        summary.written += 1
                     summary.records.append(rec)
                     self.on_record(rec)
                 bar.advance()
@@ -192,38 +141,157 @@ class Runner:
         try:
             with progress_bar(len(items), "cropping", self.progress) as bar:
                 fill()
-                while loads:
+                while preps:
                     batch = []
-                    while loads and len(batch) < max(1, opts.batch):
-                        item, fut = loads.popleft()
+                    while preps and len(batch) < opts.batch and (not batch or preps[0][1].done()):
+                        i, fut = preps.popleft()
                         try:
-                            batch.append((item, fut.result()))
-                        except (SmartcropError, ImageError, OSError, ValueError) as e:
+                            batch.append((i, fut.result()))
+                        except _PER_FILE as e:
                             summary.images += 1
-                            summary.failed += 1
-                            self.on_error(f"{item.display}: {_describe(e)}")
-                            bar.advance()
-                        fill()
+                            fail(i, e, bar)
                     if batch:
-                        results = self.cropper.best_crops_batch([(li.image, li.full_size) for _, li in batch],
-                                                                opts.ratios, opts.top_k)
-                        for (item, li), crops in zip(batch, results):
+                        for (i, p), crops in zip(batch, self._score(batch, bar, summary)):
                             summary.images += 1
-                            writes.append((item, pool.submit(self._finish, item, li, crops)))
-                    drain_writes(block=False)
+                            if crops is None:
+                                continue
+                            try:
+                                writes.append(self._submit_finish(pool, namer, items[i], i, p, crops))
+                            except UsageError:
+                                raise  # e.g. an output that would replace an input: the whole run stops
+                            except _PER_FILE as e:
+                                fail(i, e, bar)
+                    drain(False, bar)
                     fill()
-                drain_writes(block=True)
+                drain(True, bar)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if opts.preview is not None and self.thumbs:
-            from .preview import contact_sheet
-
-            try:
-                save_image(contact_sheet(self.thumbs), opts.preview, overwrite=True)
-            except (SmartcropError, ImageError, OSError) as e:
-                summary.failed += 1
-                self.on_error(f"{opts.preview}: cannot write preview: {_describe(e)}")
+            if own_pool:
+                pool.close()
+        self._write_preview(summary)
         return summary
+
+    # -- scoring -----------------------------------------------------------------------------------------------
+
+    def _score(self, batch: list, bar, summary: RunSummary) -> list:
+        """Crops of every photo of the batch (None for a photo whose scoring failed, already reported)."""
+        opts = self.opts
+        try:
+            return self.cropper.best_crops_batch([(p.image, p.full_size) for _, p in batch], opts.ratios, opts.top_k)
+        except (RuntimeError, MemoryError) as e:  # e.g. an allocation failure: retry alone, fail alone
+            if len(batch) == 1:
+                summary.failed += 1
+                i = batch[0][0]
+                self.on_error(f"{self._items[i].display}: cannot score this photo ({_describe(e)})")
+                bar.advance()
+                return [None]
+            return [self._score([b], bar, summary)[0] for b in batch]
+
+    # -- writing -----------------------------------------------------------------------------------------------
+
+    def _submit_finish(self, pool, namer, item: InputItem, index: int, p, crops) -> tuple:
+        """Records of the photo's crops and the future that writes them (None when nothing is to be written)."""
+        opts = self.opts
+        if opts.preview is not None:
+            from .preview import thumbnail_with_boxes
+
+            self.thumbs.append(thumbnail_with_boxes(p.image, p.full_size, crops, Path(item.display).name))
+        ext = output_ext(item, opts.out_format, p.format)
+        specs, recs = [], []
+        ranks: dict[str, int] = {}
+        for c in crops:
+            ranks[c.ratio] = ranks.get(c.ratio, 0) + 1
+            size = output_size(c.box, opts.size, opts.max_side)
+            check_crop(c.box, size, opts.upscale)
+            rec = CropRecord(item.display, None, c.ratio, list(c.box), c.score, list(size))
+            recs.append(rec)
+            if opts.dry_run:
+                continue
+            target = None
+            if namer is not None:
+                claim = namer.claim(item, c.ratio, ranks[c.ratio], ext, size)
+                if claim.skip:
+                    rec.output, rec.skipped = str(claim.path), claim.skip
+                    continue
+                target = str(claim.path)
+            specs.append(CropSpec(c.ratio, tuple(c.box), c.score, tuple(size), target))
+        if p.reduced_depth and specs:
+            self.on_error(f"{item.display}: note: 16-bit colour reduced to 8 bits in the crops")
+        if not specs:
+            return index, recs, None
+        job = FinishJob(_source(item), ext, specs, quality=opts.quality, strip=opts.strip, overwrite=opts.overwrite,
+                        lossless=not opts.reencode)
+        return index, recs, pool.submit(finish, job)
+
+    def _write_preview(self, summary: RunSummary) -> None:
+        opts = self.opts
+        if opts.preview is None or not self.thumbs:
+            return
+        from .imageio import save_image
+        from .preview import contact_sheet
+
+        try:
+            save_image(contact_sheet(self.thumbs), opts.preview, overwrite=True)
+        except _PER_FILE as e:
+            summary.failed += 1
+            self.on_error(f"{opts.preview}: cannot write the preview: {_describe(e)}")
+
+
+def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "auto", adapt_epochs: int = 0,
+                on_record: Callable[[CropRecord], None] | None = None, on_error: Callable[[str], None] | None = None,
+                progress: bool | None = None) -> RunSummary:
+    """Run a :class:`~smartcrop.plan.RunPlan` end to end.
+
+    The worker processes start first and begin decoding while torch is imported and the model loaded, so a
+    short run does not pay for start-up twice.  ``adapt_epochs > 0`` first fine-tunes a copy of the model on
+    the plan's photos (``--adapt``).
+    """
+    from .weights import resolve_model
+
+    opts = plan.opts
+    path = resolve_model(weights, model)
+    with WorkerPool(opts.workers) as pool:
+        early = {}
+        size = _input_size(path)
+        if size is not None and not adapt_epochs:
+            n = min(len(plan.items), max(4, 2 * pool.workers + opts.batch))
+            early = {i: pool.submit(prepare, _source(plan.items[i]), *size) for i in range(n)}
+        from .cropper import Cropper
+
+        cropper = Cropper(weights=path, device=device)
+        if (cropper.config.short_side, cropper.config.max_long_side) != size:
+            early = {}  # decoded for another input size
+        if adapt_epochs:
+            from .finetune import adapt_cropper
+
+            cropper = adapt_cropper(cropper, [it.path for it in plan.items if it.path is not None], adapt_epochs,
+                                    log=on_error or print)
+        runner = Runner(cropper, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool)
+        return runner.run(plan.items, early)
+
+
+def _input_size(path) -> tuple[int, int] | None:
+    """(short_side, max_long_side) from a model file's header, read without torch; None if unreadable."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                return None
+            meta = json.loads(f.read(n)).get("__metadata__", {})
+        cfg = json.loads(meta["smartcrop"]).get("config", {})
+        return int(cfg.get("short_side", 256)), int(cfg.get("max_long_side", 768))
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
+def _source(item: InputItem):
+    return item.data if item.path is None else str(item.path)
+
+
+# Errors that fail one photo (raised in a worker and sent back, or in the main process)
+_PER_FILE = (SmartcropError, OSError, ValueError, MemoryError, CropError)
 
 
 def _describe(e: BaseException) -> str:

@@ -1,0 +1,106 @@
+"""Worker processes for the CPU stages of a run, and the pixel budget that keeps their memory bounded.
+
+:class:`WorkerPool` is a process pool (``fork`` on Linux, so workers start in milliseconds; ``spawn``
+elsewhere) whose workers ignore SIGINT — the main process decides how a run stops — or, with one worker, a
+stand-in that runs each task at once in the calling process.  Create it before torch is imported so the workers
+never carry torch's threads.
+
+The pixel budget is shared by all workers: a decode of ``n`` pixels waits while other decodes hold more than
+``budget − n`` pixels (a decode larger than the whole budget runs alone), so a folder of huge images is
+decoded one at a time instead of all at once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+
+#: Pixels all workers may hold decoded at once (3 bytes each in RGB, plus a copy or two while converting).
+DEFAULT_PIXEL_BUDGET = 120_000_000
+
+_budget = None  # (Condition, Value) in a worker; None: no budget (in-process runs)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (respects ``taskset`` and container CPU sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _init_worker(budget) -> None:
+    global _budget
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _budget = budget
+
+
+@contextmanager
+def pixel_budget(pixels: int):
+    """Hold ``pixels`` of the shared budget while decoding (no-op outside a pool)."""
+    if _budget is None or pixels <= 0:
+        yield
+        return
+    cond, used, limit = _budget
+    with cond:
+        while used.value > 0 and used.value + pixels > limit:
+            cond.wait()
+        used.value += pixels
+    try:
+        yield
+    finally:
+        with cond:
+            used.value -= pixels
+            cond.notify_all()
+
+
+class WorkerPool:
+    def __init__(self, workers: int | None = None, pixel_budget: int = DEFAULT_PIXEL_BUDGET):
+        self.workers = max(1, workers or usable_cores())
+        self._executor = None
+        if self.workers > 1:
+            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            budget = (ctx.Condition(), ctx.Value("q", 0, lock=False), pixel_budget)
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                                 initargs=(budget,))
+
+    def submit(self, fn, *args) -> Future:
+        if self._executor is None:
+            fut: Future = Future()
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - delivered through the future, like a process pool
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                fut.set_exception(e)
+            return fut
+        try:
+            return self._executor.submit(fn, *args)
+        except BrokenProcessPool:
+            self._restart()
+            return self._executor.submit(fn, *args)
+
+    def _restart(self) -> None:
+        """A worker died (e.g. killed for memory): the tasks it held fail; start a fresh pool for the rest."""
+        old = self._executor
+        ctx = old._mp_context
+        self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=old._initializer,
+                                             initargs=old._initargs)
+        old.shutdown(wait=False, cancel_futures=True)
+
+    def close(self, cancel: bool = False) -> None:
+        """Wait for the running tasks (so every file being written is finished) and stop the workers."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=cancel)
+            self._executor = None
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(cancel=exc[0] is not None)

@@ -1,0 +1,197 @@
+"""The three stages every photo of a ``run`` goes through, as plain functions of picklable values.
+
+1. :func:`prepare` (a worker): decode at the network's size (JPEG DCT scaling: a 12 MP JPEG is never decoded
+   at full size here), apply EXIF orientation, resize to the network input → :class:`Prepared`.
+2. scoring (the process that holds the model): :meth:`smartcrop.cropper.Cropper.best_crops_batch` on a batch of
+   prepared images — not here.
+3. :func:`finish` (a worker): for each chosen crop, either a lossless DCT-domain crop of the JPEG
+   (:mod:`smartcrop.jpegcrop`) or a full decode (once per photo), crop, optional resize and encode; then an
+   atomic write → one :class:`Written` per crop.
+
+The local engine (:mod:`smartcrop.runner`) runs stages 1 and 3 in a process pool and stage 2 in the main
+process; a distributed engine can run the same functions as remote tasks.  Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SmartcropError
+
+#: Smallest crop side written (pixels): anything smaller is a failed file, not a thumbnail of nothing.
+MIN_CROP_SIDE = 16
+
+
+class CropError(SmartcropError):
+    """A chosen crop cannot be written as asked (too small, would need upscaling): fails that photo."""
+
+
+@dataclass
+class Prepared:
+    """A photo ready for scoring."""
+
+    image: object  # PIL RGB image at the network's input size
+    full_size: tuple[int, int]  # upright full-resolution (w, h)
+    format: str  # Pillow format name of the source ("JPEG", "PNG", ...)
+    has_alpha: bool = False
+    reduced_depth: bool = False  # a 16-bit colour source whose crops will be 8-bit
+    camera: dict = field(default_factory=dict)
+
+
+@dataclass
+class CropSpec:
+    """One crop to write."""
+
+    ratio: str
+    box: tuple[int, int, int, int]  # upright full-resolution pixels
+    score: float
+    out_size: tuple[int, int]  # size of the written image
+    target: str | None  # output path, or None to return the encoded bytes (stdout)
+
+
+@dataclass
+class FinishJob:
+    """Everything a worker needs to write the crops of one photo."""
+
+    source: object  # path (str) or the file's bytes (stdin)
+    ext: str  # output extension without the dot
+    crops: list  # CropSpec
+    quality: int | None = None  # None: lossless where possible, else 92
+    strip: bool = False
+    overwrite: bool = False
+    lossless: bool = True  # allow DCT-domain JPEG crops
+
+
+@dataclass
+class Written:
+    """What :func:`finish` did with one crop."""
+
+    box: tuple[int, int, int, int]  # the box actually written (a lossless crop snaps to the iMCU grid)
+    output: str | None
+    lossless: bool
+    data: bytes | None = None  # the encoded image when the target was None
+
+
+DEFAULT_QUALITY = 92
+
+
+def prepare(source, short_side: int, max_long_side: int) -> Prepared:
+    """Stage 1: decode ``source`` (a path or bytes) at about the network's size and resize it exactly."""
+    from PIL import Image
+
+    from .imageio import load_image
+    from .pool import pixel_budget
+    from .transforms import network_size
+
+    with pixel_budget(_pixels(source, draft=True)):
+        li = load_image(source, target_short_side=short_side)
+    size = network_size(li.full_size[0], li.full_size[1], short_side, max_long_side)
+    img = li.image if li.image.size == size else li.image.resize(size, Image.BILINEAR, reducing_gap=2.0)
+    return Prepared(img, li.full_size, li.format, li.has_alpha, li.reduced_depth, li.camera)
+
+
+def output_size(box, size: tuple[int, int] | None, max_side: int | None) -> tuple[int, int]:
+    """Size of the written crop: ``size`` exactly, or the crop's own size capped to ``max_side``."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    if size:
+        return tuple(size)
+    if max_side and max(w, h) > max_side:
+        s = max_side / max(w, h)
+        return max(1, round(w * s)), max(1, round(h * s))
+    return w, h
+
+
+def check_crop(box, out_size: tuple[int, int], upscale: bool) -> None:
+    """Refuse crops too small to be useful, and enlargements nobody asked for."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    if min(w, h) < MIN_CROP_SIDE:
+        raise CropError(f"the best crop is only {w}x{h} pixels (at least {MIN_CROP_SIDE} on each side are needed)")
+    if (out_size[0] > w or out_size[1] > h) and not upscale:
+        raise CropError(f"the crop is {w}x{h} pixels, smaller than the requested {out_size[0]}x{out_size[1]}; "
+                        "pass --upscale to enlarge it")
+
+
+def finish(job: FinishJob) -> list[Written]:
+    """Stage 3: write every crop of one photo; lossless for JPEG → JPEG crops at their own size when possible."""
+    from .imageio import crop_image, encode_image, write_file
+
+    data = None
+    full = None
+    out: list[Written] = []
+    for spec in job.crops:
+        box = tuple(spec.box)
+        encoded = None
+        lossless = False
+        own_size = spec.out_size == (box[2] - box[0], box[3] - box[1])
+        if job.lossless and job.ext == "jpg" and job.quality is None and own_size:
+            if data is None:
+                data = _read_bytes(job.source)
+            encoded, box = _lossless(data, box, job.strip)
+            lossless = encoded is not None
+        if encoded is None:
+            if full is None:
+                full = _load_full(job.source)
+            resize = None if own_size else spec.out_size
+            img = crop_image(full.original, spec.box, resize)
+            box = tuple(spec.box)
+            keep = not job.strip
+            encoded = encode_image(img, job.ext, quality=job.quality or DEFAULT_QUALITY,
+                                   exif=full.exif if keep else None, icc=full.icc if keep else None,
+                                   xmp=full.xmp if keep else None, iptc=full.iptc if keep else None)
+        if spec.target is None:
+            out.append(Written(box, None, lossless, encoded))
+            continue
+        target = Path(spec.target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_file(target, encoded, overwrite=job.overwrite)
+        out.append(Written(box, str(target), lossless))
+    return out
+
+
+def _read_bytes(source) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    with open(source, "rb") as f:
+        return f.read()
+
+
+def _load_full(source):
+    from .imageio import load_full
+    from .pool import pixel_budget
+
+    with pixel_budget(_pixels(source)):
+        return load_full(source)
+
+
+def _pixels(source, draft: bool = False) -> int:
+    """Pixels a decode of ``source`` will hold (from its header; 0 when it cannot be read — the decode will
+    then report the problem).  A JPEG decoded for scoring is DCT-scaled: about 1/64 of its pixels."""
+    import io
+
+    from PIL import Image
+
+    try:
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else open(source, "rb")
+        with fp, Image.open(fp) as im:
+            w, h = im.size
+            fmt = im.format
+    except Exception:  # noqa: BLE001 - any unreadable header: the real decode reports it
+        return 0
+    return w * h // (64 if draft and fmt == "JPEG" else 1)
+
+
+def _lossless(data: bytes, box, strip: bool):
+    """``(jpeg bytes, box used)`` of a DCT-domain crop, or ``(None, box)`` when the JPEG must be re-encoded."""
+    from . import jpegcrop
+
+    if not jpegcrop.available():
+        return None, box
+    try:
+        orientation = jpegcrop.read_orientation(data)
+        if strip and orientation != 1:
+            return None, box  # without EXIF the stored orientation would be lost: re-encode upright instead
+        encoded, used = jpegcrop.lossless_crop(data, box, orientation, strip=strip)
+    except (jpegcrop.LosslessUnsupported, ValueError):
+        return None, box
+    return encoded, tuple(int(v) for v in used)
