@@ -7,15 +7,24 @@ same header plus the file's sha256 and parameter count.  When a card is present 
 
 Nothing here unpickles: ``.pt``/``.pth`` files are read with ``torch.load(weights_only=True)``, which refuses to
 execute code.
+
+Nothing in a model file is trusted either: :func:`load_model` validates the header's architecture config
+(:func:`validate_config`: types and ranges), then the tensors against the architecture that config describes
+(names, shapes and kinds exactly as in :class:`~smartcrop.model.SACNet`'s ``state_dict``; every floating tensor
+finite; BatchNorm variances not negative) before any of it is used.  Every violation is one
+:class:`WeightsError` line naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
+
+from .errors import SmartcropError
 
 FORMAT = "smartcrop-sacnet"
 FORMAT_VERSION = 1
@@ -23,8 +32,8 @@ SHIPPED_NAME = "sacnet_mobilenetv2"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-class WeightsError(Exception):
-    """A model file that cannot be used; the message is one line."""
+class WeightsError(SmartcropError):
+    """A model file that cannot be used; the message is one line (the command line: exit code 2)."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -118,9 +127,10 @@ def read_card(path: str | os.PathLike) -> dict | None:
     if not c.is_file():
         return None
     try:
-        return json.loads(c.read_text())
+        card = json.loads(c.read_text())
     except (OSError, ValueError):
         return None
+    return card if isinstance(card, dict) else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -164,17 +174,26 @@ def read_header(path: str | os.PathLike) -> dict:
     try:
         header = json.loads(meta["smartcrop"])
     except ValueError:
-        raise WeightsError(f"{path}: corrupt smartcrop header") from None
+        raise WeightsError(f"{path}: corrupt smartcrop header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: corrupt smartcrop header (a JSON {type(header).__name__}, not an object)")
     if header.get("format") != FORMAT:
-        raise WeightsError(f"{path}: unknown model format {header.get('format')!r}")
+        raise WeightsError(f"{path}: unknown model format {_short(header.get('format'))}")
+    version = header.get("format_version", FORMAT_VERSION)
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise WeightsError(f"{path}: unsupported format_version {_short(version)} (this smartcrop reads "
+                           f"1..{FORMAT_VERSION}; a newer smartcrop may read it)")
     return header
 
 
 def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verify: bool = True):
-    """Load a SACNet from a smartcrop ``.safetensors`` file (or ``.pt`` state dict, safely) in eval mode."""
+    """Load a SACNet from a smartcrop ``.safetensors`` file (or ``.pt`` state dict, safely) in eval mode.
+
+    The file is validated first (see the module docstring); any problem raises :class:`WeightsError`.
+    """
     import torch
 
-    from .model import ModelConfig, SACNet
+    from .model import ModelConfig
 
     path = Path(path) if path is not None else resolve_model()
     if not path.is_file():
@@ -185,12 +204,13 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verif
         except Exception as e:
             raise WeightsError(f"{path}: cannot be read safely ({str(e).splitlines()[0][:200]})") from None
         state = obj.get("model", obj) if isinstance(obj, dict) else None
-        config = obj.get("config", {}) if isinstance(obj, dict) else {}
         if not isinstance(state, dict) or not any(str(k).startswith("backbone.") for k in state):
             raise WeightsError(f"{path}: not a smartcrop model state dict (a backbone? use --backbone-weights)")
-        model = SACNet(ModelConfig.from_dict(config))
-        model.load_state_dict(state, strict=True)
-        return model.to(device).eval()
+        config = validate_config(obj.get("config", {}), path)  # a plain state dict has no config: defaults
+        cfg = ModelConfig.from_dict(config)
+        skeleton = _skeleton(cfg, path)
+        validate_state(state, _expected_state(skeleton), path)
+        return _materialize(skeleton, state).to(device).eval()
 
     header = read_header(path)
     card = read_card(path)
@@ -198,29 +218,359 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verif
         digest = sha256_file(path)
         if digest != card["sha256"]:
             raise WeightsError(f"{path}: checksum mismatch with {card_path(path).name} (file corrupt or replaced)")
+    if "config" not in header:
+        raise WeightsError(f"{path}: the smartcrop header has no architecture config")
+    cfg = ModelConfig.from_dict(validate_config(header["config"], path))
+    skeleton = _skeleton(cfg, path)  # the architecture, before reading any tensor or allocating anything
     from safetensors.torch import load_file
 
-    model = SACNet(ModelConfig.from_dict(header.get("config", {})))
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise WeightsError(
-            f"{path}: tensors do not match the architecture (missing {len(missing)}, unexpected {len(unexpected)})"
-        )
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise WeightsError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0][:200]})") from None
+    validate_state(state, _expected_state(skeleton), path)
+    model = _materialize(skeleton, state)
     model.header = header
     model.source_path = path
     return model.to(device).eval()
 
 
-def load_backbone_weights(model, path: str | os.PathLike | None = None) -> str:
+# --------------------------------------------------------------------------------------------------------------
+# validation
+#
+# Config ranges.  short_side / max_long_side set the size of the network input and of the reduced decode, so they
+# bound memory per image: 256/768 (the shipped model) peaks at ~0.3 GB of RSS on CPU, 1024/2048 (the maxima here)
+# at ~0.8 GB.  The architecture sizes are bounded generously around the paper's values; they cannot make a model
+# bigger than its file anyway, because the tensors must match the architecture exactly (checked on a "meta" model,
+# which allocates nothing, before any tensor is read).
+#
+# Keys: missing ones take ModelConfig's defaults (a plain ``.pt`` state dict has no config at all); unknown ones
+# are refused, since a key this version does not understand (a typo, or a newer smartcrop's architecture switch)
+# would otherwise be silently dropped and the model run as something it is not.
+
+BACKBONES = ("mobilenet_v2",)
+BACKBONE_LAYERS = 19  # MobileNetV2's ``features``
+CONFIG_INT_RANGES = {
+    "short_side": (32, 1024),
+    "max_long_side": (32, 2048),  # and >= short_side
+    "reduced_channels": (1, 256),
+    "align_size": (1, 16),
+    "saf_size": (8, 128),
+    "feat_dim": (1, 2048),
+    "roi_sampling": (1, 8),
+    "se_hidden": (1, 256),
+    "saf_kernel": (1, 15),  # and odd (the padding keeps the size)
+}
+CONFIG_INT_PAIRS = {"saf_channels": (1, 256), "saf_pools": (1, 16)}  # and the pools' product <= saf_size
+MEAN_RANGE = (0.0, 255.0)  # inputs are 0..255 RGB
+STD_RANGE = (0.01, 1000.0)
+GENERIC_RANGE = (0, 4096)  # a ModelConfig field without a rule of its own: the type of its default, this range
+FIELDS_WITH_RULES = ("backbone", "saf", *CONFIG_INT_RANGES, *CONFIG_INT_PAIRS, "taps", "dropout", "mean", "std")
+
+
+def _short(value, limit: int = 60) -> str:
+    """``repr`` of a value read from a file, cut to ``limit`` characters (one line, whatever it holds)."""
+    try:
+        r = repr(value)
+    except Exception:  # e.g. an int past Python's digit limit
+        r = f"<{type(value).__name__}>"
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    """A real int or a finite float (json reads NaN and Infinity; ints are finite but may not fit a float)."""
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+class _BadField(ValueError):
+    pass
+
+
+def _check_field(key: str, v, default):
+    """The clean value of config field ``key``; raises :class:`_BadField` (one line) when it is not sane."""
+    if key == "backbone":
+        if not isinstance(v, str) or v not in BACKBONES:
+            raise _BadField(f"backbone {_short(v)} is not known (known: {', '.join(BACKBONES)})")
+        return v
+    if key == "saf":
+        if not isinstance(v, bool):
+            raise _BadField(f"saf must be true or false, found {_short(v)}")
+        return v
+    if key in CONFIG_INT_RANGES:
+        lo, hi = CONFIG_INT_RANGES[key]
+        if not _is_int(v) or not lo <= v <= hi:
+            raise _BadField(f"{key} must be an integer in {lo}..{hi}, found {_short(v)}")
+        if key == "saf_kernel" and v % 2 == 0:
+            raise _BadField(f"saf_kernel must be odd, found {v}")
+        return v
+    if key in CONFIG_INT_PAIRS:
+        lo, hi = CONFIG_INT_PAIRS[key]
+        if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(_is_int(c) and lo <= c <= hi for c in v):
+            raise _BadField(f"{key} must be 2 integers in {lo}..{hi}, found {_short(v)}")
+        return tuple(v)
+    if key == "taps":
+        n = BACKBONE_LAYERS - 1
+        if (not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_is_int(c) and 0 <= c <= n for c in v)
+                or not v[0] < v[1] < v[2]):
+            raise _BadField(f"taps must be 3 increasing backbone layer indices in 0..{n}, found {_short(v)}")
+        return tuple(v)
+    if key == "dropout":
+        if not _is_number(v) or not 0.0 <= v < 1.0:
+            raise _BadField(f"dropout must be a number in [0, 1), found {_short(v)}")
+        return float(v)
+    if key in ("mean", "std"):
+        lo, hi = MEAN_RANGE if key == "mean" else STD_RANGE
+        if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_is_number(c) and lo <= c <= hi for c in v):
+            raise _BadField(f"{key} must be 3 finite numbers in [{lo:g}, {hi:g}], found {_short(v)}")
+        return [float(c) for c in v]
+    return _check_generic(key, v, default)
+
+
+def _check_generic(key: str, v, default):
+    """A field added to ModelConfig without a rule here yet: the JSON type of its default, numbers in range."""
+    lo, hi = GENERIC_RANGE
+
+    def ok(x, d) -> bool:
+        if isinstance(d, bool) or isinstance(d, str):
+            return type(x) is type(d)
+        if isinstance(d, int):
+            return _is_int(x) and lo <= x <= hi
+        if isinstance(d, float):
+            return _is_number(x) and lo <= x <= hi
+        return False
+
+    if isinstance(default, (list, tuple)):
+        if isinstance(v, (list, tuple)) and len(v) == len(default) and all(ok(x, d) for x, d in zip(v, default)):
+            return type(default)(v)
+    elif ok(v, default):
+        return float(v) if isinstance(default, float) else v
+    raise _BadField(f"{key} must be like its default {_short(default)}, found {_short(v)}")
+
+
+def validate_config(config, path: str | os.PathLike | None = None) -> dict:
+    """Check a model's architecture config (the header's ``"config"``); returns a clean copy for
+    :meth:`ModelConfig.from_dict <smartcrop.model.ModelConfig.from_dict>`.
+
+    Every key must be a :class:`~smartcrop.model.ModelConfig` field of the right type (booleans real booleans,
+    integers real integers, no NaN/Infinity) in a sane range (``CONFIG_INT_RANGES``, ``CONFIG_INT_PAIRS``,
+    ``MEAN_RANGE``, ``STD_RANGE``): ``short_side`` 32..1024 and ``max_long_side`` short_side..2048 bound the
+    network input, hence memory; ``mean``/``std`` are 3 finite numbers each with ``std`` >= 0.01; ``backbone`` one
+    of ``BACKBONES``.  Missing keys take the defaults; unknown keys are refused.  A violation raises
+    :class:`WeightsError`: one line, naming ``path`` when given.
+    """
+    import dataclasses
+
+    from .model import ModelConfig
+
+    where = f"{path}: " if path is not None else ""
+
+    def bad(msg: str):
+        raise WeightsError(f"{where}bad model config: {msg}")
+
+    if not isinstance(config, dict):
+        bad(f"expected a JSON object, found {type(config).__name__} {_short(config)}")
+    defaults = ModelConfig()
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = [k for k in config if k not in fields]
+    if unknown:
+        bad(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(_short(k, 40) for k in unknown[:3])}"
+            f"{' ...' if len(unknown) > 3 else ''} (known: {', '.join(fields)})")
+    out = {}
+    for key, v in config.items():
+        try:
+            out[key] = _check_field(key, v, getattr(defaults, key))
+        except _BadField as e:
+            bad(str(e))
+    merged = {**dataclasses.asdict(defaults), **out}
+    if merged["max_long_side"] < merged["short_side"]:
+        bad(f"max_long_side ({merged['max_long_side']}) is smaller than short_side ({merged['short_side']})")
+    pools = merged.get("saf_pools")
+    if pools is not None and pools[0] * pools[1] > merged["saf_size"]:
+        bad(f"saf_pools {list(pools)} shrink saf_size {merged['saf_size']} below one cell")
+    return out
+
+
+def _skeleton(cfg, path: str | os.PathLike | None = None):
+    """``SACNet(cfg)`` on the meta device: every name, shape and dtype, no memory, no random initialisation."""
+    import torch
+
+    from .model import SACNet
+
+    try:
+        with torch.device("meta"):
+            return SACNet(cfg)
+    except Exception as e:  # validate_config should have caught it: still one line, not a traceback
+        where = f"{path}: " if path is not None else ""
+        raise WeightsError(f"{where}bad model config: {str(e).splitlines()[0][:200]}") from None
+
+
+def _expected_state(skeleton) -> dict:
+    """``{name: (shape, dtype)}`` of a model's ``state_dict``."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
+
+
+def _materialize(skeleton, state: dict):
+    """The model of ``skeleton`` (a meta SACNet) holding the validated ``state``, on the CPU.
+
+    Copies of the tensors of ``state`` (in the architecture's dtypes) become the model's (``assign``): no random
+    initialisation of a fresh ``SACNet(cfg)`` (~40 ms).  The only tensors outside the state_dict, the
+    non-persistent input-normalisation buffers, are made from the config as ``SACNet.__init__`` makes them; a model
+    with anything else left on the meta device is built the plain way.  (Not ``Module.to_empty``: its first call
+    imports sympy, ~0.25 s.)
+    """
+    import itertools
+
+    import torch
+
+    from .model import SACNet
+
+    expected = skeleton.state_dict()
+    # fresh copies: safetensors' tensors sit at 8-byte offsets in one buffer, and kernels on unaligned memory may
+    # round differently (scores must be bit-identical to those of the model that was saved)
+    state = {k: v.to(expected[k].dtype, copy=True) for k, v in state.items()}
+    model = skeleton
+    model.load_state_dict(state, strict=True, assign=True)
+    for name in ("mean", "std"):
+        buf = getattr(model, name, None)
+        if isinstance(buf, torch.Tensor) and buf.is_meta:
+            setattr(model, name, torch.tensor(getattr(model.config, name), dtype=buf.dtype).view(buf.shape))
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        model = SACNet(skeleton.config)
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def _fmt_shape(shape) -> str:
+    return "x".join(map(str, shape)) if len(shape) else "scalar"
+
+
+def validate_state(state: dict, expected: dict, path: str | os.PathLike) -> None:
+    """Check loaded tensors against the architecture's ``{name: (shape, dtype)}`` (see :func:`_expected_state`).
+
+    Names must match exactly (nothing missing, nothing extra), shapes exactly, floating tensors must be floating
+    and integer ones integer, every floating value finite and BatchNorm running variances not negative.  The
+    first violation of a kind raises :class:`WeightsError`: one line naming the file and the first few tensors.
+    """
+    import numpy as np
+    import torch
+
+    def names(items, n: int = 3) -> str:
+        items = list(items)
+        return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    not_tensor = [k for k in expected if k in state and not isinstance(state[k], torch.Tensor)]
+    wrong = [k for k in expected if k in state and k not in not_tensor and tuple(state[k].shape) != expected[k][0]]
+    kind = [k for k in expected if k in state and k not in not_tensor and k not in wrong
+            and (state[k].is_floating_point() != expected[k][1].is_floating_point or state[k].is_complex())]
+    if missing or extra or not_tensor or wrong or kind:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} with the wrong shape (" + names(
+                f"{_short(k, 50)} (expected {_fmt_shape(expected[k][0])}, found {_fmt_shape(state[k].shape)})"
+                for k in wrong) + ")")
+        if missing:
+            parts.append(f"{len(missing)} missing (" + names(_short(k, 50) for k in missing) + ")")
+        if extra:
+            parts.append(f"{len(extra)} unexpected (" + names(_short(k, 50) for k in extra) + ")")
+        if not_tensor:
+            parts.append(f"{len(not_tensor)} not tensors (" + names(_short(k, 50) for k in not_tensor) + ")")
+        if kind:
+            parts.append(f"{len(kind)} of the wrong dtype (" + names(
+                f"{_short(k, 50)} (expected {'floating' if expected[k][1].is_floating_point else 'integer'}, "
+                f"found {str(state[k].dtype).replace('torch.', '')})" for k in kind) + ")")
+        raise WeightsError(f"{path}: tensors do not match the architecture: {'; '.join(parts)}")
+    # numpy, not torch: one exact pass over ~7 M values in ~2 ms, where hundreds of tiny torch reductions can
+    # take 100x longer on a busy machine (its thread pool per op)
+    for k in expected:
+        if expected[k][1].is_floating_point:
+            a = _as_numpy(state[k])
+            if not np.isfinite(a).all():
+                raise WeightsError(f"{path}: tensor {_short(k, 80)} has {'NaN' if np.isnan(a).any() else 'infinite'} "
+                                   "values")
+    for k in expected:
+        if k.endswith("running_var") and expected[k][1].is_floating_point and (_as_numpy(state[k]) < 0).any():
+            raise WeightsError(f"{path}: tensor {_short(k, 80)} (a BatchNorm variance) has negative values")
+
+
+def _as_numpy(t):
+    import torch
+
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16
+
+
+# Input normalisation ``(x - mean) / std`` on 0..255 RGB that each kind of ImageNet backbone weights expects.
+NORMALIZATIONS = {
+    # x / 127.5 - 1, range [-1, 1]: TensorFlow/Keras-style weights, e.g. ../shared/weights/mobilenet_v2_imagenet.pth
+    # (dequantized from Google Coral's MobileNetV2, BatchNorm folded into the convolutions)
+    "tf": ([127.5, 127.5, 127.5], [127.5, 127.5, 127.5]),
+    # torchvision's published weights (ImageNet mean/std of 0..1 inputs, times 255)
+    "imagenet": ([123.675, 116.28, 103.53], [58.395, 57.12, 57.375]),
+}
+
+
+def _folded_batchnorm(state: dict) -> bool:
+    """True when every BatchNorm of a backbone ``state_dict`` is identity plus bias (weight 1, running mean 0,
+    running variance 1 or 1-eps): BN folded into the convolutions, as in weights converted from TensorFlow.
+    Weights trained in PyTorch (torchvision's) carry real BatchNorm statistics."""
+    import torch
+
+    bns = [k[: -len("running_var")] for k in state if str(k).endswith("running_var")]
+    if not bns:
+        return False
+    for b in bns:
+        w, m, v = state.get(b + "weight"), state.get(b + "running_mean"), state.get(b + "running_var")
+        if not all(isinstance(t, torch.Tensor) for t in (w, m, v)):
+            return False
+        if not (bool((w == 1).all()) and bool((m == 0).all()) and bool(((v - 1).abs() <= 1e-3).all())):
+            return False
+    return True
+
+
+def backbone_normalization(state: dict, source: str | None = None) -> str:
+    """Which :data:`NORMALIZATIONS` entry a backbone ``state_dict`` expects: torchvision's published weights
+    (``source`` is their download URL) → ``"imagenet"``; otherwise recognised from the weights themselves:
+    folded BatchNorm (TensorFlow-converted, like ../shared's) → ``"tf"``, real BatchNorm statistics →
+    ``"imagenet"``."""
+    if source is not None and source.startswith("https://download.pytorch.org/"):
+        return "imagenet"
+    return "tf" if _folded_batchnorm(state) else "imagenet"
+
+
+def _set_normalization(model, name: str) -> None:
+    import torch
+
+    mean, std = NORMALIZATIONS[name]
+    model.config.mean = list(mean)
+    model.config.std = list(std)
+    dev = model.mean.device
+    model.mean.copy_(torch.tensor(mean, dtype=model.mean.dtype, device=dev).view(1, 3, 1, 1))
+    model.std.copy_(torch.tensor(std, dtype=model.std.dtype, device=dev).view(1, 3, 1, 1))
+
+
+def load_backbone_weights(model, path: str | os.PathLike | None = None, normalization: str = "auto") -> str:
     """Initialise ``model.backbone`` from ImageNet weights; returns a description of the source.
 
     ``path``: a torchvision-layout MobileNetV2 ``state_dict`` (.pth/.pt via ``weights_only`` or .safetensors).
     Without a path: ``$SMARTCROP_BACKBONE``, then ``../shared/weights/mobilenet_v2_imagenet.pth`` next to a
     source checkout, then torchvision's published weights through ``torch.hub`` (needs internet).
+
+    The input normalisation (``model.config.mean``/``std`` and the model's buffers) is always set to what the
+    weights expect, in every branch: ``normalization`` is a key of :data:`NORMALIZATIONS` (``"tf"``:
+    ``x / 127.5 - 1``; ``"imagenet"``: torchvision's mean/std), or ``"auto"`` to recognise it
+    (:func:`backbone_normalization`).
     """
     import torch
 
+    if normalization != "auto" and normalization not in NORMALIZATIONS:
+        raise WeightsError(f"unknown backbone normalization {normalization!r} "
+                           f"(auto, {', '.join(NORMALIZATIONS)})")
     candidates = []
     if path is not None:
         candidates.append(Path(path))
@@ -237,6 +587,7 @@ def load_backbone_weights(model, path: str | os.PathLike | None = None) -> str:
             else:
                 state = torch.load(p, map_location="cpu", weights_only=True)
             model.backbone.load_state_dict(state, strict=True)
+            _set_normalization(model, backbone_normalization(state) if normalization == "auto" else normalization)
             return str(p)
         if path is not None:
             raise WeightsError(f"{p}: no such backbone weights file")
@@ -250,9 +601,5 @@ def load_backbone_weights(model, path: str | os.PathLike | None = None) -> str:
             f"(download from torch.hub failed: {str(e).splitlines()[0][:120]})"
         ) from None
     model.backbone.load_state_dict(state, strict=True)
-    # torchvision's weights expect ImageNet mean/std normalisation
-    model.config.mean = [123.675, 116.28, 103.53]
-    model.config.std = [58.395, 57.12, 57.375]
-    model.mean.copy_(torch.tensor(model.config.mean).view(1, 3, 1, 1))
-    model.std.copy_(torch.tensor(model.config.std).view(1, 3, 1, 1))
+    _set_normalization(model, backbone_normalization(state, url) if normalization == "auto" else normalization)
     return url

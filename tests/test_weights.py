@@ -4,13 +4,14 @@ import json
 import os
 import pickle
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import draw_photo  # noqa: E402
+from conftest import draw_photo, sha  # noqa: E402
 from smartcrop.weights import (WeightsError, load_backbone_weights, load_model, read_card, read_header,  # noqa: E402
                                resolve_model, save_model, sha256_file, shipped_model_path)
 
@@ -135,3 +136,337 @@ def test_shipped_model_loads_verifies_and_prefers_a_sensible_crop(tmp_path):
     boxes = np.array([[0, 0, 400, 300], [0, 0, 200, 150], [300, 220, 400, 300]], np.float32)
     s = c.score_boxes(Image.open(p).convert("RGB"), None, {"x": boxes})["x"]
     assert np.all(np.isfinite(s)) and s[0] > s[2]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# model files are validated before use: every violation is one WeightsError line naming the file and the problem
+
+
+@pytest.fixture
+def parts(tmp_path_factory):
+    """(state, header) of the shipped model (an untrained small model's where none is shipped), to corrupt."""
+    from safetensors.torch import load_file
+
+    src = shipped_model_path()
+    if src is None:
+        from smartcrop.model import ModelConfig, SACNet
+
+        src = tmp_path_factory.mktemp("src") / "m.safetensors"
+        save_model(SACNet(ModelConfig(short_side=64, max_long_side=128)), src)
+    return load_file(str(src)), read_header(src)
+
+
+def write_model(path, state, header=None, raw_header=None):
+    """A model file from ``state`` and a header (a dict, or ``raw_header`` verbatim), the way save_model does."""
+    from safetensors.torch import save_file
+
+    meta = {"smartcrop": raw_header if raw_header is not None else json.dumps(header, sort_keys=True)}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=meta)
+    return path
+
+
+def refused(path, *words):
+    """load_model(path) raises WeightsError with one line that names the file and contains every word."""
+    with pytest.raises(WeightsError) as e:
+        load_model(path)
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    assert str(path) in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+    return msg
+
+
+def with_config(parts, tmp_path, **changes):
+    state, header = parts
+    header = json.loads(json.dumps(header))
+    header["config"].update(changes)
+    return write_model(tmp_path / "bad.safetensors", state, header)
+
+
+def test_the_corruption_helpers_write_a_loadable_model(parts, tmp_path):
+    """The baseline of the tests below: an untouched copy loads (so each refusal is due to its corruption)."""
+    state, header = parts
+    net = load_model(write_model(tmp_path / "ok.safetensors", state, header))
+    assert net.config.short_side == header["config"]["short_side"]
+
+
+def test_huge_short_side_is_refused(parts, tmp_path):
+    refused(with_config(parts, tmp_path, short_side=100000), "short_side", "100000", "32..1024")
+
+
+def test_negative_short_side_is_refused(parts, tmp_path):
+    refused(with_config(parts, tmp_path, short_side=-256), "short_side", "-256")
+
+
+def test_huge_max_long_side_and_long_below_short_are_refused(parts, tmp_path):
+    refused(with_config(parts, tmp_path, max_long_side=10**9), "max_long_side")
+    refused(with_config(parts, tmp_path, short_side=512, max_long_side=256), "max_long_side", "short_side")
+
+
+def test_non_numeric_mean_is_refused(parts, tmp_path):
+    refused(with_config(parts, tmp_path, mean=["red", 127.5, 127.5]), "mean", "red")
+
+
+def test_non_finite_or_short_mean_is_refused(parts, tmp_path):
+    state, header = parts
+    h = json.dumps(header).replace('"mean": [127.5, 127.5, 127.5]', '"mean": [NaN, 127.5, 127.5]')
+    assert "NaN" in h  # Python's json reads NaN: the validator must not
+    refused(write_model(tmp_path / "bad.safetensors", state, raw_header=h), "mean")
+    refused(with_config(parts, tmp_path, mean=[127.5, 127.5]), "mean", "3 finite numbers")
+
+
+def test_zero_std_is_refused(parts, tmp_path):
+    refused(with_config(parts, tmp_path, std=[127.5, 0, 127.5]), "std")
+
+
+def test_booleans_must_be_booleans_and_backbone_known(parts, tmp_path):
+    refused(with_config(parts, tmp_path, saf=1), "saf", "true or false")
+    refused(with_config(parts, tmp_path, backbone="resnet50"), "backbone", "resnet50")
+    refused(with_config(parts, tmp_path, dropout=1.5), "dropout")
+    refused(with_config(parts, tmp_path, feat_dim=256.0), "feat_dim", "integer")
+
+
+def test_unknown_config_keys_are_refused(parts, tmp_path):
+    refused(with_config(parts, tmp_path, short_sid=256), "unknown key", "short_sid")
+
+
+def test_non_dict_config_is_refused(parts, tmp_path):
+    state, header = parts
+    header = dict(header, config=[256, 768])
+    refused(write_model(tmp_path / "bad.safetensors", state, header), "config", "JSON object")
+    del header["config"]
+    refused(write_model(tmp_path / "bad.safetensors", state, header), "no architecture config")
+
+
+def test_header_not_json_is_refused(parts, tmp_path):
+    state, _ = parts
+    refused(write_model(tmp_path / "bad.safetensors", state, raw_header="{not json"), "header", "not JSON")
+    refused(write_model(tmp_path / "bad.safetensors", state, raw_header="[1, 2]"), "header", "not an object")
+
+
+def test_newer_format_version_is_refused(parts, tmp_path):
+    state, header = parts
+    refused(write_model(tmp_path / "bad.safetensors", state, dict(header, format_version=99)), "format_version", "99")
+
+
+def test_wrong_tensor_shape_is_refused(parts, tmp_path):
+    state, header = parts
+    state = dict(state, **{"score_head.2.weight": torch.zeros(1, 10)})
+    refused(write_model(tmp_path / "bad.safetensors", state, header),
+            "wrong shape", "score_head.2.weight", "expected 1x", "found 1x10")
+
+
+def test_wrong_shapes_follow_the_config(parts, tmp_path):
+    """A config that disagrees with the tensors (here feat_dim) is a shape mismatch, found before any allocation."""
+    refused(with_config(parts, tmp_path, feat_dim=128), "wrong shape", "expected", "found")
+
+
+def test_missing_tensor_is_refused(parts, tmp_path):
+    state, header = parts
+    state = {k: v for k, v in state.items() if k != "rank_head.0.bias"}
+    refused(write_model(tmp_path / "bad.safetensors", state, header), "1 missing", "rank_head.0.bias")
+
+
+def test_extra_tensor_is_refused(parts, tmp_path):
+    state, header = parts
+    state = dict(state, **{"extra.weight": torch.zeros(3)})
+    refused(write_model(tmp_path / "bad.safetensors", state, header), "1 unexpected", "extra.weight")
+
+
+def test_integer_tensor_where_floats_belong_is_refused(parts, tmp_path):
+    state, header = parts
+    state = dict(state, **{"score_head.2.bias": torch.zeros(1, dtype=torch.int32)})
+    refused(write_model(tmp_path / "bad.safetensors", state, header), "dtype", "score_head.2.bias", "int32")
+
+
+def _poisoned(state, name, value):
+    t = state[name].clone()
+    t.view(-1)[t.numel() // 2] = value
+    return dict(state, **{name: t})
+
+
+def test_nan_tensor_is_refused(parts, tmp_path):
+    state, header = parts
+    state = _poisoned(state, "region_fc.0.weight", float("nan"))
+    refused(write_model(tmp_path / "bad.safetensors", state, header), "region_fc.0.weight", "NaN")
+
+
+def test_inf_tensor_is_refused(parts, tmp_path):
+    state, header = parts
+    state = _poisoned(state, "backbone.features.3.conv.1.0.weight", float("-inf"))
+    refused(write_model(tmp_path / "bad.safetensors", state, header), "backbone.features.3.conv.1.0.weight", "infinite")
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf(parts, tmp_path):
+    """Only NaN and Inf are refused: finite weights near float32's limit load."""
+    state, header = parts
+    t = state["score_head.0.weight"].clone()
+    t.view(-1)[:4] = 3e38
+    net = load_model(write_model(tmp_path / "big.safetensors", dict(state, **{"score_head.0.weight": t}), header))
+    assert float(net.score_head[0].weight.detach().max()) == pytest.approx(3e38)
+
+
+def test_negative_batchnorm_variance_is_refused(parts, tmp_path):
+    state, header = parts
+    state = _poisoned(state, "backbone.features.2.conv.0.1.running_var", -1.0)
+    refused(write_model(tmp_path / "bad.safetensors", state, header), "running_var", "negative")
+
+
+def test_pt_files_get_the_same_validation(tmp_path, small_model):
+    sd = small_model.state_dict()
+    cfg = small_model.config.to_dict()
+    p = tmp_path / "m.pt"
+    torch.save({"model": _poisoned(sd, "score_head.0.weight", float("nan")), "config": cfg}, p)
+    refused(p, "score_head.0.weight", "NaN")
+    torch.save({"model": sd, "config": dict(cfg, short_side=100000)}, p)
+    refused(p, "short_side")
+    torch.save({"model": sd, "config": "256"}, p)
+    refused(p, "JSON object")
+    torch.save({"model": {k: v for k, v in sd.items() if k != "rank_head.2.bias"}, "config": cfg}, p)
+    refused(p, "missing", "rank_head.2.bias")
+    torch.save({"model": dict(sd, **{"rank_head.2.bias": torch.zeros(7)}), "config": cfg}, p)
+    refused(p, "wrong shape", "rank_head.2.bias", "found 7")
+
+
+def test_validate_config_accepts_good_configs_and_fills_nothing_in():
+    from smartcrop.model import ModelConfig
+    from smartcrop.weights import validate_config
+
+    d = ModelConfig().to_dict()
+    clean = validate_config(json.loads(json.dumps(d)))
+    assert ModelConfig.from_dict(clean) == ModelConfig()
+    assert validate_config({}) == {}  # missing keys: ModelConfig's defaults
+    assert validate_config({"mean": [0, 1, 2]})["mean"] == [0.0, 1.0, 2.0]
+    with pytest.raises(WeightsError, match="std"):
+        validate_config({"std": [1, 1, -1]})
+    for bad in ({"mean": [10**400, 1, 1]}, {"dropout": 10**400}, {"short_side": 10**5000}, {"saf": None},
+                {"dropout": float("inf")}, {"saf_channels": [16]}):
+        with pytest.raises(WeightsError, match=next(iter(bad))):
+            validate_config(bad)
+
+
+def test_every_config_field_has_a_rule_of_its_own():
+    """A field added to ModelConfig needs a range in smartcrop/weights.py (until then a generic check applies)."""
+    import dataclasses
+
+    from smartcrop.model import ModelConfig
+    from smartcrop.weights import FIELDS_WITH_RULES
+
+    assert {f.name for f in dataclasses.fields(ModelConfig)} <= set(FIELDS_WITH_RULES)
+
+
+def test_cli_run_with_a_corrupt_model_exits_2_with_one_line_and_writes_nothing(parts, tmp_path):
+    from typer.testing import CliRunner
+
+    from smartcrop.cli import app
+
+    state, header = parts
+    bad = write_model(tmp_path / "nan.safetensors", _poisoned(state, "score_head.2.weight", float("nan")), header)
+    src = tmp_path / "in"
+    draw_photo(src / "a.jpg", size=(200, 150))
+    before = {p: sha(p) for p in tmp_path.rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["run", str(src), "--json", "-o", str(out), "--weights", str(bad)])
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "NaN" in lines[0], r.stderr
+    assert r.stdout_bytes == b""
+    assert {p: sha(p) for p in tmp_path.rglob("*") if p.is_file()} == before  # no file written or changed
+    assert not out.exists() or not any(out.iterdir())  # (the output folder may be prepared, but stays empty)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# input normalisation follows the backbone weights' source, in every branch
+
+
+TF = [127.5] * 3
+IMAGENET = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+
+
+def _norm(net):
+    return net.config.mean, net.config.std, net.mean.flatten().tolist(), net.std.flatten().tolist()
+
+
+def _torchvision_like(state):
+    """A backbone state_dict with real BatchNorm statistics, as PyTorch-trained weights have."""
+    g = torch.Generator().manual_seed(0)
+    out = dict(state)
+    for k, v in state.items():
+        if k.endswith("running_var"):
+            out[k] = torch.rand(v.shape, generator=g) + 0.5
+        elif k.endswith("running_mean"):
+            out[k] = torch.randn(v.shape, generator=g)
+    return out
+
+
+def test_backbone_file_normalisation_is_recognised_and_can_be_forced(tmp_path, small_model):
+    from smartcrop.model import ModelConfig, SACNet
+
+    folded = tmp_path / "folded.pth"  # identity BN, like ../shared's Coral-derived weights
+    torch.save(small_model.backbone.state_dict(), folded)
+    real = tmp_path / "real.pth"
+    torch.save(_torchvision_like(small_model.backbone.state_dict()), real)
+
+    net = SACNet(ModelConfig(mean=[1.0, 2.0, 3.0], std=[4.0, 5.0, 6.0]))  # whatever it had is replaced
+    load_backbone_weights(net, folded)
+    assert _norm(net) == (TF, TF, TF, TF)
+    load_backbone_weights(net, real)
+    m, s, bm, bs = _norm(net)
+    assert (m, s) == IMAGENET and bm == pytest.approx(IMAGENET[0]) and bs == pytest.approx(IMAGENET[1])
+    load_backbone_weights(net, real, normalization="tf")
+    assert _norm(net)[:2] == (TF, TF)
+    with pytest.raises(WeightsError, match="normalization"):
+        load_backbone_weights(net, real, normalization="caffe")
+
+
+def test_torch_hub_backbone_gets_imagenet_normalisation(tmp_path, small_model, monkeypatch):
+    import smartcrop.weights as W
+    from smartcrop.model import ModelConfig, SACNet
+
+    monkeypatch.delenv("SMARTCROP_BACKBONE", raising=False)
+    monkeypatch.setattr(W, "__file__", str(tmp_path / "a" / "b" / "weights.py"))  # no ../shared beside it
+    state = small_model.backbone.state_dict()  # identity BN: the URL, not the values, decides here
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: state)
+    net = SACNet(ModelConfig())
+    assert load_backbone_weights(net).startswith("https://download.pytorch.org/")
+    assert _norm(net)[:2] == IMAGENET
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared/weights/mobilenet_v2_imagenet.pth").is_file(),
+                    reason="no ../shared/weights")
+def test_shared_backbone_keeps_x_over_127_5_minus_1(monkeypatch):
+    from smartcrop.model import ModelConfig, SACNet
+
+    monkeypatch.delenv("SMARTCROP_BACKBONE", raising=False)
+    net = SACNet(ModelConfig())
+    assert load_backbone_weights(net).endswith("mobilenet_v2_imagenet.pth")
+    assert _norm(net) == (TF, TF, TF, TF)
+
+
+@pytest.mark.skipif(shipped_model_path() is None, reason="no shipped model in weights/")
+def test_shipped_model_keeps_its_normalisation():
+    net = load_model()
+    assert _norm(net) == (TF, TF, TF, TF)
+
+
+def test_loaded_model_is_the_saved_one_tensor_for_tensor(tmp_path):
+    """Loading fills a meta skeleton instead of a randomly initialised model: nothing may be left uninitialised,
+    the non-persistent normalisation buffers included, and parameters stay trainable (``train --init``)."""
+    from smartcrop.model import ModelConfig, SACNet
+
+    torch.manual_seed(3)
+    net = SACNet(ModelConfig(short_side=64, max_long_side=128, mean=[10.0, 20.0, 30.0], std=[2.0, 3.0, 4.0])).eval()
+    for k in (".safetensors", ".pt"):
+        p = tmp_path / f"m{k}"
+        if k == ".pt":
+            torch.save({"model": net.state_dict(), "config": net.config.to_dict()}, p)
+        else:
+            save_model(net, p)
+        got = load_model(p)
+        assert dict(got.named_buffers()).keys() == dict(net.named_buffers()).keys()
+        for (n, a), (_, b) in zip([*net.named_parameters(), *net.named_buffers()],
+                                  [*got.named_parameters(), *got.named_buffers()]):
+            assert torch.equal(a, b), n
+        assert all(t.requires_grad for t in got.parameters())
+        assert torch.equal(scores(got), scores(net))
