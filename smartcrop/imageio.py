@@ -11,8 +11,12 @@ Every unusable input -- empty, truncated, not an image, too large -- raises :cla
 message meant for humans (control characters escaped, see :func:`safe_name`); corrupt *metadata* never
 prevents loading.
 
-Saving (:func:`save_image`, :func:`encode_image`) converts to a mode the output format supports and writes
-atomically (temporary file in the target directory, then rename), refusing to overwrite unless asked.
+Saving (:func:`save_image`, :func:`encode_image`, :func:`write_file`) converts to a mode the output format
+supports and writes every file complete or not at all (a ``.smartcrop-PID-RANDOM.tmp`` file in the target
+directory, length checked and fsynced, then renamed), refusing to overwrite unless asked; a full output disk
+is :class:`OutputFullError`.  Written files carry a small marker (:func:`mark_output`) by which later runs
+recognise them (:func:`written_by_smartcrop`); temporary files of killed runs are removed by
+:func:`remove_stale_temps`.
 Metadata support per output format: EXIF and ICC everywhere; XMP in JPEG, PNG, WebP, TIFF and AVIF; IPTC in
 JPEG (Photoshop APP13), TIFF (tag 33723) and PNG (ImageMagick/ExifTool "Raw profile type iptc" text chunk).
 
@@ -46,6 +50,8 @@ __all__ = [
     "ImageError",
     "LoadedImage",
     "OUTPUT_FORMATS",
+    "OUTPUT_MARKER",
+    "OutputFullError",
     "camera_fields",
     "crop_image",
     "default_output_format",
@@ -55,10 +61,17 @@ __all__ = [
     "is_image_path",
     "load_full",
     "load_image",
+    "mark_output",
+    "remove_stale_temps",
     "reset_orientation",
     "reset_xmp_orientation",
     "safe_name",
     "save_image",
+    "temp_name",
+    "temp_owner",
+    "write_atomic",
+    "write_file",
+    "written_by_smartcrop",
 ]
 
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
@@ -750,7 +763,7 @@ def crop_image(img: Image.Image, box: tuple[int, int, int, int],
 
 def save_image(img: Image.Image, path: str | os.PathLike[str], *, format: str | None = None, quality: int = 95,
                exif: bytes | None = None, icc: bytes | None = None, overwrite: bool = False,
-               xmp: bytes | str | None = None, iptc: bytes | None = None) -> Path:
+               xmp: bytes | str | None = None, iptc: bytes | None = None, mark: bool = True) -> Path:
     """Encode ``img`` and write it atomically to ``path``; returns the path.
 
     The format comes from ``format`` or else the extension (.jpg/.jpeg, .png, .webp, .tif/.tiff, .avif;
@@ -761,26 +774,16 @@ def save_image(img: Image.Image, path: str | os.PathLike[str], *, format: str | 
     can hold them (see the module docstring); an ICC profile whose colour space does not match the written
     pixels is dropped, and so is metadata too large for a JPEG segment.  Pass None for all four to strip.
 
-    The data goes to a hidden ``.<name>.<random>.tmp`` file in the target directory, which is then renamed
-    over ``path``; with ``overwrite=False`` an existing ``path`` raises FileExistsError (checked atomically
-    with a hard link where the file system supports it).
+    The file is written by :func:`write_file` (complete or absent, marked as written by smartcrop unless
+    ``mark=False``); with ``overwrite=False`` an existing ``path`` raises FileExistsError.
     """
     path = Path(path)
     fmt = _output_format(format if format is not None else path.suffix, path)
     if not overwrite and os.path.lexists(path):
         raise FileExistsError(errno.EEXIST, "file exists", str(path))
-    fd, tmp = _create_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _encode(img, f, fmt, quality=quality, exif=exif, icc=icc, xmp=xmp, iptc=iptc)
-        _commit(tmp, path, overwrite)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    buf = io.BytesIO()  # in memory first: Pillow ignores short writes to a file descriptor
+    _encode(img, buf, fmt, quality=quality, exif=exif, icc=icc, xmp=xmp, iptc=iptc)
+    return write_file(path, buf.getvalue(), overwrite=overwrite, mark=mark)
 
 
 def encode_image(img: Image.Image, format: str, *, quality: int = 95, exif: bytes | None = None,
@@ -794,31 +797,196 @@ def encode_image(img: Image.Image, format: str, *, quality: int = 95, exif: byte
     return buf.getvalue()
 
 
-def write_file(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False) -> Path:
-    """Write already encoded ``data`` to ``path`` atomically, like :func:`save_image`: a temporary file is
-    written completely (its length checked), flushed to disk, then moved to ``path`` (FileExistsError if it
-    exists and not ``overwrite``)."""
+def write_file(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False, mark: bool = True) -> Path:
+    """Write encoded image ``data`` to ``path``: complete or not at all.
+
+    The bytes go to a new temporary file next to ``path`` (:func:`temp_name`: created with ``O_EXCL`` and
+    ``O_NOFOLLOW``, so a planted symlink is never followed), every byte is written (short writes continued),
+    the file's length is checked and it is fsynced; only then is it moved to ``path`` (a hard link where the
+    file system has them, so an existing ``path`` is never replaced unless ``overwrite``: FileExistsError) and
+    the folder fsynced.  On any failure the temporary file is removed; a full disk (ENOSPC, EDQUOT, EFBIG)
+    raises :class:`OutputFullError`, which says so.  With ``mark``, a JPEG, PNG, WebP, TIFF or AVIF file gets
+    a small "written by smartcrop" marker (:func:`mark_output`) so that later runs never take it as input.
+    """
     path = Path(path)
     if not overwrite and os.path.lexists(path):
         raise FileExistsError(errno.EEXIST, "file exists", str(path))
-    fd, tmp = _create_temp(path)
+    if mark:
+        data = mark_output(data)
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if f.tell() != len(data):
-                raise OSError(errno.EIO, f"short write ({f.tell()} of {len(data)} bytes)", str(path))
-            os.fsync(f.fileno())
-        _commit(tmp, path, overwrite)
-    except BaseException:
+        fd, tmp = _create_temp(path)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+            _write_all(fd, data)
+            size = os.fstat(fd).st_size
+            if size != len(data):
+                raise OSError(errno.EIO, f"short write ({size} of {len(data)} bytes reached the disk)")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _commit(tmp, path, overwrite)
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise OutputFullError(f"cannot write {safe_name(path)}: the output disk is full "
+                                  f"({e.strerror or errno.errorcode.get(e.errno, e.errno)})") from None
         raise
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
     return path
 
 
+#: errno values that mean "the output file system cannot take this file"
+_DISK_FULL = frozenset(e for e in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", None)) if e is not None)
+
+
+class OutputFullError(SmartcropError):
+    """The output file system is full (or the file too large for it): nothing was written, the input is fine."""
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a short write is continued; no progress means a full disk)."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        n = os.write(fd, view[done:done + (1 << 22)])
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        done += n
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------ output marker
+
+#: Bytes embedded in every file smartcrop writes (a JPEG comment, a PNG text chunk, a WebP chunk, trailing
+#: bytes of a TIFF, a ``free`` box of an AVIF), so that a later run recognises its own outputs.
+OUTPUT_MARKER = b"written by smartcrop"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def mark_output(data: bytes) -> bytes:
+    """``data`` (an encoded image) with :data:`OUTPUT_MARKER` embedded where its format allows extra data that
+    every reader ignores; unchanged when already marked or of another format.  Pixels and metadata are kept."""
+    data = bytes(data)
+    try:
+        if _has_marker(data, len(data), _bytes_reader(data)):
+            return data
+        if data[:3] == b"\xff\xd8\xff":  # JPEG: a COM segment after the APPn segments (EXIF stays first)
+            pos = 2
+            while pos + 4 <= len(data) and data[pos] == 0xFF and 0xE0 <= data[pos + 1] <= 0xEF:
+                pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            return data[:pos] + _jpeg_segment(0xFE, OUTPUT_MARKER) + data[pos:]
+        if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":  # PNG: a tEXt chunk right after IHDR
+            import zlib
+
+            body = b"tEXt" + b"Comment\x00" + OUTPUT_MARKER
+            chunk = len(body[4:]).to_bytes(4, "big") + body + (zlib.crc32(body) & 0xFFFFFFFF).to_bytes(4, "big")
+            pos = 8 + 12 + int.from_bytes(data[8:12], "big")
+            return data[:pos] + chunk + data[pos:]
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return _mark_webp(data)
+        if data[:4] in (b"II*\x00", b"MM\x00*"):  # TIFF: unreferenced trailing bytes (readers follow offsets)
+            return data + OUTPUT_MARKER
+        if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis", b"mif1"):  # ISOBMFF: a top-level free box
+            return data + (8 + len(OUTPUT_MARKER)).to_bytes(4, "big") + b"free" + OUTPUT_MARKER
+    except (IndexError, ValueError):
+        pass
+    return data
+
+
+def _mark_webp(data: bytes) -> bytes:
+    """A WebP with an extra ``SCRP`` chunk; a simple-format file (one VP8/VP8L chunk) becomes the extended
+    format first (a VP8X header), as unknown chunks are only allowed there."""
+    import struct
+
+    chunk = b"SCRP" + struct.pack("<I", len(OUTPUT_MARKER)) + OUTPUT_MARKER + b"\x00" * (len(OUTPUT_MARKER) & 1)
+    body = data[12:]
+    kind = body[:4]
+    if kind in (b"VP8 ", b"VP8L"):
+        if kind == b"VP8 ":
+            if body[11:14] != b"\x9d\x01\x2a":
+                return data
+            w = int.from_bytes(body[14:16], "little") & 0x3FFF
+            h = int.from_bytes(body[16:18], "little") & 0x3FFF
+            alpha = False
+        else:
+            if body[8] != 0x2F:
+                return data
+            bits = int.from_bytes(body[9:13], "little")
+            w, h, alpha = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, bool((bits >> 28) & 1)
+        vp8x = b"VP8X" + struct.pack("<I", 10) + bytes([0x10 if alpha else 0, 0, 0, 0]) \
+            + (w - 1).to_bytes(3, "little") + (h - 1).to_bytes(3, "little")
+        body = vp8x + body
+    elif kind != b"VP8X":
+        return data
+    body += chunk
+    return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+
+
+def _bytes_reader(data: bytes):
+    def read(pos: int, n: int) -> bytes:
+        return data[pos:pos + n]
+    return read
+
+
+def _has_marker(head: bytes, size: int, read) -> bool:
+    """Whether a file (its first bytes ``head``, total ``size``, ``read(pos, n)`` for more) carries
+    :data:`OUTPUT_MARKER`: in the first 4 KiB, in a JPEG comment before the image data, or in the last 4 KiB."""
+    if OUTPUT_MARKER in head[:4096]:
+        return True
+    if head[:2] == b"\xff\xd8":
+        pos = 2
+        for _ in range(256):  # the header segments, each read by its length
+            seg = read(pos, 4)
+            if len(seg) < 4 or seg[0] != 0xFF or seg[1] in (0xDA, 0xD9):
+                break
+            length = int.from_bytes(seg[2:4], "big")
+            if seg[1] == 0xFE and length == 2 + len(OUTPUT_MARKER) and read(pos + 4, length - 2) == OUTPUT_MARKER:
+                return True
+            pos += 2 + length
+    return OUTPUT_MARKER in read(max(0, size - 4096), 4096)
+
+
+def written_by_smartcrop(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a regular file that smartcrop wrote (it carries :data:`OUTPUT_MARKER`).
+
+    Opened without blocking and only when it is a regular file (never a FIFO or a device); unreadable files
+    are not smartcrop's.  Reads at most a few KiB."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+
+        def read(pos: int, n: int) -> bytes:
+            return os.pread(fd, n, pos) if hasattr(os, "pread") else b""
+
+        return _has_marker(read(0, 4096), st.st_size, read)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def format_for_path(path: str | os.PathLike[str]) -> str:
@@ -948,11 +1116,63 @@ def _encode(img: Image.Image, fp: IO[bytes], fmt: str, *, quality: int, exif: by
     out.save(fp, format=fmt, **options)
 
 
+#: Temporary files smartcrop writes: ``.smartcrop-PID-RANDOM.tmp`` (at most 31 bytes, whatever the final name)
+TEMP_PREFIX = ".smartcrop-"
+_TEMP_NAME = re.compile(r"\.smartcrop-(\d{1,10})-[0-9a-f]{8}\.tmp")
+
+
+def temp_name(pid: int | None = None) -> str:
+    """A fresh temporary file name that embeds the writing process's id (to recognise stale ones)."""
+    return f"{TEMP_PREFIX}{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}.tmp"
+
+
+def temp_owner(name: str) -> int | None:
+    """The process id embedded in a smartcrop temporary file name, or None if ``name`` is not one."""
+    m = _TEMP_NAME.fullmatch(name)
+    return int(m[1]) if m else None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a real owner: keep
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files of smartcrop processes that no longer run (killed mid-write) from ``folder``
+    and its sub-folders; returns the removed paths.
+
+    Only regular files named like :func:`temp_name` whose embedded process id is not alive are removed;
+    symlinks are neither followed nor removed, and unreadable folders are skipped."""
+    removed: list[Path] = []
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            pid = temp_owner(name)
+            if pid is None or _pid_alive(pid):
+                continue
+            p = Path(dirpath, name)
+            try:
+                if stat.S_ISREG(os.lstat(p).st_mode):
+                    os.unlink(p)
+                    removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
 def _create_temp(path: Path) -> tuple[int, str]:
-    """Create (O_EXCL) a hidden temporary file next to ``path``; returns ``(fd, name)``."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    """Create a new temporary file next to ``path`` (``O_EXCL | O_NOFOLLOW``: never an existing file or a
+    planted symlink); returns ``(fd, name)``.  The name does not depend on ``path``'s, so it always fits."""
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+             | getattr(os, "O_BINARY", 0))
     while True:
-        tmp = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = os.path.join(path.parent, temp_name())
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:
@@ -960,20 +1180,11 @@ def _create_temp(path: Path) -> tuple[int, str]:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (permissions follow the umask)."""
+    """Write ``data`` (any file, e.g. a model) to ``path`` through a temporary file, a length check, an fsync
+    and a rename over ``path`` (permissions follow the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_file(path, data, overwrite=True, mark=False)
 
 
 def _commit(tmp: str, path: Path, overwrite: bool) -> None:
