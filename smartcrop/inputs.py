@@ -1,17 +1,28 @@
 """Collecting ``run``'s inputs: files, folders (optionally recursive), file lists and stdin.
 
-Each input becomes an :class:`InputItem`; an input that cannot be collected is reported through ``on_error``
-as one line naming it, and the others are still collected.
+Each input becomes an :class:`InputItem`.  Every input that cannot be collected — missing, a name too long,
+unreadable, a FIFO, device or socket, a dangling symlink, an unreadable (sub-)folder — is reported through
+``on_error`` as one line naming it (control characters escaped), and the others are still collected: one
+problem input never stops a run.  Nothing is ever opened here except regular files, so a FIFO cannot hang
+the run.
+
+Folder walks skip hidden files and folders, the output folder (when it lies inside the walked folder) and
+files smartcrop wrote itself (:func:`smartcrop.imageio.written_by_smartcrop`), so a re-run never crops its own
+crops.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import UsageError
+from .imageio import is_image_path, safe_name, written_by_smartcrop
 
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"II*\x00", b"MM\x00*", b"BM")
 
@@ -24,35 +35,120 @@ class InputItem:
     stem: str
     suffix: str
     data: bytes | None = None
+    ident: tuple | None = None  # (st_dev, st_ino) of the file when collected
 
 
 def looks_like_image(data: bytes) -> bool:
-    return data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    return data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP") or \
+        (data[4:8] == b"ftyp")
+
+
+def _stat_problem(e: OSError | ValueError, name: str) -> str:
+    """Why a path cannot be an input, in words."""
+    if isinstance(e, ValueError):
+        return "not a valid path (it contains a NUL byte)"
+    if e.errno == errno.ENAMETOOLONG:
+        return "file name too long"
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        return "dangling symbolic link" if os.path.islink(name) else "no such file or folder"
+    if e.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return e.strerror or str(e)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _read_lines(data: bytes) -> list[str]:
+    """Paths of a file list, one per line (bytes decoded like the OS decodes file names)."""
+    out = []
+    for line in data.splitlines():
+        line = line.strip()
+        if line:
+            out.append(os.fsdecode(line))
+    return out
+
+
+def _ident(path: str | os.PathLike) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def walk_folder(folder: Path, recursive: bool, report: Callable[[str], None],
+                exclude: tuple | None = None) -> list[tuple[Path, os.stat_result]]:
+    """``(path, stat)`` of the image files (by extension) in ``folder``, sorted; hidden entries skipped, as are
+    sub-folders whose ``(st_dev, st_ino)`` is ``exclude`` (the output folder) and files smartcrop wrote.
+
+    Unreadable folders and image-named entries that are not regular files (FIFOs, devices, dangling links)
+    are reported, one line each, and skipped."""
+    def onerror(e: OSError) -> None:
+        report(f"{safe_name(e.filename or folder)}: cannot read folder ({_stat_problem(e, str(e.filename))})")
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=onerror):
+        base = Path(dirpath)
+        if recursive:
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                                 and (exclude is None or _ident(base / d) != exclude))
+        else:
+            dirnames[:] = []
+        for f in filenames:
+            if f.startswith(".") or not is_image_path(f):
+                continue
+            p = base / f
+            try:
+                st = os.stat(p)
+            except (OSError, ValueError) as e:
+                report(f"{safe_name(p)}: {_stat_problem(e, str(p))}")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                report(f"{safe_name(p)}: {_kind(st.st_mode)}, not a photo: skipped")
+                continue
+            if written_by_smartcrop(p):
+                continue  # an output of an earlier run
+            found.append((p, st))
+    found.sort(key=lambda t: t[0])
+    return found
 
 
 def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file: str | None = None,
-                   on_error: Callable[[str], None] | None = None) -> list[InputItem]:
+                   on_error: Callable[[str], None] | None = None, exclude: Path | None = None) -> list[InputItem]:
     """Input items from paths (``-`` = stdin: one image, or a list of paths one per line) and a list file.
 
-    A path given on the command line that does not exist is a usage error (:class:`UsageError`, exit 2);
-    a missing path read from a file list is reported through ``on_error`` and the others still run.
+    Every path that cannot be used is reported through ``on_error`` (one line naming it) and skipped; without
+    ``on_error`` the first one raises :class:`UsageError`.  ``exclude`` (the output folder) is never walked
+    into.  The same file reached twice for the same output sub-folder is collected once.
     """
-    from .data import walk_images
+    def report(line: str) -> None:
+        if on_error is None:
+            raise UsageError(line)
+        on_error(line)
 
     items: list[InputItem] = []
     names: list[str] = list(paths)
-    for n in names:
-        if n != "-" and not Path(n).exists():
-            raise UsageError(f"{n}: no such file or folder")
     if list_file is not None:
         if list_file == "-":
-            text = (stdin or sys.stdin.buffer).read().decode("utf-8", "replace")
+            data = (stdin or sys.stdin.buffer).read()
         else:
             try:
-                text = Path(list_file).read_text(encoding="utf-8", errors="replace")
-            except OSError as e:
-                raise UsageError(f"{list_file}: cannot read file list ({e.strerror})") from None
-        names += [ln.strip() for ln in text.splitlines() if ln.strip()]
+                with open(list_file, "rb") as f:  # may be a pipe: --from-file <(find ...)
+                    data = f.read()
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{safe_name(list_file)}: cannot read file list "
+                                 f"({_stat_problem(e, list_file)})") from None
+        names += _read_lines(data)
     if "-" in names and list_file == "-":
         raise UsageError("stdin cannot be both a file list and an input")
     expanded: list[str] = []
@@ -64,17 +160,29 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
         if looks_like_image(data) or not data.strip():
             items.append(InputItem("<stdin>", None, Path(), "stdin", "", data))
         else:  # a list of paths
-            expanded += [ln.strip() for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
+            expanded += _read_lines(data)
+    exclude_id = _ident(exclude) if exclude is not None else None
+    seen: set = set()
+
+    def add(p: Path, rel_dir: Path, st: os.stat_result) -> None:
+        key = (os.path.realpath(p), rel_dir)
+        if key in seen:
+            return
+        seen.add(key)
+        items.append(InputItem(str(p), p, rel_dir, p.stem, p.suffix, ident=(st.st_dev, st.st_ino)))
+
     for n in expanded:
+        try:
+            st = os.stat(n)
+        except (OSError, ValueError) as e:
+            report(f"{safe_name(n)}: {_stat_problem(e, n)}")
+            continue
         p = Path(n)
-        if p.is_dir():
-            for f in walk_images(p, recursive, on_error=on_error):
-                rel = f.relative_to(p)
-                items.append(InputItem(str(f), f, rel.parent, f.stem, f.suffix))
-        elif p.exists():
-            items.append(InputItem(str(p), p, Path(), p.stem, p.suffix))
+        if stat.S_ISDIR(st.st_mode):
+            for f, fst in walk_folder(p, recursive, report, exclude_id):
+                add(f, f.parent.relative_to(p), fst)
+        elif stat.S_ISREG(st.st_mode):
+            add(p, Path(), st)
         else:
-            if on_error is None:
-                raise UsageError(f"{n}: no such file or folder")
-            on_error(f"{n}: no such file or folder")
+            report(f"{safe_name(n)}: {_kind(st.st_mode)}, not a photo: skipped")
     return items

@@ -1,36 +1,88 @@
 """Output names of ``run``: the ``--name`` template, its checks, and the assignment of one file per crop.
 
-Fields: ``{stem} {ratio} {ext} {rank} {w} {h} {name}``.  A template is checked before any work (unknown
-fields, bad format specs, paths leaving the output folder are usage errors).
+Fields: ``{stem} {ratio} {ext} {rank} {w} {h} {name}``.  A template is checked before any work: unknown
+fields, format specs that do not apply, names leaving the output folder or longer than a file name may be are
+usage errors.
+
+Names are deterministic: :class:`OutputNamer` gives inputs whose names collide (same sub-folder, same rendered
+name apart from the crop's width and height) ``-1``, ``-2`` … suffixes by their position in the input list,
+so the same inputs get the same names on every run (``--skip-existing`` decides per input).  No output is
+ever written to the path of an input (:class:`InputCollision`).
 """
 
 from __future__ import annotations
 
+import os
 import string
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Sequence
 
 from .anchors import ratio_label
-from .errors import UsageError
-from .imageio import FORMAT_EXTENSIONS, OUTPUT_FORMATS
+from .errors import SmartcropError, UsageError
+from .imageio import FORMAT_EXTENSIONS, OUTPUT_FORMATS, safe_name
 from .inputs import InputItem
 
 TEMPLATE_FIELDS = {"stem", "ratio", "ext", "rank", "w", "h", "name"}
 
+#: Longest file name (bytes, one path component) on the usual file systems
+NAME_MAX = 255
 
-def check_template(template: str) -> None:
-    """Refuse templates with unknown fields or that could leave the output folder."""
+_FORMAT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, MemoryError)
+
+
+class OutputError(SmartcropError):
+    """No output name can be made for one input (e.g. its name would leave the output folder or be too long):
+    that input fails, the others go on."""
+
+
+class InputCollision(UsageError):
+    """An output would be written to the path of an input: the request is refused (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Where one crop goes: ``path``, or nothing to write when ``skip`` is set (``"exists"``: --skip-existing
+    found ``path`` there already)."""
+
+    path: Path
+    skip: str | None = None
+
+
+def check_template(template: str, ratios: Sequence[str] | None = None, top_k: int = 1) -> None:
+    """Refuse (:class:`UsageError`) templates with unknown fields, format specs that fail, names that could leave
+    the output folder, lack an image extension or exceed 255 bytes, and — when several ``ratios`` or
+    ``top_k > 1`` are asked for — templates that would give those crops one name."""
     try:
-        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise UsageError(f"bad name template {template!r}: {e}") from None
-    unknown = names - TEMPLATE_FIELDS
+    unknown = set(fields) - TEMPLATE_FIELDS
+    if "" in unknown or any(f.isdigit() for f in unknown):
+        raise UsageError(f"bad name template {template!r}: every {{}} needs a field name "
+                         f"({', '.join(sorted(TEMPLATE_FIELDS))})")
     if unknown:
         raise UsageError(f"bad name template {template!r}: unknown field(s) {', '.join(sorted(unknown))} "
                          f"(available: {', '.join(sorted(TEMPLATE_FIELDS))})")
-    sample = template.format(stem="x", ratio="16x9", ext="jpg", rank=1, w=1, h=1, name="x.jpg")
-    _check_relative(sample, template)
+    samples = [dict(stem="x", ratio="16x9", ext="jpg", rank=1, w=1, h=1, name="x.jpg"),
+               dict(stem="IMG_0001", ratio="any", ext="png", rank=20, w=65535, h=65535, name="IMG_0001.png")]
+    for sample in samples:
+        try:
+            rendered = template.format(**sample)
+        except _FORMAT_ERRORS as e:
+            raise UsageError(f"bad name template {template!r}: {type(e).__name__}: {e}") from None
+        _check_relative(rendered, template)
+        too_long = [p for p in Path(rendered).parts if len(os.fsencode(p)) > NAME_MAX]
+        if too_long:
+            raise UsageError(f"name template {template!r} makes file names longer than {NAME_MAX} bytes")
+        if Path(rendered).suffix.lower() not in OUTPUT_FORMATS:
+            raise UsageError(f"name template {template!r} must end in an image extension ('.{{ext}}', '.jpg', "
+                             "'.png', '.webp', '.tif')")
+    if ratios is not None and len(ratios) > 1 and "ratio" not in fields:
+        raise UsageError(f"name template {template!r} gives the crops of every ratio one name: add {{ratio}}")
+    if top_k > 1 and "rank" not in fields:
+        raise UsageError(f"name template {template!r} gives the {top_k} best crops one name: add {{rank}}")
 
 
 def _check_relative(rendered: str, template: str) -> None:
@@ -40,59 +92,207 @@ def _check_relative(rendered: str, template: str) -> None:
         raise UsageError(f"name template {template!r} would write outside the output folder")
 
 
-@dataclass
-class Claim:
-    """Where one crop goes: ``path``, or nothing to write when ``skip`` says why (``"exists"``)."""
-
-    path: Path
-    skip: str | None = None
+def _suffixed(rel: str, k: int) -> str:
+    """``a/b_16x9.jpg`` → ``a/b_16x9-k.jpg`` (k > 0)."""
+    p = PurePosixPath(rel)
+    return str(p.with_name(f"{p.stem}-{k}{p.suffix}")) if k else rel
 
 
 class OutputNamer:
-    """Assigns each crop an output path: never two crops of one run on the same file; existing files are kept
-    (a ``-1``, ``-2`` … suffix is added), overwritten (``overwrite``) or the crop skipped (``skip_existing``)."""
+    """Assigns each crop its output path.
 
-    def __init__(self, out_dir: Path, template: str, overwrite: bool, skip_existing: bool, items=()):
-        self.out_dir = out_dir
-        self.root = out_dir.resolve()
+    ``items`` is the run's full input list, in order: inputs whose names collide get ``-1``, ``-2`` …
+    suffixes by their position in it, the same on every run.  An existing file is never replaced unless
+    ``overwrite``: with ``skip_existing`` the crop is skipped (:class:`Claim` ``skip="exists"``), else it
+    takes the next free suffix.  Thread-safe.
+    """
+
+    def __init__(self, out_dir: Path, template: str, overwrite: bool = False, skip_existing: bool = False,
+                 items: Sequence[InputItem] = (), *, out_format: str | None = None):
+        self.out_dir = Path(out_dir)
+        self.root = self.out_dir.resolve()
         self.template = template
         self.overwrite = overwrite
         self.skip_existing = skip_existing
+        self.items = list(items)
+        self.out_format = out_format
+        self._index = {id(it): k for k, it in enumerate(self.items)}
+        self._masked = "w" not in self._fields() and "h" not in self._fields()
+        self._slots: dict[tuple[str, int], dict[int, int]] = {}  # (ratio, rank) → item index → suffix
+        self._planned: dict[tuple[str, int], set[str]] = {}  # (ratio, rank) → every deterministic name
         self.reserved: set[Path] = set()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self._inputs: dict = {}  # resolved path / entry path / (st_dev, st_ino) → the input
+        for it in self.items:
+            if it.path is None:
+                continue
+            for key in _identities(it.path, getattr(it, "ident", None)):
+                self._inputs.setdefault(key, it)
 
-    def render(self, item: InputItem, ratio: str, rank: int, ext: str, size: tuple) -> Path:
-        name = self.template.format(stem=item.stem, ratio=ratio_label(ratio), ext=ext, rank=rank, w=size[0],
-                                    h=size[1], name=f"{item.stem}{item.suffix}")
-        _check_relative(name, self.template)
-        path = self.out_dir / item.rel_dir / name
+    def _fields(self) -> set:
         try:
-            path.resolve().relative_to(self.root)
+            return {f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None}
         except ValueError:
-            raise UsageError(f"name template {self.template!r} would write outside the output folder") from None
+            return set()
+
+    # -- names ----------------------------------------------------------------------------------------------
+
+    def _render(self, item: InputItem, ratio: str, rank: int, ext: str, size: tuple) -> str:
+        """The template rendered for one crop, relative to the output folder (POSIX separators)."""
+        try:
+            name = self.template.format(stem=item.stem, ratio=ratio_label(ratio), ext=ext, rank=rank, w=size[0],
+                                        h=size[1], name=f"{item.stem}{item.suffix}")
+        except _FORMAT_ERRORS as e:
+            raise OutputError(f"cannot make an output name ({type(e).__name__}: {e})") from None
+        rel = PurePosixPath(*Path(item.rel_dir).parts, *Path(name).parts) if name else PurePosixPath()
+        parts = rel.parts
+        if not name or Path(name).is_absolute() or ".." in parts or not parts or parts[-1] in {"", "."} \
+                or name.endswith(("/", os.sep)):
+            raise OutputError(f"its output name '{safe_name(name)}' would leave the output folder")
+        return str(rel)
+
+    def _path(self, rel: str) -> Path:
+        """Output path of a relative name, checked: every component fits, and it stays in the output folder."""
+        for part in PurePosixPath(rel).parts:
+            n = len(os.fsencode(part))
+            if n > NAME_MAX:
+                raise OutputError(f"its output name would be {n} bytes long, more than the {NAME_MAX} a file "
+                                  f"name may have ('{safe_name(part[:60])}…')")
+        path = self.out_dir / rel
+        try:
+            path.parent.resolve().relative_to(self.root)
+        except ValueError:
+            raise OutputError(f"its output {safe_name(path)} would be outside the output folder "
+                              "(a symlinked sub-folder?)") from None
+        except OSError as e:
+            raise OutputError(f"cannot use output folder {safe_name(path.parent)} ({e.strerror or e})") from None
+        return path
+
+    def _assign(self, ratio: str, rank: int) -> None:
+        """Deterministic collision suffixes of every input for one (ratio, rank), by input position."""
+        key = (ratio, rank)
+        if key in self._slots:
+            return
+        taken: set[str] = set()
+        slots: dict[int, int] = {}
+        for k, it in enumerate(self.items):
+            try:
+                rel = self._render(it, ratio, rank, output_ext(it, self.out_format, None), (0, 0))
+            except OutputError:
+                continue
+            j, cand = 0, rel
+            while cand in taken:
+                j += 1
+                cand = _suffixed(rel, j)
+            taken.add(cand)
+            slots[k] = j
+        self._slots[key] = slots
+        self._planned[key] = taken
+
+    def _locate(self, item: InputItem, ratio: str, rank: int, ext: str, size: tuple) -> tuple[str, int]:
+        """(rendered relative name, deterministic collision suffix) of one crop."""
+        rel = self._render(item, ratio, rank, ext, size)
+        with self.lock:
+            k = self._index.get(id(item))
+            if k is None:
+                return rel, 0
+            self._assign(ratio, rank)
+            return rel, self._slots[(ratio, rank)].get(k, 0)
+
+    def target(self, item: InputItem, ratio: str, rank: int, ext: str, size: tuple = (0, 0)) -> Path:
+        """The deterministic output path of one crop (nothing on disk looked at but the inputs).
+
+        Raises :class:`OutputError` when no name can be made for this input, :class:`InputCollision` when the
+        path is that of an input."""
+        rel, j = self._locate(item, ratio, rank, ext, size)
+        path = self._path(_suffixed(rel, j))
+        self.check_not_input(path)
         return path
 
     def claim(self, item: InputItem, ratio: str, rank: int, ext: str, size: tuple) -> Claim:
-        """The output of one crop (see :meth:`assign`)."""
-        wanted = self.render(item, ratio, rank, ext, size)
-        path = self.assign(wanted)
-        return Claim(wanted, "exists") if path is None else Claim(path)
+        """Claim the output of one crop (see the class doc); the path is reserved for this run."""
+        rel, j = self._locate(item, ratio, rank, ext, size)
+        path = self._path(_suffixed(rel, j))
+        self.check_not_input(path)
+        with self.lock:
+            if path not in self.reserved:
+                if self.overwrite or not os.path.lexists(path):
+                    self.reserved.add(path)
+                    return Claim(path)
+                if self.skip_existing:
+                    self.reserved.add(path)
+                    return Claim(path, "exists")
+            # taken on disk (or, rarely, by another crop of this run): the next free suffix that is no other
+            # input's deterministic name
+            planned = self._planned.get((ratio, rank), set()) if self._masked else set()
+            for n in range(j + 1, j + 100_000):
+                cand_rel = _suffixed(rel, n)
+                if cand_rel in planned:
+                    continue
+                cand = self._path(cand_rel)
+                if cand in self.reserved or os.path.lexists(cand) or self._input_at(cand) is not None:
+                    continue
+                self.reserved.add(cand)
+                return Claim(cand)
+        raise OutputError(f"no free output name next to {safe_name(path)}")
+
+    # -- inputs ---------------------------------------------------------------------------------------------
+
+    def _input_at(self, path: Path) -> InputItem | None:
+        for key in _identities(path, None):
+            it = self._inputs.get(key)
+            if it is not None:
+                return it
+        return None
+
+    def check_not_input(self, path: Path) -> None:
+        """:class:`InputCollision` if writing ``path`` would replace (or write through to) an input."""
+        it = self._input_at(path)
+        if it is not None:
+            raise InputCollision(f"output {safe_name(path)} would replace the input {safe_name(it.display)}: "
+                                 "originals are never written (choose another -o or --name)")
+
+    # -- older interface (one free name per wanted path) --------------------------------------------------
+
+    def render(self, item: InputItem, ratio: str, rank: int, ext: str, size: tuple) -> Path:
+        return self._path(self._render(item, ratio, rank, ext, size))
 
     def assign(self, wanted: Path) -> Path | None:
-        """The path to write for ``wanted``, or None to skip it."""
+        """The path to write for ``wanted``, or None to skip it (without deterministic suffixes)."""
         with self.lock:
-            if wanted not in self.reserved:
-                if not wanted.exists() or self.overwrite:
+            if wanted not in self.reserved and self._input_at(wanted) is None:
+                if not os.path.lexists(wanted) or self.overwrite:
                     self.reserved.add(wanted)
                     return wanted
                 if self.skip_existing:
                     return None
             for k in range(1, 100000):
                 cand = wanted.with_name(f"{wanted.stem}-{k}{wanted.suffix}")
-                if cand not in self.reserved and not cand.exists():
+                if cand not in self.reserved and not os.path.lexists(cand) and self._input_at(cand) is None:
                     self.reserved.add(cand)
                     return cand
         raise OSError(f"{wanted}: no free output name")
+
+
+def _identities(path: Path, ident: tuple | None) -> list:
+    """Keys under which a path is an input: its entry (folder resolved, name as is), its full resolution
+    (symlinks followed) and the (st_dev, st_ino) of what it points to and of the entry itself."""
+    out: list = []
+    path = Path(path)
+    try:
+        out.append(("entry", str(path.parent.resolve() / path.name)))
+        out.append(("path", str(path.resolve())))
+    except (OSError, RuntimeError):
+        pass
+    if ident is not None:
+        out.append(("ino", tuple(ident)))
+    for stat in (os.stat, os.lstat):
+        try:
+            st = stat(path)
+        except (OSError, ValueError):
+            continue
+        out.append(("ino", (st.st_dev, st.st_ino)))
+    return out
 
 
 def output_ext(item: InputItem, out_format: str | None, loaded_format: str | None) -> str:
