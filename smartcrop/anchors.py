@@ -54,13 +54,17 @@ def gaic_anchors(width: int, height: int, bins: int = GRID_BINS) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float32)
 
 
+#: Most elongated aspect ratio accepted (either way): beyond 10:1 a "crop" is a strip, not a photo.
+MAX_RATIO = 10
+
 _RATIO_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[:xX/]\s*(\d+(?:\.\d+)?)\s*$")
 
 
 def parse_ratio(text: str) -> Fraction:
     """Parse ``"16:9"``, ``"16x9"``, ``"4/5"``, ``"1.91:1"`` or a plain number such as ``"1.5"``.
 
-    Raises ``ValueError`` with a one-line message for anything else (zero, negative, garbage, absurd ratios).
+    Raises ``ValueError`` with a one-line message for anything else (zero, negative, garbage, ratios beyond
+    :data:`MAX_RATIO`:1 either way).
     """
     s = str(text).strip()
     m = _RATIO_RE.match(s)
@@ -74,8 +78,8 @@ def parse_ratio(text: str) -> Fraction:
     if w <= 0 or h <= 0:
         raise ValueError(f"bad aspect ratio {text!r}: width and height must be positive")
     r = w / h
-    if not Fraction(1, 100) <= r <= 100:
-        raise ValueError(f"bad aspect ratio {text!r}: must lie between 1:100 and 100:1")
+    if not Fraction(1, MAX_RATIO) <= r <= MAX_RATIO:
+        raise ValueError(f"bad aspect ratio {text!r}: must lie between 1:{MAX_RATIO} and {MAX_RATIO}:1")
     return r
 
 
