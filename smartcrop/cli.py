@@ -11,14 +11,26 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from .errors import SmartcropError
 
 
 def err(msg: str) -> None:
-    """One line on stderr."""
-    print(f"smartcrop: {msg}", file=sys.stderr, flush=True)
+    """One line on stderr; control characters (from file names) escaped, so nothing can forge a line or send
+    terminal escapes."""
+    from .imageio import safe_name
+
+    print(f"smartcrop: {safe_name(msg)}", file=sys.stderr, flush=True)
+
+
+def _flag_type(self, ctx):
+    """Help shows boolean flags as plain flags (no ``<bool>``); other options keep their type."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+_option_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _flag_type
 
 
 class _Commands(TyperGroup):
@@ -40,6 +52,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"smartcrop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print smartcrop's version and exit.")):
+    """Learned photo cropping: crop folders of photos to any aspect ratio with a SAC-Net crop scorer."""
+
+
 eval_app = typer.Typer(help="Benchmark a model on GAICD (human scores) or FCDB (expert crops).", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
@@ -125,6 +153,35 @@ def eval_fcdb(
     raise typer.Exit(1 if errors else 0)
 
 
+class _sigterm_as_interrupt:
+    """Within the block, SIGTERM stops the run like Ctrl-C (KeyboardInterrupt in the main thread), so it too
+    finishes cleanly and says so; ``received`` tells which it was."""
+
+    def __init__(self):
+        self.received = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        self.received = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        import signal
+
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except (ValueError, OSError):  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
+
+
 @app.command()
 def run(
     inputs: List[str] = typer.Argument(None, help="Photos and folders; '-' reads stdin: one image (result on "
@@ -138,7 +195,9 @@ def run(
                                           "stdout for a single image read from stdin)."),
     name: Optional[str] = typer.Option(None, "--name", help="Output name template; fields {stem} {ratio} {ext} "
                                        "{rank} {w} {h} {name}. Default '{stem}_{ratio}.{ext}'."),
-    size: Optional[str] = typer.Option(None, "--size", help="Resize each crop to exactly WxH, e.g. 1920x1080."),
+    size: Optional[str] = typer.Option(None, "--size", help="Resize each crop to exactly WxH, e.g. 1920x1080 "
+                                       "(a smaller crop fails its photo unless --upscale)."),
+    upscale: bool = typer.Option(False, "--upscale", help="Let --size enlarge crops smaller than WxH."),
     max_side: Optional[int] = typer.Option(None, "--max-side", min=1, help="Downscale crops so their longest "
                                            "side is at most N pixels."),
     top_k: int = typer.Option(1, "--top-k", min=1, max=20, help="Write the K best distinct crops per ratio."),
@@ -149,7 +208,7 @@ def run(
     out_format: Optional[str] = typer.Option(None, "--format", help="Output format: jpg, png, webp or tif "
                                              "(default: the input's)."),
     strip: bool = typer.Option(False, "--strip", help="Drop EXIF and ICC profile from the outputs."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (never an input)."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip crops whose output file exists."),
     as_json: bool = typer.Option(False, "--json", help="One JSON line per crop on stdout."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print the boxes; write no image."),
@@ -174,20 +233,27 @@ def run(
     plan = plan_run(inputs or [], from_file=from_file, recursive=recursive, ratios=ratio, size=size, output=output,
                     out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
                     skip_existing=skip_existing, on_error=err, name_template=name, max_side=max_side, top_k=top_k,
-                    quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch)
+                    quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch,
+                    upscale=upscale)
+    if not plan.items:  # every input failed to collect (reported): nothing to load a model for
+        raise typer.Exit(1)
 
     def on_record(rec):
         if as_json:
             print(json.dumps(rec.to_json()), flush=True)
         elif dry_run:
-            print(f"{rec.input}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}", flush=True)
+            from .imageio import safe_name
 
-    try:
-        summary = crop_photos(plan, weights=weights, model=model, device=device,
-                              adapt_epochs=adapt_epochs if adapt else 0, on_record=on_record, on_error=err)
-    except KeyboardInterrupt:
-        err("interrupted: finished files are complete, nothing partial was left")
-        raise typer.Exit(130)
+            print(f"{safe_name(rec.input)}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}", flush=True)
+
+    with _sigterm_as_interrupt() as term:
+        try:
+            summary = crop_photos(plan, weights=weights, model=model, device=device,
+                                  adapt_epochs=adapt_epochs if adapt else 0, on_record=on_record, on_error=err)
+        except KeyboardInterrupt:
+            err(("terminated" if term.received else "interrupted")
+                + ": finished files are complete, nothing partial was left")
+            raise typer.Exit(143 if term.received else 130) from None
     if stderr_is_tty():
         err(summary.describe(plan.opts, len(plan.input_errors)))
     raise typer.Exit(1 if summary.failed or plan.input_errors else 0)
@@ -200,14 +266,14 @@ def finetune(
                             "in your models folder (then usable as --model NAME)."),
     weights: Optional[Path] = WEIGHTS_OPT,
     model: Optional[str] = MODEL_OPT,
-    epochs: int = typer.Option(3, "--epochs", min=1),
-    lr: float = typer.Option(5e-5, "--lr"),
+    epochs: int = typer.Option(3, "--epochs", min=1, help="Passes over the album."),
+    lr: float = typer.Option(5e-5, "--lr", help="Learning rate (Adam)."),
     labeled: Optional[Path] = typer.Option(None, "--labeled", help="GAICD- or FCDB-layout data to keep a labeled "
                                            "signal (instead of distillation to the base model)."),
     distill: float = typer.Option(1.0, "--distill", help="Weight of the anchoring term to the base model's scores."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (OUT.ckpt) to resume from."),
     device: str = DEVICE_OPT,
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Random seed (data order, initialisation)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output model."),
 ):
     """Adapt a model to your own photos with rank consistency (no labels needed)."""
@@ -284,8 +350,8 @@ def train(
                                                     "backbone (torchvision layout). Default: $SMARTCROP_BACKBONE, "
                                                     "../shared/weights, then torch.hub."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this smartcrop model instead."),
-    epochs: int = typer.Option(5, "--epochs", min=1),
-    lr: float = typer.Option(1e-4, "--lr"),
+    epochs: int = typer.Option(5, "--epochs", min=1, help="Passes over the training data."),
+    lr: float = typer.Option(1e-4, "--lr", help="Learning rate (Adam)."),
     lr_step: int = typer.Option(4, "--lr-step", help="Multiply the learning rate by 0.1 after this many epochs."),
     no_saf: bool = typer.Option(False, "--no-saf", help="Without the spatial-aware feature (the basic model)."),
     no_rc: bool = typer.Option(False, "--no-rc", help="Without the rank-consistency loss."),
@@ -298,7 +364,7 @@ def train(
                                        "(and half that of FCDB) held out for per-epoch validation."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (OUT.ckpt) to resume from."),
     device: str = DEVICE_OPT,
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Random seed (data order, initialisation)."),
 ):
     """Train a crop scorer: human scores, expert crops and rank consistency on unlabeled photos."""
     import shlex

@@ -230,7 +230,7 @@ class OutputNamer:
                 if cand_rel in planned:
                     continue
                 cand = self._path(cand_rel)
-                if cand in self.reserved or os.path.lexists(cand) or self._input_at(cand) is not None:
+                if cand in self.reserved or os.path.lexists(cand) or self.input_at(cand) is not None:
                     continue
                 self.reserved.add(cand)
                 return Claim(cand)
@@ -238,7 +238,8 @@ class OutputNamer:
 
     # -- inputs ---------------------------------------------------------------------------------------------
 
-    def _input_at(self, path: Path) -> InputItem | None:
+    def input_at(self, path: Path) -> InputItem | None:
+        """The input whose file ``path`` is (same entry, same target or same inode), or None."""
         for key in _identities(path, None):
             it = self._inputs.get(key)
             if it is not None:
@@ -247,7 +248,7 @@ class OutputNamer:
 
     def check_not_input(self, path: Path) -> None:
         """:class:`InputCollision` if writing ``path`` would replace (or write through to) an input."""
-        it = self._input_at(path)
+        it = self.input_at(path)
         if it is not None:
             raise InputCollision(f"output {safe_name(path)} would replace the input {safe_name(it.display)}: "
                                  "originals are never written (choose another -o or --name)")
@@ -260,7 +261,7 @@ class OutputNamer:
     def assign(self, wanted: Path) -> Path | None:
         """The path to write for ``wanted``, or None to skip it (without deterministic suffixes)."""
         with self.lock:
-            if wanted not in self.reserved and self._input_at(wanted) is None:
+            if wanted not in self.reserved and self.input_at(wanted) is None:
                 if not os.path.lexists(wanted) or self.overwrite:
                     self.reserved.add(wanted)
                     return wanted
@@ -268,7 +269,7 @@ class OutputNamer:
                     return None
             for k in range(1, 100000):
                 cand = wanted.with_name(f"{wanted.stem}-{k}{wanted.suffix}")
-                if cand not in self.reserved and not os.path.lexists(cand) and self._input_at(cand) is None:
+                if cand not in self.reserved and not os.path.lexists(cand) and self.input_at(cand) is None:
                     self.reserved.add(cand)
                     return cand
         raise OSError(f"{wanted}: no free output name")

@@ -7,15 +7,17 @@ the inputs and returns a :class:`RunPlan` for :class:`smartcrop.runner.Runner`.
 from __future__ import annotations
 
 import os
+import string
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .anchors import parse_ratio
 from .errors import UsageError
-from .imageio import OUTPUT_FORMATS
+from .imageio import OUTPUT_FORMATS, safe_name
 from .inputs import collect_inputs
-from .naming import check_template
+from .naming import InputCollision, OutputError, OutputNamer, check_template, output_ext
 
 #: ``--format`` names and their aliases → output extension
 FORMAT_NAMES = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp", "tif": "tif", "tiff": "tif"}
@@ -100,31 +102,47 @@ def parse_format(name: str | None) -> str | None:
 
 
 def prepare_output_dir(out_dir: Path) -> None:
-    """Create the output folder and check that a file can be created in it.
+    """Create the output folder, check that a file can be created in it, and remove the temporary files that
+    killed smartcrop runs left there.
 
-    The check creates a file with a random name and ``O_EXCL`` (``tempfile.mkstemp``), which never follows a
-    symlink planted in the folder, and removes it."""
-    import tempfile
+    The check creates a file named like smartcrop's temporary files with ``O_EXCL | O_NOFOLLOW`` (it never
+    follows a symlink planted in the folder, and its random name cannot be predicted) and removes it."""
+    from .imageio import remove_stale_temps, temp_name
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{safe_name(out_dir)}: the output folder is a file")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".smartcrop-probe-", dir=out_dir)
-        os.close(fd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        probe = out_dir / temp_name()
+        os.close(os.open(probe, flags, 0o600))
         os.unlink(probe)
     except OSError as e:
-        raise UsageError(f"{out_dir}: output folder is not writable ({e.strerror or e})") from None
+        raise UsageError(f"{safe_name(out_dir)}: output folder is not writable ({e.strerror or e})") from None
+    remove_stale_temps(out_dir)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: bool = False,
              ratios: Sequence[str] = (), size: str | None = None, output: Path | None = None,
              out_format: str | None = None, preview: Path | None = None, dry_run: bool = False,
-             as_json: bool = False, overwrite: bool = False, skip_existing: bool = False, stdin=None,
+             as_json: bool = False, overwrite: bool = False, skip_existing: bool = False, stdin=None, stdout=None,
              on_error: Callable[[str], None] | None = None, **options) -> RunPlan:
     """Validate a ``run`` request, collect its inputs and prepare the output folder.
 
-    Raises :class:`UsageError` for anything wrong with the request itself; inputs that cannot be collected
-    are reported through ``on_error`` and listed in the plan.  ``options`` are further :class:`RunOptions`
-    fields (``name_template``, ``max_side``, ``top_k``, ``quality``, ``strip``, ``workers``, ``batch``).
+    Raises :class:`UsageError` for anything wrong with the request itself — before any input is read where it
+    can: bad ratios, sizes, formats or name templates, an image for a terminal, a preview or output that
+    would replace an input (:class:`~smartcrop.naming.InputCollision`) or an existing file without
+    ``overwrite``.  Inputs that cannot be collected, or for which no output name can be made, are reported
+    through ``on_error`` (one line each) and listed in the plan; the others go on.  ``options`` are further
+    :class:`RunOptions` fields (``name_template``, ``max_side``, ``top_k``, ``quality``, ``strip``, ``upscale``,
+    ``workers``, ``batch`` …).  ``stdin``/``stdout`` default to the process's.
     """
     if overwrite and skip_existing:
         raise UsageError("overwriting and skipping existing outputs exclude each other")
@@ -136,8 +154,10 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
                       **options)
     if preview is not None and preview.suffix.lower() not in OUTPUT_FORMATS:
         raise UsageError("the preview must be a .jpg, .png, .webp or .tif file")
-    if opts.name_template:
-        check_template(opts.name_template)
+    check_template(opts.template(), opts.ratios, opts.top_k)
+    uses_stdin = "-" in inputs or from_file == "-"
+    if uses_stdin and stdin is None and _isatty(sys.stdin):
+        raise UsageError("'-' reads stdin, which is a terminal: pipe an image or a list of paths into smartcrop")
     errors: list[str] = []
 
     def report(line: str) -> None:
@@ -145,7 +165,8 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
         if on_error is not None:
             on_error(line)
 
-    items = collect_inputs(list(inputs), recursive, stdin=stdin, list_file=from_file, on_error=report)
+    items = collect_inputs(list(inputs), recursive, stdin=stdin, list_file=from_file, on_error=report,
+                           exclude=output or Path("cropped"))
     stdin_image = any(it.path is None for it in items)
     if stdin_image and len(items) > 1:
         raise UsageError("a single image on stdin cannot be mixed with other inputs")
@@ -156,8 +177,61 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
         if as_json and not dry_run:
             raise UsageError("JSON lines and an image on stdout cannot share stdout: give an output folder or a "
                              "dry run")
+        if not dry_run:
+            if len(opts.ratios) * opts.top_k != 1:
+                raise UsageError("writing to stdout needs exactly one crop (one --ratio, --top-k 1): give an "
+                                 "output folder (-o DIR) for more")
+            if _isatty(stdout if stdout is not None else sys.stdout):
+                raise UsageError("refusing to write image data to a terminal: redirect stdout (> out.jpg) or give "
+                                 "an output folder (-o DIR)")
     else:
         opts.out_dir = output or Path("cropped")
-        if not dry_run:
-            prepare_output_dir(opts.out_dir)
+    namer = OutputNamer(opts.out_dir or Path("."), opts.template(), overwrite, skip_existing, items,
+                        out_format=opts.out_format)
+    planned: set[Path] = set()
+    if opts.out_dir is not None and not dry_run:
+        items, planned = _check_outputs(namer, items, opts, report)
+    if preview is not None:
+        _check_preview(preview, namer, planned, overwrite)
+    if opts.out_dir is not None and not dry_run and items:
+        prepare_output_dir(opts.out_dir)
     return RunPlan(items, opts, errors)
+
+
+def _check_outputs(namer: OutputNamer, items: list, opts: RunOptions, report) -> tuple[list, set]:
+    """Every output name that can be known before the crops are chosen (all of them unless the template uses
+    {w}/{h} without --size): none may be an input's path (InputCollision, a usage error), and an input that
+    gets no valid name fails alone (reported, dropped).  Returns the remaining items and the planned paths."""
+    fields = {f for _, f, _, _ in string.Formatter().parse(opts.template()) if f is not None}
+    if {"w", "h"} & fields and opts.size is None:
+        return items, set()
+    planned: set[Path] = set()
+    keep = []
+    for it in items:
+        ext = output_ext(it, opts.out_format, None)
+        try:
+            paths = [namer.target(it, r, k, ext, opts.size or (0, 0))
+                     for r in opts.ratios for k in range(1, opts.top_k + 1)]
+        except OutputError as e:
+            report(f"{safe_name(it.display)}: {e}")
+            continue
+        planned.update(paths)
+        keep.append(it)
+    return keep, planned
+
+
+def _check_preview(preview: Path, namer: OutputNamer, planned: set, overwrite: bool) -> None:
+    """The contact sheet never replaces an input or an output of this run, nor an existing file unless
+    ``overwrite``."""
+    it = namer.input_at(preview)
+    if it is not None:
+        raise InputCollision(f"the preview {safe_name(preview)} would replace the input {safe_name(it.display)}: "
+                             "originals are never written")
+    if preview.is_dir():
+        raise UsageError(f"the preview {safe_name(preview)} is a folder: give an image file name")
+    if os.path.lexists(preview) and not overwrite:
+        raise UsageError(f"the preview {safe_name(preview)} exists: choose another name or pass --overwrite")
+    resolved = {p.parent.resolve() / p.name for p in planned}
+    if preview.parent.resolve() / preview.name in resolved:
+        raise UsageError(f"the preview {safe_name(preview)} would replace one of this run's crops: choose another "
+                         "name")
