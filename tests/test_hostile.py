@@ -1,0 +1,999 @@
+"""Hostile inputs for ``smartcrop run`` (issue 9, "Never lose a photo"): the sweep listed in docs/reliability.md.
+
+Every case asserts, as far as it applies: the exit code; one stderr line per failure, naming the file; the
+other photos done; every input byte-identical (sha256 before/after); no temporary or partial file left;
+nothing written outside ``-o``; every output complete (decodes) and marked as smartcrop's.
+
+Re-run the sweep:  python -m pytest -q tests/test_hostile.py
+(The tests run the CLI in-process with ``-j 1`` and a tiny untrained model on one torch thread: a few seconds
+on two busy cores.  Cases that need something this machine lacks -- a tmpfs mount, a non-root user for
+permission bits -- are simulated or skipped with the reason.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+from typer.testing import CliRunner  # noqa: E402
+
+from smartcrop import imageio  # noqa: E402
+from smartcrop.cli import app  # noqa: E402
+
+from conftest import draw_photo, sha  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------- harness
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One torch thread: on a machine whose cores are busy, more threads make tiny models ~15x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from smartcrop.model import ModelConfig, SACNet
+    from smartcrop.weights import save_model
+
+    torch.manual_seed(0)
+    p = tmp_path_factory.mktemp("model") / "small.safetensors"
+    save_model(SACNet(ModelConfig(short_side=64, max_long_side=128)).eval(), p, {"training": {"note": "untrained"}})
+    return p
+
+
+@contextlib.contextmanager
+def alarm(seconds: int):
+    """Fail instead of hanging (a FIFO opened for reading blocks forever)."""
+    def boom(*_):
+        raise TimeoutError(f"smartcrop did not finish within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _tree(root: Path) -> dict:
+    """relative path → what it is (sha256 of a file, a symlink's target, the kind of anything else)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for n in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+            p = Path(dirpath, n)
+            st = os.lstat(p)
+            rel = os.fsdecode(p.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = "-> " + os.readlink(p)
+            elif stat.S_ISREG(st.st_mode):
+                out[rel] = sha(p)
+            else:
+                out[rel] = f"mode {stat.S_IFMT(st.st_mode):o}"
+    return out
+
+
+@dataclass
+class Result:
+    code: int
+    out: bytes
+    err: str
+
+    @property
+    def lines(self) -> list[str]:
+        return [ln for ln in self.err.splitlines() if ln.strip()]
+
+    @property
+    def records(self) -> list[dict]:
+        return [json.loads(ln) for ln in self.out.decode().splitlines() if ln.strip()]
+
+
+class Sweep:
+    """One case: a source folder ``in/``, an output folder ``out/``, a snapshot of everything before the run."""
+
+    def __init__(self, root: Path, model: Path):
+        self.root, self.model = root, model
+        self.src = root / "in"
+        self.out = root / "out"
+        self.src.mkdir(exist_ok=True)
+        self.before: dict | None = None
+
+    def photo(self, rel: str, size=(96, 64), seed: int = 0) -> Path:
+        return draw_photo(self.src / rel, size=size, seed=seed)
+
+    def snapshot(self) -> None:
+        self.before = _tree(self.root)
+
+    def run(self, *args, stdin=None, jobs: bool = True, snapshot: bool = True, timeout: int = 60) -> Result:
+        if snapshot:
+            self.snapshot()
+        argv = ["run", *(os.fsdecode(a) if isinstance(a, (bytes, Path)) else str(a) for a in args),
+                "--weights", str(self.model)] + (["-j", "1"] if jobs else [])
+        with alarm(timeout):
+            r = CliRunner().invoke(app, argv, input=stdin)
+        if r.exception is not None and not isinstance(r.exception, SystemExit):
+            raise r.exception  # a traceback is never an answer
+        return Result(r.exit_code, r.stdout_bytes, r.stderr)
+
+    def check(self, res: Result, code: int, failed=(), done=(), *, outside=(), changed=(), lines: int | None = None):
+        """``failed``: names each on exactly one stderr line; ``done``: input names with a JSON record whose output
+        exists; ``outside``: paths (relative to the case root) allowed to appear outside out/; ``changed``:
+        pre-existing paths allowed to change (--overwrite)."""
+        assert res.code == code, (res.code, res.err)
+        for name in failed:
+            assert sum(name in ln for ln in res.lines) >= 1, (name, res.lines)
+        assert len(res.lines) == (len(failed) if lines is None else lines), res.lines
+        assert all(ln.startswith("smartcrop: ") for ln in res.lines), res.lines
+        if done:
+            got = {Path(r["input"]).name for r in res.records if r.get("output") and not r.get("skipped")}
+            assert set(done) <= got, (done, got)
+        self.assert_intact(outside=outside, changed=changed)
+
+    def assert_intact(self, outside=(), changed=()) -> None:
+        after = _tree(self.root)
+        for rel, h in self.before.items():
+            if rel not in changed:
+                assert after.get(rel) == h, f"{rel} was changed or removed"
+        for rel, h in after.items():
+            if self.before.get(rel) == h:
+                continue  # there before, untouched
+            name = Path(rel).name
+            assert not (name.endswith(".tmp") or name.startswith(".smartcrop-")), f"temporary file left: {rel}"
+            assert rel.startswith("out/") or rel in outside or rel in changed, f"written outside -o: {rel}"
+            p = self.root / rel
+            if p.is_file() and not p.is_symlink():
+                with Image.open(p) as im:
+                    im.load()  # complete
+                assert imageio.written_by_smartcrop(p), rel
+
+    def outputs(self) -> list[str]:
+        if not self.out.exists():
+            return []
+        return sorted(os.fsdecode(p.relative_to(self.out)) for p in self.out.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def sw(tmp_path, model) -> Sweep:
+    return Sweep(tmp_path, model)
+
+
+def three(sw: Sweep) -> list[Path]:
+    return [sw.photo(f"p{k}.jpg", seed=k) for k in range(3)]
+
+
+# ------------------------------------------------------------------------- originals are untouchable
+
+
+@pytest.mark.parametrize("flags", [["--overwrite"], [], ["--skip-existing"]])
+def test_name_template_onto_the_inputs_is_refused(sw, flags):
+    three(sw)
+    res = sw.run(sw.src, "-o", sw.src, "--name", "{name}", "--ratio", "16:9", *flags)
+    sw.check(res, 2, failed=["p0.jpg"])
+    assert "would replace the input" in res.err and res.err.count("p0.jpg") == 2  # both paths named
+
+
+def test_stem_ext_template_onto_a_png_input_is_refused(sw):
+    sw.photo("a.png")
+    res = sw.run(sw.src, "-o", sw.src, "--name", "{stem}.{ext}", "--overwrite")
+    sw.check(res, 2, failed=["a.png"])
+
+
+def test_format_jpeg_alias_onto_the_input_is_refused(sw):
+    sw.photo("a.jpg")
+    res = sw.run(sw.src / "a.jpg", "-o", sw.src, "--name", "{stem}.jpg", "--format", "jpeg", "--overwrite")
+    sw.check(res, 2, failed=["a.jpg"])
+
+
+def test_hard_link_of_an_input_at_the_output_name_is_refused(sw):
+    a = sw.photo("a.jpg")
+    sw.out.mkdir()
+    os.link(a, sw.out / "a_16x9.jpg")
+    res = sw.run(a, "-o", sw.out, "--ratio", "16:9", "--overwrite")
+    sw.check(res, 2, failed=["a.jpg"])
+
+
+def test_symlink_to_an_input_at_the_output_name_is_refused(sw):
+    a = sw.photo("a.jpg")
+    sw.out.mkdir()
+    (sw.out / "a_16x9.jpg").symlink_to(a)
+    res = sw.run(a, "-o", sw.out, "--ratio", "16:9", "--overwrite")
+    sw.check(res, 2, failed=["a.jpg"])
+
+
+def test_input_given_through_a_symlinked_folder_is_still_protected(sw):
+    three(sw)
+    (sw.root / "link").symlink_to(sw.src)
+    res = sw.run(sw.root / "link", "-o", sw.src, "--name", "{name}", "--overwrite")
+    sw.check(res, 2, failed=["p0.jpg"])
+
+
+def test_runtime_names_with_w_h_never_hit_an_input():
+    """Names that depend on the crop size are checked when claimed (here at the namer)."""
+    import tempfile
+
+    from smartcrop.inputs import collect_inputs
+    from smartcrop.naming import InputCollision, OutputNamer
+
+    d = Path(tempfile.mkdtemp())
+    draw_photo(d / "a_80x45.jpg")
+    items = collect_inputs([str(d)], False)
+    namer = OutputNamer(d, "a_{w}x{h}.{ext}", True, False, items)
+    with pytest.raises(InputCollision, match="a_80x45.jpg"):
+        namer.claim(items[0], "16:9", 1, "jpg", (80, 45))
+    assert namer.claim(items[0], "16:9", 1, "jpg", (64, 36)).path.name == "a_64x36.jpg"
+
+
+def test_preview_onto_an_input_is_refused(sw):
+    a, *_ = three(sw)
+    res = sw.run(sw.src, "-o", sw.out, "--preview", a, "--overwrite")
+    sw.check(res, 2, failed=["p0.jpg"])
+    assert res.err.count("p0.jpg") == 2
+
+
+def test_preview_onto_an_existing_file_needs_overwrite(sw):
+    three(sw)
+    (sw.root / "sheet.jpg").write_bytes(b"my own file")
+    res = sw.run(sw.src, "-o", sw.out, "--preview", sw.root / "sheet.jpg", "--json")
+    sw.check(res, 2, failed=["sheet.jpg"])
+    assert not sw.out.exists()
+
+
+def test_preview_with_overwrite_replaces_it(sw):
+    three(sw)
+    (sw.root / "sheet.jpg").write_bytes(b"old sheet")
+    res = sw.run(sw.src, "-o", sw.out, "--preview", sw.root / "sheet.jpg", "--overwrite", "--json")
+    sw.check(res, 0, done=["p0.jpg", "p1.jpg", "p2.jpg"], changed=["sheet.jpg"])
+    with Image.open(sw.root / "sheet.jpg") as im:
+        im.load()
+
+
+def test_preview_onto_a_folder_is_refused(sw):
+    three(sw)
+    (sw.root / "sheet.jpg").mkdir()
+    res = sw.run(sw.src, "-o", sw.out, "--preview", sw.root / "sheet.jpg")
+    sw.check(res, 2, failed=["sheet.jpg"])
+
+
+def test_preview_onto_one_of_the_runs_crops_is_refused(sw):
+    three(sw)
+    res = sw.run(sw.src, "-o", sw.out, "--ratio", "16:9", "--preview", sw.out / "p1_16x9.jpg")
+    sw.check(res, 2, failed=["p1_16x9.jpg"])
+
+
+# --------------------------------------------------------------------------- every write complete or absent
+
+
+def _misbehaving_write(monkeypatch, out: Path, mode: str, after: int = 0):
+    """os.write misbehaves for files inside ``out`` after ``after`` good writes there."""
+    real = os.write
+    root = str(out.resolve())
+    seen = {"n": 0}
+
+    def write(fd, data):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        if not target.startswith(root + os.sep):
+            return real(fd, data)
+        seen["n"] += 1
+        data = bytes(data)
+        if mode == "short":  # legal partial writes: must be continued
+            return real(fd, data[: max(1, len(data) // 3)])
+        if seen["n"] <= after:
+            return real(fd, data)
+        if mode == "lie":  # claims success, half reached the disk
+            real(fd, data[: len(data) // 2])
+            return len(data)
+        real(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC if mode == "enospc" else errno.EFBIG, "simulated")
+
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to tell output files from others")
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_short_writes_are_continued(sw, monkeypatch):
+    three(sw)
+    _misbehaving_write(monkeypatch, sw.out, "short")
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--ratio", "16:9", "--reencode")
+    sw.check(res, 0, done=["p0.jpg", "p1.jpg", "p2.jpg"])
+
+
+@pytest.mark.parametrize("mode", ["enospc", "efbig"])
+def test_full_output_disk_fails_that_file_and_says_so(sw, monkeypatch, mode):
+    three(sw)
+    sw.out.mkdir()
+    _misbehaving_write(monkeypatch, sw.out, mode, after=1)
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--ratio", "16:9")
+    sw.check(res, 1, failed=["p1.jpg", "p2.jpg"], done=["p0.jpg"])
+    assert all("output disk is full" in ln and "out/p" in ln for ln in res.lines), res.lines
+    assert sw.outputs() == ["p0_16x9.jpg"]
+
+
+def test_a_lying_write_is_caught_by_the_length_check(sw, monkeypatch):
+    three(sw)
+    sw.out.mkdir()
+    _misbehaving_write(monkeypatch, sw.out, "lie", after=2)
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--ratio", "16:9")
+    sw.check(res, 1, failed=["p2.jpg"], done=["p0.jpg", "p1.jpg"])
+    assert "short write" in res.err and sw.outputs() == ["p0_16x9.jpg", "p1_16x9.jpg"]
+
+
+def test_failed_fsync_leaves_nothing(sw, monkeypatch):
+    three(sw)
+    real = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode) and "p1" not in str(calls):
+            calls.append("p1")
+            raise OSError(errno.EIO, "simulated I/O error")
+        return real(fd)
+
+    calls: list = []
+    monkeypatch.setattr(os, "fsync", fsync)
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--ratio", "16:9")
+    sw.check(res, 1, failed=["p0.jpg"], done=["p1.jpg", "p2.jpg"])
+
+
+def test_failed_rename_leaves_nothing(sw, monkeypatch):
+    three(sw)
+
+    def broken(*a, **k):
+        raise OSError(errno.EIO, "simulated rename failure")
+
+    monkeypatch.setattr(os, "link", broken)
+    monkeypatch.setattr(os, "replace", broken)
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--ratio", "16:9")
+    sw.check(res, 1, failed=["p0.jpg", "p1.jpg", "p2.jpg"])
+    assert sw.outputs() == []
+
+
+def test_rerun_with_skip_existing_after_a_full_disk_makes_the_missing_crops(sw, monkeypatch):
+    three(sw)
+    sw.out.mkdir()
+    with monkeypatch.context() as m:
+        _misbehaving_write(m, sw.out, "enospc", after=1)
+        first = sw.run(sw.src, "-o", sw.out, "--json", "--ratio", "16:9")
+    assert first.code == 1
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--ratio", "16:9", "--skip-existing")
+    sw.check(res, 0, done=["p1.jpg", "p2.jpg"])
+    assert [r.get("skipped") for r in res.records] == ["exists", None, None]
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): the full disk is simulated by the "
+                    "os.write tests above")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_really_full_tmpfs(sw, tiny_tmpfs):
+    rng = np.random.default_rng(0)
+    for k in range(4):  # noise: each crop is ~40 KB, the file system holds 96 KB
+        Image.fromarray(rng.integers(0, 255, (160, 240, 3), dtype=np.uint8)).save(sw.src / f"n{k}.png")
+    out = tiny_tmpfs / "out"
+    sw.snapshot()
+    res = sw.run(sw.src, "-o", out, "--json", "--ratio", "1:1", snapshot=False)
+    assert res.code == 1, res.err
+    written = {Path(r["output"]).name for r in res.records}
+    assert written and len(res.lines) == 4 - len(written)
+    assert all("output disk is full" in ln for ln in res.lines)
+    for p in out.iterdir():  # what is there is complete; no temporary file
+        assert not p.name.startswith(".")
+        with Image.open(p) as im:
+            im.load()
+    sw.assert_intact(outside=[f"tmpfs/out/{n}" for n in written])
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temps_of_killed_runs_are_removed(sw):
+    three(sw)
+    dead = _dead_pid()
+    (sw.out / "sub").mkdir(parents=True)
+    stale = [sw.out / f".smartcrop-{dead}-0123abcd.tmp", sw.out / "sub" / f".smartcrop-{dead}-89abcdef.tmp"]
+    live = sw.out / f".smartcrop-{os.getpid()}-00000000.tmp"  # a run that is still going
+    other = sw.out / ".notes.tmp"  # not smartcrop's naming
+    for p in stale + [live, other]:
+        p.write_bytes(b"partial")
+    sw.snapshot()
+    res = sw.run(sw.src, "-o", sw.out, "--json", snapshot=False)
+    assert res.code == 0 and not any(p.exists() for p in stale)
+    assert live.exists() and other.exists()
+    live.unlink()
+    other.unlink()
+    for p in stale:
+        sw.before.pop(os.fsdecode(p.relative_to(sw.root)))
+    sw.before.pop("out/" + live.name)
+    sw.before.pop("out/" + other.name)
+    sw.assert_intact()
+
+
+def test_sigkill_mid_write_then_a_run_cleans_up(sw):
+    three(sw)
+    sw.out.mkdir()
+    code = ("import os, sys, time\nfrom smartcrop import imageio\n"
+            "os.fsync = lambda fd: (print('writing', flush=True), time.sleep(60))\n"
+            f"imageio.write_file({str(sw.out / 'x.jpg')!r}, b'\\xff\\xd8\\xff' + b'x' * 1000)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=ROOT)
+    assert p.stdout.readline().strip() == b"writing"
+    p.kill()
+    p.wait()
+    left = [n for n in os.listdir(sw.out) if n.startswith(".smartcrop-")]
+    assert len(left) == 1 and not (sw.out / "x.jpg").exists()  # killed: a temp file, never a partial x.jpg
+    sw.snapshot()
+    sw.before.pop("out/" + left[0])
+    res = sw.run(sw.src, "-o", sw.out, "--json", snapshot=False)
+    sw.check(res, 0, done=["p0.jpg", "p1.jpg", "p2.jpg"])
+
+
+@pytest.mark.parametrize("at", ["between photos", "mid-write"])
+def test_sigterm_stops_like_ctrl_c(sw, monkeypatch, at):
+    three(sw)
+    import smartcrop.runner as runner
+
+    if at == "between photos":
+        real = runner.finish
+
+        def finish(job):
+            out = real(job)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        monkeypatch.setattr(runner, "finish", finish)
+    else:
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--ratio", "16:9")
+    sw.check(res, 143, failed=["terminated"])
+    assert "nothing partial" in res.err
+    assert len(sw.outputs()) == (1 if at == "between photos" else 0)
+
+
+@pytest.mark.parametrize("stem_bytes,ok", [(246, True), (250, False)])
+def test_long_stems_fit_or_fail_alone(sw, stem_bytes, ok):
+    three(sw)
+    long = sw.photo("é" * ((stem_bytes - 2) // 2) + "xx"[: stem_bytes - 2 * ((stem_bytes - 2) // 2)] + ".jpg")
+    assert len(os.fsencode(long.stem)) == stem_bytes
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--ratio", "16:9")
+    if ok:  # the final name (stem + "_16x9.jpg") is 255 bytes: it fits, and so does the temporary name
+        sw.check(res, 0, done=[long.name, "p0.jpg"])
+    else:
+        sw.check(res, 1, failed=["255"], done=["p0.jpg", "p1.jpg", "p2.jpg"])
+
+
+def test_planted_symlinks_at_probe_names_are_never_followed(sw):
+    three(sw)
+    sw.out.mkdir()
+    victim = sw.root / "victim.txt"
+    victim.write_bytes(b"precious")
+    for name in [f".smartcrop-write-test-{os.getpid()}", ".smartcrop-probe-x", f".smartcrop-{os.getpid()}-00000000.tmp"]:
+        (sw.out / name).symlink_to(victim)
+    res = sw.run(sw.src, "-o", sw.out, "--json")
+    sw.check(res, 0, done=["p0.jpg"])
+    assert victim.read_bytes() == b"precious"
+
+
+def test_symlink_planted_at_an_output_name_is_not_written_through(sw):
+    three(sw)
+    sw.out.mkdir()
+    victim = sw.root / "victim.jpg"
+    victim.write_bytes(b"precious")
+    (sw.out / "p0_16x9.jpg").symlink_to(victim)
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--ratio", "16:9")
+    sw.check(res, 0, done=["p0.jpg"])
+    assert {Path(r["output"]).name for r in res.records} == {"p0_16x9-1.jpg", "p1_16x9.jpg", "p2_16x9.jpg"}
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--ratio", "16:9", "--overwrite")
+    sw.check(res, 0, done=["p0.jpg"], changed=["out/p0_16x9.jpg", "out/p0_16x9-1.jpg", "out/p1_16x9.jpg",
+                                               "out/p2_16x9.jpg"])
+    assert victim.read_bytes() == b"precious" and not (sw.out / "p0_16x9.jpg").is_symlink()
+
+
+def test_symlinked_output_subfolder_pointing_outside_is_not_written(sw):
+    sw.photo("sub/a.jpg")
+    sw.photo("b.jpg")
+    elsewhere = sw.root / "elsewhere"
+    elsewhere.mkdir()
+    sw.out.mkdir()
+    (sw.out / "sub").symlink_to(elsewhere)
+    res = sw.run(sw.src, "-r", "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["a.jpg"], done=["b.jpg"])
+    assert list(elsewhere.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------- honest re-runs
+
+
+def _two_cameras(sw: Sweep) -> list[Path]:
+    return [sw.photo("cam1/IMG_0001.jpg", seed=1), sw.photo("cam2/IMG_0001.jpg", seed=2)]
+
+
+def test_same_name_from_two_cameras_gets_two_stable_outputs(sw):
+    a, b = _two_cameras(sw)
+    res = sw.run(sw.src / "cam1", sw.src / "cam2", "-o", sw.out, "--json", "--ratio", "16:9")
+    sw.check(res, 0)
+    assert [(Path(r["input"]).parent.name, Path(r["output"]).name) for r in res.records] == \
+        [("cam1", "IMG_0001_16x9.jpg"), ("cam2", "IMG_0001_16x9-1.jpg")]
+    res = sw.run(sw.src / "cam1", sw.src / "cam2", "-o", sw.out, "--json", "--ratio", "16:9", "--skip-existing")
+    sw.check(res, 0)
+    assert [r["skipped"] for r in res.records] == ["exists", "exists"]
+    assert sw.outputs() == ["IMG_0001_16x9-1.jpg", "IMG_0001_16x9.jpg"]
+
+
+def test_skip_existing_decides_per_input(sw):
+    _two_cameras(sw)
+    args = [sw.src / "cam1", sw.src / "cam2", "-o", sw.out, "--json", "--ratio", "16:9"]
+    sw.run(*args)
+    (sw.out / "IMG_0001_16x9-1.jpg").unlink()  # cam2's crop lost: only it is made again, under its own name
+    res = sw.run(*args, "--skip-existing")
+    sw.check(res, 0, done=["IMG_0001.jpg"])
+    assert [(r.get("skipped"), Path(r["output"]).name) for r in res.records] == \
+        [("exists", "IMG_0001_16x9.jpg"), (None, "IMG_0001_16x9-1.jpg")]
+
+
+def test_rerun_without_flags_never_replaces_and_overwrite_replaces_in_place(sw):
+    _two_cameras(sw)
+    args = [sw.src / "cam1", sw.src / "cam2", "-o", sw.out, "--json", "--ratio", "16:9"]
+    sw.run(*args)
+    res = sw.run(*args)
+    sw.check(res, 0)
+    assert sw.outputs() == ["IMG_0001_16x9-1.jpg", "IMG_0001_16x9-2.jpg", "IMG_0001_16x9-3.jpg",
+                            "IMG_0001_16x9.jpg"]
+    res = sw.run(*args, "--overwrite")
+    sw.check(res, 0, changed=["out/IMG_0001_16x9.jpg", "out/IMG_0001_16x9-1.jpg"])
+    assert len(sw.outputs()) == 4
+
+
+def test_default_output_inside_a_recursive_tree_is_not_cropped_again(sw, monkeypatch):
+    three(sw)
+    sw.photo("sub/q.jpg")
+    monkeypatch.chdir(sw.src)
+    sw.run(".", "-r", "--ratio", "16:9", "--json")
+    first = sorted(p for p in (sw.src / "cropped").rglob("*") if p.is_file())
+    assert len(first) == 4
+    res = sw.run(".", "-r", "--ratio", "16:9", "--json", "--skip-existing")
+    assert res.code == 0 and len(res.records) == 4 and all(r["skipped"] == "exists" for r in res.records)
+    assert sorted(p for p in (sw.src / "cropped").rglob("*") if p.is_file()) == first
+    assert not (sw.src / "cropped" / "cropped").exists()
+
+
+def test_output_folder_equal_to_the_input_folder_is_not_cropped_again(sw):
+    three(sw)
+    sw.run(sw.src, "-o", sw.src, "--ratio", "16:9", "--json")
+    res = sw.run(sw.src, "-o", sw.src, "--ratio", "16:9", "--json")  # no flag: new names for the originals only
+    assert res.code == 0 and sorted(Path(r["input"]).name for r in res.records) == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    names = sorted(p.name for p in sw.src.iterdir())
+    assert names == ["p0.jpg", "p0_16x9-1.jpg", "p0_16x9.jpg", "p1.jpg", "p1_16x9-1.jpg", "p1_16x9.jpg", "p2.jpg",
+                     "p2_16x9-1.jpg", "p2_16x9.jpg"]
+    sw.assert_intact(outside=[f"in/p{k}_16x9-1.jpg" for k in range(3)])
+
+
+def test_earlier_outputs_elsewhere_in_the_tree_are_recognised(sw):
+    three(sw)
+    sw.run(sw.src, "-o", sw.src / "crops1", "--ratio", "1:1")
+    res = sw.run(sw.src, "-r", "-o", sw.out, "--ratio", "16:9", "--json")
+    sw.check(res, 0, done=["p0.jpg", "p1.jpg", "p2.jpg"])
+    assert len(res.records) == 3
+
+
+def test_an_explicitly_named_output_can_still_be_cropped(sw):
+    three(sw)
+    sw.run(sw.src / "p0.jpg", "-o", sw.src / "crops", "--ratio", "1:1")
+    res = sw.run(sw.src / "crops" / "p0_1x1.jpg", "-o", sw.out, "--ratio", "1:1", "--json")
+    sw.check(res, 0, done=["p0_1x1.jpg"])
+
+
+def test_same_file_given_twice_is_cropped_once(sw):
+    a, *_ = three(sw)
+    res = sw.run(a, a, sw.src, "-o", sw.out, "--json", "--ratio", "16:9")
+    sw.check(res, 0, done=["p0.jpg"])
+    assert len(res.records) == 3
+
+
+# ---------------------------------------------------------------------------------- one file's failures
+
+
+def test_nonexistent_file_among_others(sw):
+    three(sw)
+    res = sw.run(sw.src / "p0.jpg", sw.root / "nope.jpg", sw.src / "p1.jpg", "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["nope.jpg"], done=["p0.jpg", "p1.jpg"])
+
+
+def test_only_a_nonexistent_file(sw):
+    res = sw.run(sw.root / "nope.jpg", "-o", sw.out)
+    sw.check(res, 1, failed=["nope.jpg"])
+    assert not sw.out.exists()
+
+
+def test_path_component_over_255_bytes(sw):
+    three(sw)
+    res = sw.run(sw.src / ("x" * 300 + ".jpg"), sw.src, "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["file name too long"], done=["p0.jpg", "p1.jpg", "p2.jpg"])
+
+
+@pytest.mark.parametrize("length", [300, 5000])
+def test_list_line_too_long(sw, length):
+    three(sw)
+    lst = sw.root / "list.txt"
+    lst.write_text(f"{sw.src / 'p0.jpg'}\n{sw.src / ('y' * length)}.jpg\n{sw.src / 'p1.jpg'}\n")
+    res = sw.run("--from-file", lst, "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["too long"], done=["p0.jpg", "p1.jpg"])
+
+
+def test_list_line_with_a_nul_byte(sw):
+    three(sw)
+    lst = sw.root / "list.txt"
+    lst.write_bytes(os.fsencode(f"{sw.src / 'p0.jpg'}\n") + b"bad\x00name.jpg\n")
+    res = sw.run("--from-file", lst, "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["bad\\x00name.jpg"], done=["p0.jpg"])
+
+
+def test_list_from_a_pipe_works(sw):
+    three(sw)
+    res = sw.run("-", "-o", sw.out, "--json", stdin=f"{sw.src / 'p0.jpg'}\n{sw.src / 'p2.jpg'}\n".encode())
+    sw.check(res, 0, done=["p0.jpg", "p2.jpg"])
+
+
+@pytest.mark.parametrize("where", ["argument", "in folder"])
+def test_fifo_never_hangs(sw, where):
+    three(sw)
+    fifo = sw.src / "pipe.jpg"
+    os.mkfifo(fifo)
+    args = [fifo, sw.src / "p0.jpg"] if where == "argument" else [sw.src]
+    res = sw.run(*args, "-o", sw.out, "--json", timeout=30)
+    sw.check(res, 1, failed=["pipe.jpg: a FIFO"], done=["p0.jpg"])
+
+
+def test_device_is_refused(sw):
+    three(sw)
+    res = sw.run("/dev/null", sw.src / "p0.jpg", "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["/dev/null: a device"], done=["p0.jpg"])
+
+
+def test_socket_is_refused(sw):
+    three(sw)
+    s = socket.socket(socket.AF_UNIX)
+    path = sw.src / "s.jpg"
+    try:
+        s.bind(str(path))
+    except OSError as e:
+        pytest.skip(f"cannot bind a unix socket here: {e}")
+    try:
+        res = sw.run(sw.src, "-o", sw.out, "--json")
+    finally:
+        s.close()
+    sw.check(res, 1, failed=["s.jpg: a socket"], done=["p0.jpg"])
+
+
+@pytest.mark.parametrize("where", ["argument", "in folder"])
+def test_dangling_symlink(sw, where):
+    three(sw)
+    (sw.src / "gone.jpg").symlink_to(sw.root / "deleted.jpg")
+    args = [sw.src / "gone.jpg", sw.src / "p1.jpg"] if where == "argument" else [sw.src]
+    res = sw.run(*args, "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["gone.jpg: dangling symbolic link"], done=["p1.jpg"])
+
+
+def test_symlink_loop(sw):
+    three(sw)
+    (sw.src / "loop.jpg").symlink_to(sw.src / "loop.jpg")
+    res = sw.run(sw.src / "loop.jpg", sw.src, "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["loop.jpg: symbolic link loop"], lines=2, done=["p0.jpg"])  # given and walked
+
+
+def _deny(monkeypatch, func: str, path: Path):
+    """Permission bits do not stop root: make ``os.<func>`` fail with EACCES for ``path`` instead."""
+    real = getattr(os, func)
+    target = os.fspath(path)
+
+    def denied(p, *a, **k):
+        if os.fspath(p) == target:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(p))
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(os, func, denied)
+
+
+def test_unreadable_folder_argument(sw, monkeypatch):
+    three(sw)
+    locked = sw.root / "locked"
+    draw_photo(locked / "x.jpg")
+    _deny(monkeypatch, "scandir", locked)
+    res = sw.run(locked, sw.src, "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["locked: cannot read folder (permission denied)"], done=["p0.jpg", "p1.jpg"])
+
+
+def test_unreadable_subfolder_under_recursive(sw, monkeypatch):
+    three(sw)
+    sw.photo("deep/x.jpg")
+    _deny(monkeypatch, "scandir", sw.src / "deep")
+    res = sw.run(sw.src, "-r", "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["deep: cannot read folder"], done=["p0.jpg", "p1.jpg", "p2.jpg"])
+
+
+def test_listed_path_in_a_locked_folder(sw, monkeypatch):
+    three(sw)
+    hidden = sw.root / "locked" / "x.jpg"
+    draw_photo(hidden)
+    _deny(monkeypatch, "stat", hidden)
+    lst = sw.root / "list.txt"
+    lst.write_text(f"{hidden}\n{sw.src / 'p0.jpg'}\n")
+    res = sw.run("--from-file", lst, "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["x.jpg: permission denied"], done=["p0.jpg"])
+
+
+def test_real_permission_bits_when_not_root(sw):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: permission bits do not stop reads (simulated by the EACCES tests above)")
+    three(sw)
+    locked = sw.root / "locked"
+    draw_photo(locked / "x.jpg")
+    locked.chmod(0)
+    try:
+        res = sw.run(locked, locked / "x.jpg", sw.src, "-o", sw.out, "--json")
+    finally:
+        locked.chmod(0o755)
+    sw.check(res, 1, failed=["locked"], lines=2, done=["p0.jpg"])
+
+
+def test_input_named_dots_with_a_stem_folder_template(sw):
+    three(sw)
+    dots = sw.src / "...jpg"
+    dots.write_bytes((sw.src / "p0.jpg").read_bytes())
+    res = sw.run(dots, sw.src, "-o", sw.out, "--json", "--name", "{stem}/{ratio}.{ext}", "--ratio", "16:9")
+    sw.check(res, 1, failed=["...jpg"], done=["p0.jpg", "p1.jpg", "p2.jpg"])
+    assert "leave the output folder" in res.err
+
+
+@pytest.mark.parametrize("template", ["{stem:d}.jpg", "{stem!z}.jpg", "{stem", "{}.jpg", "{0}.jpg",
+                                      "{stem.__class__}.jpg", "{stem[0]}.jpg", "{stem}", "{stem}.txt",
+                                      "x" * 300 + "{stem}.jpg", "../{stem}.jpg", "/tmp/{stem}.jpg", "{stem}/",
+                                      "{rank:>999999999999}.jpg"])
+def test_bad_templates_are_usage_errors_before_any_work(sw, template):
+    three(sw)
+    res = sw.run(sw.src, "-o", sw.out, "--name", template)
+    sw.check(res, 2, lines=1)
+    assert "template" in res.err and not sw.out.exists()
+
+
+@pytest.mark.parametrize("args", [["--ratio", "16:9", "--ratio", "1:1", "--name", "{stem}.{ext}"],
+                                  ["--top-k", "2", "--name", "{stem}_{ratio}.{ext}"]])
+def test_templates_that_merge_crops_are_refused(sw, args):
+    three(sw)
+    res = sw.run(sw.src, "-o", sw.out, *args)
+    sw.check(res, 2, lines=1)
+
+
+@pytest.mark.parametrize("ratio,code", [("11:1", 2), ("1:11", 2), ("10.5", 2), ("10:1", 0), ("1:10", 0)])
+def test_ratio_limit(sw, ratio, code):
+    sw.photo("wide.jpg", size=(400, 400))
+    res = sw.run(sw.src, "-o", sw.out, "--ratio", ratio, "--json")
+    sw.check(res, code, lines=1 if code else 0, done=[] if code else ["wide.jpg"])
+
+
+def test_broken_files_among_good_ones(sw):
+    three(sw)
+    (sw.src / "empty.jpg").write_bytes(b"")
+    (sw.src / "text.jpg").write_text("not a photo\n")
+    good = (sw.src / "p0.jpg").read_bytes()
+    (sw.src / "cut.jpg").write_bytes(good[: len(good) // 2])
+    res = sw.run(sw.src, "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["empty.jpg", "text.jpg", "cut.jpg"], done=["p0.jpg", "p1.jpg", "p2.jpg"])
+
+
+def test_crop_smaller_than_16_pixels_fails_that_file(sw):
+    three(sw)
+    Image.new("RGB", (12, 40), (200, 100, 50)).save(sw.src / "sliver.png")
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--ratio", "1:1")
+    sw.check(res, 1, failed=["sliver.png"], done=["p0.jpg"])
+    assert "16" in res.err
+
+
+def test_size_never_upscales_unless_asked(sw):
+    three(sw)
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--size", "320x180")
+    sw.check(res, 1, failed=["p0.jpg", "p1.jpg", "p2.jpg"])
+    assert "--upscale" in res.err
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--size", "320x180", "--upscale")
+    sw.check(res, 0, done=["p0.jpg", "p1.jpg", "p2.jpg"])
+    assert all(Image.open(r["output"]).size == (320, 180) for r in res.records)
+
+
+def test_out_of_memory_while_decoding_fails_that_photo(sw, monkeypatch):
+    three(sw)
+    import smartcrop.runner as runner
+
+    real = runner.prepare
+
+    def prepare(source, *a):
+        if str(source).endswith("p1.jpg"):
+            raise MemoryError()
+        return real(source, *a)
+
+    monkeypatch.setattr(runner, "prepare", prepare)
+    res = sw.run(sw.src, "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["p1.jpg"], done=["p0.jpg", "p2.jpg"])
+
+
+def test_out_of_memory_while_scoring_fails_that_photo(sw, monkeypatch):
+    three(sw)
+    sw.photo("huge.jpg", size=(100, 70))
+    from smartcrop.cropper import Cropper
+
+    real = Cropper.best_crops_batch
+
+    def scored(self, images, *a, **k):
+        if any(tuple(size) == (100, 70) for _, size in images):
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 4294967296 bytes")
+        return real(self, images, *a, **k)
+
+    monkeypatch.setattr(Cropper, "best_crops_batch", scored)
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--batch", "4")
+    sw.check(res, 1, failed=["huge.jpg"], done=["p0.jpg", "p1.jpg", "p2.jpg"])
+
+
+def test_control_characters_in_names_are_escaped(sw):
+    three(sw)
+    evil = "evil\x1b[31m\nsmartcrop: all good\u202e.jpg"
+    (sw.src / evil).write_text("not a photo")
+    res = sw.run(sw.src, "-o", sw.out, "--json")
+    sw.check(res, 1, failed=["evil\\x1b[31m\\x0asmartcrop: all good\\u202e.jpg"], done=["p0.jpg"])
+    assert "\x1b" not in res.err and "\u202e" not in res.err
+
+
+def test_control_characters_in_dry_run_lines_are_escaped(sw):
+    sw.photo("tab\there.jpg")
+    res = sw.run(sw.src, "--dry-run", "-o", sw.out)
+    assert res.code == 0 and res.out.decode().count("\t") == 3 and "tab\\x09here.jpg" in res.out.decode()
+    sw.assert_intact()
+
+
+def test_undecodable_file_name_is_cropped(sw):
+    three(sw)
+    raw = os.path.join(os.fsencode(sw.src), b"caf\xe9.jpg")
+    with open(raw, "wb") as f:
+        f.write((sw.src / "p0.jpg").read_bytes())
+    res = sw.run(sw.src, "-o", sw.out, "--json", "--ratio", "16:9")
+    sw.check(res, 0, done=["p0.jpg"])
+    assert os.path.exists(os.path.join(os.fsencode(sw.out), b"caf\xe9_16x9.jpg"))
+
+
+def test_output_folder_that_is_a_file(sw):
+    three(sw)
+    (sw.root / "afile").write_text("x")
+    res = sw.run(sw.src, "-o", sw.root / "afile")
+    sw.check(res, 2, failed=["afile"])
+
+
+def test_empty_folder(sw):
+    res = sw.run(sw.src, "-o", sw.out)
+    sw.check(res, 2, lines=1)
+    assert "no image files" in res.err
+
+
+def test_overwrite_and_skip_existing_together(sw):
+    three(sw)
+    sw.check(sw.run(sw.src, "--overwrite", "--skip-existing", "-o", sw.out), 2, lines=1)
+
+
+def test_stdin_image_with_several_crops_needs_an_output_folder(sw):
+    a, *_ = three(sw)
+    res = sw.run("-", "--ratio", "16:9", "--ratio", "1:1", stdin=a.read_bytes())
+    sw.check(res, 2, lines=1)
+    assert res.out == b""
+
+
+def _cli(args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from smartcrop.cli import main; main()", *args], cwd=ROOT,
+                          capture_output=True, timeout=120, **kw)
+
+
+def test_image_to_a_terminal_is_refused(sw):
+    pty = pytest.importorskip("pty")
+    a, *_ = three(sw)
+    master, slave = pty.openpty()
+    try:
+        with open(a, "rb") as f:
+            r = subprocess.run([sys.executable, "-c", "from smartcrop.cli import main; main()", "run", "-",
+                                "--weights", str(sw.model)], stdin=f, stdout=slave, stderr=subprocess.PIPE,
+                               cwd=ROOT, timeout=120)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert r.returncode == 2 and b"terminal" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_stdin_from_a_terminal_is_refused(sw):
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-c", "from smartcrop.cli import main; main()", "run", "-",
+                            "--weights", str(sw.model)], stdin=slave, capture_output=True, cwd=ROOT, timeout=120)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert r.returncode == 2 and b"terminal" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+def test_version():
+    from smartcrop import __version__
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"smartcrop {__version__}"
+
+
+def test_help_shows_plain_flags_and_describes_every_option():
+    import click
+    import typer
+
+    for args in (["--help"], ["run", "--help"], ["train", "--help"], ["finetune", "--help"]):
+        r = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+        assert r.exit_code == 0 and "<bool>" not in r.stdout, args
+
+    def walk(cmd, path):
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                assert (p.help or "").strip(), f"{path} {p.opts[0]} has no help"
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(app), "smartcrop")
+
+
+def test_marker_survives_every_output_format(tmp_path):
+    img = Image.new("RGBA", (40, 30), (200, 10, 10, 128))
+    for ext in ["jpg", "png", "webp", "tif"] + (["avif"] if imageio._pillow_has_avif() else []):
+        p = imageio.save_image(img, tmp_path / f"o.{ext}")
+        assert imageio.written_by_smartcrop(p)
+        with Image.open(p) as im:
+            im.load()
+            assert im.size == (40, 30)
+        q = tmp_path / f"plain.{ext}"
+        q.write_bytes(imageio.encode_image(img, ext))
+        assert not imageio.written_by_smartcrop(q)
+
+
+def test_temp_names_are_short_and_carry_the_pid():
+    name = imageio.temp_name()
+    assert len(name.encode()) <= 32 and imageio.temp_owner(name) == os.getpid()
+    assert imageio.temp_owner(".IMG_0001.jpg.abcd1234.tmp") is None
