@@ -21,7 +21,7 @@ from typing import Sequence
 
 from .anchors import ratio_label
 from .errors import SmartcropError, UsageError
-from .imageio import FORMAT_EXTENSIONS, OUTPUT_FORMATS, safe_name
+from .imageio import OUTPUT_FORMATS, default_output_format, safe_name
 from .inputs import InputItem
 
 TEMPLATE_FIELDS = {"stem", "ratio", "ext", "rank", "w", "h", "name"}
@@ -296,15 +296,13 @@ def _identities(path: Path, ident: tuple | None) -> list:
     return out
 
 
-def output_ext(item: InputItem, out_format: str | None, loaded_format: str | None) -> str:
-    """Output extension (no dot): ``out_format``, else the input's own if writable (``jpeg`` → ``jpg``), else
-    that of its decoded format if writable, else ``png``."""
+def output_ext(item: InputItem, out_format: str | None, loaded_format: str | None, has_alpha: bool = False) -> str:
+    """Output extension (no dot): ``out_format``, else :func:`smartcrop.imageio.default_output_format` -- the
+    input's own if writable (``jpeg`` → ``jpg``), else that of its decoded format if writable, else ``jpg``
+    (``png`` when the source has transparency).  ``loaded_format`` is None before the photo is decoded."""
     if out_format:
         return out_format
-    ext = item.suffix.lower()
-    if ext in OUTPUT_FORMATS:
-        return "jpg" if ext == ".jpeg" else ext[1:]
-    return FORMAT_EXTENSIONS.get(loaded_format or "", ".png")[1:]
+    return default_output_format(item.suffix, loaded_format, has_alpha=has_alpha)
 
 
 def output_size(box: tuple, size: tuple | None, max_side: int | None) -> tuple[int, int]:

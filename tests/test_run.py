@@ -105,7 +105,7 @@ def test_bad_inputs_are_reported_and_the_rest_is_done(tmp_path, small_model_file
     for r in done.values():
         assert Path(r["output"]).is_file()
     assert done["pano.jpg"]["box"][3] <= 200 and done["pano.jpg"]["size"][0] <= 356
-    assert Path(done["anim.gif"]["output"]).suffix == ".png"
+    assert Path(done["anim.gif"]["output"]).suffix == ".jpg"  # not writable here, no transparency: JPEG
     assert Image.open(done["alpha.png"]["output"]).mode == "RGBA"  # alpha kept for PNG
 
 
