@@ -1,0 +1,963 @@
+"""``smartcrop run --engine ray``: the stages of :mod:`smartcrop.stages` on Ray Data, for millions of photos.
+
+One streamed Ray Data dataset, three operators::
+
+    rows {path[, rel_dir, bytes]}
+      → map_batches(_prepare_batch)        Ray tasks (CPU): read, decode at the network's size (stages.prepare)
+      → map_batches(_Scorer)               actor pool: Cropper.best_crops_batch on batches of photos
+                                           (one GPU per actor where the cluster has GPUs, CPU actors otherwise)
+      → map_batches(_finish_batch)         Ray tasks (CPU): output names, then stages.finish (lossless JPEG crop
+                                           or re-encode, atomic write) → one row per crop, or one error row
+
+The stage functions are the local engine's (:func:`~smartcrop.stages.prepare`, :func:`~smartcrop.stages.finish`,
+:class:`~smartcrop.cropper.Cropper`, :class:`~smartcrop.naming.OutputNamer`), so crops, names and JSON lines are
+the same as ``--engine local``.  Every task holds one photo's decode at a time, so memory per worker is one
+full-resolution image plus its encoded crops, whatever the size of the collection.
+
+Faults: a photo that cannot be read, decoded, scored or written is one error row (one stderr line in the
+CLI), never a failed job; a worker that dies is restarted and its batch retried by Ray (actors: unlimited
+restarts and task retries, Ray Data's defaults; tasks: Ray's 3 retries).  ``SMARTCROP_RAY_FAULT`` injects
+such a death for tests: ``score:/path/marker,finish:/other`` kills the process running the first batch of
+each named stage (prepare, score, finish) once — the marker file, created atomically, says it happened.
+
+Paths may be local or any URI pyarrow's file systems read and write (``s3://``, ``gs://``, ``hdfs://``,
+``file://``).  Ray is imported only by the functions that need it: ``pip install 'smartcrop[ray]'``.
+
+Python entry point::
+
+    import ray, smartcrop.distributed as sd
+    ds = ray.data.from_items([{"path": "s3://bucket/a.jpg"}, ...])
+    out = sd.crop(ds, ["16:9", "1:1"], output="s3://bucket/cropped")   # lazy ray.data.Dataset
+    for row in out.iter_rows(): ...   # {path, ratio, box, score, size, output, skipped, lossless, error, note}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import re
+import string
+import sys
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
+from typing import Callable, Sequence
+
+from .errors import SmartcropError, UsageError, one_line
+
+INSTALL_HINT = "the Ray engine needs Ray Data: pip install 'smartcrop[ray]' (or: pip install 'ray[data]')"
+FAULT_ENV = "SMARTCROP_RAY_FAULT"
+STAGES = ("prepare", "score", "finish")
+
+#: Photos per prepare / finish task (a task holds one decode at a time; more photos per task = fewer tasks)
+TASK_BATCH = 4
+#: Memory Ray reserves for a prepare task (a draft-size decode; a non-JPEG is decoded whole, then shrunk) and a
+#: finish task (one full-resolution decode plus its encoded crops): the scheduler never packs more decodes
+#: on a node than its memory holds.  (Being different from the scorer's, they also keep Ray Data from fusing
+#: the decode into the model's actors: decoding stays on CPU tasks while the actors score.)
+PREPARE_MEMORY = 512 << 20
+FINISH_MEMORY = 1 << 30
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--engine ray: {INSTALL_HINT}") from None
+    return ray
+
+
+# ------------------------------------------------------------------------------------------------------------
+# paths and URIs
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_COLLAPSED = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):/(?!/)")
+_FS_CACHE: dict = {}
+
+
+def is_uri(text) -> bool:
+    """``s3://…``, ``gs://…``, ``hdfs://…``, ``file://…``: anything with a scheme (a local path has none)."""
+    return isinstance(text, str) and bool(_URI.match(text))
+
+
+def restore_uri(text: str) -> str:
+    """An URI that went through :class:`pathlib.Path` (``s3://b/k`` → ``s3:/b/k``) given back its ``//``."""
+    if _URI.match(text):
+        return text
+    m = _COLLAPSED.match(text)
+    if m is None:
+        return text
+    return f"{m.group(1)}://{'/' if m.group(1).lower() == 'file' else ''}{text[m.end():]}"
+
+
+def _filesystem(uri: str):
+    """``(pyarrow FileSystem, path)`` of an URI; file systems are cached per scheme, host and options."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri, allow_fragments=False)
+    key = (parts.scheme.lower(), parts.netloc, parts.query)
+    hit = _FS_CACHE.get(key)
+    if hit is None:
+        from pyarrow import fs as pafs
+
+        if key[0] == "file":
+            hit = (pafs.LocalFileSystem(), "")
+        else:
+            base = f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else "")
+            fs, prefix = pafs.FileSystem.from_uri(base)
+            hit = (fs, prefix.rstrip("/"))
+        _FS_CACHE[key] = hit
+    fs, prefix = hit
+    return fs, prefix + unquote(parts.path)
+
+
+def _uri_parent_ok(uri: str) -> str:
+    return uri.split("?", 1)[0].rstrip("/")
+
+
+def read_uri(uri: str) -> bytes:
+    """The bytes of a file given by URI."""
+    fs, path = _filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_uri(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` complete or not at all: object stores (S3, GCS) publish an object only when
+    its upload completes; other file systems get a temporary name in the same folder, then a rename."""
+    import secrets
+
+    fs, path = _filesystem(uri)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    if fs.type_name in ("s3", "gcs"):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = posixpath.join(parent, f".smartcrop-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except Exception:  # noqa: BLE001 - best effort: the temporary may not exist
+            pass
+        raise
+
+
+def uri_exists(uri: str) -> bool:
+    from pyarrow import fs as pafs
+
+    fs, path = _filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_uri(uri: str, recursive: bool, exclude: str | None = None,
+             on_error: Callable[[str], None] | None = None) -> list[dict]:
+    """Input rows of the image files at ``uri`` (a file, or a folder / prefix: sorted like a local walk,
+    hidden files and folders skipped, nothing under ``exclude``)."""
+    from pyarrow import fs as pafs
+
+    from .imageio import is_image_path
+
+    fs, path = _filesystem(uri)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return [_input_row(uri, "")]
+        if info.type != pafs.FileType.Directory:
+            raise FileNotFoundError("no such file or folder")
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    except OSError as e:
+        if on_error is None:
+            raise UsageError(f"{uri}: {one_line(e)}") from None
+        on_error(f"{uri}: {one_line(e)}")
+        return []
+    base = path.rstrip("/")
+    root = _uri_parent_ok(uri)
+    skip = _uri_parent_ok(exclude) + "/" if exclude else None
+    rows = []
+    for rel in sorted((f.path[len(base) + 1:] for f in found if f.type == pafs.FileType.File),
+                      key=lambda r: r.split("/")):
+        parts = rel.split("/")
+        if any(p.startswith(".") for p in parts) or not is_image_path(parts[-1]):
+            continue
+        child = f"{root}/{rel}"
+        if skip and child.startswith(skip):
+            continue
+        rows.append(_input_row(child, "/".join(parts[:-1])))
+    return rows
+
+
+def _input_row(path: str, rel_dir: str, display: str | None = None, stem: str | None = None,
+               suffix: str | None = None) -> dict:
+    if stem is None or suffix is None:
+        name = PurePosixPath(_uri_parent_ok(path) if is_uri(path) else Path(path).as_posix()).name
+        p = PurePosixPath(name)
+        stem, suffix = p.stem, p.suffix
+    return {"path": path, "display": display or path, "rel_dir": rel_dir, "stem": stem, "suffix": suffix,
+            "group": "", "gpos": 0}
+
+
+def _item(row: dict):
+    """The :class:`~smartcrop.inputs.InputItem` of a dataset row."""
+    from .inputs import InputItem
+
+    path = row["path"]
+    local = not is_uri(path)
+    rel = row.get("rel_dir") or ""
+    if row.get("stem") is None or row.get("suffix") is None:
+        row = {**row, **_input_row(path, rel, row.get("display"))}
+    return InputItem(row.get("display") or path, Path(path) if local else None, Path(rel), row["stem"],
+                     row["suffix"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# output names: the local engine's OutputNamer, given the inputs its names can collide with
+
+
+def _masked_name(item, opts, ratio: str, rank: int) -> str | None:
+    """The name of one crop before the crop is known (width and height 0, the extension predicted from the
+    input's name), relative to the output folder: what makes names collide between inputs."""
+    from .anchors import ratio_label
+    from .naming import output_ext
+
+    ext = output_ext(item, opts.out_format, None)
+    try:
+        name = opts.template().format(stem=item.stem, ratio=ratio_label(ratio), ext=ext, rank=rank, w=0, h=0,
+                                      name=f"{item.stem}{item.suffix}")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    return str(PurePosixPath(*Path(item.rel_dir).parts, *Path(name).parts)) if name else None
+
+
+def mark_collisions(rows: list[dict], opts) -> None:
+    """Give every row whose output names collide with other inputs' the rows of those inputs (``group``, in
+    input order, and its position ``gpos``): the worker's :class:`OutputNamer` then hands out the same
+    ``-1``, ``-2`` … suffixes as the local engine's, which sees the whole input list."""
+    seen: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        item = _item(row)
+        for ratio in opts.ratios:
+            for rank in range(1, opts.top_k + 1):
+                key = _masked_name(item, opts, ratio, rank)
+                if key is not None:
+                    seen.setdefault(key, []).append(i)
+    peers: dict[int, set] = {}
+    for idx in seen.values():
+        if len(idx) > 1:
+            for i in idx:
+                peers.setdefault(i, set()).update(idx)
+    for i, ps in peers.items():
+        order = sorted(ps)
+        rows[i]["group"] = json.dumps([{k: rows[j][k] for k in ("path", "display", "rel_dir", "stem", "suffix")}
+                                       for j in order])
+        rows[i]["gpos"] = order.index(i)
+
+
+class _UriNamer:
+    """:class:`~smartcrop.naming.OutputNamer`'s rules for an output folder given by URI."""
+
+    def __init__(self, root: str, template: str, overwrite: bool, skip_existing: bool, items, out_format=None):
+        self.root = _uri_parent_ok(root)
+        self.query = root.split("?", 1)[1] if "?" in root else None
+        self.template = template
+        self.overwrite = overwrite
+        self.skip_existing = skip_existing
+        self.items = list(items)
+        self.out_format = out_format
+        self.reserved: set[str] = set()
+
+    def _uri(self, rel: str) -> str:
+        return f"{self.root}/{rel}" + (f"?{self.query}" if self.query else "")
+
+    def _render(self, item, ratio, rank, ext, size) -> str:
+        from .anchors import ratio_label
+        from .naming import OutputError
+
+        name = self.template.format(stem=item.stem, ratio=ratio_label(ratio), ext=ext, rank=rank, w=size[0],
+                                    h=size[1], name=f"{item.stem}{item.suffix}")
+        rel = posixpath.normpath(posixpath.join(Path(item.rel_dir).as_posix(), name))
+        if not name or name.startswith("/") or rel.startswith("..") or rel in {".", ""}:
+            raise OutputError(f"its output name '{name}' would leave the output folder")
+        return rel
+
+    def _slot(self, item, ratio, rank) -> tuple[int, set]:
+        from .naming import output_ext
+
+        taken: set[str] = set()
+        mine = 0
+        for it in self.items:
+            rel = self._render(it, ratio, rank, output_ext(it, self.out_format, None), (0, 0))
+            j, cand = 0, rel
+            while cand in taken:
+                j += 1
+                cand = _suffixed(rel, j)
+            taken.add(cand)
+            if it is item:
+                mine = j
+        return mine, taken
+
+    def target(self, item, ratio, rank, ext, size=(0, 0)) -> str:
+        j, _ = self._slot(item, ratio, rank)
+        return self._uri(_suffixed(self._render(item, ratio, rank, ext, size), j))
+
+    def claim(self, item, ratio, rank, ext, size):
+        from .naming import Claim, OutputError
+
+        rel = self._render(item, ratio, rank, ext, size)
+        j, planned = self._slot(item, ratio, rank)
+        uri = self._uri(_suffixed(rel, j))
+        if uri not in self.reserved:
+            if self.overwrite or not uri_exists(uri):
+                self.reserved.add(uri)
+                return Claim(uri)
+            if self.skip_existing:
+                self.reserved.add(uri)
+                return Claim(uri, "exists")
+        for n in range(j + 1, j + 100_000):
+            cand = _suffixed(rel, n)
+            if cand in planned or self._uri(cand) in self.reserved or uri_exists(self._uri(cand)):
+                continue
+            self.reserved.add(self._uri(cand))
+            return Claim(self._uri(cand))
+        raise OutputError(f"no free output name next to {uri}")
+
+
+def _suffixed(rel: str, k: int) -> str:
+    p = PurePosixPath(rel)
+    return str(p.with_name(f"{p.stem}-{k}{p.suffix}")) if k else rel
+
+
+def _namer(row: dict, item, opts, out_root: str):
+    """The output namer of one photo: the local engine's for a folder, :class:`_UriNamer` for an URI."""
+    items, me = [item], item
+    if row.get("group"):
+        items = [_item(g) for g in json.loads(row["group"])]
+        me = items[row["gpos"]]
+    if is_uri(out_root):
+        return _UriNamer(out_root, opts.template(), opts.overwrite, opts.skip_existing, items,
+                         opts.out_format), me
+    from .naming import OutputNamer
+
+    return OutputNamer(Path(out_root), opts.template(), opts.overwrite, opts.skip_existing, items,
+                       out_format=opts.out_format), me
+
+
+def _predictable(opts) -> bool:
+    """Every output name is known before decoding (no {w}/{h} in the template, or an exact --size)."""
+    fields = {f for _, f, _, _ in string.Formatter().parse(opts.template()) if f is not None}
+    return not ({"w", "h"} & fields) or opts.size is not None
+
+
+def _already_done(row: dict, opts, out_root: str | None) -> list[str] | None:
+    """With --skip-existing: the outputs of a photo whose every crop exists already (it is then neither
+    decoded nor scored: a re-run of an interrupted job costs a listing), else None."""
+    from .imageio import OUTPUT_FORMATS
+
+    if not (opts.skip_existing and out_root and not opts.dry_run and _predictable(opts)):
+        return None
+    item = _item(row)
+    if not opts.out_format and item.suffix.lower() not in OUTPUT_FORMATS:
+        return None  # the extension depends on the decoded format
+    from .naming import output_ext
+
+    namer, me = _namer(row, item, opts, out_root)
+    ext = output_ext(me, opts.out_format, None)
+    targets = [str(namer.target(me, r, k, ext, opts.size or (0, 0)))
+               for r in opts.ratios for k in range(1, opts.top_k + 1)]
+    exists = uri_exists if is_uri(out_root) else os.path.lexists
+    return targets if all(exists(t) for t in targets) else None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the stages as Ray Data batch functions (pyarrow tables in and out)
+
+_ID_COLUMNS = ("path", "display", "rel_dir", "stem", "suffix", "group", "gpos")
+
+
+def _schemas(return_bytes: bool):
+    import pyarrow as pa
+
+    ident = [("path", pa.string()), ("display", pa.string()), ("rel_dir", pa.string()), ("stem", pa.string()),
+             ("suffix", pa.string()), ("group", pa.string()), ("gpos", pa.int32())]
+    photo = pa.schema(ident + [
+        ("format", pa.string()), ("full_w", pa.int32()), ("full_h", pa.int32()), ("reduced_depth", pa.bool_()),
+        ("done", pa.list_(pa.string())), ("error", pa.string()), ("data", pa.binary())])
+    prepared = photo.append(pa.field("image", pa.binary())).append(pa.field("width", pa.int32())) \
+        .append(pa.field("height", pa.int32()))
+    crop_t = pa.struct([("ratio", pa.string()), ("box", pa.list_(pa.int64())), ("score", pa.float64())])
+    scored = photo.append(pa.field("crops", pa.list_(crop_t)))
+    result = pa.schema([
+        ("path", pa.string()), ("input", pa.string()), ("ratio", pa.string()), ("box", pa.list_(pa.int64())),
+        ("score", pa.float64()), ("size", pa.list_(pa.int64())), ("output", pa.string()),
+        ("skipped", pa.string()), ("lossless", pa.bool_()), ("error", pa.string()), ("note", pa.string())]
+        + ([("data", pa.binary())] if return_bytes else []))
+    return prepared, scored, result
+
+
+def _inject_fault(stage: str, faults: dict) -> None:
+    """Test hook (``SMARTCROP_RAY_FAULT``): the first batch of ``stage`` kills its process, once."""
+    marker = faults.get(stage)
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return
+    os._exit(17)  # a worker dying mid-batch, as if killed for memory
+
+
+def _faults_from_env() -> dict:
+    out = {}
+    for part in filter(None, (p.strip() for p in os.environ.get(FAULT_ENV, "").split(","))):
+        stage, _, marker = part.partition(":")
+        if stage in STAGES and marker:
+            out[stage] = marker
+    return out
+
+
+def _describe(e: BaseException) -> str:
+    from .runner import _describe as describe
+
+    return describe(e)
+
+
+def _per_file_errors() -> tuple:
+    from .runner import _PER_FILE
+
+    return _PER_FILE
+
+
+def _source(row: dict):
+    """What the stages decode: the row's bytes, the bytes behind an URI, or a local path."""
+    if row.get("data") is not None:
+        return row["data"]
+    path = row["path"]
+    return read_uri(path) if is_uri(path) else path
+
+
+def _prepare_batch(table, *, short_side: int, max_long_side: int, opts, out_root, faults, return_bytes):
+    """Stage 1 (Ray task): one row per photo with its pixels at the network's size, or its error."""
+    import pyarrow as pa
+
+    from .stages import prepare
+
+    _inject_fault("prepare", faults)
+    schema = _schemas(return_bytes)[0]
+    per_file = _per_file_errors()
+    rows = []
+    for r in table.to_pylist():
+        row = {k: r.get(k) for k in _ID_COLUMNS}
+        if row["display"] is None:
+            row["display"] = row["path"]
+        if row["stem"] is None or row["suffix"] is None:
+            row.update(_input_row(row["path"], row["rel_dir"] or "", row["display"]))
+        row["rel_dir"] = row["rel_dir"] or ""
+        row["data"] = r.get("bytes")
+        try:
+            done = _already_done(row, opts, out_root)
+            if done is not None:
+                row["done"] = done
+            else:
+                p = prepare(_source(row), short_side, max_long_side)
+                img = p.image if p.image.mode == "RGB" else p.image.convert("RGB")
+                row.update(image=img.tobytes(), width=img.width, height=img.height, full_w=p.full_size[0],
+                           full_h=p.full_size[1], format=p.format, reduced_depth=bool(p.reduced_depth))
+        except per_file as e:
+            row["error"] = _describe(e)
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+class _Scorer:
+    """Stage 2 (Ray actor): the model, loaded once per actor, scores batches of prepared photos."""
+
+    def __init__(self, model, device: str, ratios, top_k: int, faults: dict, return_bytes: bool):
+        import tempfile
+
+        import ray
+        import torch
+
+        from .cropper import Cropper, resolve_device
+
+        blob = ray.get(model[0])  # the driver's model file, through the object store
+        gpu = bool(ray.get_gpu_ids())
+        if device == "auto":
+            device = resolve_device("auto")
+            if device.startswith("cuda") and not gpu:
+                device = "cpu"
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1
+        torch.set_num_threads(max(1, int(round(cpus))))
+        with tempfile.TemporaryDirectory(prefix="smartcrop-model-") as d:
+            path = Path(d) / "model.safetensors"
+            path.write_bytes(blob)
+            self.cropper = Cropper(weights=path, device=device)
+        self.ratios, self.top_k = list(ratios), top_k
+        self.faults = faults
+        self.schema = _schemas(return_bytes)[1]
+
+    def _score(self, batch: list) -> list:
+        """Crops of each ``(row, image)``, or the error string of a photo whose scoring failed (a failing batch
+        is retried photo by photo, like the local engine)."""
+        try:
+            return self.cropper.best_crops_batch([(img, (r["full_w"], r["full_h"])) for r, img in batch],
+                                                 self.ratios, self.top_k)
+        except (RuntimeError, MemoryError) as e:
+            if len(batch) == 1:
+                return [f"cannot score this photo ({_describe(e)})"]
+            return [self._score([b])[0] for b in batch]
+
+    def __call__(self, table):
+        import pyarrow as pa
+        from PIL import Image
+
+        _inject_fault("score", self.faults)
+        rows = table.to_pylist()
+        todo = [(r, Image.frombytes("RGB", (r["width"], r["height"]), r["image"])) for r in rows
+                if r["error"] is None and r["done"] is None]
+        for (r, _), crops in zip(todo, self._score(todo) if todo else []):
+            if isinstance(crops, str):
+                r["error"] = crops
+            else:
+                r["crops"] = [{"ratio": c.ratio, "box": list(c.box), "score": c.score} for c in crops]
+        for r in rows:
+            for k in ("image", "width", "height"):
+                r.pop(k, None)
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+
+def _finish_batch(table, *, opts, out_root, faults, return_bytes):
+    """Stage 3 (Ray task): name and write the crops of each photo → one row per crop (or one error row)."""
+    import pyarrow as pa
+
+    _inject_fault("finish", faults)
+    schema = _schemas(return_bytes)[2]
+    per_file = _per_file_errors()
+    out = []
+    for r in table.to_pylist():
+        base = {"path": r["path"], "input": r["display"]}
+        if r["error"] is not None:
+            out.append({**base, "error": r["error"]})
+            continue
+        if r["done"] is not None:  # --skip-existing found every output: not decoded, not scored
+            out += [{**base, "ratio": ratio, "output": t, "skipped": "exists"}
+                    for (ratio, _), t in zip(((x, k) for x in opts.ratios for k in range(1, opts.top_k + 1)),
+                                             r["done"])]
+            continue
+        try:
+            out += _finish_photo(r, base, opts, out_root, return_bytes)
+        except per_file as e:
+            out.append({**base, "error": _describe(e)})
+    return pa.Table.from_pylist(out, schema=schema)
+
+
+def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes: bool) -> list[dict]:
+    """The local engine's ``Runner._submit_finish`` and result handling for one scored photo."""
+    from .naming import output_ext
+    from .stages import CropSpec, FinishJob, check_crop, finish, output_size
+
+    item = _item(r)
+    ext = output_ext(item, opts.out_format, r["format"])
+    namer = me = None
+    if out_root is not None and not opts.dry_run:
+        namer, me = _namer(r, item, opts, out_root)
+    remote = out_root is not None and is_uri(out_root)
+    recs, specs = [], []
+    ranks: dict[str, int] = {}
+    for c in r["crops"] or []:
+        ranks[c["ratio"]] = ranks.get(c["ratio"], 0) + 1
+        box = tuple(c["box"])
+        size = output_size(box, opts.size, opts.max_side)
+        check_crop(box, size, opts.upscale)
+        rec = {**base, "ratio": c["ratio"], "box": list(box), "score": c["score"], "size": list(size)}
+        recs.append(rec)
+        if opts.dry_run or (namer is None and not return_bytes):
+            continue
+        target = None
+        if namer is not None:
+            claim = namer.claim(me, c["ratio"], ranks[c["ratio"]], ext, size)
+            if claim.skip:
+                rec["output"], rec["skipped"] = str(claim.path), claim.skip
+                continue
+            target = str(claim.path)
+        specs.append((rec, target, CropSpec(c["ratio"], box, c["score"], tuple(size),
+                                            None if remote else target)))
+    if r["reduced_depth"] and specs:
+        recs[0]["note"] = "note: 16-bit colour reduced to 8 bits in the crops"
+    if not specs:
+        return recs
+    job = FinishJob(_source(r), ext, [s for _, _, s in specs], quality=opts.quality, strip=opts.strip,
+                    overwrite=opts.overwrite, lossless=not opts.reencode)
+    for (rec, target, _), w in zip(specs, finish(job)):
+        rec["box"], rec["lossless"] = list(w.box), w.lossless
+        if remote:
+            from .imageio import mark_output
+
+            write_uri(target, mark_output(w.data))
+            rec["output"] = target
+        elif w.data is not None:
+            rec["data"] = w.data
+        else:
+            rec["output"] = w.output
+    return recs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def load_model_blob(weights=None, model: str | None = None) -> tuple[bytes, int, int]:
+    """The model file's bytes (validated by loading it here, so a bad file is one error before any work) and
+    its input size ``(short_side, max_long_side)``."""
+    from .weights import load_model, resolve_model
+
+    path = resolve_model(weights, model)
+    net = load_model(path)
+    return path.read_bytes(), net.config.short_side, net.config.max_long_side
+
+
+def build(ds, opts, *, model: tuple, out_root: str | None, device: str = "auto", return_bytes: bool = False,
+          scorers=None, num_gpus: float | None = None, cpus_per_scorer: float = 1.0):
+    """The three operators on ``ds`` (rows with ``path``), for validated :class:`~smartcrop.plan.RunOptions`."""
+    ray = _import_ray()
+    from ray.data import ActorPoolStrategy
+
+    if device not in {"auto", "cpu", "cuda", "mps"} and not device.startswith("cuda:"):
+        raise UsageError(f"unknown device {device!r} (auto, cpu, cuda, mps)")
+    blob, short_side, max_long_side = model
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
+    if num_gpus is None:
+        num_gpus = 1 if gpus >= 1 and (device == "auto" or device.startswith("cuda")) else 0
+    if num_gpus and not gpus:
+        raise UsageError(f"device {device!r}: the Ray cluster has no GPU")
+    if device.startswith("cuda") and not num_gpus:
+        raise UsageError(f"device {device!r}: the Ray cluster has no GPU")
+    if scorers is None:
+        scorers = (1, max(1, int(gpus // num_gpus))) if num_gpus else (1, max(1, int(cpus // (2 * cpus_per_scorer))))
+    lo, hi = (scorers, scorers) if isinstance(scorers, int) else scorers
+    faults = _faults_from_env()
+    ref = ray.put(blob)
+    common = dict(opts=opts, out_root=out_root, faults=faults, return_bytes=return_bytes)
+    ds = ds.map_batches(_prepare_batch, batch_format="pyarrow", batch_size=TASK_BATCH, num_cpus=1,
+                        memory=PREPARE_MEMORY, fn_kwargs=dict(short_side=short_side, max_long_side=max_long_side, **common))
+    ds = ds.map_batches(_Scorer, batch_format="pyarrow", batch_size=max(1, opts.batch),
+                        compute=ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=cpus_per_scorer,
+                        num_gpus=num_gpus or None,
+                        fn_constructor_kwargs=dict(model=[ref], device="cuda" if num_gpus and device == "auto"
+                                                   else device, ratios=opts.ratios, top_k=opts.top_k,
+                                                   faults=faults, return_bytes=return_bytes))
+    return ds.map_batches(_finish_batch, batch_format="pyarrow", batch_size=TASK_BATCH, num_cpus=1,
+                          memory=FINISH_MEMORY, fn_kwargs=common)
+
+
+def crop(ds, ratios: Sequence[str] = ("any",), *, output: str | os.PathLike | None = None, weights=None,
+         model: str | None = None, device: str = "auto", name_template: str | None = None, size=None,
+         max_side: int | None = None, top_k: int = 1, quality: int | None = None, reencode: bool = False,
+         upscale: bool = False, out_format: str | None = None, strip: bool = False, overwrite: bool = False,
+         skip_existing: bool = False, return_bytes: bool = False, batch_size: int = 8, scorers=None,
+         num_gpus: float | None = None, cpus_per_scorer: float = 1.0):
+    """Crop every photo of a Ray dataset: a lazy :class:`ray.data.Dataset` of one row per crop.
+
+    ``ds`` has a ``path`` column (local paths or URIs), optionally ``rel_dir`` (a sub-folder mirrored under
+    ``output``) and ``bytes`` (the file's content, e.g. from ``ray.data.read_binary_files(...,
+    include_paths=True)``: then it is not read again).  ``output``: a folder or URI to write the crops to,
+    named by ``name_template`` as ``smartcrop run --name`` does; None writes nothing (boxes only, or the
+    encoded crops in a ``data`` column with ``return_bytes``).  The other options are ``smartcrop run``'s.
+
+    Rows: ``path, input, ratio, box [x1, y1, x2, y2], score, size [w, h], output, skipped ("exists"),
+    lossless, error, note`` (+ ``data``).  A photo that fails is one row with ``error`` set (the rest null).
+    ``scorers``: actors of the model (an int, or ``(min, max)`` for an autoscaling pool; default one per GPU,
+    or half the CPUs); ``num_gpus`` per actor (default 1 where the cluster has GPUs); ``batch_size`` photos
+    per model pass.
+
+    Output names are deterministic, except that inputs whose names collide (``a.jpg`` and ``a.jpeg``) are
+    told apart in input order only when they are listed in one call of :func:`run_command`; here each
+    row is named on its own (a collision then gets the next free ``-N`` suffix).
+    """
+    from .naming import check_template
+    from .plan import RunOptions, normalize_ratios, parse_format, parse_size
+
+    if overwrite and skip_existing:
+        raise UsageError("overwriting and skipping existing outputs exclude each other")
+    sz = parse_size(size) if isinstance(size, str) else (tuple(size) if size else None)
+    opts = RunOptions(ratios=normalize_ratios(list(ratios), sz), size=sz, out_format=parse_format(out_format),
+                      name_template=name_template, max_side=max_side, top_k=top_k, quality=quality,
+                      reencode=reencode, upscale=upscale, strip=strip, overwrite=overwrite,
+                      skip_existing=skip_existing, dry_run=output is None and not return_bytes, batch=batch_size)
+    check_template(opts.template(), opts.ratios, opts.top_k)
+    out_root = None if output is None else (restore_uri(str(output)) if is_uri(restore_uri(str(output)))
+                                            else str(output))
+    opts.out_dir = None if out_root is None or is_uri(out_root) else Path(out_root)
+    if opts.out_dir is not None:
+        opts.out_dir.mkdir(parents=True, exist_ok=True)
+    return build(ds, opts, model=load_model_blob(weights, model), out_root=out_root, device=device,
+                 return_bytes=return_bytes and output is None, scorers=scorers, num_gpus=num_gpus,
+                 cpus_per_scorer=cpus_per_scorer)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the command line (`smartcrop run --engine ray`)
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join the Ray cluster at ``address`` (``auto``: the one this machine belongs to), or start a local Ray
+    with ``num_cpus`` CPUs (default: every usable core).  True when this call started or joined it (the
+    caller then shuts it down); an already initialised Ray is used as it is."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            from .pool import usable_cores
+
+            ray.init(num_cpus=num_cpus or usable_cores(), **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise UsageError(f"cannot start or join {where}: {one_line(e)}") from None
+    return True
+
+
+def _quiet_ray_data(progress: bool) -> None:
+    """Ray Data's progress bars only on a terminal, and no execution chatter on stderr: stderr is one line
+    per failed photo, as with the local engine."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    for name, value in (("print_on_execution_start", False), ("enable_auto_log_stats", False)):
+        if hasattr(ctx, name):
+            setattr(ctx, name, value)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+
+
+@contextmanager
+def _ray_output_to(log_path: str):
+    """While Ray runs, what Ray itself writes to this process's stderr (its C++ core logs straight to file
+    descriptor 2, e.g. a note on every actor pool Ray Data starts; the local Ray's own processes inherit it)
+    goes to ``log_path``; smartcrop's lines (``sys.stderr``) still reach the terminal.  Nothing is changed
+    when stderr is not file descriptor 2 (e.g. captured by a test runner)."""
+    import io
+
+    try:
+        redirect = sys.stderr.fileno() == 2
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        redirect = False
+    if not redirect:
+        yield
+        return
+    old = sys.stderr
+    old.flush()
+    saved = os.dup(2)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = open(saved, "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                      errors="backslashreplace", closefd=False)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = old
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _read_list(from_file: str, stdin=None) -> str:
+    try:
+        if from_file == "-":
+            return (stdin or sys.stdin.buffer).read().decode("utf-8", "replace")
+        if is_uri(from_file):
+            return read_uri(from_file).decode("utf-8", "replace")
+        return Path(from_file).read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UsageError(f"{from_file}: cannot read file list ({getattr(e, 'strerror', None) or e})") from None
+
+
+def plan_rows(inputs: Sequence[str], *, from_file: str | None, output, stdin=None,
+              on_error: Callable[[str], None], **plan_kwargs) -> tuple[list[dict], object, str, list[str]]:
+    """``(rows, options, output root, input errors)`` of a run: the local engine's :func:`plan_run` for local
+    paths (the same checks and inputs), the same checks on a listing for URIs."""
+    import io
+
+    from .plan import plan_run
+
+    out = restore_uri(str(output)) if output is not None else None
+    listed = _read_list(from_file, stdin) if from_file is not None else None
+    names = list(inputs) + ([ln.strip() for ln in listed.splitlines() if ln.strip()] if listed else [])
+    errors: list[str] = []
+
+    def report(line: str) -> None:
+        errors.append(line)
+        on_error(line)
+
+    if not (is_uri(out) or any(is_uri(n) for n in names)):
+        plan = plan_run(list(inputs), from_file=None if from_file is None else "-", output=output,
+                        stdin=io.BytesIO(listed.encode()) if listed is not None else None, on_error=report,
+                        **plan_kwargs)
+        if any(it.path is None for it in plan.items):
+            raise UsageError("--engine ray reads files, folders and URIs, not an image on stdin")
+        rows = [_input_row(str(it.path), Path(it.rel_dir).as_posix() if str(it.rel_dir) != "." else "",
+                           it.display, it.stem, it.suffix) for it in plan.items]
+        return rows, plan.opts, str(plan.opts.out_dir), plan.input_errors
+
+    return _plan_uris(inputs, names, out, report, errors, **plan_kwargs)
+
+
+def _plan_uris(inputs, names, out, report, errors, *, recursive=False, ratios=(), size=None, out_format=None,
+               preview=None, dry_run=False, as_json=False, overwrite=False, skip_existing=False, **options):
+    from .inputs import collect_inputs
+    from .naming import InputCollision, check_template
+    from .plan import RunOptions, normalize_ratios, parse_format, parse_size, prepare_output_dir
+
+    if overwrite and skip_existing:
+        raise UsageError("overwriting and skipping existing outputs exclude each other")
+    if not names:
+        raise UsageError("no input: give photos, folders or URIs, or a file list")
+    sz = parse_size(size)
+    opts = RunOptions(ratios=normalize_ratios(ratios, sz), size=sz, out_format=parse_format(out_format),
+                      dry_run=dry_run, overwrite=overwrite, skip_existing=skip_existing, **options)
+    check_template(opts.template(), opts.ratios, opts.top_k)
+    root = out or "cropped"
+    rows: list[dict] = []
+    for k, n in enumerate(names):
+        if is_uri(n):
+            rows += list_uri(n, recursive, exclude=root if is_uri(root) else None,
+                             on_error=report if k >= len(inputs) else None)
+            continue
+        if k < len(inputs) and not os.path.lexists(n):
+            raise UsageError(f"{n}: no such file or folder")
+        for it in collect_inputs([n], recursive, on_error=report,
+                                 exclude=None if is_uri(root) else Path(root)):
+            rows.append(_input_row(str(it.path), Path(it.rel_dir).as_posix() if str(it.rel_dir) != "." else "",
+                                   it.display, it.stem, it.suffix))
+    if not rows and not errors:
+        raise UsageError("no image files found in the inputs" + ("" if recursive else " (use -r for sub-folders)"))
+    if not dry_run and rows:
+        if is_uri(root):
+            inputs_set = {r["path"] for r in rows}
+            namer = _UriNamer(root, opts.template(), overwrite, skip_existing, [], opts.out_format)
+            if _predictable(opts):
+                from .naming import output_ext
+
+                for r in rows:
+                    it = _item(r)
+                    for ratio in opts.ratios:
+                        for rank in range(1, opts.top_k + 1):
+                            t = namer._uri(namer._render(it, ratio, rank, output_ext(it, opts.out_format, None),
+                                                         opts.size or (0, 0)))
+                            if t in inputs_set:
+                                raise InputCollision(f"output {t} would replace an input: originals are never "
+                                                     "written (choose another -o or --name)")
+            try:
+                fs, path = _filesystem(root)
+                fs.create_dir(path, recursive=True)
+            except OSError as e:
+                raise UsageError(f"{root}: output folder cannot be created ({one_line(e)})") from None
+        else:
+            prepare_output_dir(Path(root))
+    opts.out_dir = None if is_uri(root) else Path(root)
+    return rows, opts, root, errors
+
+
+def _count_and_print(row: dict, summary, opts, as_json: bool) -> None:
+    """One crop row of the CLI: counted, and printed as the local engine prints its records."""
+    from .imageio import safe_name
+    from .runner import CropRecord
+
+    rec = CropRecord(row["input"], row["output"], row["ratio"], row["box"], row["score"] or 0.0, row["size"],
+                     row["skipped"], row["lossless"])
+    if rec.skipped:
+        summary.skipped += 1
+    elif not opts.dry_run:
+        summary.written += 1
+    if as_json:
+        line = rec.to_json()
+        if row["score"] is None:  # skipped before decoding: no box was computed
+            line.update(box=None, score=None, size=None)
+        print(json.dumps(line), flush=True)
+    elif opts.dry_run:
+        print(f"{safe_name(rec.input)}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}", flush=True)
+
+
+def run_command(engine: str, inputs: Sequence[str], *, address: str | None = None, from_file: str | None = None,
+                output=None, preview=None, adapt: bool = False, weights=None, model: str | None = None,
+                device: str = "auto", as_json: bool = False, dry_run: bool = False, stdin=None,
+                on_error: Callable[[str], None] | None = None, **plan_kwargs) -> int:
+    """``smartcrop run --engine ray``: plan like the local engine, crop on Ray, print the same JSON lines
+    (in completion order) and stderr lines; returns the exit code (0 all done, 1 some photos failed;
+    usage errors raise :class:`UsageError`, exit 2)."""
+    from .progress import stderr_is_tty
+    from .runner import RunSummary
+
+    on_error = on_error or (lambda s: print(f"smartcrop: {s}", file=sys.stderr, flush=True))
+    if engine != "ray":
+        raise UsageError(f"--engine must be local or ray, not {engine!r}")
+    if adapt:
+        raise UsageError("--adapt runs on the local engine only: fine-tune first (smartcrop finetune), then "
+                         "--engine ray --model NAME")
+    if preview is not None:
+        raise UsageError("--preview is made by the local engine only (drop --engine ray, or --preview)")
+    if "-" in inputs:
+        raise UsageError("--engine ray reads files, folders and URIs, not stdin (a list of paths: --from-file -)")
+    _import_ray()
+    rows, opts, out_root, input_errors = plan_rows(inputs, from_file=from_file, output=output, stdin=stdin,
+                                                   on_error=on_error, dry_run=dry_run, as_json=as_json,
+                                                   **plan_kwargs)
+    if not rows:
+        return 1
+    mark_collisions(rows, opts)
+    blob = load_model_blob(weights, model)
+    import tempfile
+
+    log_path = os.path.join(tempfile.gettempdir(), f"smartcrop-ray-{os.getpid()}.log")
+    progress = stderr_is_tty()
+    summary = RunSummary(images=len(rows))
+    crops, failure = 0, None
+    with _ray_output_to(log_path):
+        started = connect(address, opts.workers or None)
+        import ray
+
+        try:
+            _quiet_ray_data(progress)
+            ds = build(ray.data.from_items(rows), opts, model=blob, out_root=None if opts.dry_run else out_root,
+                       device=device)
+            for row in ds.iter_rows():
+                if row["error"] is not None:
+                    summary.failed += 1
+                    on_error(f"{row['input']}: {row['error']}")
+                    continue
+                if row.get("note"):
+                    on_error(f"{row['input']}: {row['note']}")
+                crops += 1
+                _count_and_print(row, summary, opts, as_json)
+        except KeyboardInterrupt:
+            failure = "interrupted: finished files are complete; run again with --skip-existing to go on"
+        except SmartcropError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a Ray failure that retries did not cure: one line, no traceback
+            failure = f"the Ray job failed: {one_line(e)} (Ray's messages: {log_path})"
+        finally:
+            if started:
+                ray.shutdown()
+    if failure is None and os.path.exists(log_path):
+        os.unlink(log_path)
+    if failure is not None:
+        on_error(failure)
+        return 130 if failure.startswith("interrupted") else 1
+    if stderr_is_tty():
+        summary.records = range(crops)  # describe() counts them; millions of records are not kept
+        shown = replace(opts, out_dir=out_root) if not opts.dry_run else opts
+        on_error(summary.describe(shown, len(input_errors)))
+    return 1 if summary.failed or input_errors else 0
