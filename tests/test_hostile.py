@@ -818,6 +818,15 @@ def test_broken_files_among_good_ones(sw):
     sw.check(res, 1, failed=["empty.jpg", "text.jpg", "cut.jpg"], done=["p0.jpg", "p1.jpg", "p2.jpg"])
 
 
+def test_bad_inputs_with_worker_processes(sw):
+    """The same guarantees through the default process pool (the other cases run in-process, ``-j 1``)."""
+    three(sw)
+    (sw.src / "text.jpg").write_text("not a photo\n")
+    os.mkfifo(sw.src / "pipe.jpg")
+    res = sw.run(sw.src, sw.root / "nope.jpg", "-o", sw.out, "--json", "-j", "2", jobs=False, timeout=60)
+    sw.check(res, 1, failed=["text.jpg", "pipe.jpg", "nope.jpg"], done=["p0.jpg", "p1.jpg", "p2.jpg"])
+
+
 def test_crop_smaller_than_16_pixels_fails_that_file(sw):
     three(sw)
     Image.new("RGB", (12, 40), (200, 100, 50)).save(sw.src / "sliver.png")
