@@ -224,12 +224,26 @@ def run(
     adapt: bool = typer.Option(False, "--adapt", help="First fine-tune a copy of the model on these very photos "
                                "(rank consistency), then crop with it. The shipped model is not changed."),
     adapt_epochs: int = typer.Option(2, "--adapt-epochs", min=1, help="Epochs of the --adapt fine-tune."),
+    engine: str = typer.Option("local", "--engine", help="local: this machine's cores; ray: Ray Data (a local Ray, "
+                               "or a cluster with --ray-address); inputs and -o may then be URIs (s3://, gs://, "
+                               "hdfs://). Needs pip install 'smartcrop[ray]'."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join with --engine ray "
+                                              "('auto', or HOST:PORT); default: start a local Ray."),
 ):
     """Crop photos to the requested aspect ratios with the best-scoring crops."""
     from .progress import stderr_is_tty
     from .plan import plan_run
     from .runner import crop_photos
 
+    if engine != "local":  # smartcrop.distributed plans, crops and reports like the code below
+        from .distributed import run_command
+
+        raise typer.Exit(run_command(
+            engine, inputs or [], address=ray_address, from_file=from_file, output=output, preview=preview,
+            adapt=adapt, weights=weights, model=model, device=device, as_json=as_json, dry_run=dry_run, on_error=err,
+            recursive=recursive, ratios=ratio, size=size, out_format=out_format, overwrite=overwrite,
+            skip_existing=skip_existing, name_template=name, max_side=max_side, top_k=top_k, quality=quality,
+            reencode=reencode, strip=strip, workers=jobs, batch=batch, upscale=upscale))
     plan = plan_run(inputs or [], from_file=from_file, recursive=recursive, ratios=ratio, size=size, output=output,
                     out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
                     skip_existing=skip_existing, on_error=err, name_template=name, max_side=max_side, top_k=top_k,
