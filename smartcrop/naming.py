@@ -13,6 +13,7 @@ ever written to the path of an input (:class:`InputCollision`).
 from __future__ import annotations
 
 import os
+import stat
 import string
 import threading
 from dataclasses import dataclass
@@ -122,11 +123,12 @@ class OutputNamer:
         self._planned: dict[tuple[str, int], set[str]] = {}  # (ratio, rank) → every deterministic name
         self.reserved: set[Path] = set()
         self.lock = threading.RLock()
+        self._dirs: dict[str, Path] = {}  # folder → its resolution (symlinks followed)
         self._inputs: dict = {}  # resolved path / entry path / (st_dev, st_ino) → the input
         for it in self.items:
             if it.path is None:
                 continue
-            for key in _identities(it.path, getattr(it, "ident", None)):
+            for key in self._identities(Path(it.path), getattr(it, "ident", None)):
                 self._inputs.setdefault(key, it)
 
     def _fields(self) -> set:
@@ -160,7 +162,7 @@ class OutputNamer:
                                   f"name may have ('{safe_name(part[:60])}…')")
         path = self.out_dir / rel
         try:
-            path.parent.resolve().relative_to(self.root)
+            self._resolve_dir(path.parent).relative_to(self.root)
         except ValueError:
             raise OutputError(f"its output {safe_name(path)} would be outside the output folder "
                               "(a symlinked sub-folder?)") from None
@@ -238,9 +240,40 @@ class OutputNamer:
 
     # -- inputs ---------------------------------------------------------------------------------------------
 
+    def _resolve_dir(self, folder: Path) -> Path:
+        key = str(folder)
+        got = self._dirs.get(key)
+        if got is None:
+            got = self._dirs[key] = folder.resolve()
+        return got
+
+    def _identities(self, path: Path, ident: tuple | None) -> list:
+        """Keys under which a path is an input: its entry (folder resolved, name as is), its full resolution
+        (a symlink followed) and the (st_dev, st_ino) of what it points to and of the entry itself."""
+        try:
+            entry = self._resolve_dir(path.parent) / path.name
+        except (OSError, RuntimeError):
+            return [("ino", tuple(ident))] if ident is not None else []
+        out: list = [("entry", str(entry))]
+        if ident is not None:
+            out.append(("ino", tuple(ident)))
+        try:
+            lst = os.lstat(path)
+        except (OSError, ValueError):
+            return out  # nothing there: its full resolution is its entry
+        out.append(("ino", (lst.st_dev, lst.st_ino)))
+        if stat.S_ISLNK(lst.st_mode):
+            try:
+                out.append(("entry", str(path.resolve())))
+                st = os.stat(path)
+                out.append(("ino", (st.st_dev, st.st_ino)))
+            except (OSError, RuntimeError, ValueError):
+                pass
+        return out
+
     def input_at(self, path: Path) -> InputItem | None:
         """The input whose file ``path`` is (same entry, same target or same inode), or None."""
-        for key in _identities(path, None):
+        for key in self._identities(path, None):
             it = self._inputs.get(key)
             if it is not None:
                 return it
@@ -273,27 +306,6 @@ class OutputNamer:
                     self.reserved.add(cand)
                     return cand
         raise OSError(f"{wanted}: no free output name")
-
-
-def _identities(path: Path, ident: tuple | None) -> list:
-    """Keys under which a path is an input: its entry (folder resolved, name as is), its full resolution
-    (symlinks followed) and the (st_dev, st_ino) of what it points to and of the entry itself."""
-    out: list = []
-    path = Path(path)
-    try:
-        out.append(("entry", str(path.parent.resolve() / path.name)))
-        out.append(("path", str(path.resolve())))
-    except (OSError, RuntimeError):
-        pass
-    if ident is not None:
-        out.append(("ino", tuple(ident)))
-    for stat in (os.stat, os.lstat):
-        try:
-            st = stat(path)
-        except (OSError, ValueError):
-            continue
-        out.append(("ino", (st.st_dev, st.st_ino)))
-    return out
 
 
 def output_ext(item: InputItem, out_format: str | None, loaded_format: str | None, has_alpha: bool = False) -> str:
