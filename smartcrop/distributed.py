@@ -744,34 +744,40 @@ def _quiet_ray_data(progress: bool) -> None:
 
 @contextmanager
 def _ray_output_to(log_path: str):
-    """While Ray runs, what Ray itself writes to this process's stderr (its C++ core logs straight to file
-    descriptor 2, e.g. a note on every actor pool Ray Data starts; the local Ray's own processes inherit it)
-    goes to ``log_path``; smartcrop's lines (``sys.stderr``) still reach the terminal.  Nothing is changed
-    when stderr is not file descriptor 2 (e.g. captured by a test runner)."""
+    """Keep Ray's own messages out of smartcrop's output while Ray runs; yields the stream for the JSON lines.
+
+    Ray prints worker deaths and other cluster events to ``sys.stdout`` (where they would corrupt ``--json``
+    lines) and its C++ core logs to file descriptor 2 (e.g. a note on every actor pool Ray Data starts; the
+    local Ray's own processes inherit it).  Both go to ``log_path`` here; smartcrop's lines still reach the
+    real stdout (the yielded stream) and stderr (``sys.stderr``).  File descriptor 2 is left alone when
+    stderr is not it (e.g. captured by a test runner)."""
     import io
 
+    out, err = sys.stdout, sys.stderr
+    for stream in (out, err):
+        stream.flush()
+    log = open(log_path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
     try:
-        redirect = sys.stderr.fileno() == 2
+        redirect = err.fileno() == 2
     except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
         redirect = False
-    if not redirect:
-        yield
-        return
-    old = sys.stderr
-    old.flush()
-    saved = os.dup(2)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(fd, 2)
-    os.close(fd)
-    sys.stderr = open(saved, "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
-                      errors="backslashreplace", closefd=False)
+    saved = None
+    if redirect:
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        sys.stderr = open(saved, "w", buffering=1, encoding=getattr(err, "encoding", None) or "utf-8",
+                          errors="backslashreplace", closefd=False)
+    sys.stdout = log
     try:
-        yield
+        yield out
     finally:
-        sys.stderr.flush()
-        sys.stderr = old
-        os.dup2(saved, 2)
-        os.close(saved)
+        sys.stdout = out
+        if saved is not None:
+            sys.stderr.flush()
+            sys.stderr = err
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.close()
 
 
 def _read_list(from_file: str, stdin=None) -> str:
@@ -871,7 +877,7 @@ def _plan_uris(inputs, names, out, report, errors, *, recursive=False, ratios=()
     return rows, opts, root, errors
 
 
-def _count_and_print(row: dict, summary, opts, as_json: bool) -> None:
+def _count_and_print(row: dict, summary, opts, as_json: bool, out) -> None:
     """One crop row of the CLI: counted, and printed as the local engine prints its records."""
     from .imageio import safe_name
     from .runner import CropRecord
@@ -886,9 +892,10 @@ def _count_and_print(row: dict, summary, opts, as_json: bool) -> None:
         line = rec.to_json()
         if row["score"] is None:  # skipped before decoding: no box was computed
             line.update(box=None, score=None, size=None)
-        print(json.dumps(line), flush=True)
+        print(json.dumps(line), file=out, flush=True)
     elif opts.dry_run:
-        print(f"{safe_name(rec.input)}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}", flush=True)
+        print(f"{safe_name(rec.input)}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}", file=out,
+              flush=True)
 
 
 def run_command(engine: str, inputs: Sequence[str], *, address: str | None = None, from_file: str | None = None,
@@ -925,7 +932,7 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
     progress = stderr_is_tty()
     summary = RunSummary(images=len(rows))
     crops, failure = 0, None
-    with _ray_output_to(log_path):
+    with _ray_output_to(log_path) as out:
         started = connect(address, opts.workers or None)
         import ray
 
@@ -941,7 +948,7 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
                 if row.get("note"):
                     on_error(f"{row['input']}: {row['note']}")
                 crops += 1
-                _count_and_print(row, summary, opts, as_json)
+                _count_and_print(row, summary, opts, as_json, out)
         except KeyboardInterrupt:
             failure = "interrupted: finished files are complete; run again with --skip-existing to go on"
         except SmartcropError:

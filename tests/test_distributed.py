@@ -1,0 +1,140 @@
+"""`smartcrop run --engine ray` and `smartcrop.distributed.crop` on a local Ray with 2 CPUs (one Ray for the
+whole module: Ray's start-up is the slow part).  An untrained small model: behaviour, not crop quality."""
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("torch")
+from typer.testing import CliRunner  # noqa: E402
+
+from smartcrop.cli import app  # noqa: E402
+
+from conftest import draw_photo, sha  # noqa: E402
+
+
+def run(args):
+    r = CliRunner().invoke(app, ["run", *map(str, args)])
+    return r.exit_code, r.stdout_bytes, r.stderr
+
+
+def jsonl(out: bytes):
+    return [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def ray_2cpu():
+    ray = pytest.importorskip("ray", reason="the Ray engine needs ray[data]: pip install 'smartcrop[ray]'")
+    pytest.importorskip("ray.data", reason="the Ray engine needs ray[data]: pip install 'smartcrop[ray]'")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def test_without_ray_the_engine_says_how_to_get_it(tmp_path, monkeypatch):
+    for name in ("ray", "ray.data"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    draw_photo(tmp_path / "in" / "a.jpg")
+    code, _, err = run([tmp_path / "in", "--engine", "ray", "-o", tmp_path / "out"])
+    assert code == 2
+    assert "pip install 'smartcrop[ray]'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_engine_gives_the_local_engines_crops_names_and_bytes(tmp_path, small_model_file, ray_2cpu):
+    src = tmp_path / "in"
+    for k in range(22):
+        draw_photo(src / ("sub" if k % 3 == 0 else "") / f"p{k:02d}.jpg", size=(240 + 8 * k, 180), seed=k)
+    draw_photo(src / "p01.jpeg", size=(200, 150), seed=50)  # same output names as p01.jpg: -1 by input order
+    draw_photo(src / "q.png", size=(160, 200), seed=51)
+    args = [src, "-r", "--ratio", "16:9", "--ratio", "1:1", "--json", "--weights", small_model_file]
+    code_l, out_l, err_l = run([*args, "-o", tmp_path / "local"])
+    code_r, out_r, err_r = run([*args, "-o", tmp_path / "ray", "--engine", "ray"])
+    assert code_l == 0, err_l
+    assert code_r == 0, err_r
+    assert err_r.strip() == ""
+
+    def crops(out, root):
+        return {(r["input"], r["ratio"]): (r["box"], Path(r["output"]).relative_to(root).as_posix(), r["size"],
+                                           r["score"], r["lossless"]) for r in jsonl(out)}
+
+    local, ray = crops(out_l, tmp_path / "local"), crops(out_r, tmp_path / "ray")
+    assert len(local) == 48
+    assert ray == local
+    names = sorted(v[1] for v in ray.values())
+    assert "p01_16x9-1.jpg" in names and "sub/p00_1x1.jpg" in names and "q_16x9.png" in names
+    for _, rel, *_ in ray.values():
+        assert sha(tmp_path / "ray" / rel) == sha(tmp_path / "local" / rel)  # the very same files
+
+    # a re-run with --skip-existing decodes nothing and writes nothing
+    before = {p: sha(p) for p in (tmp_path / "ray").rglob("*") if p.is_file()}
+    code, out, err = run([*args, "-o", tmp_path / "ray", "--engine", "ray", "--skip-existing"])
+    assert code == 0, err
+    again = jsonl(out)
+    assert len(again) == 48 and all(r["skipped"] == "exists" for r in again)
+    assert {Path(r["output"]).relative_to(tmp_path / "ray").as_posix() for r in again} == set(names)
+    assert {p: sha(p) for p in (tmp_path / "ray").rglob("*") if p.is_file()} == before
+
+
+def test_a_corrupt_photo_is_one_error_line_and_exit_1_the_rest_done(tmp_path, small_model_file, ray_2cpu):
+    src = tmp_path / "in"
+    for k in range(3):
+        draw_photo(src / f"good{k}.jpg", size=(200, 160), seed=k)
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 20)
+    code, out, err = run([src, "--ratio", "4:5", "--json", "-o", tmp_path / "out", "--weights", small_model_file,
+                          "--engine", "ray"])
+    assert code == 1
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "broken.jpg" in lines[0], lines
+    recs = jsonl(out)
+    assert sorted(Path(r["input"]).name for r in recs) == ["good0.jpg", "good1.jpg", "good2.jpg"]
+    assert all(Path(r["output"]).is_file() for r in recs)
+
+
+def test_a_worker_dying_mid_batch_is_retried_and_the_run_completes(tmp_path, small_model_file, ray_2cpu,
+                                                                   monkeypatch):
+    died = {stage: tmp_path / f"{stage}.died" for stage in ("score", "finish")}
+    monkeypatch.setenv("SMARTCROP_RAY_FAULT", ",".join(f"{s}:{p}" for s, p in died.items()))
+    src = tmp_path / "in"
+    for k in range(6):
+        draw_photo(src / f"p{k}.jpg", size=(220, 160), seed=k)
+    code, out, err = run([src, "--ratio", "3:2", "--json", "-o", tmp_path / "out", "--weights", small_model_file,
+                          "--engine", "ray"])
+    assert code == 0, err
+    assert all(p.exists() for p in died.values())  # the scoring actor and a finish task did die once
+    recs = jsonl(out)
+    assert sorted(Path(r["output"]).name for r in recs) == [f"p{k}_3x2.jpg" for k in range(6)]
+    assert all(Path(r["output"]).is_file() for r in recs)
+
+
+def test_python_entry_point_on_a_from_items_dataset(tmp_path, small_model_file, ray_2cpu):
+    from smartcrop.distributed import crop
+
+    photos = [draw_photo(tmp_path / "in" / f"a{k}.jpg", size=(300, 200), seed=k) for k in range(3)]
+    items = [{"path": p.as_uri()} for p in photos] + [{"path": str(tmp_path / "in" / "missing.jpg")}]
+    out_uri = (tmp_path / "out").as_uri()  # written through pyarrow's file system layer, as s3:// would be
+    rows = crop(ray_2cpu.data.from_items(items), ["1:1"], output=out_uri, weights=small_model_file).take_all()
+    bad = [r for r in rows if r["error"] is not None]
+    ok = sorted((r for r in rows if r["error"] is None), key=lambda r: r["path"])
+    assert len(bad) == 1 and bad[0]["path"].endswith("missing.jpg") and bad[0]["box"] is None
+    assert [r["path"] for r in ok] == [p.as_uri() for p in photos]
+    for r, p in zip(ok, photos):
+        assert r["ratio"] == "1:1" and r["output"] == f"{out_uri}/{p.stem}_1x1.jpg"
+        x1, y1, x2, y2 = r["box"]
+        assert x2 - x1 == y2 - y1 and 0 <= x1 < x2 <= 300 and 0 <= y1 < y2 <= 200
+        with Image.open(tmp_path / "out" / f"{p.stem}_1x1.jpg") as im:
+            assert list(im.size) == r["size"]
+
+    # no output folder: the encoded crops come back in the rows
+    rows = crop(ray_2cpu.data.from_items([{"path": str(p)} for p in photos]), ["16:9"], return_bytes=True,
+                weights=small_model_file).take_all()
+    assert len(rows) == 3
+    for r in rows:
+        assert r["output"] is None
+        with Image.open(io.BytesIO(r["data"])) as im:
+            assert list(im.size) == r["size"]
