@@ -79,6 +79,10 @@ class Cropper:
         from .weights import load_model, resolve_model
 
         self.device = resolve_device(device)
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.backends.cudnn.benchmark = False  # input sizes vary per photo: no autotuning per shape
         if net is None:
             self.path = resolve_model(weights, model)
             net = load_model(self.path, device=self.device)
@@ -115,7 +119,11 @@ class Cropper:
             groups.setdefault(s, []).append(i)
         with torch.inference_mode():
             for (net_w, net_h), idx in groups.items():
-                x = torch.cat([image_tensor(images[i][0], (net_w, net_h)) for i in idx]).to(self.device)
+                x = torch.cat([image_tensor(images[i][0], (net_w, net_h)) for i in idx])
+                if self.device.startswith("cuda"):  # page-locked memory: the copy overlaps with other work
+                    x = x.pin_memory().to(self.device, non_blocking=True)
+                else:
+                    x = x.to(self.device)
                 feats = self.net.image_features(x)
                 feats_m = self.net.image_features(x.flip(-1)) if self.tta else None
                 for j, i in enumerate(idx):

@@ -71,13 +71,17 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """torchvision.models.mobilenet_v2 (width 1.0) with the same parameter names; ``features`` has 19 layers."""
+    """torchvision.models.mobilenet_v2 (width 1.0) with the same parameter names; ``features`` has 19 layers.
+
+    ``num_classes=None`` builds the feature extractor only (no ImageNet classifier), as SAC-Net uses it: an
+    ImageNet ``state_dict`` then loads with :func:`backbone_state` (its ``classifier.*`` entries dropped).
+    """
 
     # t, c, n, s
     SETTINGS = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
                 [6, 320, 1, 1]]
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, num_classes: int | None = 1000):
         super().__init__()
         inp = 32
         last = 1280
@@ -92,9 +96,12 @@ class MobileNetV2(nn.Module):
         feats.append(Conv2dNormActivation(inp, last, kernel=1))
         self.layer_channels.append(last)
         self.features = nn.Sequential(*feats)
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
+        if num_classes is not None:
+            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # ImageNet classification, used only for checks
+        if not hasattr(self, "classifier"):
+            raise RuntimeError("this MobileNetV2 was built without its ImageNet classifier")
         x = self.features(x)
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.classifier(x)
@@ -174,7 +181,7 @@ class SACNet(nn.Module):
         self.config = cfg = config or ModelConfig()
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {cfg.backbone!r} (available: {', '.join(BACKBONES)})")
-        self.backbone = MobileNetV2()
+        self.backbone = MobileNetV2(num_classes=None)  # the ImageNet classifier is not used
         self.n_layers = len(self.backbone.features)
         ch = self.backbone.layer_channels
         ms_in = sum(ch[i] for i in cfg.taps)
@@ -299,6 +306,11 @@ class SACNet(nn.Module):
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Scores of ``boxes`` (N, 4; network-input pixels) on one image (1, 3, H, W) in 0..255."""
         return self.score_boxes(self.image_features(images), boxes)
+
+
+def backbone_state(imagenet_state: dict) -> dict:
+    """A torchvision-layout MobileNetV2 ``state_dict`` without its classifier, for ``SACNet.backbone``."""
+    return {k: v for k, v in imagenet_state.items() if not k.startswith("classifier.")}
 
 
 def count_parameters(model: nn.Module) -> int:

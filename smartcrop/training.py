@@ -143,8 +143,6 @@ class Trainer:
         for i, layer in enumerate(model.backbone.features):
             for p in layer.parameters():
                 p.requires_grad_(i >= frozen)
-        for p in model.backbone.classifier.parameters():
-            p.requires_grad_(False)
         bb = [p for p in model.backbone.parameters() if p.requires_grad]
         heads = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
         groups = [{"params": heads, "lr": cfg.lr}]

@@ -137,8 +137,12 @@ def read_card(path: str | os.PathLike) -> dict | None:
 # save / load
 
 
-def save_model(model, path: str | os.PathLike, info: dict | None = None) -> dict:
-    """Save ``model`` (a SACNet) as ``path`` (.safetensors) plus its card ``path.json``; returns the card."""
+def save_model(model, path: str | os.PathLike, info: dict | None = None, half: bool = True) -> dict:
+    """Save ``model`` (a SACNet) as ``path`` (.safetensors) plus its card ``path.json``; returns the card.
+
+    ``half``: floating tensors are stored in float16 (half the file; loaded back as float32).  Values beyond
+    float16's range would become infinite, so such a model is stored in float32 instead."""
+    import torch
     from safetensors.torch import save
 
     from .imageio import write_atomic
@@ -150,6 +154,9 @@ def save_model(model, path: str | os.PathLike, info: dict | None = None) -> dict
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
     header.update(info or {})
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if half and all(v.abs().max() <= torch.finfo(torch.float16).max for v in state.values()
+                    if v.is_floating_point() and v.numel()):
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     data = save(state, metadata={"smartcrop": json.dumps(header, sort_keys=True)})
     write_atomic(path, data)
     card = dict(header)
@@ -209,6 +216,7 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verif
         config = validate_config(obj.get("config", {}), path)  # a plain state dict has no config: defaults
         cfg = ModelConfig.from_dict(config)
         skeleton = _skeleton(cfg, path)
+        state = _without_classifier(state)
         validate_state(state, _expected_state(skeleton), path)
         return _materialize(skeleton, state).to(device).eval()
 
@@ -228,6 +236,7 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verif
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
         raise WeightsError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0][:200]})") from None
+    state = _without_classifier(state)
     validate_state(state, _expected_state(skeleton), path)
     model = _materialize(skeleton, state)
     model.header = header
@@ -448,6 +457,11 @@ def _fmt_shape(shape) -> str:
     return "x".join(map(str, shape)) if len(shape) else "scalar"
 
 
+def _without_classifier(state: dict) -> dict:
+    """Models written before 0.2 carried MobileNetV2's unused ImageNet classifier: drop it, nothing else."""
+    return {k: v for k, v in state.items() if not str(k).startswith("backbone.classifier.")}
+
+
 def validate_state(state: dict, expected: dict, path: str | os.PathLike) -> None:
     """Check loaded tensors against the architecture's ``{name: (shape, dtype)}`` (see :func:`_expected_state`).
 
@@ -568,6 +582,8 @@ def load_backbone_weights(model, path: str | os.PathLike | None = None, normaliz
     """
     import torch
 
+    from .model import backbone_state
+
     if normalization != "auto" and normalization not in NORMALIZATIONS:
         raise WeightsError(f"unknown backbone normalization {normalization!r} "
                            f"(auto, {', '.join(NORMALIZATIONS)})")
@@ -586,7 +602,7 @@ def load_backbone_weights(model, path: str | os.PathLike | None = None, normaliz
                 state = load_file(str(p))
             else:
                 state = torch.load(p, map_location="cpu", weights_only=True)
-            model.backbone.load_state_dict(state, strict=True)
+            model.backbone.load_state_dict(backbone_state(state), strict=True)
             _set_normalization(model, backbone_normalization(state) if normalization == "auto" else normalization)
             return str(p)
         if path is not None:
@@ -600,6 +616,6 @@ def load_backbone_weights(model, path: str | os.PathLike | None = None, normaliz
             f"state_dict, e.g. ../shared/weights/mobilenet_v2_imagenet.pth) or set SMARTCROP_BACKBONE "
             f"(download from torch.hub failed: {str(e).splitlines()[0][:120]})"
         ) from None
-    model.backbone.load_state_dict(state, strict=True)
+    model.backbone.load_state_dict(backbone_state(state), strict=True)
     _set_normalization(model, backbone_normalization(state, url) if normalization == "auto" else normalization)
     return url

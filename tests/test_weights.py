@@ -25,10 +25,20 @@ def scores(net, seed=1):
 
 
 def test_round_trip_keeps_scores_header_and_card(tmp_path, small_model):
+    from safetensors.torch import load_file
+
+    exact = tmp_path / "exact.safetensors"
+    save_model(small_model, exact, half=False)
+    assert torch.equal(scores(load_model(exact)), scores(small_model))
     p = tmp_path / "m.safetensors"
     card = save_model(small_model, p, {"training": {"data": "synthetic"}, "metrics": {"srcc": 0.5}})
+    stored = load_file(str(p))
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}  # half the size
+    assert not any(k.startswith("backbone.classifier") for k in stored)  # no unused ImageNet classifier
+    assert p.stat().st_size < 0.55 * exact.stat().st_size
     net = load_model(p)
-    assert torch.equal(scores(net), scores(small_model))
+    assert all(t.dtype == torch.float32 for t in net.state_dict().values() if t.is_floating_point())
+    assert torch.allclose(scores(net), scores(small_model), atol=2e-3)
     header = read_header(p)
     assert header["config"]["backbone"] == "mobilenet_v2" and header["config"]["short_side"] == 64
     assert header["config"]["mean"] and header["config"]["std"]  # input normalisation travels with the model
@@ -153,7 +163,8 @@ def parts(tmp_path_factory):
 
         src = tmp_path_factory.mktemp("src") / "m.safetensors"
         save_model(SACNet(ModelConfig(short_side=64, max_long_side=128)), src)
-    return load_file(str(src)), read_header(src)
+    # float32, as a trainer would write it (the shipped file is float16)
+    return {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(src)).items()}, read_header(src)
 
 
 def write_model(path, state, header=None, raw_header=None):
@@ -462,7 +473,7 @@ def test_loaded_model_is_the_saved_one_tensor_for_tensor(tmp_path):
         if k == ".pt":
             torch.save({"model": net.state_dict(), "config": net.config.to_dict()}, p)
         else:
-            save_model(net, p)
+            save_model(net, p, half=False)
         got = load_model(p)
         assert dict(got.named_buffers()).keys() == dict(net.named_buffers()).keys()
         for (n, a), (_, b) in zip([*net.named_parameters(), *net.named_buffers()],
@@ -470,3 +481,14 @@ def test_loaded_model_is_the_saved_one_tensor_for_tensor(tmp_path):
             assert torch.equal(a, b), n
         assert all(t.requires_grad for t in got.parameters())
         assert torch.equal(scores(got), scores(net))
+
+
+def test_models_written_with_the_imagenet_classifier_still_load(tmp_path, parts):
+    """Files from before the classifier was dropped carry backbone.classifier.*: it is ignored, nothing else."""
+    state, header = parts
+    old = dict(state, **{"backbone.classifier.1.weight": torch.zeros(1000, 1280),
+                         "backbone.classifier.1.bias": torch.zeros(1000)})
+    net = load_model(write_model(tmp_path / "old.safetensors", old, header))
+    assert not hasattr(net.backbone, "classifier")
+    refused(write_model(tmp_path / "other.safetensors", dict(state, **{"backbone.extra.weight": torch.zeros(3)}),
+                        header), "unexpected", "backbone.extra.weight")
