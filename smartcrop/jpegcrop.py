@@ -515,13 +515,22 @@ def _load_backend() -> "_Backend | str":
     global _backend_cache
     with _lock:
         if _backend_cache is None:
-            try:
-                _backend_cache = _Backend()
-            except ImportError:
-                _backend_cache = f"lossless JPEG crops need jpeglib: {INSTALL_HINT}"
-            except Exception as err:  # _BackendError, or a broken jpeglib install
-                _backend_cache = f"lossless JPEG crops unavailable: {err}".splitlines()[0]
+            _backend_cache = _TurboBackend.load() if os.environ.get("SMARTCROP_JPEG_BACKEND", "") in ("", "turbo") \
+                else None
+            if not isinstance(_backend_cache, _TurboBackend):
+                try:
+                    _backend_cache = _Backend()
+                except ImportError:
+                    _backend_cache = f"lossless JPEG crops need jpeglib: {INSTALL_HINT}"
+                except Exception as err:  # _BackendError, or a broken jpeglib install
+                    _backend_cache = f"lossless JPEG crops unavailable: {err}".splitlines()[0]
         return _backend_cache
+
+
+def backend_name() -> str:
+    """``"libjpeg-turbo"`` (the system's TurboJPEG library), ``"jpeglib"``, or ``""`` when unavailable."""
+    backend = _load_backend()
+    return "" if isinstance(backend, str) else backend.name
 
 
 def available() -> bool:
@@ -544,6 +553,37 @@ _FLAVOURS = ("turbo210", "turbo200", "turbo150", "9f", "9e", "6b")
 _SUPPORTED_JPEGLIB = ("1.0.",)  # the C entry points used below are those of jpeglib 1.0.x
 _JCS_GRAYSCALE, _JCS_YCBCR = 1, 3
 _OPTIMIZE_CODING = 1 << 6  # jpeglib's flag bit
+
+
+class _TurboBackend:
+    """libjpeg-turbo's own lossless transform (``tjTransform`` with ``TJXOPT_CROP``, what ``jpegtran -crop``
+    does) through PyTurboJPEG and the system's TurboJPEG library: about twice as fast as jpeglib (~45 ms against
+    ~90 ms CPU for a 12 MP 4:2:0 crop).  Optional: ``pip install 'smartcrop[turbo]'`` plus the system library
+    (Debian/Ubuntu ``libturbojpeg0``, Homebrew ``jpeg-turbo``).  Markers are not copied by the library
+    (``TJXOPT_COPYNONE``): :func:`_assemble` puts the original's back, as for jpeglib."""
+
+    name = "libjpeg-turbo"
+
+    def __init__(self, tj) -> None:
+        self._tj = tj
+
+    @classmethod
+    def load(cls) -> "_TurboBackend | None":
+        try:
+            from turbojpeg import TurboJPEG
+
+            return cls(TurboJPEG())
+        except Exception:  # noqa: BLE001 - not installed, or no system library: use jpeglib
+            return None
+
+    def crop(self, data: bytes, info: JpegInfo, sbox: Box, optimize: bool) -> bytes:
+        x1, y1, x2, y2 = sbox
+        try:
+            # preserve=True: the region is kept exactly (x, y are on the iMCU grid already; no clamping of the
+            # size to whole iMCUs at the image's right and bottom edges)
+            return bytes(self._tj.crop(data, x1, y1, x2 - x1, y2 - y1, preserve=True, copynone=True))
+        except OSError as err:
+            raise LosslessUnsupported(f"libjpeg-turbo refused the crop ({str(err).splitlines()[0]})") from err
 
 
 class _Backend:
@@ -578,6 +618,7 @@ class _Backend:
         except (OSError, AttributeError) as err:
             raise _BackendError(f"cannot load jpeglib's {found[0]}: {err}") from err
         self.flavour = flavour
+        self.name = "jpeglib"
         self._ct = ctypes
         self._np = np
         self._tmpdir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None

@@ -25,10 +25,33 @@ XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
 IPTC = b"Photoshop 3.0\x008BIM\x04\x04\x00\x00\x00\x00\x00\x07\x1c\x02x\x00\x02hi"
 
 
-def needs_backend():
-    if not jpegcrop.available():  # jpeglib missing (or unusable): the one-line reason says how to install it
-        pytest.skip(jpegcrop.unavailable_reason())
+def _turbo_loads() -> bool:
+    return jpegcrop._TurboBackend.load() is not None
+
+
+# every backend test runs with each backend this machine has: jpeglib (pip) and libjpeg-turbo (system library)
+@pytest.fixture(autouse=True, params=["jpeglib", "turbo"])
+def backend(request, monkeypatch):
+    monkeypatch.setattr(jpegcrop, "_backend_cache", None)
+    monkeypatch.setenv("SMARTCROP_JPEG_BACKEND", request.param)
+    return request.param
+
+
+def needs_backend(which=None):
+    """Skip unless the parametrised backend is installed (``which``: only for that backend).  Coefficients are
+    read back with jpeglib in either case, so it is needed too."""
+    import os
+
+    kind = os.environ["SMARTCROP_JPEG_BACKEND"]
+    if which is not None and kind != which:
+        pytest.skip(f"specific to the {which} backend")
     pytest.importorskip("jpeglib", reason="lossless crops need the optional jpeglib backend (smartcrop[lossless])")
+    if kind == "turbo" and not _turbo_loads():
+        pytest.skip("libjpeg-turbo backend not installed (pip install 'smartcrop[turbo]' and the system "
+                    "libturbojpeg)")
+    if not jpegcrop.available():
+        pytest.skip(jpegcrop.unavailable_reason())
+    assert jpegcrop.backend_name() == ("libjpeg-turbo" if kind == "turbo" else "jpeglib")
 
 
 def photo(size, seed=0, mode="RGB"):
@@ -419,7 +442,7 @@ def tiny_jpeg_with_ac(value: int) -> bytes:
 
 def test_out_of_range_coefficients_are_refused(tmp_path):
     """libjpeg's encoder cannot write such a coefficient (and may abort the process): refuse before writing."""
-    needs_backend()
+    needs_backend("jpeglib")
     data = tiny_jpeg_with_ac(1500)
     jpegcrop.probe(data)  # structurally fine
     src, _ = dct(tmp_path, data, "big-ac.jpg")
@@ -444,6 +467,7 @@ def test_fallback_when_backend_missing(monkeypatch):
     from smartcrop import imageio
 
     monkeypatch.setitem(sys.modules, "jpeglib", None)  # import jpeglib -> ImportError
+    monkeypatch.setitem(sys.modules, "turbojpeg", None)  # and no libjpeg-turbo either
     monkeypatch.setattr(jpegcrop, "_backend_cache", None)
     assert not jpegcrop.available()
     reason = jpegcrop.unavailable_reason()
