@@ -62,14 +62,11 @@ def test_every_smartcrop_command_line_in_the_readme_parses():
                 pass
 
 
-@pytest.mark.xfail(reason="needs the README install text of issue 9's report (CPU-only torch index)", strict=False)
 def test_install_line_says_how_to_get_the_cpu_only_torch():
     text = README.read_text(encoding="utf-8")
     assert "download.pytorch.org/whl/cpu" in text  # a plain `pip install torch` on Linux is the CUDA build
 
 
-@pytest.mark.xfail(reason="needs the README Python example of issue 9's report (pil_image is undefined)",
-                   strict=False)
 def test_python_blocks_run_as_written(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     from conftest import draw_photo
