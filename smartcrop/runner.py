@@ -195,7 +195,7 @@ class Runner:
             from .preview import thumbnail_with_boxes
 
             self.thumbs.append(thumbnail_with_boxes(p.image, p.full_size, crops, Path(item.display).name))
-        ext = output_ext(item, opts.out_format, p.format)
+        ext = output_ext(item, opts.out_format, p.format, p.has_alpha)
         specs, recs = [], []
         ranks: dict[str, int] = {}
         for c in crops:
@@ -214,6 +214,11 @@ class Runner:
                     continue
                 target = str(claim.path)
             specs.append(CropSpec(c.ratio, tuple(c.box), c.score, tuple(size), target))
+        # the written format follows the names (a template may give its own extension, e.g. '{stem}.png')
+        exts = {_ext_of(s.target) or ext for s in specs}
+        if len(exts) > 1:
+            raise UsageError(f"the name template gives {item.display}'s crops different formats")
+        ext = exts.pop() if exts else ext
         if p.reduced_depth and specs:
             self.on_error(f"{item.display}: note: 16-bit colour reduced to 8 bits in the crops")
         if not specs:
@@ -230,7 +235,7 @@ class Runner:
         from .preview import contact_sheet
 
         try:
-            save_image(contact_sheet(self.thumbs), opts.preview, overwrite=True)
+            save_image(contact_sheet(self.thumbs), opts.preview, overwrite=opts.overwrite)
         except _PER_FILE as e:
             summary.failed += 1
             self.on_error(f"{opts.preview}: cannot write the preview: {_describe(e)}")
@@ -294,6 +299,15 @@ def _source(item: InputItem):
 _PER_FILE = (SmartcropError, OSError, ValueError, MemoryError, CropError)
 
 
+def _ext_of(target: str | None) -> str | None:
+    if target is None:
+        return None
+    sfx = Path(target).suffix.lower().lstrip(".")
+    return {"jpeg": "jpg", "tiff": "tif"}.get(sfx, sfx) or None
+
+
 def _describe(e: BaseException) -> str:
+    if isinstance(e, MemoryError):
+        return "out of memory while processing this photo"
     msg = getattr(e, "strerror", None) if isinstance(e, OSError) and not str(e) else str(e)
     return one_line(msg or type(e).__name__)

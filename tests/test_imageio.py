@@ -491,19 +491,24 @@ def test_failed_save_leaves_no_temp_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_temp_file_is_hidden_in_target_directory(tmp_path, monkeypatch):
+def test_temp_file_is_hidden_short_and_carries_the_pid(tmp_path, monkeypatch):
+    import os
+
+    from smartcrop import imageio
+
     seen = []
-    real_save = Image.Image.save
+    real_write = os.write
 
-    def spy(self, fp, *args, **kwargs):
-        seen.extend(p.name for p in tmp_path.iterdir())  # what exists while encoding
-        return real_save(self, fp, *args, **kwargs)
+    def spy(fd, data):
+        seen.extend(p.name for p in tmp_path.iterdir())  # what exists while the bytes are written
+        return real_write(fd, data)
 
-    monkeypatch.setattr(Image.Image, "save", spy)
-    save_image(Image.new("RGB", (8, 8)), tmp_path / "x.png")
-    (name,) = seen
-    assert name.startswith(".x.png") and name.endswith(".tmp")
-    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+    monkeypatch.setattr(os, "write", spy)
+    save_image(Image.new("RGB", (8, 8)), tmp_path / ("x" * 240 + ".png"))  # a long name: the temp stays short
+    (name,) = set(seen)
+    assert name.startswith(".smartcrop-") and name.endswith(".tmp") and len(name) < 40
+    assert imageio.temp_owner(name) == os.getpid()
+    assert [p.name for p in tmp_path.iterdir()] == ["x" * 240 + ".png"]
 
 
 def test_unknown_output_format(tmp_path):

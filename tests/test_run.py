@@ -301,3 +301,14 @@ def test_python_api_flip_tta_averages_with_the_mirrored_image(tmp_path, small_mo
     assert not np.allclose(s, s_m, atol=1e-4)  # the model is not flip-invariant, so the check below has teeth
     tta = Cropper(weights=small_model_file, device="cpu", tta=True).score_boxes(img, None, {"b": boxes})["b"]
     np.testing.assert_allclose(tta, (s + s_m) / 2, atol=1e-4)
+
+
+def test_template_extension_decides_the_written_format(tmp_path, small_model_file):
+    """'{stem}.png' on a JPEG writes a PNG (not JPEG bytes, lossless or not, under a .png name)."""
+    p = draw_photo(tmp_path / "a.jpg", size=(320, 240))
+    code, out, err = run([p, "--ratio", "4:3", "--name", "{stem}.png", "-o", tmp_path / "o", "--json",
+                          "--weights", small_model_file])
+    assert code == 0, err
+    rec = jsonl(out)[0]
+    assert rec["output"].endswith("a.png") and rec["lossless"] is False
+    assert Image.open(rec["output"]).format == "PNG"
