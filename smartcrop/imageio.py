@@ -200,7 +200,9 @@ def load_image(source: Source, *, target_short_side: int | None = None, max_pixe
         if container == "HEIF":
             heif_decoder()  # registers the plugin on the first HEIF file; cheap afterwards
         with _quiet_pillow():  # header and metadata only: no pixel data is decoded here
-            im = stack.enter_context(_open_image(fp, max_pixels, container))
+            # not closed on exit: once loaded, the image owns its pixels (closing it would free them, and a copy
+            # would double the memory of a huge decode); the file itself is closed by _open_source
+            im = _open_image(fp, max_pixels, container)
             full_w, full_h = im.size
             if full_w * full_h > max_pixels:
                 raise ImageError(_too_large(full_w * full_h, max_pixels))
@@ -229,8 +231,8 @@ def load_image(source: Source, *, target_short_side: int | None = None, max_pixe
             pixels = _standardize(im, keep_deep=keep_original)
         except Exception as e:
             raise ImageError(f"unsupported pixel mode {mode}") from e
-        if pixels is im:  # detach from the file-backed image, which is closed on exit
-            pixels = im.copy()
+        if pixels is im:  # drop the reference to the file, which is closed on exit
+            im.fp = None
 
     if keep_original:
         original = _transpose(pixels, orientation)

@@ -54,9 +54,28 @@ def pixel_budget(pixels: int):
     try:
         yield
     finally:
+        if pixels >= _TRIM_ABOVE:
+            _release_free_memory()
         with cond:
             used.value -= pixels
             cond.notify_all()
+
+
+_TRIM_ABOVE = 20_000_000  # pixels: after a decode this large, hand the freed memory back to the system
+
+
+def _release_free_memory() -> None:
+    """glibc keeps freed heap memory mapped (its mmap threshold grows after large frees), so a worker that
+    decoded one huge image would keep its peak for the rest of the run: ``malloc_trim`` returns it."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class WorkerPool:

@@ -113,39 +113,45 @@ def check_crop(box, out_size: tuple[int, int], upscale: bool) -> None:
 
 
 def finish(job: FinishJob) -> list[Written]:
-    """Stage 3: write every crop of one photo; lossless for JPEG → JPEG crops at their own size when possible."""
-    from .imageio import crop_image, encode_image, write_file
+    """Stage 3: write every crop of one photo; lossless for JPEG → JPEG crops at their own size when possible.
 
-    data = None
-    full = None
-    out: list[Written] = []
-    for spec in job.crops:
-        box = tuple(spec.box)
-        encoded = None
-        lossless = False
-        own_size = spec.out_size == (box[2] - box[0], box[3] - box[1])
-        if job.lossless and job.ext == "jpg" and job.quality is None and own_size:
-            if data is None:
-                data = _read_bytes(job.source)
-            encoded, box = _lossless(data, box, job.strip)
-            lossless = encoded is not None
-        if encoded is None:
-            if full is None:
-                full = _load_full(job.source)
-            resize = None if own_size else spec.out_size
-            img = crop_image(full.original, spec.box, resize)
-            box = tuple(spec.box)
+    A photo is decoded at full size at most once (for the crops that cannot be cut losslessly), while holding
+    its share of the pixel budget."""
+    from .imageio import crop_image, encode_image, write_file
+    from .pool import pixel_budget
+
+    encoded: list = [None] * len(job.crops)
+    boxes = [tuple(spec.box) for spec in job.crops]
+    if job.lossless and job.ext == "jpg" and job.quality is None:
+        data = None
+        for k, spec in enumerate(job.crops):
+            if spec.out_size == (spec.box[2] - spec.box[0], spec.box[3] - spec.box[1]):
+                data = data if data is not None else _read_bytes(job.source)
+                encoded[k], boxes[k] = _lossless(data, boxes[k], job.strip)
+    lossless = [e is not None for e in encoded]
+    if not all(lossless):
+        from .imageio import load_full
+
+        with pixel_budget(_pixels(job.source)):
+            full = load_full(job.source)
             keep = not job.strip
-            encoded = encode_image(img, job.ext, quality=job.quality or DEFAULT_QUALITY,
-                                   exif=full.exif if keep else None, icc=full.icc if keep else None,
-                                   xmp=full.xmp if keep else None, iptc=full.iptc if keep else None)
+            for k, spec in enumerate(job.crops):
+                if encoded[k] is None:
+                    own = spec.out_size == (spec.box[2] - spec.box[0], spec.box[3] - spec.box[1])
+                    img = crop_image(full.original, spec.box, None if own else spec.out_size)
+                    encoded[k] = encode_image(img, job.ext, quality=job.quality or DEFAULT_QUALITY,
+                                              exif=full.exif if keep else None, icc=full.icc if keep else None,
+                                              xmp=full.xmp if keep else None, iptc=full.iptc if keep else None)
+            del full, img
+    out: list[Written] = []
+    for spec, box, data, was_lossless in zip(job.crops, boxes, encoded, lossless):
         if spec.target is None:
-            out.append(Written(box, None, lossless, encoded))
+            out.append(Written(box, None, was_lossless, data))
             continue
         target = Path(spec.target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_file(target, encoded, overwrite=job.overwrite)
-        out.append(Written(box, str(target), lossless))
+        write_file(target, data, overwrite=job.overwrite)
+        out.append(Written(box, str(target), was_lossless))
     return out
 
 
@@ -156,14 +162,6 @@ def _read_bytes(source) -> bytes:
         return f.read()
 
 
-def _load_full(source):
-    from .imageio import load_full
-    from .pool import pixel_budget
-
-    with pixel_budget(_pixels(source)):
-        return load_full(source)
-
-
 def _pixels(source, draft: bool = False) -> int:
     """Pixels a decode of ``source`` will hold (from its header; 0 when it cannot be read — the decode will
     then report the problem).  A JPEG decoded for scoring is DCT-scaled: about 1/64 of its pixels."""
@@ -171,11 +169,15 @@ def _pixels(source, draft: bool = False) -> int:
 
     from PIL import Image
 
+    import warnings
+
     try:
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else open(source, "rb")
-        with fp, Image.open(fp) as im:
-            w, h = im.size
-            fmt = im.format
+        with fp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. DecompressionBombWarning: the decode itself decides
+            with Image.open(fp) as im:
+                w, h = im.size
+                fmt = im.format
     except Exception:  # noqa: BLE001 - any unreadable header: the real decode reports it
         return 0
     return w * h // (64 if draft and fmt == "JPEG" else 1)
