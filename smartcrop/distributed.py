@@ -114,7 +114,7 @@ def _filesystem(uri: str):
     return fs, prefix + unquote(parts.path)
 
 
-def _uri_parent_ok(uri: str) -> str:
+def _strip_query(uri: str) -> str:
     return uri.split("?", 1)[0].rstrip("/")
 
 
@@ -162,6 +162,8 @@ def list_uri(uri: str, recursive: bool, exclude: str | None = None,
              on_error: Callable[[str], None] | None = None) -> list[dict]:
     """Input rows of the image files at ``uri`` (a file, or a folder / prefix: sorted like a local walk,
     hidden files and folders skipped, nothing under ``exclude``)."""
+    from urllib.parse import quote
+
     from pyarrow import fs as pafs
 
     from .imageio import is_image_path
@@ -180,25 +182,28 @@ def list_uri(uri: str, recursive: bool, exclude: str | None = None,
         on_error(f"{uri}: {one_line(e)}")
         return []
     base = path.rstrip("/")
-    root = _uri_parent_ok(uri)
-    skip = _uri_parent_ok(exclude) + "/" if exclude else None
+    root = _strip_query(uri)
+    query = f"?{uri.split('?', 1)[1]}" if "?" in uri else ""  # e.g. ?endpoint_override=…: every file keeps it
+    skip = _strip_query(exclude) + "/" if exclude else None
     rows = []
     for rel in sorted((f.path[len(base) + 1:] for f in found if f.type == pafs.FileType.File),
                       key=lambda r: r.split("/")):
         parts = rel.split("/")
         if any(p.startswith(".") for p in parts) or not is_image_path(parts[-1]):
             continue
-        child = f"{root}/{rel}"
+        child = f"{root}/{quote(rel)}"  # URI paths are percent-encoded (_filesystem decodes them)
         if skip and child.startswith(skip):
             continue
-        rows.append(_input_row(child, "/".join(parts[:-1])))
+        rows.append(_input_row(child + query, "/".join(parts[:-1])))
     return rows
 
 
 def _input_row(path: str, rel_dir: str, display: str | None = None, stem: str | None = None,
                suffix: str | None = None) -> dict:
     if stem is None or suffix is None:
-        name = PurePosixPath(_uri_parent_ok(path) if is_uri(path) else Path(path).as_posix()).name
+        from urllib.parse import unquote
+
+        name = PurePosixPath(unquote(_strip_query(path)) if is_uri(path) else Path(path).as_posix()).name
         p = PurePosixPath(name)
         stem, suffix = p.stem, p.suffix
     return {"path": path, "display": display or path, "rel_dir": rel_dir, "stem": stem, "suffix": suffix,
@@ -265,7 +270,7 @@ class _UriNamer:
     """:class:`~smartcrop.naming.OutputNamer`'s rules for an output folder given by URI."""
 
     def __init__(self, root: str, template: str, overwrite: bool, skip_existing: bool, items, out_format=None):
-        self.root = _uri_parent_ok(root)
+        self.root = _strip_query(root)
         self.query = root.split("?", 1)[1] if "?" in root else None
         self.template = template
         self.overwrite = overwrite
@@ -389,6 +394,7 @@ def _schemas(return_bytes: bool):
              ("suffix", pa.string()), ("group", pa.string()), ("gpos", pa.int32())]
     photo = pa.schema(ident + [
         ("format", pa.string()), ("full_w", pa.int32()), ("full_h", pa.int32()), ("reduced_depth", pa.bool_()),
+        ("has_alpha", pa.bool_()),
         ("done", pa.list_(pa.string())), ("error", pa.string()), ("data", pa.binary())])
     prepared = photo.append(pa.field("image", pa.binary())).append(pa.field("width", pa.int32())) \
         .append(pa.field("height", pa.int32()))
@@ -469,7 +475,8 @@ def _prepare_batch(table, *, short_side: int, max_long_side: int, opts, out_root
                 p = prepare(_source(row), short_side, max_long_side)
                 img = p.image if p.image.mode == "RGB" else p.image.convert("RGB")
                 row.update(image=img.tobytes(), width=img.width, height=img.height, full_w=p.full_size[0],
-                           full_h=p.full_size[1], format=p.format, reduced_depth=bool(p.reduced_depth))
+                           full_h=p.full_size[1], format=p.format, reduced_depth=bool(p.reduced_depth),
+                           has_alpha=bool(p.has_alpha))
         except per_file as e:
             row["error"] = _describe(e)
         rows.append(row)
@@ -561,10 +568,11 @@ def _finish_batch(table, *, opts, out_root, faults, return_bytes):
 def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes: bool) -> list[dict]:
     """The local engine's ``Runner._submit_finish`` and result handling for one scored photo."""
     from .naming import output_ext
+    from .runner import _ext_of
     from .stages import CropSpec, FinishJob, check_crop, finish, output_size
 
     item = _item(r)
-    ext = output_ext(item, opts.out_format, r["format"])
+    ext = output_ext(item, opts.out_format, r["format"], bool(r.get("has_alpha")))
     namer = me = None
     if out_root is not None and not opts.dry_run:
         namer, me = _namer(r, item, opts, out_root)
@@ -589,6 +597,11 @@ def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes:
             target = str(claim.path)
         specs.append((rec, target, CropSpec(c["ratio"], box, c["score"], tuple(size),
                                             None if remote else target)))
+    # the written format follows the names (a template may give its own extension, e.g. '{stem}.png')
+    exts = {_ext_of(_strip_query(t) if is_uri(t) else t) or ext for _, t, _ in specs}
+    if len(exts) > 1:
+        raise UsageError(f"the name template gives {item.display}'s crops different formats")
+    ext = exts.pop() if exts else ext
     if r["reduced_depth"] and specs:
         recs[0]["note"] = "note: 16-bit colour reduced to 8 bits in the crops"
     if not specs:

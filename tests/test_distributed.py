@@ -86,13 +86,15 @@ def test_a_corrupt_photo_is_one_error_line_and_exit_1_the_rest_done(tmp_path, sm
     for k in range(3):
         draw_photo(src / f"good{k}.jpg", size=(200, 160), seed=k)
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 20)
-    code, out, err = run([src, "--ratio", "4:5", "--json", "-o", tmp_path / "out", "--weights", small_model_file,
-                          "--engine", "ray"])
+    # the folder given as an URI: listed and read through pyarrow's file systems, as s3://… would be
+    code, out, err = run([src.as_uri(), "--ratio", "4:5", "--json", "-o", tmp_path / "out", "--weights",
+                          small_model_file, "--engine", "ray"])
     assert code == 1
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "broken.jpg" in lines[0], lines
     recs = jsonl(out)
-    assert sorted(Path(r["input"]).name for r in recs) == ["good0.jpg", "good1.jpg", "good2.jpg"]
+    assert sorted(r["input"] for r in recs) == [f"{src.as_uri()}/good{k}.jpg" for k in range(3)]
+    assert sorted(Path(r["output"]).name for r in recs) == [f"good{k}_4x5.jpg" for k in range(3)]
     assert all(Path(r["output"]).is_file() for r in recs)
 
 
