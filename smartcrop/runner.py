@@ -9,6 +9,7 @@ are reported in input order.  With one worker (``-j 1``) everything runs in the 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from .errors import SmartcropError, UsageError, one_line
 from .inputs import InputItem
 from .naming import OutputNamer, output_ext
 from .plan import RunOptions
-from .pool import WorkerPool
+from .pool import WorkerPool, usable_cores
 from .stages import CropError, CropSpec, FinishJob, check_crop, finish, output_size, prepare
 
 
@@ -263,6 +264,12 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         from .cropper import Cropper
 
         cropper = Cropper(weights=path, device=device)
+        if cropper.device == "cpu" and pool.workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # the workers keep every core busy: torch's own threads would only fight them (measured on 2 cores:
+            # 16 photos in 2.9 s with one scoring thread, 12.5 s with two)
+            import torch
+
+            torch.set_num_threads(max(1, usable_cores() // 3))
         if (cropper.config.short_side, cropper.config.max_long_side) != size:
             early = {}  # decoded for another input size
         if adapt_epochs:
