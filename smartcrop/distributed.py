@@ -710,7 +710,9 @@ def crop(ds, ratios: Sequence[str] = ("any",), *, output: str | os.PathLike | No
                                             else str(output))
     opts.out_dir = None if out_root is None or is_uri(out_root) else Path(out_root)
     if opts.out_dir is not None:
-        opts.out_dir.mkdir(parents=True, exist_ok=True)
+        from .plan import prepare_output_dir
+
+        prepare_output_dir(opts.out_dir)
     return build(ds, opts, model=load_model_blob(weights, model), out_root=out_root, device=device,
                  return_bytes=return_bytes and output is None, scorers=scorers, num_gpus=num_gpus,
                  cpus_per_scorer=cpus_per_scorer)
