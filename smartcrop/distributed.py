@@ -430,13 +430,13 @@ def _faults_from_env() -> dict:
 
 
 def _describe(e: BaseException) -> str:
-    from .runner import _describe as describe
+    from .runner import describe_error as describe
 
     return describe(e)
 
 
 def _per_file_errors() -> tuple:
-    from .runner import _PER_FILE
+    from .stages import PER_FILE_ERRORS as _PER_FILE
 
     return _PER_FILE
 
@@ -566,49 +566,36 @@ def _finish_batch(table, *, opts, out_root, faults, return_bytes):
 
 
 def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes: bool) -> list[dict]:
-    """The local engine's ``Runner._submit_finish`` and result handling for one scored photo."""
+    """One scored photo through the stage shared with the local engine (:func:`smartcrop.stages.crop_job`),
+    then :func:`~smartcrop.stages.finish`; a remote output is written here from the returned bytes."""
     from .naming import output_ext
-    from .runner import _ext_of
-    from .stages import CropSpec, FinishJob, check_crop, finish, output_size
+    from .stages import crop_job, finish
 
     item = _item(r)
     ext = output_ext(item, opts.out_format, r["format"], bool(r.get("has_alpha")))
-    namer = me = None
+    claim = None
     if out_root is not None and not opts.dry_run:
         namer, me = _namer(r, item, opts, out_root)
+        claim = lambda *a: namer.claim(me, *a)  # noqa: E731
     remote = out_root is not None and is_uri(out_root)
-    recs, specs = [], []
-    ranks: dict[str, int] = {}
-    for c in r["crops"] or []:
-        ranks[c["ratio"]] = ranks.get(c["ratio"], 0) + 1
-        box = tuple(c["box"])
-        size = output_size(box, opts.size, opts.max_side)
-        check_crop(box, size, opts.upscale)
-        rec = {**base, "ratio": c["ratio"], "box": list(box), "score": c["score"], "size": list(size)}
-        recs.append(rec)
-        if opts.dry_run or (namer is None and not return_bytes):
-            continue
-        target = None
-        if namer is not None:
-            claim = namer.claim(me, c["ratio"], ranks[c["ratio"]], ext, size)
-            if claim.skip:
-                rec["output"], rec["skipped"] = str(claim.path), claim.skip
-                continue
-            target = str(claim.path)
-        specs.append((rec, target, CropSpec(c["ratio"], box, c["score"], tuple(size),
-                                            None if remote else target)))
-    # the written format follows the names (a template may give its own extension, e.g. '{stem}.png')
-    exts = {_ext_of(_strip_query(t) if is_uri(t) else t) or ext for _, t, _ in specs}
-    if len(exts) > 1:
-        raise UsageError(f"the name template gives {item.display}'s crops different formats")
-    ext = exts.pop() if exts else ext
-    if r["reduced_depth"] and specs:
-        recs[0]["note"] = "note: 16-bit colour reduced to 8 bits in the crops"
-    if not specs:
+    crops = [(c["ratio"], c["box"], c["score"]) for c in r["crops"] or []]
+    decisions, job = crop_job(item.display, _source(r), crops, ext, opts, claim,
+                              write=claim is not None or return_bytes)
+    recs = [{**base, "ratio": d.ratio, "box": list(d.box), "score": d.score, "size": list(d.size),
+             **({"output": d.output, "skipped": d.skipped} if d.skipped else {})} for d in decisions]
+    if job is None:
         return recs
-    job = FinishJob(_source(r), ext, [s for _, _, s in specs], quality=opts.quality, strip=opts.strip,
-                    overwrite=opts.overwrite, lossless=not opts.reencode)
-    for (rec, target, _), w in zip(specs, finish(job)):
+    if r["reduced_depth"]:
+        recs[0]["note"] = "note: 16-bit colour reduced to 8 bits in the crops"
+    targets = [s.target for s in job.crops]
+    if remote:  # finish returns the bytes; they go to the URI from here
+        for s in job.crops:
+            s.target = None
+    written = finish(job)
+    for d, rec in zip(decisions, recs):
+        if d.spec is None:
+            continue
+        w, target = written[d.spec], targets[d.spec]
         rec["box"], rec["lossless"] = list(w.box), w.lossless
         if remote:
             from .imageio import mark_output

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import SmartcropError, UsageError, one_line
+from .errors import UsageError, one_line
 from .inputs import InputItem
 from .naming import OutputNamer, output_ext
 from .plan import RunOptions
 from .pool import WorkerPool, usable_cores
-from .stages import CropError, CropSpec, FinishJob, check_crop, finish, output_size, prepare
+from .stages import PER_FILE_ERRORS, crop_job, finish, prepare
 
 
 @dataclass
@@ -105,7 +105,7 @@ class Runner:
 
         def fail(i: int, e: BaseException, bar) -> None:
             summary.failed += 1
-            self.on_error(f"{items[i].display}: {_describe(e)}")
+            self.on_error(f"{items[i].display}: {describe_error(e)}")
             bar.advance()
 
         def fill() -> None:
@@ -182,7 +182,7 @@ class Runner:
             if len(batch) == 1:
                 summary.failed += 1
                 i = batch[0][0]
-                self.on_error(f"{self._items[i].display}: cannot score this photo ({_describe(e)})")
+                self.on_error(f"{self._items[i].display}: cannot score this photo ({describe_error(e)})")
                 bar.advance()
                 return [None]
             return [self._score([b], bar, summary)[0] for b in batch]
@@ -196,37 +196,14 @@ class Runner:
             from .preview import thumbnail_with_boxes
 
             self.thumbs.append(thumbnail_with_boxes(p.image, p.full_size, crops, Path(item.display).name))
-        ext = output_ext(item, opts.out_format, p.format, p.has_alpha)
-        specs, recs = [], []
-        ranks: dict[str, int] = {}
-        for c in crops:
-            ranks[c.ratio] = ranks.get(c.ratio, 0) + 1
-            size = output_size(c.box, opts.size, opts.max_side)
-            check_crop(c.box, size, opts.upscale)
-            rec = CropRecord(item.display, None, c.ratio, list(c.box), c.score, list(size))
-            recs.append(rec)
-            if opts.dry_run:
-                continue
-            target = None
-            if namer is not None:
-                claim = namer.claim(item, c.ratio, ranks[c.ratio], ext, size)
-                if claim.skip:
-                    rec.output, rec.skipped = str(claim.path), claim.skip
-                    continue
-                target = str(claim.path)
-            specs.append(CropSpec(c.ratio, tuple(c.box), c.score, tuple(size), target))
-        # the written format follows the names (a template may give its own extension, e.g. '{stem}.png')
-        exts = {_ext_of(s.target) or ext for s in specs}
-        if len(exts) > 1:
-            raise UsageError(f"the name template gives {item.display}'s crops different formats")
-        ext = exts.pop() if exts else ext
-        if p.reduced_depth and specs:
+        claim = None if namer is None else (lambda *a: namer.claim(item, *a))
+        decisions, job = crop_job(item.display, _source(item), [(c.ratio, c.box, c.score) for c in crops],
+                                  output_ext(item, opts.out_format, p.format, p.has_alpha), opts, claim)
+        recs = [CropRecord(item.display, d.output if d.skipped else None, d.ratio, list(d.box), d.score,
+                           list(d.size), d.skipped) for d in decisions]
+        if p.reduced_depth and job is not None:
             self.on_error(f"{item.display}: note: 16-bit colour reduced to 8 bits in the crops")
-        if not specs:
-            return index, recs, None
-        job = FinishJob(_source(item), ext, specs, quality=opts.quality, strip=opts.strip, overwrite=opts.overwrite,
-                        lossless=not opts.reencode)
-        return index, recs, pool.submit(finish, job)
+        return index, recs, None if job is None else pool.submit(finish, job)
 
     def _write_preview(self, summary: RunSummary) -> None:
         opts = self.opts
@@ -239,7 +216,7 @@ class Runner:
             save_image(contact_sheet(self.thumbs), opts.preview, overwrite=opts.overwrite)
         except _PER_FILE as e:
             summary.failed += 1
-            self.on_error(f"{opts.preview}: cannot write the preview: {_describe(e)}")
+            self.on_error(f"{opts.preview}: cannot write the preview: {describe_error(e)}")
 
 
 def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "auto", adapt_epochs: int = 0,
@@ -302,18 +279,11 @@ def _source(item: InputItem):
     return item.data if item.path is None else str(item.path)
 
 
-# Errors that fail one photo (raised in a worker and sent back, or in the main process)
-_PER_FILE = (SmartcropError, OSError, ValueError, MemoryError, CropError)
+_PER_FILE = PER_FILE_ERRORS
 
 
-def _ext_of(target: str | None) -> str | None:
-    if target is None:
-        return None
-    sfx = Path(target).suffix.lower().lstrip(".")
-    return {"jpeg": "jpg", "tiff": "tif"}.get(sfx, sfx) or None
-
-
-def _describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
+    """One line for a photo's failure (shown after its name)."""
     if isinstance(e, MemoryError):
         return "out of memory while processing this photo"
     msg = getattr(e, "strerror", None) if isinstance(e, OSError) and not str(e) else str(e)

@@ -75,6 +75,74 @@ class Written:
 
 DEFAULT_QUALITY = 92
 
+#: Errors that fail one photo (raised in a worker and sent back, or where the photo is planned)
+PER_FILE_ERRORS = (SmartcropError, OSError, ValueError, MemoryError)
+
+
+@dataclass
+class Decision:
+    """What becomes of one chosen crop: written (``spec`` indexes the job's crops), skipped, or only reported."""
+
+    ratio: str
+    box: tuple[int, int, int, int]
+    score: float
+    size: tuple[int, int]
+    output: str | None = None  # the claimed path (also for a skipped crop)
+    skipped: str | None = None  # "exists"
+    spec: int | None = None
+
+
+def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: bool = True):
+    """Stage 2½, shared by every engine: from a photo's chosen crops to ``(decisions, FinishJob or None)``.
+
+    ``crops``: ``(ratio, box, score)`` triples, best first per ratio; ``ext``: the default output extension;
+    ``opts``: the run's options (``size``, ``max_side``, ``upscale``, ``quality``, ``strip``, ``overwrite``,
+    ``reencode``, ``dry_run``); ``claim(ratio, rank, ext, size)``: the output name of a crop (a
+    :class:`~smartcrop.naming.Claim`), None to return the encoded bytes instead; ``write=False``: decide and
+    check only.  Raises :class:`CropError` (that photo fails) before anything is written.
+    """
+    decisions: list[Decision] = []
+    specs: list[CropSpec] = []
+    ranks: dict[str, int] = {}
+    for ratio, box, score in crops:
+        ranks[ratio] = ranks.get(ratio, 0) + 1
+        box = tuple(int(v) for v in box)
+        size = output_size(box, opts.size, opts.max_side)
+        check_crop(box, size, opts.upscale)
+        d = Decision(ratio, box, float(score), tuple(size))
+        decisions.append(d)
+        if opts.dry_run or not write:
+            continue
+        target = None
+        if claim is not None:
+            c = claim(ratio, ranks[ratio], ext, size)
+            d.output = str(c.path)
+            if c.skip:
+                d.skipped = c.skip
+                continue
+            target = str(c.path)
+        d.spec = len(specs)
+        specs.append(CropSpec(ratio, box, float(score), tuple(size), target))
+    # the written format follows the names (a template may give its own extension, e.g. '{stem}.png')
+    exts = {name_ext(s.target) or ext for s in specs}
+    if len(exts) > 1:
+        raise CropError(f"the name template gives the crops of {display} different formats")
+    job = None
+    if specs:
+        job = FinishJob(source, exts.pop(), specs, quality=opts.quality, strip=opts.strip, overwrite=opts.overwrite,
+                        lossless=not opts.reencode)
+    return decisions, job
+
+
+def name_ext(target: str | None) -> str | None:
+    """The image extension a path or URI names (``jpeg`` → ``jpg``), None without one."""
+    if target is None:
+        return None
+    if "://" in target:
+        target = target.split("?", 1)[0]
+    sfx = Path(target).suffix.lower().lstrip(".")
+    return {"jpeg": "jpg", "tiff": "tif"}.get(sfx, sfx) or None
+
 
 def prepare(source, short_side: int, max_long_side: int) -> Prepared:
     """Stage 1: decode ``source`` (a path or bytes) at about the network's size and resize it exactly."""

@@ -75,6 +75,16 @@ def tiny_album(tmp_path):
     return d
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: on a machine whose cores are busy, more threads make tiny models ~15x slower."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def small_model():
     """An untrained SAC-Net that sees 64-px inputs (fast on any CPU)."""

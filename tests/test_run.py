@@ -18,15 +18,7 @@ from smartcrop.cli import app  # noqa: E402
 from conftest import draw_photo, sha  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a machine whose cores are busy, more threads make tiny models ~15x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(args, stdin=None):
