@@ -554,7 +554,9 @@ def summary(args) -> str:
     L.append(f"Protocol v{proto.get('protocol', '?')}: GAICD dev, {N_FOLDS} folds of 20 held-out images "
              f"(every {N_FOLDS}th by name); FCDB dev = FCDB test split (167 photos); FCDB held-out = "
              f"{fh.get('n_heldout', '?')} photos of FCDB train (every {FCDB_EVERY}th by photo id), not trained on. "
-             f"Recipe extra args: `{' '.join(proto.get('recipe', {}).get('train_args', []))}`.")
+             "Extra `smartcrop train` args for every variant: "
+             + (f"`{' '.join(proto.get('recipe', {}).get('train_args', []))}`."
+                if proto.get("recipe", {}).get("train_args") else "none (the shipped recipe)."))
     L.append("")
     L.append("Mean ± sd over runs (folds × seeds); `low` = mean − sd.")
     L.append("")
