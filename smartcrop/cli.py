@@ -217,8 +217,8 @@ def run(
     weights: Optional[Path] = WEIGHTS_OPT,
     model: Optional[str] = MODEL_OPT,
     device: str = DEVICE_OPT,
-    batch: int = typer.Option(8, "--batch", min=1, max=256, help="Photos scored per model pass (photos of the "
-                              "same size share one backbone pass)."),
+    batch: int = typer.Option(0, "--batch", min=0, max=256, help="Photos scored per model pass (photos of the "
+                              "same size share one backbone pass); default 0: 1 on a CPU, 16 on a GPU."),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, max=256, help="Worker processes that decode and write "
                              "(default 0: one per usable core; 1: everything in this process)."),
     adapt: bool = typer.Option(False, "--adapt", help="First fine-tune a copy of the model on these very photos "

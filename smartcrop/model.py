@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import crop_masks, rod_align, roi_align
+from .ops import conv_crop_masks, crop_mask_axes, rod_align, roi_align
 
 # --------------------------------------------------------------------------------------------------------------
 # Backbone: torchvision's MobileNetV2, same module names
@@ -282,13 +282,13 @@ class SACNet(nn.Module):
         if not cfg.saf:
             return f_r
         # the binary crop mask on the 64×64 grid of the spatial-aware maps
-        mask = crop_masks(boxes, feats.input_size, cfg.saf_size).to(fmap.dtype)
-        # conv1 over [saf, mask] = conv over saf (shared by all crops) + conv over the mask (per crop)
+        rows, cols = crop_mask_axes(boxes, feats.input_size, cfg.saf_size)
+        # conv1 over [saf, mask] = conv over saf (shared by all crops) + conv over the mask (per crop), the
+        # latter from the mask's row and column factors
         w = self.saf_conv1.weight
-        pad = self.saf_conv1.padding
-        shared = F.conv2d(feats.saf, w[:, :-1], self.saf_conv1.bias, padding=pad)
-        per_crop = F.conv2d(mask, w[:, -1:], None, padding=pad)
-        h = F.max_pool2d(F.relu_(per_crop.add_(shared)), cfg.saf_pools[0])
+        shared = F.conv2d(feats.saf, w[:, :-1], self.saf_conv1.bias, padding=self.saf_conv1.padding)
+        per_crop = conv_crop_masks(rows.to(fmap.dtype), cols.to(fmap.dtype), w[:, -1:])
+        h = F.relu_(F.max_pool2d(per_crop.add_(shared), cfg.saf_pools[0]))  # pool then ReLU: the same, cheaper
         h = F.max_pool2d(F.relu(self.saf_conv2(h)), cfg.saf_pools[1])
         f_s = self.saf_fc(h.flatten(1))
         return torch.cat([f_r, f_s], dim=1)

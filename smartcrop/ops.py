@@ -62,11 +62,30 @@ def rod_align(feat: torch.Tensor, boxes: torch.Tensor, out_size: int = 9, stride
     return F.avg_pool2d(out, sampling) if sampling > 1 else out
 
 
-def crop_masks(boxes: torch.Tensor, input_size: tuple[int, int], s: int) -> torch.Tensor:
-    """Binary crop masks (N, 1, s, s): cells of an s×s grid over the input whose centre lies in the box."""
+def crop_mask_axes(boxes: torch.Tensor, input_size: tuple[int, int], s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors ``(rows (N, s), columns (N, s))`` of :func:`crop_masks`: 1 where a cell's centre lies
+    inside the box along that axis."""
     w, h = input_size
     c = (torch.arange(s, device=boxes.device, dtype=boxes.dtype) + 0.5) / s
     cx, cy = c * w, c * h
     inx = (cx[None, :] >= boxes[:, 0:1]) & (cx[None, :] <= boxes[:, 2:3])
     iny = (cy[None, :] >= boxes[:, 1:2]) & (cy[None, :] <= boxes[:, 3:4])
-    return (iny[:, :, None] & inx[:, None, :]).to(boxes.dtype)[:, None]
+    return iny.to(boxes.dtype), inx.to(boxes.dtype)
+
+
+def crop_masks(boxes: torch.Tensor, input_size: tuple[int, int], s: int) -> torch.Tensor:
+    """Binary crop masks (N, 1, s, s): cells of an s×s grid over the input whose centre lies in the box."""
+    rows, cols = crop_mask_axes(boxes, input_size, s)
+    return (rows[:, :, None] * cols[:, None, :])[:, None]
+
+
+def conv_crop_masks(rows: torch.Tensor, cols: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``conv2d(crop_masks, weight, padding=k // 2)`` → (N, C, s, s) for a one-channel ``weight`` (C, 1, k, k),
+    computed from the mask's two factors (a box mask is separable): about 7× fewer operations than the 2-D
+    convolution, equal to it up to float rounding."""
+    k = weight.shape[-1]
+    p = k // 2
+    col_win = F.pad(cols, (p, p)).unfold(1, k, 1)  # (N, s, k): the window of columns around each column
+    row_win = F.pad(rows, (p, p)).unfold(1, k, 1)
+    t = torch.einsum("cuv,njv->ncuj", weight[:, 0], col_win)  # (N, C, k, s): each kernel row along x
+    return torch.matmul(row_win[:, None], t)  # (N, C, s, s): summed over the kernel rows along y

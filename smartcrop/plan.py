@@ -40,7 +40,7 @@ class RunOptions:
     skip_existing: bool = False
     dry_run: bool = False
     workers: int = 0  # worker processes; 0: one per usable core
-    batch: int = 8  # photos scored per model pass
+    batch: int = 0  # photos scored per model pass; 0: 1 on a CPU (batching only delays the workers), 16 on a GPU
     preview: Path | None = None
 
     def template(self) -> str:

@@ -97,7 +97,8 @@ class Runner:
         pool = self.pool or WorkerPool(opts.workers)
         summary = RunSummary()
         cfg = self.cropper.config
-        window = max(4, 2 * pool.workers + opts.batch)
+        batch = opts.batch or (1 if str(getattr(self.cropper, "device", "cpu")) == "cpu" else 16)
+        window = max(8, 2 * pool.workers + batch)
         early = dict(prepared or {})
         queue = iter(range(len(items)))
         preps: deque = deque()  # (index, future of prepare)
@@ -143,16 +144,16 @@ class Runner:
             with progress_bar(len(items), "cropping", self.progress) as bar:
                 fill()
                 while preps:
-                    batch = []
-                    while preps and len(batch) < opts.batch and (not batch or preps[0][1].done()):
+                    todo = []
+                    while preps and len(todo) < batch and (not todo or preps[0][1].done()):
                         i, fut = preps.popleft()
                         try:
-                            batch.append((i, fut.result()))
+                            todo.append((i, fut.result()))
                         except _PER_FILE as e:
                             summary.images += 1
                             fail(i, e, bar)
-                    if batch:
-                        for (i, p), crops in zip(batch, self._score(batch, bar, summary)):
+                    if todo:
+                        for (i, p), crops in zip(todo, self._score(todo, bar, summary)):
                             summary.images += 1
                             if crops is None:
                                 continue
@@ -236,7 +237,7 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         early = {}
         size = _input_size(path)
         if size is not None and not adapt_epochs:
-            n = min(len(plan.items), max(4, 2 * pool.workers + opts.batch))
+            n = min(len(plan.items), max(8, 2 * pool.workers + (opts.batch or 1)))
             early = {i: pool.submit(prepare, _source(plan.items[i]), *size) for i in range(n)}
         from .cropper import Cropper
 
