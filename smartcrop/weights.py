@@ -100,7 +100,7 @@ def list_models() -> list[dict]:
 def resolve_model(weights: str | os.PathLike | None = None, model: str | None = None) -> Path:
     """Path of the model to use: an explicit file, a named user model, or the shipped one."""
     if weights is not None and model is not None:
-        raise WeightsError("give either --weights FILE or --model NAME, not both")
+        raise WeightsError("give either a model file or a model name, not both")
     if weights is not None:
         p = Path(weights).expanduser()
         if not p.is_file():
@@ -117,7 +117,7 @@ def resolve_model(weights: str | os.PathLike | None = None, model: str | None = 
     p = shipped_model_path()
     if p is None:
         raise WeightsError(
-            "no shipped model in weights/ yet: train one with `smartcrop train` and pass it with --weights FILE"
+            "no shipped model in weights/ yet: train one (`smartcrop train`) and give its file"
         )
     return p
 
@@ -212,7 +212,7 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verif
             raise WeightsError(f"{path}: cannot be read safely ({str(e).splitlines()[0][:200]})") from None
         state = obj.get("model", obj) if isinstance(obj, dict) else None
         if not isinstance(state, dict) or not any(str(k).startswith("backbone.") for k in state):
-            raise WeightsError(f"{path}: not a smartcrop model state dict (a backbone? use --backbone-weights)")
+            raise WeightsError(f"{path}: not a smartcrop model state dict (an ImageNet backbone? those are backbone weights, for training)")
         config = validate_config(obj.get("config", {}), path)  # a plain state dict has no config: defaults
         cfg = ModelConfig.from_dict(config)
         skeleton = _skeleton(cfg, path)
@@ -612,7 +612,7 @@ def load_backbone_weights(model, path: str | os.PathLike | None = None, normaliz
         state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
     except Exception as e:
         raise WeightsError(
-            "no ImageNet backbone weights found: pass --backbone-weights FILE (a torchvision-layout MobileNetV2 "
+            "no ImageNet backbone weights found: give a backbone weights file (a torchvision-layout MobileNetV2 "
             f"state_dict, e.g. ../shared/weights/mobilenet_v2_imagenet.pth) or set SMARTCROP_BACKBONE "
             f"(download from torch.hub failed: {str(e).splitlines()[0][:120]})"
         ) from None
