@@ -19,8 +19,6 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .imageio import is_image_path
-
 GAICD_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 UNRATED = -2.0
 
@@ -148,38 +146,25 @@ def read_fcdb(root: str | os.PathLike, split: str = "test") -> list[FcdbItem]:
     return items
 
 
-def walk_images(folder: Path, recursive: bool = True, on_error: Callable[[str], None] | None = None) -> list[Path]:
-    """Image files (by extension) in ``folder``, sorted as paths, hidden files and folders skipped.
+def list_images(paths: Iterable[str | os.PathLike], recursive: bool = True,
+                on_error: Callable[[str], None] | None = None) -> list[Path]:
+    """Image files among ``paths``: files as given, folders walked (recursively by default) with the one folder
+    walker of ``run`` (:func:`smartcrop.inputs.walk_folder`: sorted, hidden entries, non-files and smartcrop's own
+    outputs skipped).
 
-    A sub-folder that cannot be read is reported through ``on_error`` (one line naming it) and skipped; without
-    ``on_error`` the ``OSError`` is raised.
+    A missing path raises ``FileNotFoundError`` naming it; an unreadable sub-folder or a non-file entry is
+    reported through ``on_error`` (default: a warning) and skipped.
     """
-    def report(e: OSError) -> None:
-        if on_error is None:
-            raise e
-        on_error(f"{e.filename or folder}: cannot read folder ({e.strerror or e})")
+    from .inputs import walk_folder
 
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=report):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")] if recursive else []
-        base = Path(dirpath)
-        found += [base / f for f in filenames if not f.startswith(".") and is_image_path(f) and (base / f).is_file()]
-    return sorted(found)
-
-
-def list_images(paths: Iterable[str | os.PathLike], recursive: bool = True) -> list[Path]:
-    """Image files among ``paths``: files as given, folders walked (recursively by default), sorted per folder.
-
-    Hidden files and folders (starting with '.') are skipped in walks; a missing path raises
-    ``FileNotFoundError`` naming it.
-    """
+    report = on_error or (lambda line: warnings.warn(line, stacklevel=3))
     out: list[Path] = []
     for p in paths:
         p = Path(p)
         if p.is_file():
             out.append(p)
         elif p.is_dir():
-            out.extend(walk_images(p, recursive))
+            out.extend(f for f, _ in walk_folder(p, recursive, report))
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
     return out
