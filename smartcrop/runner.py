@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import sys
 from collections import deque
-from dataclasses import dataclass, field
+from concurrent.futures import BrokenExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -102,7 +103,8 @@ class Runner:
         early = dict(prepared or {})
         queue = iter(range(len(items)))
         preps: deque = deque()  # (index, future of prepare)
-        writes: deque = deque()  # (index, records without output yet, future of finish)
+        retried: set = set()  # photos whose decode was resubmitted after a worker died
+        writes: deque = deque()  # (index, records without output yet, future of finish, the job)
 
         def fail(i: int, e: BaseException, bar) -> None:
             summary.failed += 1
@@ -119,9 +121,17 @@ class Runner:
 
         def drain(block: bool, bar) -> None:
             while writes and (block or writes[0][2] is None or writes[0][2].done() or len(writes) > window // 2):
-                i, recs, fut = writes.popleft()
+                i, recs, fut, job = writes.popleft()
                 try:
                     done = fut.result() if fut is not None else []
+                except BrokenExecutor as e:  # the worker died: once more in a fresh one, then it is this photo's
+                    if job is not None and not job.retried:
+                        # its outputs were claimed by this run: a crop written before the death may be replaced
+                        job = replace(job, overwrite=True, retried=True)
+                        writes.appendleft((i, recs, pool.submit(finish, job), job))
+                    else:
+                        fail(i, e, bar)
+                    continue
                 except _PER_FILE as e:
                     fail(i, e, bar)
                     continue
@@ -149,6 +159,14 @@ class Runner:
                         i, fut = preps.popleft()
                         try:
                             todo.append((i, fut.result()))
+                        except BrokenExecutor as e:  # the worker died: once more in a fresh one
+                            if i not in retried:
+                                retried.add(i)
+                                preps.appendleft((i, pool.submit(prepare, _source(items[i]), cfg.short_side,
+                                                                 cfg.max_long_side)))
+                            else:
+                                summary.images += 1
+                                fail(i, e, bar)
                         except _PER_FILE as e:
                             summary.images += 1
                             fail(i, e, bar)
@@ -204,7 +222,7 @@ class Runner:
                            list(d.size), d.skipped) for d in decisions]
         if p.reduced_depth and job is not None:
             self.on_error(f"{item.display}: note: 16-bit colour reduced to 8 bits in the crops")
-        return index, recs, None if job is None else pool.submit(finish, job)
+        return index, recs, None if job is None else pool.submit(finish, job), job
 
     def _write_preview(self, summary: RunSummary) -> None:
         opts = self.opts
@@ -280,12 +298,15 @@ def _source(item: InputItem):
     return item.data if item.path is None else str(item.path)
 
 
-_PER_FILE = PER_FILE_ERRORS
+# a worker process that died (e.g. killed for memory) fails the photos it held; the pool starts afresh
+_PER_FILE = PER_FILE_ERRORS + (BrokenExecutor,)
 
 
 def describe_error(e: BaseException) -> str:
     """One line for a photo's failure (shown after its name)."""
     if isinstance(e, MemoryError):
         return "out of memory while processing this photo"
+    if isinstance(e, BrokenExecutor):
+        return "the worker process handling this photo died (killed for memory?)"
     msg = getattr(e, "strerror", None) if isinstance(e, OSError) and not str(e) else str(e)
     return one_line(msg or type(e).__name__)

@@ -61,6 +61,7 @@ class FinishJob:
     strip: bool = False
     overwrite: bool = False
     lossless: bool = True  # allow DCT-domain JPEG crops
+    retried: bool = False  # resubmitted after the worker running it died
 
 
 @dataclass

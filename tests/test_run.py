@@ -304,3 +304,34 @@ def test_template_extension_decides_the_written_format(tmp_path, small_model_fil
     rec = jsonl(out)[0]
     assert rec["output"].endswith("a.png") and rec["lossless"] is False
     assert Image.open(rec["output"]).format == "PNG"
+
+
+def _finish_dying_once(job):
+    """stages.finish, except that the first call anywhere kills its worker process (as the OOM killer would)."""
+    import os
+
+    from smartcrop.stages import finish
+
+    flag = os.environ["SMARTCROP_TEST_DIE_ONCE"]
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return finish(job)
+    os._exit(3)
+
+
+def test_a_dying_worker_is_replaced_and_its_photos_retried(tmp_path, small_model_file, monkeypatch):
+    src = tmp_path / "in"
+    for k in range(4):
+        draw_photo(src / f"p{k}.jpg", size=(320, 240), seed=k)
+    flag = tmp_path / "died"
+    monkeypatch.setenv("SMARTCROP_TEST_DIE_ONCE", str(flag))
+    monkeypatch.setattr("smartcrop.runner.finish", _finish_dying_once)
+    code, out, err = run([src, "--ratio", "4:3", "-o", tmp_path / "o", "--json", "-j", "2", "--weights",
+                          small_model_file])
+    assert flag.exists()  # a worker did die
+    assert code == 0, err
+    recs = jsonl(out)
+    assert sorted(Path(r["input"]).name for r in recs) == ["p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg"]
+    assert all(Image.open(r["output"]).size == tuple(r["size"]) for r in recs)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [f"p{k}_4x3.jpg" for k in range(4)]
