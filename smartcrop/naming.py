@@ -286,27 +286,6 @@ class OutputNamer:
             raise InputCollision(f"output {safe_name(path)} would replace the input {safe_name(it.display)}: "
                                  "originals are never written (choose another -o or --name)")
 
-    # -- older interface (one free name per wanted path) --------------------------------------------------
-
-    def render(self, item: InputItem, ratio: str, rank: int, ext: str, size: tuple) -> Path:
-        return self._path(self._render(item, ratio, rank, ext, size))
-
-    def assign(self, wanted: Path) -> Path | None:
-        """The path to write for ``wanted``, or None to skip it (without deterministic suffixes)."""
-        with self.lock:
-            if wanted not in self.reserved and self.input_at(wanted) is None:
-                if not os.path.lexists(wanted) or self.overwrite:
-                    self.reserved.add(wanted)
-                    return wanted
-                if self.skip_existing:
-                    return None
-            for k in range(1, 100000):
-                cand = wanted.with_name(f"{wanted.stem}-{k}{wanted.suffix}")
-                if cand not in self.reserved and not os.path.lexists(cand) and self.input_at(cand) is None:
-                    self.reserved.add(cand)
-                    return cand
-        raise OSError(f"{wanted}: no free output name")
-
 
 def output_ext(item: InputItem, out_format: str | None, loaded_format: str | None, has_alpha: bool = False) -> str:
     """Output extension (no dot): ``out_format``, else :func:`smartcrop.imageio.default_output_format` -- the
@@ -315,13 +294,3 @@ def output_ext(item: InputItem, out_format: str | None, loaded_format: str | Non
     if out_format:
         return out_format
     return default_output_format(item.suffix, loaded_format, has_alpha=has_alpha)
-
-
-def output_size(box: tuple, size: tuple | None, max_side: int | None) -> tuple[int, int]:
-    w, h = box[2] - box[0], box[3] - box[1]
-    if size:
-        return size
-    if max_side and max(w, h) > max_side:
-        s = max_side / max(w, h)
-        return max(1, round(w * s)), max(1, round(h * s))
-    return w, h

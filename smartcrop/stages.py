@@ -14,7 +14,7 @@ process; a distributed engine can run the same functions as remote tasks.  Nothi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SmartcropError
@@ -36,7 +36,6 @@ class Prepared:
     format: str  # Pillow format name of the source ("JPEG", "PNG", ...)
     has_alpha: bool = False
     reduced_depth: bool = False  # a 16-bit colour source whose crops will be 8-bit
-    camera: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -157,7 +156,7 @@ def prepare(source, short_side: int, max_long_side: int) -> Prepared:
         li = load_image(source, target_short_side=short_side)
     size = network_size(li.full_size[0], li.full_size[1], short_side, max_long_side)
     img = li.image if li.image.size == size else li.image.resize(size, Image.BILINEAR, reducing_gap=2.0)
-    return Prepared(img, li.full_size, li.format, li.has_alpha, li.reduced_depth, li.camera)
+    return Prepared(img, li.full_size, li.format, li.has_alpha, li.reduced_depth)
 
 
 def output_size(box, size: tuple[int, int] | None, max_side: int | None) -> tuple[int, int]:
