@@ -83,10 +83,13 @@ class WorkerPool:
         self.workers = max(1, workers or usable_cores())
         self._executor = None
         if self.workers > 1:
-            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            budget = (ctx.Condition(), ctx.Value("q", 0, lock=False), pixel_budget)
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                                 initargs=(budget,))
+            self._ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            self._budget = (self._ctx.Condition(), self._ctx.Value("q", 0, lock=False), pixel_budget)
+            self._executor = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.workers, mp_context=self._ctx, initializer=_init_worker,
+                                   initargs=(self._budget,))
 
     def submit(self, fn, *args) -> Future:
         if self._executor is None:
@@ -107,9 +110,7 @@ class WorkerPool:
     def _restart(self) -> None:
         """A worker died (e.g. killed for memory): the tasks it held fail; start a fresh pool for the rest."""
         old = self._executor
-        ctx = old._mp_context
-        self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=old._initializer,
-                                             initargs=old._initargs)
+        self._executor = self._new_executor()
         old.shutdown(wait=False, cancel_futures=True)
 
     def close(self, cancel: bool = False) -> None:
