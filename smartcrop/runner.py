@@ -247,13 +247,13 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
     short run does not pay for start-up twice.  ``adapt_epochs > 0`` first fine-tunes a copy of the model on
     the plan's photos (``--adapt``).
     """
-    from .weights import resolve_model
+    from .weights import input_size, resolve_model
 
     opts = plan.opts
     path = resolve_model(weights, model)
     with WorkerPool(opts.workers) as pool:
         early = {}
-        size = _input_size(path)
+        size = input_size(path)
         if size is not None and not adapt_epochs:
             n = min(len(plan.items), max(8, 2 * pool.workers + (opts.batch or 1)))
             early = {i: pool.submit(prepare, _source(plan.items[i]), *size) for i in range(n)}
@@ -275,23 +275,6 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
                                     log=on_error or print)
         runner = Runner(cropper, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool)
         return runner.run(plan.items, early)
-
-
-def _input_size(path) -> tuple[int, int] | None:
-    """(short_side, max_long_side) from a model file's header, read without torch; None if unreadable."""
-    import json
-    import struct
-
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                return None
-            meta = json.loads(f.read(n)).get("__metadata__", {})
-        cfg = json.loads(meta["smartcrop"]).get("config", {})
-        return int(cfg.get("short_side", 256)), int(cfg.get("max_long_side", 768))
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
-        return None
 
 
 def _source(item: InputItem):

@@ -167,6 +167,23 @@ def save_model(model, path: str | os.PathLike, info: dict | None = None, half: b
     return card
 
 
+def input_size(path) -> tuple[int, int] | None:
+    """(short_side, max_long_side) from a model file's header, read without torch (so photos can be decoded
+    for the model while torch is still being imported); None if unreadable.  Not a validation: load_model is."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                return None
+            meta = json.loads(f.read(n)).get("__metadata__", {})
+        cfg = json.loads(meta["smartcrop"]).get("config", {})
+        return int(cfg.get("short_side", 256)), int(cfg.get("max_long_side", 768))
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
 def read_header(path: str | os.PathLike) -> dict:
     """The JSON header stored in a smartcrop .safetensors file (no tensor is read)."""
     from safetensors import safe_open
