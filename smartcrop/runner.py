@@ -84,7 +84,7 @@ class Runner:
 
     def run(self, items: Sequence[InputItem], prepared: dict | None = None) -> RunSummary:
         """Crop ``items``.  ``prepared`` maps item indices to futures of :func:`~smartcrop.stages.prepare`
-        submitted before the model was loaded (see :func:`start_prepare`)."""
+        submitted before the model was loaded (see :func:`crop_photos`)."""
         from .progress import progress_bar
 
         opts = self.opts
@@ -99,7 +99,7 @@ class Runner:
         summary = RunSummary()
         cfg = self.cropper.config
         batch = opts.batch or (1 if str(getattr(self.cropper, "device", "cpu")) == "cpu" else 16)
-        window = max(8, 2 * pool.workers + batch)
+        window = _window(pool.workers, batch)
         early = dict(prepared or {})
         queue = iter(range(len(items)))
         preps: deque = deque()  # (index, future of prepare)
@@ -255,7 +255,7 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         early = {}
         size = input_size(path)
         if size is not None and not adapt_epochs:
-            n = min(len(plan.items), max(8, 2 * pool.workers + (opts.batch or 1)))
+            n = min(len(plan.items), _window(pool.workers, opts.batch or 1))
             early = {i: pool.submit(prepare, _source(plan.items[i]), *size) for i in range(n)}
         from .cropper import Cropper
 
@@ -275,6 +275,12 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
                                     log=on_error or print)
         runner = Runner(cropper, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool)
         return runner.run(plan.items, early)
+
+
+def _window(workers: int, batch: int) -> int:
+    """Photos in flight (being decoded, waiting to be scored, being written): enough to keep every worker busy
+    while a batch is scored, few enough to keep memory flat."""
+    return max(8, 2 * workers + batch)
 
 
 def _source(item: InputItem):
