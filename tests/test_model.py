@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from smartcrop.model import MobileNetV2, ModelConfig, SACNet, count_parameters  # noqa: E402
-from smartcrop.ops import box_masks, crop_masks, roi_align, rod_align  # noqa: E402
+from smartcrop.ops import box_masks, crop_masks, max_pool, roi_align, rod_align  # noqa: E402
 
 
 def bilinear(feat, u, v):
@@ -173,3 +173,18 @@ def test_bn_stays_frozen_in_train_mode():
     bns = [m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and not any(m.training for m in bns)
     assert net.region_fc.training
+
+
+@pytest.mark.parametrize("shape,k", [((3, 16, 64, 64), 4), ((2, 5, 16, 16), 2), ((1, 2, 10, 12), 4), ((1, 1, 8, 8), 1)])
+def test_max_pool_equals_max_pool2d_and_keeps_its_gradient(shape, k):
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert torch.equal(max_pool(x, k), F.max_pool2d(x, k))
+    x.requires_grad_(True)
+    max_pool(x.relu(), k).sum().backward()  # ties among ReLU zeros: max_pool2d's gradient goes to one of them
+    g = x.grad.clone()
+    x.grad = None
+    F.max_pool2d(x.relu(), k).sum().backward()
+    assert torch.equal(g, x.grad)
