@@ -407,7 +407,30 @@ def train(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        _exit(e.code)
+        raise
+    _exit(0)
+
+
+def _exit(code) -> None:
+    """Leave at once once a command that imported torch is done: Python's own shutdown then spends ~0.35 s
+    tearing torch's modules down (measured on 2 cores: ``import torch`` then exit 1.18 s, with ``os._exit``
+    0.84 s), a third of a one-photo run.  Every output is already complete (written, fsynced, closed) and the
+    worker pool shut down; only the standard streams need flushing.  Not when Ray is loaded (its shutdown hook
+    stops the local cluster) nor for a non-integer exit (a message to print)."""
+    import os
+
+    if "torch" not in sys.modules or "ray" in sys.modules or not (code is None or isinstance(code, int)):
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # e.g. a closed pipe: let the normal exit report it
+        return
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import signal
@@ -926,6 +927,27 @@ def test_stdin_image_with_several_crops_needs_an_output_folder(sw):
 def _cli(args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from smartcrop.cli import main; main()", *args], cwd=ROOT,
                           capture_output=True, timeout=120, **kw)
+
+
+def test_the_real_command_exits_at_once_with_every_byte_and_its_exit_code(sw):
+    """main() leaves through os._exit once torch is loaded (no slow interpreter shutdown): what a pipeline reads
+    must still be whole — the image on stdout, every JSON line, each error line — and the exit code kept."""
+    a, b, _ = three(sw)
+    (sw.src / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    r = _cli(["run", "-", "--ratio", "16:9", "--weights", str(sw.model)], input=a.read_bytes())
+    assert r.returncode == 0 and r.stderr == b""
+    out = sw.root / "folder"
+    r2 = _cli(["run", str(a), "--ratio", "16:9", "--weights", str(sw.model), "-o", str(out)])
+    assert r2.returncode == 0
+    with Image.open(io.BytesIO(r.stdout)) as got, Image.open(out / "p0_16x9.jpg") as want:
+        got.load()  # a truncated JPEG fails here
+        assert got.size == want.size and r.stdout.endswith(b"\xff\xd9")
+    r3 = _cli(["run", str(sw.src), "--ratio", "1:1", "--json", "--weights", str(sw.model), "-o", str(sw.root / "j")])
+    assert r3.returncode == 1
+    records = [json.loads(ln) for ln in r3.stdout.decode().splitlines()]
+    assert sorted(Path(rec["input"]).name for rec in records) == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    assert all(Path(rec["output"]).is_file() for rec in records)
+    assert len(r3.stderr.splitlines()) == 1 and b"bad.jpg" in r3.stderr
 
 
 def test_image_to_a_terminal_is_refused(sw):
