@@ -370,6 +370,9 @@ def train(
     no_saf: bool = typer.Option(False, "--no-saf", help="Without the spatial-aware feature (the basic model)."),
     no_rc: bool = typer.Option(False, "--no-rc", help="Without the rank-consistency loss."),
     fcdb_weight: float = typer.Option(1.0, "--fcdb-weight", help="Weight of the FCDB ranking losses."),
+    ema: float = typer.Option(0.0, "--ema", min=0.0, max=0.99999, metavar="DECAY",
+                              help="Validate and save an exponential moving average of the weights with this "
+                                   "decay per step (e.g. 0.998; 0: off)."),
     fcdb_per_epoch: int = typer.Option(400, "--fcdb-per-epoch", min=0, help="Random FCDB photos per epoch "
                                        "(0: all); GAICD photos are repeated to make up ~35% of the steps."),
     frozen_layers: Optional[int] = typer.Option(None, "--frozen-layers", min=0, max=19, help="Freeze (and cache) "
@@ -396,7 +399,7 @@ def train(
     net, source = build_model(init, backbone, not no_saf, backbone_weights, seed)
     cfg = TrainConfig.for_device(dev, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf, rc=not no_rc,
                                  fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch, frozen_layers=frozen_layers,
-                                 seed=seed)
+                                 seed=seed, ema=ema)
     info = {
         "command": "smartcrop train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "training": {"backbone_init": source, "gaicd": list(gaicd), "fcdb": [str(p) for p in fcdb],

@@ -11,10 +11,12 @@ image and flip and cached in memory (fast on a CPU; photometric jitter is then n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -52,6 +54,7 @@ class TrainConfig:
     rc: bool = True
     mos_mean: float = 2.95  # GAICD MOS normalisation (the GAIC code's figures)
     mos_std: float = 0.8
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
 
     @classmethod
     def for_device(cls, device: str, **overrides) -> "TrainConfig":
@@ -126,6 +129,60 @@ def fcdb_candidates(width: float, height: float, box) -> tuple[np.ndarray, np.nd
     return cands, box_iou_matrix(cands, np.asarray([box]))[:, 0].astype(np.float32)
 
 
+class WeightAverage:
+    """Exponential moving average of a model's trainable weights (``TrainConfig.ema``): after every optimiser
+    step ``avg ← d·avg + (1 − d)·w`` with ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` steps (the usual
+    warm-up, so the first steps' weights do not dominate).  :meth:`swapped` puts the average in the model for
+    validation; :meth:`apply` leaves it there (before saving)."""
+
+    def __init__(self, model, decay: float):
+        self.decay = float(decay)
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
+        self.updates = 0
+
+    def update(self) -> None:
+        import torch
+
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                self.shadow[n].mul_(d).add_(p.detach(), alpha=1 - d)
+
+    def _swap(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, p in self.params.items():
+                tmp = p.detach().clone()
+                p.copy_(self.shadow[n])
+                self.shadow[n].copy_(tmp)
+
+    @contextmanager
+    def swapped(self):
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    def apply(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n])
+
+    def state(self) -> dict:
+        return {"updates": self.updates, "shadow": dict(self.shadow)}
+
+    def load(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        for n, t in state["shadow"].items():
+            self.shadow[n].copy_(t)
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -150,6 +207,7 @@ class Trainer:
             groups.append({"params": bb, "lr": cfg.lr * cfg.backbone_lr_mult})
         self.opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=max(1, cfg.lr_step), gamma=0.1)
+        self.ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
         self.epoch = 0
         self.history: list[dict] = []
 
@@ -258,6 +316,8 @@ class Trainer:
             if use_rc:
                 parts.update(self.consistency_loss(unlabeled[u_order[step % len(unlabeled)]]))
             optimizer_step(self.opt, parts, meter)
+            if self.ema is not None and parts:
+                self.ema.update()
             if bar is not None:
                 bar.advance(1, status=meter.status())
         self.sched.step()
@@ -275,6 +335,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "epoch": self.epoch,
             "history": json.dumps(self.history), "train_config": json.dumps(asdict(self.cfg)),
             "rng": json.dumps(self.rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
+            **({"ema": self.ema.state()} if self.ema is not None else {}),
         }
 
     def save_checkpoint(self, path: str | Path) -> None:
@@ -293,6 +354,10 @@ class Trainer:
         self.history = json.loads(st["history"])
         self.rng.bit_generator.state = json.loads(st["rng"])
         torch.set_rng_state(st["torch_rng"])
+        if self.ema is not None and "ema" in st:
+            self.ema.load(st["ema"])
+        elif self.ema is not None:  # a checkpoint of a run without the average: start it from these weights
+            self.ema = WeightAverage(self.model, self.cfg.ema)
 
 
 def _half(p):
@@ -476,12 +541,15 @@ def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: st
             with progress_bar(len(plan), f"epoch {trainer.epoch + 1}/{cfg.epochs}", progress, status=True) as bar:
                 rec = trainer.train_epoch(plan, unl, bar)
             model.eval()
-            rec["val"] = validate(model, data, device)
+            with trainer.ema.swapped() if trainer.ema is not None else contextlib.nullcontext():
+                rec["val"] = validate(model, data, device)
             trainer.history.append(rec)
             trainer.save_checkpoint(ckpt)
             lf.write(json.dumps(rec) + "\n")
             lf.flush()
             log(_epoch_line(rec))
+    if trainer.ema is not None:
+        trainer.ema.apply()  # the averaged weights are the model
     final = trainer.history[-1] if trainer.history else {}
     card_info = dict(info or {})
     card_info["training"] = dict(card_info.get("training", {}), config=asdict(cfg), epochs_run=trainer.epoch,

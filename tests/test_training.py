@@ -110,3 +110,46 @@ def test_split_validation_is_deterministic_and_disjoint(tiny_gaicd):
     a2, b2 = split_validation(items, 0.34)
     assert [i.name for i in b] == [i.name for i in b2] and len(b) == 1
     assert not {i.name for i in a} & {i.name for i in b}
+
+
+def test_weight_average_follows_the_steps_and_survives_a_resume(tiny_gaicd, tiny_fcdb, tiny_album, tmp_path,
+                                                                 one_thread):
+    """--ema: the average moves towards the trained weights but lags them, it is what validation and the saved
+    model see, and a resumed run carries the same average as an uninterrupted one."""
+    tr = make_trainer(ema=0.9)
+    g, f, u = samples(tr, tiny_gaicd, tiny_fcdb, tiny_album)
+    start = {n: p.detach().clone() for n, p in tr.ema.params.items()}
+    tr.train_epoch(tr.epoch_plan(g, f), u)
+    tr.save_checkpoint(tmp_path / "x.ckpt")
+    tr.train_epoch(tr.epoch_plan(g, f), u)
+    assert tr.ema.updates == 2 * len(tr.epoch_plan(g, f))
+    name = "score_head.2.weight"
+    avg, now, first = tr.ema.shadow[name].clone(), tr.ema.params[name].detach().clone(), start[name]
+    assert not torch.equal(avg, now) and not torch.equal(avg, first)
+    assert (avg - now).norm() < (first - now).norm()  # closer to where training went than where it started
+    with tr.ema.swapped():
+        assert torch.equal(tr.model.state_dict()[name], avg)
+    assert torch.equal(tr.model.state_dict()[name], now)
+
+    tr2 = make_trainer(ema=0.9, seed=5)
+    tr2.load_checkpoint(tmp_path / "x.ckpt")
+    tr2.train_epoch(tr2.epoch_plan(g, f), u)
+    for n, t in tr.ema.shadow.items():
+        assert torch.equal(tr2.ema.shadow[n], t), n
+    tr2.ema.apply()
+    assert torch.equal(tr2.model.state_dict()[name], avg)
+
+
+def test_run_training_saves_the_averaged_weights(tiny_gaicd, tiny_fcdb, tiny_album, tmp_path):
+    from smartcrop.weights import load_model
+
+    data = TrainData(gaicd=read_gaicd(tiny_gaicd, "train"), fcdb=read_fcdb(tiny_fcdb, "train"),
+                     unlabeled=list_images([tiny_album]))
+    saved = {}
+    for ema in (0.0, 0.5):
+        torch.manual_seed(0)
+        net = SACNet(ModelConfig(short_side=64, max_long_side=128))
+        out = tmp_path / f"m{ema}.safetensors"
+        run_training(net, data, TrainConfig(epochs=1, ema=ema), out, log=lambda s: None, progress=False)
+        saved[ema] = load_model(out).state_dict()["score_head.2.weight"]
+    assert not torch.equal(saved[0.0], saved[0.5])
