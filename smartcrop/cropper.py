@@ -92,6 +92,18 @@ class Cropper:
         self.net = net
         self.config = net.config
         self.tta = tta  # also score the mirrored image and average (two backbone passes)
+        self._scorer = None  # net with BatchNorm folded, made at the first scoring (see scorer)
+
+    @property
+    def scorer(self):
+        """The model used for scoring: a copy of :attr:`net` with BatchNorm folded into the convolutions
+        (:func:`~smartcrop.model.fold_batchnorm`), made at the first call.  ``net`` stays as loaded, for
+        fine-tuning and saving; a cropper whose ``net`` was changed after scoring must be made anew."""
+        if self._scorer is None:
+            from .model import fold_batchnorm
+
+            self._scorer = fold_batchnorm(self.net)
+        return self._scorer
 
     # -- low level -------------------------------------------------------------------------------------------
 
@@ -114,6 +126,7 @@ class Cropper:
             fw, fh = full or img.size
             sizes.append(network_size(fw, fh, self.config.short_side, self.config.max_long_side))
         results: list = [None] * len(images)
+        net = self.scorer
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(sizes):
             groups.setdefault(s, []).append(i)
@@ -124,8 +137,8 @@ class Cropper:
                     x = x.pin_memory().to(self.device, non_blocking=True)
                 else:
                     x = x.to(self.device)
-                feats = self.net.image_features(x)
-                feats_m = self.net.image_features(x.flip(-1)) if self.tta else None
+                feats = net.image_features(x)
+                feats_m = net.image_features(x.flip(-1)) if self.tta else None
                 for j, i in enumerate(idx):
                     fw, fh = images[i][1] or images[i][0].size
                     sx, sy = net_w / fw, net_h / fh
@@ -138,10 +151,10 @@ class Cropper:
                             out[key] = np.zeros(0, dtype=np.float32)
                             continue
                         tb = torch.from_numpy(b).to(self.device)
-                        sc = self.net.score_boxes(f, tb)
+                        sc = net.score_boxes(f, tb)
                         if f_m is not None:
                             mirrored = torch.stack([net_w - tb[:, 2], tb[:, 1], net_w - tb[:, 0], tb[:, 3]], dim=1)
-                            sc = (sc + self.net.score_boxes(f_m, mirrored)) / 2
+                            sc = (sc + net.score_boxes(f_m, mirrored)) / 2
                         out[key] = sc.float().cpu().numpy()
                     results[i] = out
         return results

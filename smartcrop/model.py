@@ -308,6 +308,34 @@ class SACNet(nn.Module):
         return self.score_boxes(self.image_features(images), boxes)
 
 
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` for inference in which every BatchNorm that follows a convolution inside a
+    ``Sequential`` is folded into that convolution (weights scaled, bias added) and replaced by an identity.
+
+    The same function in eval mode up to float rounding, 52 fewer operations per backbone pass (measured
+    ~2.5 ms of ~40 ms per photo on one CPU core).  The copy has different parameter names (no BN, conv
+    biases), so it is for scoring only: train, fine-tune and save the original."""
+    import copy
+
+    net = copy.deepcopy(net).eval()
+    with torch.no_grad():
+        for seq in net.modules():
+            if not isinstance(seq, nn.Sequential):
+                continue
+            kids = list(seq._modules.items())
+            for (_, conv), (bn_name, bn) in zip(kids, kids[1:]):
+                if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)) or not bn.track_running_stats:
+                    continue
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                bias = bn.bias - bn.running_mean * scale
+                if conv.bias is not None:
+                    bias = bias + conv.bias * scale
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(bias)
+                seq._modules[bn_name] = nn.Identity()
+    return net
+
+
 def backbone_state(imagenet_state: dict) -> dict:
     """A torchvision-layout MobileNetV2 ``state_dict`` without its classifier, for ``SACNet.backbone``."""
     return {k: v for k, v in imagenet_state.items() if not k.startswith("classifier.")}

@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from smartcrop.model import MobileNetV2, ModelConfig, SACNet, count_parameters  # noqa: E402
+from smartcrop.model import MobileNetV2, ModelConfig, SACNet, count_parameters, fold_batchnorm  # noqa: E402
 from smartcrop.ops import box_masks, crop_masks, max_pool, roi_align, rod_align  # noqa: E402
 
 
@@ -188,3 +188,23 @@ def test_max_pool_equals_max_pool2d_and_keeps_its_gradient(shape, k):
     x.grad = None
     F.max_pool2d(x.relu(), k).sum().backward()
     assert torch.equal(g, x.grad)
+
+
+def test_fold_batchnorm_scores_the_same_without_batchnorm_and_leaves_the_original():
+    torch.manual_seed(0)
+    net = SACNet(ModelConfig()).eval()
+    for m in net.modules():  # BN statistics that are not the identity, so folding has something to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.backbone.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.backbone.modules()) == 52
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    x = torch.rand(1, 3, 96, 128) * 255
+    b = torch.tensor([[0.0, 0.0, 96.0, 72.0], [30.0, 10.0, 128.0, 96.0], [10.0, 10.0, 70.0, 70.0]])
+    with torch.no_grad():
+        want, got = net(x, b), folded(x, b)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got, want)
