@@ -313,11 +313,10 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     ``Sequential`` is folded into that convolution (weights scaled, bias added) and replaced by an identity.
 
     The same function in eval mode up to float rounding, 52 fewer operations per backbone pass (measured
-    ~2.5 ms of ~40 ms per photo on one CPU core).  The copy has different parameter names (no BN, conv
-    biases), so it is for scoring only: train, fine-tune and save the original."""
-    import copy
-
-    net = copy.deepcopy(net).eval()
+    ~2.5 ms of ~40 ms per photo on one CPU core).  The copy shares every tensor it does not change with
+    ``net`` (made in ~10 ms, where a deep copy takes ~90 ms) and has other parameter names (no BN, conv
+    biases): it is for scoring only; train, fine-tune and save the original."""
+    net = _module_tree_copy(net).eval()
     with torch.no_grad():
         for seq in net.modules():
             if not isinstance(seq, nn.Sequential):
@@ -330,10 +329,22 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
                 bias = bn.bias - bn.running_mean * scale
                 if conv.bias is not None:
                     bias = bias + conv.bias * scale
-                conv.weight.mul_(scale.view(-1, 1, 1, 1))
-                conv.bias = nn.Parameter(bias)
+                conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+                conv.bias = nn.Parameter(bias, requires_grad=False)
                 seq._modules[bn_name] = nn.Identity()
     return net
+
+
+def _module_tree_copy(m: nn.Module) -> nn.Module:
+    """A copy of the module tree whose modules, parameter and buffer tables are new but whose tensors are
+    ``m``'s: assigning a tensor in the copy leaves ``m`` as it was."""
+    import copy
+
+    c = copy.copy(m)
+    c._parameters = dict(m._parameters)
+    c._buffers = dict(m._buffers)
+    c._modules = {k: None if v is None else _module_tree_copy(v) for k, v in m._modules.items()}
+    return c
 
 
 def backbone_state(imagenet_state: dict) -> dict:
