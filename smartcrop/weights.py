@@ -17,11 +17,13 @@ finite; BatchNorm variances not negative) before any of it is used.  Every viola
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
+import threading
 from pathlib import Path
 
 from .errors import SmartcropError
@@ -420,6 +422,27 @@ def validate_config(config, path: str | os.PathLike | None = None) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _no_initialisation():
+    """Layers built meanwhile skip their random initialisation: on the meta device it allocates nothing but
+    still runs torch's Python decompositions of ``uniform_`` (measured 60 ms of a 130 ms model load)."""
+    from torch import nn
+
+    classes = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase)
+    with _INIT_LOCK:
+        saved = [(c, c.__dict__["reset_parameters"]) for c in classes]
+        for c in classes:
+            c.reset_parameters = lambda self: None
+        try:
+            yield
+        finally:
+            for c, f in saved:
+                c.reset_parameters = f
+
+
+_INIT_LOCK = threading.Lock()
+
+
 def _skeleton(cfg, path: str | os.PathLike | None = None):
     """``SACNet(cfg)`` on the meta device: every name, shape and dtype, no memory, no random initialisation."""
     import torch
@@ -427,7 +450,7 @@ def _skeleton(cfg, path: str | os.PathLike | None = None):
     from .model import SACNet
 
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _no_initialisation():
             return SACNet(cfg)
     except Exception as e:  # validate_config should have caught it: still one line, not a traceback
         where = f"{path}: " if path is not None else ""
