@@ -257,15 +257,17 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         if size is not None and not adapt_epochs:
             n = min(len(plan.items), _window(pool.workers, opts.batch or 1))
             early = {i: pool.submit(prepare, _source(plan.items[i]), *size) for i in range(n)}
-        from .cropper import Cropper
+        from .cropper import Cropper, resolve_device
 
-        cropper = Cropper(weights=path, device=device)
-        if cropper.device == "cpu" and pool.workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        device = resolve_device(device)
+        if device == "cpu" and pool.workers > 1 and "OMP_NUM_THREADS" not in os.environ:
             # the workers keep every core busy: torch's own threads would only fight them (measured on 2 cores:
-            # 16 photos in 2.9 s with one scoring thread, 12.5 s with two)
+            # 16 photos in 2.9 s with one scoring thread, 12.5 s with two).  Set before the model is loaded,
+            # whose float16 → float32 conversion alone took 48-100 ms with two threads, 10 ms with one.
             import torch
 
             torch.set_num_threads(max(1, usable_cores() // 3))
+        cropper = Cropper(weights=path, device=device)
         if (cropper.config.short_side, cropper.config.max_long_side) != size:
             early = {}  # decoded for another input size
         if adapt_epochs:
