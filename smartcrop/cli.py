@@ -370,6 +370,13 @@ def train(
     no_saf: bool = typer.Option(False, "--no-saf", help="Without the spatial-aware feature (the basic model)."),
     no_rc: bool = typer.Option(False, "--no-rc", help="Without the rank-consistency loss."),
     fcdb_weight: float = typer.Option(1.0, "--fcdb-weight", help="Weight of the FCDB ranking losses."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="Labeled images per optimiser step, equal-sized ones sharing "
+                                                  "one backbone pass. Default: 1 on CPU, 8 on CUDA."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp",
+                                       help="bfloat16 autocast (CUDA only). Default: on with CUDA."),
+    workers: int = typer.Option(0, "--workers", "-j", min=0,
+                                help="Processes decoding the training images (0: one per core, at most 8)."),
     ema: float = typer.Option(0.0, "--ema", min=0.0, max=0.99999, metavar="DECAY",
                               help="Validate and save an exponential moving average of the weights with this "
                                    "decay per step (e.g. 0.998; 0: off)."),
@@ -399,14 +406,14 @@ def train(
     net, source = build_model(init, backbone, not no_saf, backbone_weights, seed)
     cfg = TrainConfig.for_device(dev, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf, rc=not no_rc,
                                  fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch, frozen_layers=frozen_layers,
-                                 seed=seed, ema=ema)
+                                 seed=seed, ema=ema, batch_size=batch_size, amp=amp)
     info = {
         "command": "smartcrop train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "training": {"backbone_init": source, "gaicd": list(gaicd), "fcdb": [str(p) for p in fcdb],
                      "unlabeled": [str(p) for p in unlabeled],
                      "val_gaicd": [it.name for it in data.val_gaicd], "n_val_fcdb": len(data.val_fcdb)},
     }
-    run_training(net, data, cfg, out, dev, resume, info, log=err)
+    run_training(net, data, cfg, out, dev, resume, info, log=err, workers=workers)
 
 
 def main() -> None:

@@ -105,11 +105,15 @@ def _release_free_memory() -> None:
 
 
 class WorkerPool:
-    def __init__(self, workers: int | None = None, pixel_budget: int = DEFAULT_PIXEL_BUDGET):
+    def __init__(self, workers: int | None = None, pixel_budget: int = DEFAULT_PIXEL_BUDGET,
+                 start_method: str | None = None):
+        """``start_method``: multiprocessing's (default ``fork`` on Linux, else ``spawn``); a pool made after
+        torch started its threads (training) asks for ``forkserver``, so no worker is forked from them."""
         self.workers = max(1, workers or usable_cores())
         self._executor = None
         if self.workers > 1:
-            self._ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            self._ctx = multiprocessing.get_context(start_method or ("fork" if sys.platform.startswith("linux")
+                                                                     else "spawn"))
             self._budget = (self._ctx.Condition(), self._ctx.Value("q", 0, lock=False), pixel_budget)
             self._executor = self._new_executor()
 

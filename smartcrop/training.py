@@ -55,12 +55,17 @@ class TrainConfig:
     mos_mean: float = 2.95  # GAICD MOS normalisation (the GAIC code's figures)
     mos_std: float = 0.8
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
+    batch_size: int = 1  # labeled images per optimiser step (and as many unlabeled ones); >1: see size_batches
+    amp: bool = False  # bfloat16 autocast on CUDA (ignored elsewhere)
 
     @classmethod
     def for_device(cls, device: str, **overrides) -> "TrainConfig":
-        """The recipe for ``device``: on a CPU the first 14 backbone layers are frozen and cached (fast); on a
-        GPU the whole network is trained.  ``overrides`` whose value is None keep the recipe's value."""
-        recipe = {"frozen_layers": 14 if device == "cpu" else 0}
+        """The recipe for ``device``: on a CPU the first 14 backbone layers are frozen and cached (fast), one
+        image per step; on a GPU the whole network is trained, 8 images per step (one backbone pass per
+        batch of equal-sized images) in bfloat16 autocast.  ``overrides`` whose value is None keep the
+        recipe's value."""
+        gpu = device.startswith("cuda")
+        recipe = {"frozen_layers": 14 if device == "cpu" else 0, "batch_size": 8 if gpu else 1, "amp": gpu}
         recipe.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**recipe)
 
@@ -183,6 +188,33 @@ class WeightAverage:
             self.shadow[n].copy_(t)
 
 
+def size_batches(plan: Sequence, batch_size: int) -> list[list]:
+    """Split an epoch's ``plan`` into steps of ``batch_size`` samples that share one network input size (so a
+    batch is one backbone pass): samples go, in plan order, into the pending batch of their size, which becomes
+    a step when full; the part-filled ones follow at the end.  Every sample is in exactly one step."""
+    if batch_size <= 1:
+        return [[s] for s in plan]
+    pending: dict = {}
+    steps = []
+    for s in plan:
+        b = pending.setdefault(s.size, [])
+        b.append(s)
+        if len(b) == batch_size:
+            steps.append(b)
+            del pending[s.size]
+    steps.extend(pending.values())
+    return steps
+
+
+def _mean_parts(parts: Sequence[dict], n: int) -> dict:
+    """Per-term sums of several images' loss dicts divided by ``n`` (the batch's mean of per-image losses)."""
+    out: dict = {}
+    for p in parts:
+        for k, v in p.items():
+            out[k] = out[k] + v if k in out else v
+    return {k: v / n for k, v in out.items()}
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -191,6 +223,8 @@ class Trainer:
         import torch
 
         self.torch = torch
+        if device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = False  # input sizes vary: no autotuning per new shape
         self.model = model.to(device)
         self.cfg = cfg
         self.device = device
@@ -248,12 +282,32 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------------------
 
+    def _features_batch(self, samples: Sequence[Sample], flips: Sequence[bool]) -> list:
+        """:meth:`_features` of samples of one network size: one backbone pass for all of them when the
+        backbone is trained end to end (each image flipped and jittered on its own)."""
+        from .transforms import photometric_jitter
+
+        if len(samples) == 1 or samples[0].prefix:
+            return [self._features(s, f) for s, f in zip(samples, flips)]
+        xs = []
+        for s, flip in zip(samples, flips):
+            x = s.image.float().unsqueeze(0).to(self.device, non_blocking=True)
+            if flip:
+                x = x.flip(-1)
+            if self.cfg.jitter > 0:
+                x = photometric_jitter(x, self.cfg.jitter, self.rng)
+            xs.append(x)
+        feats = self.model.image_features(self.torch.cat(xs))
+        return [feats.select(j) for j in range(len(samples))]
+
     def labeled_loss(self, s: Sample):
+        flip = bool(self.rng.random() < 0.5)
+        return self._labeled_loss(s, flip, self._features(s, flip))
+
+    def _labeled_loss(self, s: Sample, flip: bool, feats):
         from .losses import fcdb_loss, gaicd_loss
 
         cfg = self.cfg
-        flip = bool(self.rng.random() < 0.5)
-        feats = self._features(s, flip)
         boxes = flip_boxes(s.boxes, s.size[0]) if flip else s.boxes
         n = len(boxes)
         k = cfg.crops_per_image if s.kind == "gaicd" else cfg.fcdb_crops
@@ -272,11 +326,13 @@ class Trainer:
                          mode=cfg.fcdb_loss, image_ious=s.targets)
 
     def consistency_loss(self, s: Sample):
+        flip = bool(self.rng.random() < 0.5)
+        return self._consistency_loss(s, self._features(s, flip))
+
+    def _consistency_loss(self, s: Sample, feats):
         from .losses import rank_consistency
 
         cfg = self.cfg
-        flip = bool(self.rng.random() < 0.5)
-        feats = self._features(s, flip)
         anchors = gaic_anchors(*s.size)
         if len(anchors) < 2:  # e.g. extreme panoramas: no pair to compare
             return {}
@@ -303,26 +359,57 @@ class Trainer:
         order = self.rng.permutation(len(plan))
         return [plan[i] for i in order]
 
+    def batch_loss(self, labeled: Sequence[Sample], unlabeled: Sequence[Sample]) -> dict:
+        """Loss terms of one step over several labeled images of one size (one backbone pass) and as many
+        unlabeled ones (one pass per size): each term is the mean over the batch of the per-image losses."""
+        flips = [bool(self.rng.random() < 0.5) for _ in labeled]
+        feats = self._features_batch(labeled, flips)
+        parts = _mean_parts([self._labeled_loss(s, f, ft) for s, f, ft in zip(labeled, flips, feats)], len(labeled))
+        if unlabeled:
+            by_size: dict = {}
+            for s in unlabeled:
+                by_size.setdefault(s.size, []).append(s)
+            rc = []
+            for group in by_size.values():
+                u_flips = [bool(self.rng.random() < 0.5) for _ in group]
+                rc += [self._consistency_loss(s, ft) for s, ft in zip(group, self._features_batch(group, u_flips))]
+            parts.update(_mean_parts(rc, len(unlabeled)))
+        return parts
+
+    def _autocast(self):
+        if self.cfg.amp and str(self.device).startswith("cuda"):
+            return self.torch.autocast("cuda", dtype=self.torch.bfloat16)
+        return contextlib.nullcontext()
+
     def train_epoch(self, plan: Sequence[Sample], unlabeled: Sequence[Sample], bar=None) -> dict:
-        """One pass over ``plan`` (from :meth:`epoch_plan`), each step paired with an unlabeled photo.
+        """One pass over ``plan`` (from :meth:`epoch_plan`), each labeled image paired with an unlabeled photo;
+        ``batch_size`` labeled images per step (:func:`size_batches`).
 
         The caller puts the model in training mode (see :func:`run_training`)."""
         use_rc = self.cfg.rc and self.cfg.rc_weight > 0 and len(unlabeled) > 0
         u_order = self.rng.permutation(len(unlabeled)) if use_rc else []
         meter = LossMeter()
         t0 = time.time()
-        for step, s in enumerate(plan):
-            parts = self.labeled_loss(s)
-            if use_rc:
-                parts.update(self.consistency_loss(unlabeled[u_order[step % len(unlabeled)]]))
+        steps = size_batches(plan, self.cfg.batch_size)
+        done = 0  # labeled images so far: the k-th is paired with unlabeled photo u_order[k]
+        for batch in steps:
+            with self._autocast():
+                if self.cfg.batch_size <= 1:  # the one-image recipe, exactly as it always ran
+                    parts = self.labeled_loss(batch[0])
+                    if use_rc:
+                        parts.update(self.consistency_loss(unlabeled[u_order[done % len(unlabeled)]]))
+                else:
+                    u = [unlabeled[u_order[(done + k) % len(unlabeled)]] for k in range(len(batch))] if use_rc else []
+                    parts = self.batch_loss(batch, u)
+            done += len(batch)
             optimizer_step(self.opt, parts, meter)
             if self.ema is not None and parts:
                 self.ema.update()
             if bar is not None:
-                bar.advance(1, status=meter.status())
+                bar.advance(len(batch), status=meter.status())
         self.sched.step()
         self.epoch += 1
-        rec = {"epoch": self.epoch, "steps": len(plan), "seconds": round(time.time() - t0, 1),
+        rec = {"epoch": self.epoch, "steps": len(steps), "images": len(plan), "seconds": round(time.time() - t0, 1),
                "lr": self.opt.param_groups[0]["lr"], "loss": meter.means()}
         return rec
 
@@ -398,8 +485,22 @@ def split_validation(items: list, fraction: float) -> tuple[list, list]:
     return [it for it in items if it.name not in names], val
 
 
-def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None], progress=None) -> tuple:
-    from .imageio import ImageError, load_image
+def _decode_for_training(path, short_side: int):
+    """Worker task of :func:`prepare_samples`: ``(PIL image decoded at about the network size, full size)``."""
+    from .imageio import load_image
+
+    li = load_image(path, target_short_side=short_side)
+    return li.image, li.full_size
+
+
+def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None], progress=None,
+                    workers: int = 1) -> tuple:
+    """Decode and prepare every training image (``Trainer.prepare``); with ``workers > 1`` the decodes run in
+    that many worker processes while this one prepares (order and results are the same)."""
+    from collections import deque
+
+    from .imageio import ImageError
+    from .pool import WorkerPool
     from .progress import progress_bar
     from .transforms import normalize_mos
 
@@ -408,26 +509,48 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
            [("unlabeled", p) for p in data.unlabeled]
     out = {"gaicd": [], "fcdb": [], "unlabeled": []}
     skipped = 0
-    with progress_bar(len(jobs), "preparing images", progress) as bar:
-        for kind, it in jobs:
-            path = it if kind == "unlabeled" else it.image_path
-            try:
-                li = load_image(path, target_short_side=short)
-            except ImageError as e:
-                log(f"warning: skipping {path}: {e}")
-                skipped += 1
+    pool = WorkerPool(workers, start_method="forkserver") if workers > 1 else None
+    try:
+        with progress_bar(len(jobs), "preparing images", progress) as bar:
+            pending: deque = deque()
+            todo = iter(jobs)
+            while True:
+                while pool is not None and len(pending) < 4 * pool.workers:
+                    job = next(todo, None)
+                    if job is None:
+                        break
+                    path = job[1] if job[0] == "unlabeled" else job[1].image_path
+                    pending.append((job, pool.submit(_decode_for_training, path, short)))
+                if pool is not None:
+                    if not pending:
+                        break
+                    (kind, it), fut = pending.popleft()
+                else:
+                    job = next(todo, None)
+                    if job is None:
+                        break
+                    (kind, it), fut = job, None
+                path = it if kind == "unlabeled" else it.image_path
+                try:
+                    image, full_size = fut.result() if fut is not None else _decode_for_training(path, short)
+                except ImageError as e:
+                    log(f"warning: skipping {path}: {e}")
+                    skipped += 1
+                    bar.advance()
+                    continue
+                if kind == "gaicd":
+                    mos = normalize_mos(it.mos, trainer.cfg.mos_mean, trainer.cfg.mos_std)
+                    s = trainer.prepare(kind, it.name, image, full_size, it.boxes, mos)
+                elif kind == "fcdb":
+                    boxes, ious = fcdb_candidates(full_size[0], full_size[1], it.box)
+                    s = trainer.prepare(kind, it.name, image, full_size, boxes, ious)
+                else:
+                    s = trainer.prepare(kind, Path(path).name, image, full_size)
+                out[kind].append(s)
                 bar.advance()
-                continue
-            if kind == "gaicd":
-                mos = normalize_mos(it.mos, trainer.cfg.mos_mean, trainer.cfg.mos_std)
-                s = trainer.prepare(kind, it.name, li.image, li.full_size, it.boxes, mos)
-            elif kind == "fcdb":
-                boxes, ious = fcdb_candidates(li.full_size[0], li.full_size[1], it.box)
-                s = trainer.prepare(kind, it.name, li.image, li.full_size, boxes, ious)
-            else:
-                s = trainer.prepare(kind, Path(path).name, li.image, li.full_size)
-            out[kind].append(s)
-            bar.advance()
+    finally:
+        if pool is not None:
+            pool.close(cancel=True)
     return out["gaicd"], out["fcdb"], out["unlabeled"], skipped
 
 
@@ -503,8 +626,10 @@ def validate(model, data: TrainData, device: str) -> dict:
 
 def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: str = "cpu",
                  resume: Path | None = None, info: dict | None = None, log: Callable[[str], None] = print,
-                 progress: bool | None = None) -> dict:
+                 progress: bool | None = None, workers: int = 0) -> dict:
     """Train ``model`` on ``data``; checkpoint every epoch to ``OUT.ckpt``, log to ``OUT.log.jsonl``, save ``OUT``.
+
+    ``workers``: processes decoding the training images (0: one per usable core, at most 8; 1: none).
 
     The global RNGs are seeded here (from ``cfg.seed``), and the model's train/eval mode is switched here only:
     eval while images are prepared and during validation, train for each epoch, eval when done.
@@ -523,7 +648,11 @@ def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: st
         log(f"resumed from {resume} after epoch {trainer.epoch}")
     t0 = time.time()
     model.eval()
-    gaicd, fcdb, unl, skipped = prepare_samples(trainer, data, log, progress)
+    if workers <= 0:
+        from .pool import usable_cores
+
+        workers = min(8, usable_cores())
+    gaicd, fcdb, unl, skipped = prepare_samples(trainer, data, log, progress, workers)
     prep_s = time.time() - t0
     log(f"prepared {len(gaicd)} GAICD, {len(fcdb)} FCDB, {len(unl)} unlabeled images in {prep_s:.0f} s"
         + (f" ({skipped} skipped)" if skipped else ""))

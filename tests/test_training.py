@@ -6,7 +6,7 @@ torch = pytest.importorskip("torch")
 from smartcrop.data import list_images, read_fcdb, read_gaicd  # noqa: E402
 from smartcrop.model import ModelConfig, SACNet  # noqa: E402
 from smartcrop.training import (TrainConfig, TrainData, Trainer, fcdb_candidates, prepare_samples,  # noqa: E402
-                                run_training, split_validation)
+                                run_training, size_batches, split_validation)
 
 
 def make_trainer(frozen=14, seed=0, **kw):
@@ -100,6 +100,9 @@ def test_fcdb_candidates_include_the_expert_box():
 def test_config_for_device_freezes_the_prefix_on_cpu_only():
     assert TrainConfig.for_device("cpu").frozen_layers == 14
     assert TrainConfig.for_device("cuda").frozen_layers == 0
+    cpu, gpu = TrainConfig.for_device("cpu"), TrainConfig.for_device("cuda")
+    assert (cpu.batch_size, cpu.amp) == (1, False) and (gpu.batch_size, gpu.amp) == (8, True)
+    assert TrainConfig.for_device("cuda", batch_size=2, amp=False).batch_size == 2
     assert TrainConfig.for_device("cuda", frozen_layers=5, epochs=None).frozen_layers == 5
     assert TrainConfig.for_device("cuda", epochs=None).epochs == TrainConfig().epochs
 
@@ -153,3 +156,57 @@ def test_run_training_saves_the_averaged_weights(tiny_gaicd, tiny_fcdb, tiny_alb
         run_training(net, data, TrainConfig(epochs=1, ema=ema), out, log=lambda s: None, progress=False)
         saved[ema] = load_model(out).state_dict()["score_head.2.weight"]
     assert not torch.equal(saved[0.0], saved[0.5])
+
+
+def test_size_batches_group_equal_sizes_and_keep_every_sample_once():
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    plan = [SimpleNamespace(size=[(256, 384), (384, 256), (256, 341)][int(k)], id=i)
+            for i, k in enumerate(rng.integers(0, 3, 50))]
+    assert [b[0].id for b in size_batches(plan, 1)] == list(range(50))
+    steps = size_batches(plan, 4)
+    assert sorted(s.id for b in steps for s in b) == list(range(50))
+    assert all(len({s.size for s in b}) == 1 and 1 <= len(b) <= 4 for b in steps)
+    assert sum(len(b) < 4 for b in steps) <= 3  # only the last part-filled batch of each size
+    for b in steps:
+        assert [s.id for s in b] == sorted(s.id for s in b)  # plan order kept inside a batch
+
+
+def test_batched_end_to_end_steps_share_one_backbone_pass(tiny_gaicd, tiny_fcdb, tiny_album, one_thread):
+    """batch_size > 1 (the GPU recipe): images of one size go through the backbone together, each loss term is
+    the batch mean, and one epoch trains every part."""
+    tr = make_trainer(frozen=0, batch_size=3)
+    g, f, u = samples(tr, tiny_gaicd, tiny_fcdb, tiny_album)
+    for s in g + f + u:  # one network size for all, so that batches fill up
+        s.size = (64, 64)
+        s.image = s.image[:, :64, :64].contiguous()
+        if s.boxes is not None:
+            s.boxes = np.clip(s.boxes, 0, 64)
+            s.boxes[:, 2:] = np.maximum(s.boxes[:, 2:], s.boxes[:, :2] + 8)
+    passes = []
+    orig = tr.model.image_features
+    tr.model.image_features = lambda x: passes.append(x.shape[0]) or orig(x)
+    plan = tr.epoch_plan(g, f)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.model.train()
+    rec = tr.train_epoch(plan, u)
+    assert rec["images"] == len(plan) and rec["steps"] == -(-len(plan) // 3)
+    assert max(passes) == 3 and sum(passes) == 2 * len(plan)  # labeled and unlabeled images, batched
+    assert all(np.isfinite(v) for v in rec["loss"].values()) and {"reg", "rc"} <= set(rec["loss"])
+    changed = {n.split(".")[0] for n, p in tr.model.named_parameters() if not torch.equal(p, before[n])}
+    assert {"backbone", "region_fc", "score_head"} <= changed
+
+
+def test_prepare_samples_in_worker_processes_gives_the_same_samples(tiny_gaicd, tiny_fcdb, tiny_album):
+    data = TrainData(gaicd=read_gaicd(tiny_gaicd, "train"), fcdb=read_fcdb(tiny_fcdb, "train"),
+                     unlabeled=list_images([tiny_album]))
+    runs = []
+    for workers in (1, 2):
+        tr = make_trainer()
+        runs.append(prepare_samples(tr, data, lambda s: None, progress=False, workers=workers))
+    (g1, f1, u1, sk1), (g2, f2, u2, sk2) = runs
+    assert sk1 == sk2 == 1
+    for a, b in zip(g1 + f1 + u1, g2 + f2 + u2):
+        assert (a.kind, a.name, a.size) == (b.kind, b.name, b.size)
+        assert torch.equal(a.prefix[0].x, b.prefix[0].x) and torch.equal(a.prefix[1].x, b.prefix[1].x)
