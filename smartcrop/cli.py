@@ -253,12 +253,17 @@ def run(
         raise typer.Exit(1)
 
     def on_record(rec):
-        if as_json:
-            print(json.dumps(rec.to_json()), flush=True)
-        elif dry_run:
-            from .imageio import safe_name
+        from .errors import StreamError
+        from .imageio import safe_name
 
-            print(f"{safe_name(rec.input)}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}", flush=True)
+        try:
+            if as_json:
+                print(json.dumps(rec.to_json()), flush=True)
+            elif dry_run:
+                print(f"{safe_name(rec.input)}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}",
+                      flush=True)
+        except OSError as e:  # e.g. `| head -1` closed the pipe, or a full disk behind `> file`
+            raise StreamError(e) from None
 
     with _sigterm_as_interrupt() as term:
         try:
@@ -435,11 +440,11 @@ def _exit(code) -> None:
 
     if "torch" not in sys.modules or "ray" in sys.modules or not (code is None or isinstance(code, int)):
         return
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):  # e.g. a closed pipe: let the normal exit report it
-        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or full disk (already reported): nothing more can go there
+            pass
     os._exit(code or 0)
 
 

@@ -28,3 +28,11 @@ class UsageError(SmartcropError):
 
 class DeviceError(UsageError):
     """The requested compute device does not exist on this machine."""
+
+
+class StreamError(SmartcropError):
+    """Standard output cannot take what smartcrop writes there (a closed pipe, a full disk): the run stops."""
+
+    def __init__(self, err: OSError) -> None:
+        super().__init__(f"cannot write to standard output ({err.strerror or err}): stopped; the files already "
+                         "written are complete")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import UsageError, one_line
+from .errors import StreamError, UsageError, one_line
 from .inputs import InputItem
 from .naming import OutputNamer, output_ext
 from .plan import RunOptions
@@ -138,8 +138,11 @@ class Runner:
                 for rec, w in zip([r for r in recs if r.skipped is None], done):
                     rec.box, rec.output, rec.lossless = list(w.box), w.output, w.lossless
                     if w.data is not None:
-                        sys.stdout.buffer.write(w.data)
-                        sys.stdout.buffer.flush()
+                        try:
+                            sys.stdout.buffer.write(w.data)
+                            sys.stdout.buffer.flush()
+                        except OSError as e:
+                            raise StreamError(e) from None
                         rec.output = "-"
                 for rec in recs:
                     if rec.skipped:

@@ -950,6 +950,28 @@ def test_the_real_command_exits_at_once_with_every_byte_and_its_exit_code(sw):
     assert len(r3.stderr.splitlines()) == 1 and b"bad.jpg" in r3.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a stdout whose disk is full)")
+@pytest.mark.parametrize("args", [["--json"], ["--dry-run"], ["-"]])
+def test_stdout_that_cannot_be_written_stops_the_run_with_one_line(sw, args):
+    """JSON lines, dry-run lines or an image to a full stdout: one line naming standard output, exit 2, no
+    traceback, every file written is complete and no temporary file is left."""
+    a, *_ = three(sw)
+    out = sw.root / "o"
+    cmd = ["run", *(["-"] if args == ["-"] else [str(sw.src), *args, "-o", str(out)]), "--ratio", "16:9",
+           "--weights", str(sw.model)]
+    with open("/dev/full", "wb") as full, open(a, "rb") as stdin:
+        r = subprocess.run([sys.executable, "-c", "from smartcrop.cli import main; main()", *cmd], stdout=full,
+                           stdin=stdin, stderr=subprocess.PIPE, cwd=ROOT, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.decode().splitlines() == [
+        "smartcrop: cannot write to standard output (No space left on device): stopped; the files already "
+        "written are complete"]
+    for f in out.rglob("*") if out.exists() else []:
+        assert not f.name.startswith(".smartcrop-")
+        with Image.open(f) as im:
+            im.load()
+
+
 def test_image_to_a_terminal_is_refused(sw):
     pty = pytest.importorskip("pty")
     a, *_ = three(sw)
