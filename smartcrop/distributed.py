@@ -890,14 +890,19 @@ def _count_and_print(row: dict, summary, opts, as_json: bool, out) -> None:
         summary.skipped += 1
     elif not opts.dry_run:
         summary.written += 1
-    if as_json:
-        line = rec.to_json()
-        if row["score"] is None:  # skipped before decoding: no box was computed
-            line.update(box=None, score=None, size=None)
-        print(json.dumps(line), file=out, flush=True)
-    elif opts.dry_run:
-        print(f"{safe_name(rec.input)}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}", file=out,
-              flush=True)
+    try:
+        if as_json:
+            line = rec.to_json()
+            if row["score"] is None:  # skipped before decoding: no box was computed
+                line.update(box=None, score=None, size=None)
+            print(json.dumps(line), file=out, flush=True)
+        elif opts.dry_run:
+            print(f"{safe_name(rec.input)}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}", file=out,
+                  flush=True)
+    except OSError as e:  # a closed pipe or a full disk behind stdout: the run stops (as the local engine does)
+        from .errors import StreamError
+
+        raise StreamError(e) from None
 
 
 def run_command(engine: str, inputs: Sequence[str], *, address: str | None = None, from_file: str | None = None,
