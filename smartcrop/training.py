@@ -56,16 +56,19 @@ class TrainConfig:
     mos_std: float = 0.8
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
     batch_size: int = 1  # labeled images per optimiser step (and as many unlabeled ones); >1: see size_batches
+    size_step: int = 0  # with batch_size > 1: network sizes rounded to multiples of this, so batches fill up
     amp: bool = False  # bfloat16 autocast on CUDA (ignored elsewhere)
 
     @classmethod
     def for_device(cls, device: str, **overrides) -> "TrainConfig":
         """The recipe for ``device``: on a CPU the first 14 backbone layers are frozen and cached (fast), one
         image per step; on a GPU the whole network is trained, 8 images per step (one backbone pass per
-        batch of equal-sized images) in bfloat16 autocast.  ``overrides`` whose value is None keep the
+        batch of equal-sized images; sizes rounded to multiples of 16, so the 2,705 photos of ../shared fall
+        into 39 sizes instead of 332, at most 3 % anisotropic stretch) in bfloat16 autocast.  ``overrides`` whose value is None keep the
         recipe's value."""
         gpu = device.startswith("cuda")
-        recipe = {"frozen_layers": 14 if device == "cpu" else 0, "batch_size": 8 if gpu else 1, "amp": gpu}
+        recipe = {"frozen_layers": 14 if device == "cpu" else 0, "batch_size": 8 if gpu else 1, "amp": gpu,
+                  "size_step": 16 if gpu else 0}
         recipe.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**recipe)
 
@@ -254,6 +257,9 @@ class Trainer:
         torch = self.torch
         cfg_m = self.model.config
         w, h = network_size(full_size[0], full_size[1], cfg_m.short_side, cfg_m.max_long_side)
+        step = self.cfg.size_step
+        if step > 0 and self.cfg.batch_size > 1:  # fewer distinct sizes: fuller batches (see size_batches)
+            w, h = (max(step, int(round(v / step)) * step) for v in (w, h))
         x = image_tensor(pil_image, (w, h))
         if boxes is not None:
             boxes = scale_boxes(boxes, w / full_size[0], h / full_size[1])

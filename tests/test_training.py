@@ -101,7 +101,8 @@ def test_config_for_device_freezes_the_prefix_on_cpu_only():
     assert TrainConfig.for_device("cpu").frozen_layers == 14
     assert TrainConfig.for_device("cuda").frozen_layers == 0
     cpu, gpu = TrainConfig.for_device("cpu"), TrainConfig.for_device("cuda")
-    assert (cpu.batch_size, cpu.amp) == (1, False) and (gpu.batch_size, gpu.amp) == (8, True)
+    assert (cpu.batch_size, cpu.amp, cpu.size_step) == (1, False, 0)
+    assert (gpu.batch_size, gpu.amp, gpu.size_step) == (8, True, 16)
     assert TrainConfig.for_device("cuda", batch_size=2, amp=False).batch_size == 2
     assert TrainConfig.for_device("cuda", frozen_layers=5, epochs=None).frozen_layers == 5
     assert TrainConfig.for_device("cuda", epochs=None).epochs == TrainConfig().epochs
@@ -210,3 +211,20 @@ def test_prepare_samples_in_worker_processes_gives_the_same_samples(tiny_gaicd, 
     for a, b in zip(g1 + f1 + u1, g2 + f2 + u2):
         assert (a.kind, a.name, a.size) == (b.kind, b.name, b.size)
         assert torch.equal(a.prefix[0].x, b.prefix[0].x) and torch.equal(a.prefix[1].x, b.prefix[1].x)
+
+
+def test_size_step_rounds_network_sizes_and_scales_boxes_with_them(tiny_gaicd, tiny_fcdb, tiny_album):
+    tr = make_trainer(frozen=0, batch_size=4, size_step=16)
+    g, f, u = samples(tr, tiny_gaicd, tiny_fcdb, tiny_album)
+    exact = make_trainer(frozen=0)
+    g1, _, _ = samples(exact, tiny_gaicd, tiny_fcdb, tiny_album)
+    assert any(s.size != s1.size for s, s1 in zip(g, g1))  # the exact sizes are not all multiples of 16
+    for s, s1 in zip(g + f + u, g1 + [None] * 99):
+        assert s.size[0] % 16 == 0 and s.size[1] % 16 == 0 and tuple(s.image.shape[1:]) == (s.size[1], s.size[0])
+        if s.boxes is not None:
+            assert (s.boxes >= 0).all() and (s.boxes[:, [0, 2]] <= s.size[0] + 1e-3).all()
+            assert (s.boxes[:, [1, 3]] <= s.size[1] + 1e-3).all()
+        if s1 is not None:  # the same boxes, relative to the image
+            rel = s.boxes / np.array([s.size[0], s.size[1]] * 2)
+            rel1 = s1.boxes / np.array([s1.size[0], s1.size[1]] * 2)
+            assert np.allclose(rel, rel1, atol=1e-5)
