@@ -64,8 +64,8 @@ class TrainConfig:
         """The recipe for ``device``: on a CPU the first 14 backbone layers are frozen and cached (fast), one
         image per step; on a GPU the whole network is trained, 8 images per step (one backbone pass per
         batch of equal-sized images; sizes rounded to multiples of 16, so the 2,705 photos of ../shared fall
-        into 39 sizes instead of 332, at most 3 % anisotropic stretch) in bfloat16 autocast.  ``overrides`` whose value is None keep the
-        recipe's value."""
+        into 39 sizes instead of 332, at most 3 % anisotropic stretch) in bfloat16 autocast.  ``overrides``
+        whose value is None keep the recipe's value."""
         gpu = device.startswith("cuda")
         recipe = {"frozen_layers": 14 if device == "cpu" else 0, "batch_size": 8 if gpu else 1, "amp": gpu,
                   "size_step": 16 if gpu else 0}
@@ -504,6 +504,7 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
     """Decode and prepare every training image (``Trainer.prepare``); with ``workers > 1`` the decodes run in
     that many worker processes while this one prepares (order and results are the same)."""
     from collections import deque
+    from concurrent.futures import BrokenExecutor
 
     from .imageio import ImageError
     from .pool import WorkerPool
@@ -538,7 +539,10 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
                     (kind, it), fut = job, None
                 path = it if kind == "unlabeled" else it.image_path
                 try:
-                    image, full_size = fut.result() if fut is not None else _decode_for_training(path, short)
+                    try:
+                        image, full_size = fut.result() if fut is not None else _decode_for_training(path, short)
+                    except BrokenExecutor:  # its worker died (e.g. killed for memory): once more, here
+                        image, full_size = _decode_for_training(path, short)
                 except ImageError as e:
                     log(f"warning: skipping {path}: {e}")
                     skipped += 1
