@@ -340,42 +340,41 @@ def test_a_dying_worker_is_replaced_and_its_photos_retried(tmp_path, small_model
 def test_workers_keep_freed_memory_for_the_next_photo():
     """After keep_freed_memory() (done in every worker), a photo-sized buffer comes from the heap, which is kept
     for the next photo, instead of a fresh mapping unmapped again when freed (glibc's mallinfo2: hblkhd is the
-    memory held in such mappings)."""
+    memory held in such mappings).  Each case in a fresh interpreter: glibc's threshold moves with a process's
+    history."""
     import ctypes
-    import multiprocessing
+    import subprocess
+    import sys
 
     try:
         ctypes.CDLL("libc.so.6").mallinfo2
     except (OSError, AttributeError):
         pytest.skip("not glibc 2.33 or later: the setting and the check are glibc's")
-    ctx = multiprocessing.get_context("fork")
     mapped = {}
-    for tune in (False, True):  # a fresh process each: the setting lasts for the process
-        with ctx.Pool(1) as p:
-            mapped[tune] = p.apply(_mapped_bytes_while_holding_a_photo, (tune,))
+    for tune in (False, True):
+        r = subprocess.run([sys.executable, "-c", _MAPPED_WHILE_HOLDING_A_PHOTO, str(int(tune))], capture_output=True,
+                           text=True, timeout=60, check=True)
+        mapped[tune] = int(r.stdout)
     assert mapped[False] >= 24 << 20 and mapped[True] < 1 << 20, mapped
 
 
-def _mapped_bytes_while_holding_a_photo(tune: bool) -> int:
-    import ctypes
+_MAPPED_WHILE_HOLDING_A_PHOTO = """
+import ctypes, sys
+from smartcrop.pool import keep_freed_memory
 
-    from smartcrop.pool import keep_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")]
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype = ctypes.c_void_p
-    libc.malloc.argtypes = [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    libc.mallinfo2.restype = MallInfo2
-    if tune:
-        assert keep_freed_memory()
-    before = libc.mallinfo2().hblkhd  # mappings inherited from the parent
-    buf = libc.malloc(24 << 20)  # a 12 MP photo's luminance coefficients
-    try:
-        return libc.mallinfo2().hblkhd - before
-    finally:
-        libc.free(buf)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "1":
+    assert keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+buf = libc.malloc(24 << 20)  # a 12 MP photo's luminance coefficients
+print(libc.mallinfo2().hblkhd - before)
+libc.free(buf)
+"""
