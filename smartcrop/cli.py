@@ -374,7 +374,7 @@ def train(
     lr_step: int = typer.Option(4, "--lr-step", help="Multiply the learning rate by 0.1 after this many epochs."),
     no_saf: bool = typer.Option(False, "--no-saf", help="Without the spatial-aware feature (the basic model)."),
     no_rc: bool = typer.Option(False, "--no-rc", help="Without the rank-consistency loss."),
-    fcdb_weight: float = typer.Option(1.0, "--fcdb-weight", help="Weight of the FCDB ranking losses."),
+    fcdb_weight: float = typer.Option(0.5, "--fcdb-weight", help="Weight of the FCDB ranking losses."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
                                              help="Labeled images per optimiser step, equal-sized ones sharing "
                                                   "one backbone pass. Default: 1 on CPU, 8 on CUDA."),

@@ -37,7 +37,7 @@ class TrainConfig:
     pairs_per_image: int = 256  # P
     eta: float = 0.5  # MOS gap of the pairs used by L_cls
     lambda_cls: float = 1.0
-    fcdb_weight: float = 1.0
+    fcdb_weight: float = 0.5  # the shipped recipe since issue 11 (1.0 before: docs/results.md)
     fcdb_tau: float = 0.2  # IoU gap of the FCDB pairs
     fcdb_margin: float = 0.25  # margin of the FCDB ranking loss, in normalised MOS units
     fcdb_crops: int = 32
