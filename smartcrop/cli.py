@@ -431,7 +431,7 @@ def main() -> None:
 
 
 def _exit(code) -> None:
-    """Leave at once once a command that imported torch is done: Python's own shutdown then spends ~0.35 s
+    """Leave at once when a command that imported torch is done: Python's own shutdown would spend ~0.35 s
     tearing torch's modules down (measured on 2 cores: ``import torch`` then exit 1.18 s, with ``os._exit``
     0.84 s), a third of a one-photo run.  Every output is already complete (written, fsynced, closed) and the
     worker pool shut down; only the standard streams need flushing.  Not when Ray is loaded (its shutdown hook

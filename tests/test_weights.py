@@ -492,3 +492,29 @@ def test_models_written_with_the_imagenet_classifier_still_load(tmp_path, parts)
     assert not hasattr(net.backbone, "classifier")
     refused(write_model(tmp_path / "other.safetensors", dict(state, **{"backbone.extra.weight": torch.zeros(3)}),
                         header), "unexpected", "backbone.extra.weight")
+
+
+def test_skipped_initialisation_is_limited_to_the_loading_thread():
+    """Model loading builds its skeleton without random initialisation; a layer another thread builds
+    meanwhile is initialised as usual (the same weights as outside, for the same seed)."""
+    import threading
+
+    from smartcrop.weights import _no_initialisation
+
+    torch.manual_seed(0)
+    want = torch.nn.Linear(16, 8).weight.detach().clone()
+    got = {}
+
+    def build():
+        torch.manual_seed(0)
+        got["w"] = torch.nn.Linear(16, 8).weight.detach().clone()
+
+    with _no_initialisation():
+        th = threading.Thread(target=build)
+        th.start()
+        th.join()
+        skipped = torch.nn.Linear(16, 8)  # this thread: not initialised (whatever memory held)
+    assert torch.equal(got["w"], want)
+    torch.manual_seed(0)
+    assert torch.equal(torch.nn.Linear(16, 8).weight, want)  # and after the block, as before
+    assert skipped.weight.shape == (8, 16)
