@@ -253,17 +253,7 @@ def run(
         raise typer.Exit(1)
 
     def on_record(rec):
-        from .errors import StreamError
-        from .imageio import safe_name
-
-        try:
-            if as_json:
-                print(json.dumps(rec.to_json()), flush=True)
-            elif dry_run:
-                print(f"{safe_name(rec.input)}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}",
-                      flush=True)
-        except OSError as e:  # e.g. `| head -1` closed the pipe, or a full disk behind `> file`
-            raise StreamError(e) from None
+        rec.print(as_json=as_json, dry_run=dry_run)
 
     with _sigterm_as_interrupt() as term:
         try:

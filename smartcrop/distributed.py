@@ -881,7 +881,6 @@ def _plan_uris(inputs, names, out, report, errors, *, recursive=False, ratios=()
 
 def _count_and_print(row: dict, summary, opts, as_json: bool, out) -> None:
     """One crop row of the CLI: counted, and printed as the local engine prints its records."""
-    from .imageio import safe_name
     from .runner import CropRecord
 
     rec = CropRecord(row["input"], row["output"], row["ratio"], row["box"], row["score"] or 0.0, row["size"],
@@ -890,19 +889,10 @@ def _count_and_print(row: dict, summary, opts, as_json: bool, out) -> None:
         summary.skipped += 1
     elif not opts.dry_run:
         summary.written += 1
-    try:
-        if as_json:
-            line = rec.to_json()
-            if row["score"] is None:  # skipped before decoding: no box was computed
-                line.update(box=None, score=None, size=None)
-            print(json.dumps(line), file=out, flush=True)
-        elif opts.dry_run:
-            print(f"{safe_name(rec.input)}\t{rec.ratio}\t{' '.join(map(str, rec.box))}\t{rec.score:.3f}", file=out,
-                  flush=True)
-    except OSError as e:  # a closed pipe or a full disk behind stdout: the run stops (as the local engine does)
-        from .errors import StreamError
-
-        raise StreamError(e) from None
+    line = None
+    if as_json and row["score"] is None:  # skipped before decoding: no box was computed
+        line = dict(rec.to_json(), box=None, score=None, size=None)
+    rec.print(as_json=as_json, dry_run=opts.dry_run, line=line, out=out)
 
 
 def run_command(engine: str, inputs: Sequence[str], *, address: str | None = None, from_file: str | None = None,

@@ -9,6 +9,7 @@ are reported in input order.  With one worker (``-j 1``) everything runs in the 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections import deque
@@ -44,6 +45,23 @@ class CropRecord:
         if self.lossless is not None:
             out["lossless"] = self.lossless
         return out
+
+    def print(self, *, as_json: bool, dry_run: bool, line: dict | None = None, out=None) -> None:
+        """This crop's line on ``out`` (default stdout), as every engine prints it: its JSON (``line`` instead
+        of :meth:`to_json` when given) with ``--json``, tab-separated input, ratio, box and score with
+        ``--dry-run``, nothing otherwise.  A stream that cannot take it raises :class:`StreamError` (the run
+        stops: e.g. ``| head -1`` closed the pipe, or a full disk behind ``> file``)."""
+        from .imageio import safe_name
+
+        out = sys.stdout if out is None else out
+        try:
+            if as_json:
+                print(json.dumps(self.to_json() if line is None else line), file=out, flush=True)
+            elif dry_run:
+                print(f"{safe_name(self.input)}\t{self.ratio}\t{' '.join(map(str, self.box))}\t{self.score:.3f}",
+                      file=out, flush=True)
+        except OSError as e:
+            raise StreamError(e) from None
 
 
 # --------------------------------------------------------------------------------------------------------------
