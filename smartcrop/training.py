@@ -491,6 +491,11 @@ def split_validation(items: list, fraction: float) -> tuple[list, list]:
     return [it for it in items if it.name not in names], val
 
 
+def _image_path(kind: str, item):
+    """The file of one training job: an unlabeled photo is its path, a labeled item has ``image_path``."""
+    return item if kind == "unlabeled" else item.image_path
+
+
 def _decode_for_training(path, short_side: int):
     """Worker task of :func:`prepare_samples`: ``(PIL image decoded at about the network size, full size)``."""
     from .imageio import load_image
@@ -516,31 +521,22 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
            [("unlabeled", p) for p in data.unlabeled]
     out = {"gaicd": [], "fcdb": [], "unlabeled": []}
     skipped = 0
-    pool = WorkerPool(workers, start_method="forkserver") if workers > 1 else None
+    # one worker: the pool's in-process stand-in (each decode runs as it is submitted)
+    pool = WorkerPool(max(1, workers), start_method="forkserver")
     try:
         with progress_bar(len(jobs), "preparing images", progress) as bar:
             pending: deque = deque()
             todo = iter(jobs)
             while True:
-                while pool is not None and len(pending) < 4 * pool.workers:
-                    job = next(todo, None)
-                    if job is None:
-                        break
-                    path = job[1] if job[0] == "unlabeled" else job[1].image_path
-                    pending.append((job, pool.submit(_decode_for_training, path, short)))
-                if pool is not None:
-                    if not pending:
-                        break
-                    (kind, it), fut = pending.popleft()
-                else:
-                    job = next(todo, None)
-                    if job is None:
-                        break
-                    (kind, it), fut = job, None
-                path = it if kind == "unlabeled" else it.image_path
+                while len(pending) < 4 * pool.workers and (job := next(todo, None)) is not None:
+                    pending.append((job, pool.submit(_decode_for_training, _image_path(*job), short)))
+                if not pending:
+                    break
+                (kind, it), fut = pending.popleft()
+                path = _image_path(kind, it)
                 try:
                     try:
-                        image, full_size = fut.result() if fut is not None else _decode_for_training(path, short)
+                        image, full_size = fut.result()
                     except BrokenExecutor:  # its worker died (e.g. killed for memory): once more, here
                         image, full_size = _decode_for_training(path, short)
                 except ImageError as e:
@@ -559,8 +555,7 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
                 out[kind].append(s)
                 bar.advance()
     finally:
-        if pool is not None:
-            pool.close(cancel=True)
+        pool.close(cancel=True)
     return out["gaicd"], out["fcdb"], out["unlabeled"], skipped
 
 
