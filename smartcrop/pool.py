@@ -48,22 +48,28 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 128 
     """Let glibc reuse the memory of one photo for the next instead of unmapping and mapping it again.
 
     By default glibc serves every allocation above its mmap threshold (128 KiB at first, then moving with what
-    was freed, at most 32 MiB) with a fresh mapping and unmaps it when freed, so each 12 MP photo's coefficient arrays (lossless crop) or pixels (re-encode)
-    are faulted in page by page again: ~9,000 page faults, measured at 23 ms of kernel time in a 47 ms
+    was freed, at most 32 MiB) with a fresh mapping and unmaps it when freed, so each 12 MP photo's coefficient
+    arrays (lossless crop) or pixels (re-encode) are faulted in page by page again: ~9,000 page faults, measured at 23 ms of kernel time in a 47 ms
     lossless crop (23.5 ms with this setting).  Allocations up to ``mmap_threshold`` now come from the heap,
     which is given back only when more than ``trim_threshold`` of it is free (and after huge decodes, see
     :func:`pixel_budget`).  Not done when the user tuned malloc through its environment variables, nor on
     other C libraries; returns whether it was applied."""
-    if any(k.startswith("MALLOC_") for k in os.environ):
+    libc = _glibc()
+    if libc is None or any(k.startswith("MALLOC_") for k in os.environ):
         return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def _glibc():
+    """glibc through ctypes, or None on another C library."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
-    except (OSError, AttributeError):  # not glibc
-        return False
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both exist in glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 @contextmanager
@@ -96,12 +102,9 @@ def _release_free_memory() -> None:
     import gc
 
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class WorkerPool:
