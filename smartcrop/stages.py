@@ -48,6 +48,11 @@ class CropSpec:
     out_size: tuple[int, int]  # size of the written image
     target: str | None  # output path, or None to return the encoded bytes (stdout)
 
+    @property
+    def own_size(self) -> bool:
+        """Written at the box's own size (no resize): what a lossless JPEG crop needs."""
+        return self.out_size == (self.box[2] - self.box[0], self.box[3] - self.box[1])
+
 
 @dataclass
 class FinishJob:
@@ -193,7 +198,7 @@ def finish(job: FinishJob) -> list[Written]:
     if job.lossless and job.ext == "jpg" and job.quality is None:
         data = None
         for k, spec in enumerate(job.crops):
-            if spec.out_size == (spec.box[2] - spec.box[0], spec.box[3] - spec.box[1]):
+            if spec.own_size:
                 data = data if data is not None else _read_bytes(job.source)
                 encoded[k], boxes[k] = _lossless(data, boxes[k], job.strip)
     lossless = [e is not None for e in encoded]
@@ -205,8 +210,7 @@ def finish(job: FinishJob) -> list[Written]:
             keep = not job.strip
             for k, spec in enumerate(job.crops):
                 if encoded[k] is None:
-                    own = spec.out_size == (spec.box[2] - spec.box[0], spec.box[3] - spec.box[1])
-                    img = crop_image(full.original, spec.box, None if own else spec.out_size)
+                    img = crop_image(full.original, spec.box, None if spec.own_size else spec.out_size)
                     encoded[k] = encode_image(img, job.ext, quality=job.quality or DEFAULT_QUALITY,
                                               exif=full.exif if keep else None, icc=full.icc if keep else None,
                                               xmp=full.xmp if keep else None, iptc=full.iptc if keep else None)
