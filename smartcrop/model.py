@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import conv_crop_masks, crop_mask_axes, max_pool, rod_align, roi_align
+from .ops import conv_crop_masks_pool, crop_mask_axes, max_pool, rod_align, roi_align
 
 # --------------------------------------------------------------------------------------------------------------
 # Backbone: torchvision's MobileNetV2, same module names
@@ -287,8 +287,7 @@ class SACNet(nn.Module):
         # latter from the mask's row and column factors
         w = self.saf_conv1.weight
         shared = F.conv2d(feats.saf, w[:, :-1], self.saf_conv1.bias, padding=self.saf_conv1.padding)
-        per_crop = conv_crop_masks(rows.to(fmap.dtype), cols.to(fmap.dtype), w[:, -1:])
-        h = F.relu_(max_pool(per_crop.add_(shared), cfg.saf_pools[0]))  # pool then ReLU: the same, cheaper
+        h = conv_crop_masks_pool(shared, rows.to(fmap.dtype), cols.to(fmap.dtype), w[:, -1:], cfg.saf_pools[0])
         h = max_pool(F.relu(self.saf_conv2(h)), cfg.saf_pools[1])
         f_s = self.saf_fc(h.flatten(1))
         return torch.cat([f_r, f_s], dim=1)

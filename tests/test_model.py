@@ -6,7 +6,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from smartcrop.model import MobileNetV2, ModelConfig, SACNet, count_parameters, fold_batchnorm  # noqa: E402
-from smartcrop.ops import box_masks, crop_masks, max_pool, roi_align, rod_align  # noqa: E402
+from smartcrop.ops import (  # noqa: E402
+    box_masks, conv_crop_masks, conv_crop_masks_pool, crop_mask_axes, crop_masks, max_pool, roi_align, rod_align,
+)
 
 
 def bilinear(feat, u, v):
@@ -73,6 +75,47 @@ def test_rod_align_zeroes_the_inside_of_the_box():
     # a box outside the map discards nothing
     out2 = rod_align(feat, torch.tensor([[200.0, 200.0, 300.0, 300.0]]), 4, 16.0, 2)
     assert out2[0, :, 1:-1, 1:-1].eq(1).all()
+
+
+@pytest.mark.parametrize("align", [roi_align, rod_align])
+def test_align_without_gradients_equals_the_grid_sample_path(align):
+    """Scoring computes RoI/RoD align as per-axis matrix products; training keeps grid_sample.  Both must agree,
+    for boxes inside, across and beyond the map's edges, at odd sizes and several sampling rates."""
+    g = torch.Generator().manual_seed(1)
+    feat = torch.randn(1, 5, 11, 14, generator=g, dtype=torch.float64)
+    w, h = 14 * 16, 11 * 16
+    boxes = torch.tensor([[0.0, 0.0, w, h], [20.0, 13.0, 90.0, 70.0], [-30.0, -12.0, 100.0, 60.5],
+                          [150.3, 90.1, w + 40.0, h + 25.0], [3.0, 100.0, 11.0, 104.0]], dtype=torch.float64)
+    for out_size, sampling in [(9, 2), (4, 1), (3, 3)]:
+        with torch.no_grad():
+            fast = align(feat, boxes, out_size, 16.0, sampling)
+        slow = align(feat.clone().requires_grad_(True), boxes, out_size, 16.0, sampling)
+        assert slow.requires_grad  # the reference path ran
+        assert fast.shape == slow.shape == (5, 5, out_size, out_size)
+        np.testing.assert_allclose(fast.numpy(), slow.detach().numpy(), atol=1e-12)
+
+
+def test_conv_crop_masks_pool_equals_the_plain_convolution_and_pooling():
+    F = torch.nn.functional
+    torch.manual_seed(2)
+    boxes = torch.tensor([[0.0, 0.0, 128.0, 96.0], [10.0, 5.0, 70.0, 90.0], [64.0, 0.0, 128.0, 48.0]] * 9)
+    boxes = boxes + torch.rand(boxes.shape) * 4  # 27 crops: more than one chunk
+    rows, cols = crop_mask_axes(boxes, (128, 96), 64)
+    weight = torch.randn(16, 1, 5, 5)
+    shared = torch.randn(1, 16, 64, 64)
+    want = F.relu(F.max_pool2d(F.conv2d(crop_masks(boxes, (128, 96), 64), weight, padding=2) + shared, 4))
+    with torch.no_grad():
+        got = conv_crop_masks_pool(shared, rows, cols, weight, 4)
+    assert got.shape == (27, 16, 16, 16) and got.is_contiguous()
+    assert torch.allclose(got, want, atol=1e-5)
+    # with gradients: the reference composition, differentiable
+    w = weight.clone().requires_grad_(True)
+    out = conv_crop_masks_pool(shared, rows, cols, w, 4)
+    assert torch.allclose(out, want, atol=1e-5)
+    out.sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    assert torch.allclose(conv_crop_masks(rows, cols, weight), F.conv2d(crop_masks(boxes, (128, 96), 64), weight,
+                                                                        padding=2), atol=1e-5)
 
 
 def test_mobilenet_names_match_torchvision_layout():
