@@ -93,6 +93,7 @@ class Cropper:
         self.config = net.config
         self.tta = tta  # also score the mirrored image and average (two backbone passes)
         self._scorer = None  # net with BatchNorm folded, made at the first scoring (see scorer)
+        self._channels_last = self.device == "cpu"  # measured faster on a CPU (model.fold_batchnorm)
 
     @property
     def scorer(self):
@@ -102,7 +103,7 @@ class Cropper:
         if self._scorer is None:
             from .model import fold_batchnorm
 
-            self._scorer = fold_batchnorm(self.net)
+            self._scorer = fold_batchnorm(self.net, channels_last=self._channels_last)
         return self._scorer
 
     # -- low level -------------------------------------------------------------------------------------------
@@ -133,6 +134,8 @@ class Cropper:
         with torch.inference_mode():
             for (net_w, net_h), idx in groups.items():
                 x = torch.cat([image_tensor(images[i][0], (net_w, net_h)) for i in idx])
+                if self._channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 if self.device.startswith("cuda"):  # page-locked memory: the copy overlaps with other work
                     x = x.pin_memory().to(self.device, non_blocking=True)
                 else:

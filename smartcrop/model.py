@@ -307,14 +307,17 @@ class SACNet(nn.Module):
         return self.score_boxes(self.image_features(images), boxes)
 
 
-def fold_batchnorm(net: nn.Module) -> nn.Module:
+def fold_batchnorm(net: nn.Module, channels_last: bool = False) -> nn.Module:
     """A copy of ``net`` for inference in which every BatchNorm that follows a convolution inside a
     ``Sequential`` is folded into that convolution (weights scaled, bias added) and replaced by an identity.
 
     The same function in eval mode up to float rounding, 52 fewer operations per backbone pass (measured
     ~2.5 ms of ~40 ms per photo on one CPU core).  The copy shares every tensor it does not change with
     ``net`` (made in ~10 ms, where a deep copy takes ~90 ms) and has other parameter names (no BN, conv
-    biases): it is for scoring only; train, fine-tune and save the original."""
+    biases): it is for scoring only; train, fine-tune and save the original.
+
+    ``channels_last``: the copy's 4-D weights in channels-last layout (new tensors), for inputs in that layout:
+    MobileNetV2's convolutions on one CPU thread measured ~15 ms instead of ~18-20 ms per 341×256 photo."""
     net = _module_tree_copy(net).eval()
     with torch.no_grad():
         for seq in net.modules():
@@ -331,6 +334,12 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
                 conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
                 conv.bias = nn.Parameter(bias, requires_grad=False)
                 seq._modules[bn_name] = nn.Identity()
+        if channels_last:
+            for mod in net.modules():
+                for name, p in mod._parameters.items():
+                    if p is not None and p.dim() == 4:
+                        mod._parameters[name] = nn.Parameter(p.contiguous(memory_format=torch.channels_last),
+                                                             requires_grad=False)
     return net
 
 

@@ -233,7 +233,8 @@ def test_max_pool_equals_max_pool2d_and_keeps_its_gradient(shape, k):
     assert torch.equal(g, x.grad)
 
 
-def test_fold_batchnorm_scores_the_same_without_batchnorm_and_leaves_the_original():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fold_batchnorm_scores_the_same_without_batchnorm_and_leaves_the_original(channels_last):
     torch.manual_seed(0)
     net = SACNet(ModelConfig()).eval()
     for m in net.modules():  # BN statistics that are not the identity, so folding has something to do
@@ -242,12 +243,18 @@ def test_fold_batchnorm_scores_the_same_without_batchnorm_and_leaves_the_origina
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    folded = fold_batchnorm(net)
+    folded = fold_batchnorm(net, channels_last=channels_last)
+    convs = [m.weight for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert convs and all(w.is_contiguous(memory_format=layout) for w in convs)
+    assert channels_last == any(not w.is_contiguous() for w in convs)  # 3×3 kernels changed layout
+    assert all(m.weight.is_contiguous() for m in net.modules() if isinstance(m, torch.nn.Conv2d))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.backbone.modules())
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.backbone.modules()) == 52
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     x = torch.rand(1, 3, 96, 128) * 255
     b = torch.tensor([[0.0, 0.0, 96.0, 72.0], [30.0, 10.0, 128.0, 96.0], [10.0, 10.0, 70.0, 70.0]])
     with torch.no_grad():
-        want, got = net(x, b), folded(x, b)
+        want = net(x, b)
+        got = folded(x.contiguous(memory_format=torch.channels_last) if channels_last else x, b)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got, want)
