@@ -221,6 +221,9 @@ def run(
                               "same size share one backbone pass); default 0: 1 on a CPU, 16 on a GPU."),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, max=256, help="Worker processes that decode and write "
                              "(default 0: one per usable core; 1: everything in this process)."),
+    scoring: str = typer.Option("auto", "--scoring", help="Where photos are scored: main (this process; "
+                                "batched, the GPU), workers (each worker loads the model: a many-core CPU), "
+                                "auto (workers on a CPU run with at least 8 workers, else main)."),
     adapt: bool = typer.Option(False, "--adapt", help="First fine-tune a copy of the model on these very photos "
                                "(rank consistency), then crop with it. The shipped model is not changed."),
     adapt_epochs: int = typer.Option(2, "--adapt-epochs", min=1, help="Epochs of the --adapt fine-tune."),
@@ -248,7 +251,7 @@ def run(
                     out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
                     skip_existing=skip_existing, on_error=err, name_template=name, max_side=max_side, top_k=top_k,
                     quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch,
-                    upscale=upscale)
+                    upscale=upscale, scoring=scoring.lower())
     if not plan.items:  # every input failed to collect (reported): nothing to load a model for
         raise typer.Exit(1)
 

@@ -41,6 +41,7 @@ class RunOptions:
     dry_run: bool = False
     workers: int = 0  # worker processes; 0: one per usable core
     batch: int = 0  # photos scored per model pass; 0: 1 on a CPU (batching only delays the workers), 16 on a GPU
+    scoring: str = "auto"  # where photos are scored: main, workers, auto (runner.scoring_in_workers)
     preview: Path | None = None
 
     def template(self) -> str:
@@ -152,6 +153,8 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
     opts = RunOptions(ratios=normalize_ratios(ratios, sz), size=sz, out_format=parse_format(out_format),
                       preview=preview, dry_run=dry_run, overwrite=overwrite, skip_existing=skip_existing,
                       **options)
+    if opts.scoring not in ("auto", "main", "workers"):
+        raise UsageError(f"--scoring must be auto, main or workers, not {opts.scoring!r}")
     if preview is not None and preview.suffix.lower() not in OUTPUT_FORMATS:
         raise UsageError("the preview must be a .jpg, .png, .webp or .tif file")
     check_template(opts.template(), opts.ratios, opts.top_k)

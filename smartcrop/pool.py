@@ -109,14 +109,18 @@ def _release_free_memory() -> None:
 
 class WorkerPool:
     def __init__(self, workers: int | None = None, pixel_budget: int = DEFAULT_PIXEL_BUDGET,
-                 start_method: str | None = None):
+                 start_method: str | None = None, preload: tuple = ()):
         """``start_method``: multiprocessing's (default ``fork`` on Linux, else ``spawn``); a pool made after
-        torch started its threads (training) asks for ``forkserver``, so no worker is forked from them."""
+        torch started its threads (training) asks for ``forkserver``, so no worker is forked from them.
+        ``preload``: with ``forkserver``, modules the server imports once before forking every worker, so the
+        workers share their memory (copy-on-write) instead of each importing them."""
         self.workers = max(1, workers or usable_cores())
         self._executor = None
         if self.workers > 1:
             self._ctx = multiprocessing.get_context(start_method or ("fork" if sys.platform.startswith("linux")
                                                                      else "spawn"))
+            if preload and self._ctx.get_start_method() == "forkserver":
+                self._ctx.set_forkserver_preload(list(preload))
             self._budget = (self._ctx.Condition(), self._ctx.Value("q", 0, lock=False), pixel_budget)
             self._executor = self._new_executor()
 

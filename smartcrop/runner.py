@@ -2,9 +2,11 @@
 
 Worker processes decode each photo at the network's size (:func:`~smartcrop.stages.prepare`) and write its
 crops (:func:`~smartcrop.stages.finish`: lossless JPEG crops, or one full decode and re-encode); the main
-process holds the model and scores photos in batches across files while the workers go on.  Work in flight is
-bounded (a window of photos and a pixel budget for decodes), so memory stays flat over any folder; results
-are reported in input order.  With one worker (``-j 1``) everything runs in the main process.
+process holds the model and scores photos in batches across files while the workers go on — or, on a CPU with
+many cores (``--scoring``), each worker loads the model and scores its own photos
+(:func:`~smartcrop.stages.prepare_and_score`) while the main process only hands out work and names outputs.
+Work in flight is bounded (a window of photos and a pixel budget for decodes), so memory stays flat over any
+folder; results are reported in input order.  With one worker (``-j 1``) everything runs in the main process.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .inputs import InputItem
 from .naming import OutputNamer, output_ext
 from .plan import RunOptions
 from .pool import WorkerPool, keep_freed_memory, usable_cores
-from .stages import PER_FILE_ERRORS, crop_job, finish, prepare
+from .stages import PER_FILE_ERRORS, WorkerModel, crop_job, finish, prepare, prepare_and_score
 
 
 @dataclass
@@ -91,8 +93,11 @@ class Runner:
 
     def __init__(self, cropper, opts: RunOptions, on_record: Callable[[CropRecord], None] | None = None,
                  on_error: Callable[[str], None] | None = None, progress: bool | None = None,
-                 pool: WorkerPool | None = None):
+                 pool: WorkerPool | None = None, worker_model: WorkerModel | None = None):
+        """``cropper`` scores in this process; or ``worker_model`` (then ``cropper`` is None): the workers
+        score."""
         self.cropper = cropper
+        self.worker_model = worker_model
         self.opts = opts
         self.on_record = on_record or (lambda r: None)
         self.on_error = on_error or (lambda s: print(s, file=sys.stderr))
@@ -115,8 +120,13 @@ class Runner:
         own_pool = self.pool is None
         pool = self.pool or WorkerPool(opts.workers)
         summary = RunSummary()
-        cfg = self.cropper.config
-        batch = opts.batch or (1 if str(getattr(self.cropper, "device", "cpu")) == "cpu" else 16)
+        wm = self.worker_model
+        if wm is not None:
+            size = (wm.short_side, wm.max_long_side)
+            batch = 1
+        else:
+            size = (self.cropper.config.short_side, self.cropper.config.max_long_side)
+            batch = opts.batch or (1 if str(getattr(self.cropper, "device", "cpu")) == "cpu" else 16)
         window = _window(pool.workers, batch)
         early = dict(prepared or {})
         queue = iter(range(len(items)))
@@ -129,13 +139,17 @@ class Runner:
             self.on_error(f"{items[i].display}: {describe_error(e)}")
             bar.advance()
 
+        def submit_prep(i: int):
+            if wm is not None:
+                return pool.submit(prepare_and_score, _source(items[i]), wm)
+            return pool.submit(prepare, _source(items[i]), *size)
+
         def fill() -> None:
             while len(preps) + len(writes) < window:
                 i = next(queue, None)
                 if i is None:
                     return
-                fut = early.pop(i, None) or pool.submit(prepare, _source(items[i]), cfg.short_side, cfg.max_long_side)
-                preps.append((i, fut))
+                preps.append((i, early.pop(i, None) or submit_prep(i)))
 
         def drain(block: bool, bar) -> None:
             while writes and (block or writes[0][2] is None or writes[0][2].done() or len(writes) > window // 2):
@@ -183,8 +197,7 @@ class Runner:
                         except BrokenExecutor as e:  # the worker died: once more in a fresh one
                             if i not in retried:
                                 retried.add(i)
-                                preps.appendleft((i, pool.submit(prepare, _source(items[i]), cfg.short_side,
-                                                                 cfg.max_long_side)))
+                                preps.appendleft((i, submit_prep(i)))
                             else:
                                 summary.images += 1
                                 fail(i, e, bar)
@@ -192,7 +205,9 @@ class Runner:
                             summary.images += 1
                             fail(i, e, bar)
                     if todo:
-                        for (i, p), crops in zip(todo, self._score(todo, bar, summary)):
+                        scored = ([(i, p, crops) for i, (p, crops) in todo] if wm is not None else
+                                  [(i, p, crops) for (i, p), crops in zip(todo, self._score(todo, bar, summary))])
+                        for i, p, crops in scored:
                             summary.images += 1
                             if crops is None:
                                 continue
@@ -272,9 +287,18 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
 
     opts = plan.opts
     path = resolve_model(weights, model)
+    size = input_size(path)
+    if scoring_in_workers(opts.scoring, device, max(1, opts.workers or usable_cores()), adapt=bool(adapt_epochs),
+                          known_size=size):
+        # every worker scores; on Linux they are forked from a server that imported torch once, so they share
+        # its ~150 MB instead of each holding a copy (each still loads its own model, ~26 MB)
+        with WorkerPool(opts.workers, **_SCORING_POOL) as pool:
+            wm = WorkerModel(str(path), tuple(opts.ratios), opts.top_k, *size)
+            runner = Runner(None, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool,
+                            worker_model=wm)
+            return runner.run(plan.items)
     with WorkerPool(opts.workers) as pool:
         early = {}
-        size = input_size(path)
         if size is not None and not adapt_epochs:
             n = min(len(plan.items), _window(pool.workers, opts.batch or 1))
             early = {i: pool.submit(prepare, _source(plan.items[i]), *size) for i in range(n)}
@@ -302,6 +326,49 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
                                     log=on_error or print)
         runner = Runner(cropper, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool)
         return runner.run(plan.items, early)
+
+
+_SCORING_POOL = ({"start_method": "forkserver", "preload": ("torch", "smartcrop.cropper", "smartcrop.stages")}
+                 if sys.platform.startswith("linux") else {})
+
+#: ``--scoring auto`` scores in the workers on a CPU with at least this many worker processes
+WORKER_SCORING_MIN_WORKERS = 8
+
+
+def scoring_in_workers(scoring: str, device: str, workers: int, *, adapt: bool = False,
+                       known_size: tuple | None = (0, 0)) -> bool:
+    """Whether the workers score (each with its own model copy) instead of the main process.
+
+    ``scoring``: ``main``, ``workers`` or ``auto`` — the workers when the run is on a CPU (``--device cpu``, or
+    ``auto`` on a machine without a GPU) with at least :data:`WORKER_SCORING_MIN_WORKERS` workers: there one
+    scoring process (~30 ms a photo) would cap the run while the workers wait.  Decided before torch is
+    imported (``auto`` looks for GPU device files), so the main process need not import it at all.
+    ``--scoring workers`` refuses a GPU device, ``--adapt`` (the adapted model lives in the main process) and
+    ``-j 1`` is allowed (everything then runs in this process)."""
+    if scoring not in ("auto", "main", "workers"):
+        raise UsageError(f"--scoring must be auto, main or workers, not {scoring!r}")
+    device = (device or "auto").lower()
+    if scoring == "workers":
+        if device not in ("auto", "cpu"):
+            raise UsageError("--scoring workers runs the model on the CPU: it cannot be combined with "
+                             f"--device {device}")
+        if adapt:
+            raise UsageError("--scoring workers cannot be combined with --adapt (the adapted model stays in the "
+                             "main process): use --scoring main")
+        if known_size is None:
+            raise UsageError("--scoring workers needs a model file whose input size can be read")
+        return True
+    if scoring == "main" or adapt or known_size is None or workers < WORKER_SCORING_MIN_WORKERS:
+        return False
+    return device == "cpu" or (device == "auto" and not _accelerator_present())
+
+
+def _accelerator_present() -> bool:
+    """A GPU torch might use (NVIDIA, AMD ROCm, WSL, Apple): then ``--device auto`` scores in the main process,
+    which resolves the device with torch."""
+    if sys.platform == "darwin":
+        return True
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
 
 
 def _window(workers: int, batch: int) -> int:

@@ -2,18 +2,21 @@
 
 1. :func:`prepare` (a worker): decode at the network's size (JPEG DCT scaling: a 12 MP JPEG is never decoded
    at full size here), apply EXIF orientation, resize to the network input → :class:`Prepared`.
-2. scoring (the process that holds the model): :meth:`smartcrop.cropper.Cropper.best_crops_batch` on a batch of
-   prepared images — not here.
+2. scoring: :meth:`smartcrop.cropper.Cropper.best_crops_batch` on a batch of prepared images in the process that
+   holds the model — or, on a many-core CPU, :func:`prepare_and_score` in every worker (each loads the model
+   once; :class:`WorkerModel`).
 3. :func:`finish` (a worker): for each chosen crop, either a lossless DCT-domain crop of the JPEG
    (:mod:`smartcrop.jpegcrop`) or a full decode (once per photo), crop, optional resize and encode; then an
    atomic write → one :class:`Written` per crop.
 
 The local engine (:mod:`smartcrop.runner`) runs stages 1 and 3 in a process pool and stage 2 in the main
-process; a distributed engine can run the same functions as remote tasks.  Nothing here imports torch.
+process or in the pool; a distributed engine can run the same functions as remote tasks.  Only
+:func:`prepare_and_score` imports torch, in the worker that runs it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +165,45 @@ def prepare(source, short_side: int, max_long_side: int) -> Prepared:
     size = network_size(li.full_size[0], li.full_size[1], short_side, max_long_side)
     img = li.image if li.image.size == size else li.image.resize(size, Image.BILINEAR, reducing_gap=2.0)
     return Prepared(img, li.full_size, li.format, li.has_alpha, li.reduced_depth)
+
+
+class ScoringError(SmartcropError):
+    """The model could not score a photo (e.g. an allocation failure): fails that photo."""
+
+
+@dataclass(frozen=True)
+class WorkerModel:
+    """What a worker needs to score photos itself: the model file and what to ask it."""
+
+    path: str
+    ratios: tuple
+    top_k: int
+    short_side: int
+    max_long_side: int
+
+
+_worker_croppers: dict = {}  # model path -> Cropper, in a worker process
+
+
+def prepare_and_score(source, model: WorkerModel) -> tuple:
+    """Stages 1 and 2 in one worker: :func:`prepare`, then score with the worker's own copy of the model (loaded
+    at its first photo, one CPU thread) → ``(Prepared, crops)``.  Spreads scoring over every core of a many-core
+    CPU, where one scoring process would cap the run (~30 ms a photo)."""
+    p = prepare(source, model.short_side, model.max_long_side)
+    cropper = _worker_croppers.get(model.path)
+    if cropper is None:
+        import torch
+
+        from .cropper import Cropper
+
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(1)  # one photo per worker and core: more threads would fight the other workers
+        cropper = _worker_croppers[model.path] = Cropper(weights=model.path, device="cpu")
+    try:
+        crops = cropper.best_crops_batch([(p.image, p.full_size)], list(model.ratios), model.top_k)[0]
+    except (RuntimeError, MemoryError) as e:
+        raise ScoringError(f"cannot score this photo ({str(e) or type(e).__name__})") from None
+    return p, crops
 
 
 def output_size(box, size: tuple[int, int] | None, max_side: int | None) -> tuple[int, int]:

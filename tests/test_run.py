@@ -378,3 +378,67 @@ buf = libc.malloc(24 << 20)  # a 12 MP photo's luminance coefficients
 print(libc.mallinfo2().hblkhd - before)
 libc.free(buf)
 """
+
+
+def test_scoring_in_the_workers_writes_what_the_main_process_writes(tmp_path, small_model_file):
+    """--scoring workers (each worker loads the model; the many-core CPU path): the same boxes, scores and
+    bytes as scoring in the main process, records in input order, a bad file reported on one line."""
+    src = tmp_path / "in"
+    for k in range(5):
+        draw_photo(src / f"p{k}.jpg", size=(320 + 16 * k, 240), seed=k)
+    (src / "p2b.jpg").write_text("not a photo\n")
+    before = {p: sha(p) for p in src.iterdir()}
+    got = {}
+    for scoring in ("main", "workers"):
+        code, out, err = run([src, "--ratio", "16:9", "--ratio", "any", "--json", "-j", "2", "--scoring", scoring,
+                              "-o", tmp_path / scoring, "--weights", small_model_file])
+        assert code == 1
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "p2b.jpg" in lines[0], lines
+        got[scoring] = jsonl(out)
+    names = [Path(r["input"]).name for r in got["workers"]]
+    assert names == [f"p{k}.jpg" for k in range(5) for _ in range(2)]  # input order, two ratios each
+    for a, b in zip(got["main"], got["workers"]):
+        assert (a["input"], a["ratio"], a["box"], a["size"]) == (b["input"], b["ratio"], b["box"], b["size"])
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert sha(Path(a["output"])) == sha(Path(b["output"]))
+    assert {p: sha(p) for p in src.iterdir()} == before  # inputs untouched
+
+
+def test_where_photos_are_scored(monkeypatch):
+    from smartcrop.errors import UsageError
+    from smartcrop.runner import WORKER_SCORING_MIN_WORKERS as N, scoring_in_workers
+
+    monkeypatch.setattr("smartcrop.runner._accelerator_present", lambda: False)
+    assert scoring_in_workers("auto", "auto", N) and scoring_in_workers("auto", "cpu", N + 8)
+    assert not scoring_in_workers("auto", "auto", N - 1)  # few cores: one scoring process keeps up
+    assert not scoring_in_workers("auto", "cuda", N) and not scoring_in_workers("main", "cpu", 64)
+    assert not scoring_in_workers("auto", "cpu", N, adapt=True)  # the adapted model lives in the main process
+    assert not scoring_in_workers("auto", "cpu", N, known_size=None)
+    assert scoring_in_workers("workers", "cpu", 1)
+    monkeypatch.setattr("smartcrop.runner._accelerator_present", lambda: True)
+    assert not scoring_in_workers("auto", "auto", 64)  # a GPU: the main process resolves and uses it
+    assert scoring_in_workers("auto", "cpu", 64)
+    for bad in [("workers", "cuda", 8, {}), ("workers", "cpu", 8, {"adapt": True}), ("nope", "cpu", 8, {})]:
+        with pytest.raises(UsageError):
+            scoring_in_workers(*bad[:3], **bad[3])
+
+
+def test_a_photo_the_worker_cannot_score_fails_alone(tmp_path, small_model_file, monkeypatch):
+    from smartcrop import stages
+    from smartcrop.stages import ScoringError, WorkerModel, prepare_and_score
+
+    photo = draw_photo(tmp_path / "a.jpg", size=(320, 240))
+    wm = WorkerModel(str(small_model_file), ("16:9",), 1, 256, 512)
+    monkeypatch.setattr(stages, "_worker_croppers", {})
+    p, crops = prepare_and_score(str(photo), wm)
+    assert p.full_size == (320, 240) and len(crops) == 1 and crops[0].ratio == "16:9"
+    cropper = stages._worker_croppers[str(small_model_file)]  # loaded once, kept for the next photo
+    assert prepare_and_score(str(photo), wm)[1][0].box == crops[0].box and stages._worker_croppers[wm.path] is cropper
+
+    def oom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(cropper, "best_crops_batch", oom)
+    with pytest.raises(ScoringError, match="cannot score this photo .*allocate"):
+        prepare_and_score(str(photo), wm)
