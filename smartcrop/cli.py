@@ -380,6 +380,9 @@ def train(
                                    "decay per step (e.g. 0.998; 0: off)."),
     fcdb_per_epoch: int = typer.Option(400, "--fcdb-per-epoch", min=0, help="Random FCDB photos per epoch "
                                        "(0: all); GAICD photos are repeated to make up ~35% of the steps."),
+    backbone_lr_mult: float = typer.Option(1.0, "--backbone-lr-mult", min=0.0, help="Learning rate of the "
+                                           "trained backbone layers, as a multiple of --lr (e.g. 0.1 with fewer "
+                                           "--frozen-layers)."),
     frozen_layers: Optional[int] = typer.Option(None, "--frozen-layers", min=0, max=19, help="Freeze (and cache) "
                                                 "the first N backbone layers. Default: 14 on CPU, 0 on GPU."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", min=0.0, max=0.5, help="Share of the GAICD images "
@@ -404,7 +407,8 @@ def train(
     net, source = build_model(init, backbone, not no_saf, backbone_weights, seed)
     cfg = TrainConfig.for_device(dev, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf, rc=not no_rc,
                                  fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch, frozen_layers=frozen_layers,
-                                 seed=seed, ema=ema, batch_size=batch_size, amp=amp)
+                                 seed=seed, ema=ema, batch_size=batch_size, amp=amp,
+                                 backbone_lr_mult=backbone_lr_mult)
     info = {
         "command": "smartcrop train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "training": {"backbone_init": source, "gaicd": list(gaicd), "fcdb": [str(p) for p in fcdb],

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 from typer.testing import CliRunner  # noqa: E402
 
 from smartcrop.cli import app  # noqa: E402
@@ -33,6 +33,23 @@ def test_train_from_init_writes_a_model_with_its_card(tmp_path, tiny_gaicd, tiny
     assert load_model(out).config.short_side == 64  # the --init model's architecture
     lines = [json.loads(x) for x in out.with_suffix(".log.jsonl").read_text().splitlines()]
     assert lines[0]["event"] == "start" and lines[-1]["epoch"] == 1
+
+
+def test_train_partial_unfreezing_with_a_lower_backbone_learning_rate(tmp_path, tiny_gaicd, tiny_fcdb,
+                                                                     small_model_file):
+    from smartcrop.weights import load_model, read_card
+
+    out = tmp_path / "m.safetensors"
+    code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--init", small_model_file,
+                       "--epochs", "1", "--val-fraction", "0", "--device", "cpu", "--frozen-layers", "10",
+                       "--backbone-lr-mult", "0.1", "--out", out)
+    assert code == 0, err
+    cfg = read_card(out)["training"]["config"]
+    assert cfg["frozen_layers"] == 10 and cfg["backbone_lr_mult"] == 0.1
+    before, after = load_model(small_model_file).state_dict(), load_model(out).state_dict()
+    changed = {k.split(".")[2] for k in before if k.startswith("backbone.features.")
+               and not torch.equal(before[k], after[k])}
+    assert changed and min(int(i) for i in changed) == 10  # layers 0-9 frozen, 10 on trained
 
 
 @pytest.mark.parametrize("args, words", [
