@@ -69,13 +69,14 @@ class Cropper:
     """Score crops with a SAC-Net model.
 
     ``weights``: a model file; ``model``: the name of a user model (``smartcrop models``); neither: the shipped
-    model.  ``device``: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.  ``tta``: also score
-    the mirrored image and average (twice the model time; off by default because it measured within noise,
-    see docs/results.md).
+    model.  ``device``: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.  ``amp``: score
+    under bfloat16 autocast (off by default; docs/performance.md measures how often it changes a crop).
+    ``tta``: also score the mirrored image and average (twice the model time; off by default because it
+    measured within noise, see docs/results.md).
     """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "auto", model: str | None = None,
-                 net=None, tta: bool = False):
+                 net=None, tta: bool = False, amp: bool = False):
         from .weights import load_model, resolve_model
 
         self.device = resolve_device(device)
@@ -92,6 +93,7 @@ class Cropper:
         self.net = net
         self.config = net.config
         self.tta = tta  # also score the mirrored image and average (two backbone passes)
+        self.amp = amp  # bfloat16 autocast while scoring (see docs/performance.md for its effect on the crops)
         self._scorer = None  # net with BatchNorm folded, made at the first scoring (see scorer)
         self._channels_last = self.device == "cpu"  # measured faster on a CPU (model.fold_batchnorm)
 
@@ -131,7 +133,8 @@ class Cropper:
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(sizes):
             groups.setdefault(s, []).append(i)
-        with torch.inference_mode():
+        amp = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.amp)
+        with torch.inference_mode(), amp:
             for (net_w, net_h), idx in groups.items():
                 x = torch.cat([image_tensor(images[i][0], (net_w, net_h)) for i in idx])
                 if self._channels_last:

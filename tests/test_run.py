@@ -295,6 +295,18 @@ def test_python_api_flip_tta_averages_with_the_mirrored_image(tmp_path, small_mo
     np.testing.assert_allclose(tta, (s + s_m) / 2, atol=1e-4)
 
 
+def test_python_api_bfloat16_autocast_scores_close_to_float32(tmp_path, small_model_file):
+    from smartcrop import Cropper
+
+    img = Image.open(draw_photo(tmp_path / "a.png", size=(320, 240), seed=4)).convert("RGB")
+    boxes = np.array([[0, 0, 200, 150], [40, 30, 320, 240], [10, 60, 180, 240], [0, 0, 320, 240]], np.float32)
+    s32 = Cropper(weights=small_model_file, device="cpu").score_boxes(img, None, {"b": boxes})["b"]
+    s16 = Cropper(weights=small_model_file, device="cpu", amp=True).score_boxes(img, None, {"b": boxes})["b"]
+    assert s16.dtype == np.float32 and s16.shape == s32.shape
+    assert not np.array_equal(s16, s32)  # autocast did run in bfloat16 ...
+    np.testing.assert_allclose(s16, s32, atol=0.05 * (np.abs(s32).max() + 1e-3))  # ... and stays close
+
+
 def test_template_extension_decides_the_written_format(tmp_path, small_model_file):
     """'{stem}.png' on a JPEG writes a PNG (not JPEG bytes, lossless or not, under a .png name)."""
     p = draw_photo(tmp_path / "a.jpg", size=(320, 240))
