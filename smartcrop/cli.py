@@ -135,6 +135,8 @@ def eval_fcdb(
     model: Optional[str] = MODEL_OPT,
     device: str = DEVICE_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    fuse: int = typer.Option(3, "--fuse", min=1, max=20, help="The chosen crop is the mean of this many "
+                             "overlapping top anchors, as `run` does (1: the best anchor itself)."),
 ):
     """IoU and boundary displacement of the model's best crop against FCDB's expert crops."""
     from .errors import UsageError
@@ -144,6 +146,7 @@ def eval_fcdb(
         raise UsageError(f"--ratio must be any or gt, not {ratio!r}")
     items = benchmark_items("fcdb", root, split)
     cropper = _cropper(weights, model, device)
+    cropper.fuse = fuse
     errors: list[str] = []
     m = evaluate_fcdb(cropper, items, ratio, on_error=lambda s: (errors.append(s), err(s)))
     if as_json:

@@ -65,6 +65,28 @@ def distinct_top(boxes: np.ndarray, scores: np.ndarray, k: int, max_iou: float =
     return chosen
 
 
+#: Box voting (docs/results.md): a chosen crop is the mean of itself and the next best anchors overlapping it
+FUSE_K = 3
+FUSE_IOU = 0.5
+
+
+def fuse_box(boxes: np.ndarray, scores: np.ndarray, i: int, k: int = FUSE_K, min_iou: float = FUSE_IOU) -> np.ndarray:
+    """The mean of ``boxes[i]`` and the ``k - 1`` best-scoring boxes that score no higher than it and overlap it
+    by IoU >= ``min_iou`` (``k = 1``: ``boxes[i]`` itself).  Anchors of one aspect ratio average to that ratio.
+
+    For the best box this is "box voting" over its neighbourhood: on FCDB it raised the IoU with the expert
+    crop by +0.004 (free ratio) and +0.006 to +0.010 (at the expert's ratio) for five models out of five, on
+    photos held out from training and on FCDB test (chosen on the first, confirmed on the second)."""
+    if k <= 1:
+        return np.asarray(boxes[i], dtype=np.float64)
+    b = np.asarray(boxes, dtype=np.float64)
+    below = np.flatnonzero(scores <= scores[i])
+    below = below[np.argsort(-scores[below], kind="stable")]
+    near = below[box_iou_matrix(b[i : i + 1], b[below])[0] >= min_iou]
+    keep = [i] + [int(j) for j in near if j != i][: k - 1]
+    return b[keep].mean(axis=0)
+
+
 class Cropper:
     """Score crops with a SAC-Net model.
 
@@ -72,11 +94,12 @@ class Cropper:
     model.  ``device``: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.  ``amp``: score
     under bfloat16 autocast (off by default; docs/performance.md measures how often it changes a crop).
     ``tta``: also score the mirrored image and average (twice the model time; off by default because it
-    measured within noise, see docs/results.md).
+    measured within noise, see docs/results.md).  ``fuse``: each chosen crop is the mean of this many
+    overlapping top anchors (:func:`fuse_box`, default 3; 1: the best anchor itself).
     """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "auto", model: str | None = None,
-                 net=None, tta: bool = False, amp: bool = False):
+                 net=None, tta: bool = False, amp: bool = False, fuse: int = FUSE_K):
         from .weights import load_model, resolve_model
 
         self.device = resolve_device(device)
@@ -94,6 +117,7 @@ class Cropper:
         self.config = net.config
         self.tta = tta  # also score the mirrored image and average (two backbone passes)
         self.amp = amp  # bfloat16 autocast while scoring (see docs/performance.md for its effect on the crops)
+        self.fuse = fuse  # a chosen crop averages this many overlapping top anchors (fuse_box; 1: the anchor)
         self._scorer = None  # net with BatchNorm folded, made at the first scoring (see scorer)
         self._channels_last = self.device == "cpu"  # measured faster on a CPU (model.fold_batchnorm)
 
@@ -174,13 +198,14 @@ class Cropper:
         scores = self.score_boxes_batch(images, box_sets)
         return [self._pick(bs, sc, ratios, top_k) for bs, sc in zip(box_sets, scores)]
 
-    @staticmethod
-    def _pick(box_sets, scores, ratios, top_k) -> list[Crop]:
+    def _pick(self, box_sets, scores, ratios, top_k) -> list[Crop]:
+        """The ``top_k`` distinct best anchors per ratio, each fused with its neighbours (:func:`fuse_box`);
+        the score is the anchor's."""
         crops: list[Crop] = []
         for r in ratios:
             boxes, s = box_sets[r], scores[r]
             for i in distinct_top(boxes, s, top_k):
-                x1, y1, x2, y2 = (int(round(v)) for v in boxes[i])
+                x1, y1, x2, y2 = (int(round(v)) for v in fuse_box(boxes, s, i, self.fuse))
                 crops.append(Crop((x1, y1, x2, y2), float(s[i]), r))
         return crops
 

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .anchors import gaic_anchors, ratio_anchors
+from .cropper import fuse_box
 from .data import FcdbItem, GaicdItem
 from .imageio import ImageError, load_image
 from .metrics import fcdb_metrics, gaicd_metrics
@@ -59,7 +60,8 @@ def write_predictions(preds, path: str | Path) -> None:
 
 def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progress: bool | None = None,
                  on_error=None) -> list[tuple[FcdbItem, np.ndarray, tuple[int, int]]]:
-    """The model's best box for each photo: among free anchors (``any``) or anchors of the expert's ratio (``gt``)."""
+    """The model's best box for each photo: among free anchors (``any``) or anchors of the expert's ratio (``gt``),
+    fused with its neighbours as :class:`~smartcrop.cropper.Cropper` does (``cropper.fuse``)."""
     if ratio not in {"any", "gt"}:
         raise ValueError(f"ratio must be 'any' or 'gt', not {ratio!r}")
     out = []
@@ -71,7 +73,7 @@ def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progres
             x1, y1, x2, y2 = item.box
             boxes = ratio_anchors(w, h, max(x2 - x1, 1e-6) / max(y2 - y1, 1e-6))
         s = cropper.score_boxes(li.image, (w, h), {"a": boxes})["a"]
-        out.append((item, boxes[int(np.argmax(s))], (w, h)))
+        out.append((item, fuse_box(boxes, s, int(np.argmax(s)), getattr(cropper, "fuse", 1)), (w, h)))
     return out
 
 

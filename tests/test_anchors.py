@@ -90,3 +90,28 @@ def test_anchors_for_dispatch_and_iou():
     assert box_iou_matrix(b[:1], b[:1])[0, 0] == pytest.approx(1.0)
     iou = box_iou_matrix(np.array([[0, 0, 2, 2]]), np.array([[1, 0, 3, 2], [5, 5, 6, 6]]))
     assert iou[0].tolist() == pytest.approx([1 / 3, 0.0])
+
+
+def test_fuse_box_averages_the_best_overlapping_anchors_below_the_chosen_one():
+    from smartcrop.anchors import ratio_anchors
+    from smartcrop.cropper import fuse_box
+
+    boxes = np.array([[0, 0, 100, 100], [10, 0, 110, 100], [0, 10, 100, 110], [300, 300, 400, 400],
+                      [5, 5, 105, 105]], dtype=np.float64)
+    scores = np.array([0.9, 0.8, 0.7, 0.85, 0.95])
+    np.testing.assert_array_equal(fuse_box(boxes, scores, 0, k=1), boxes[0])
+    # box 0's neighbours: 4 scores higher (not used), 3 does not overlap, 1 and 2 are the next best overlapping
+    np.testing.assert_allclose(fuse_box(boxes, scores, 0, k=3), boxes[[0, 1, 2]].mean(0))
+    np.testing.assert_allclose(fuse_box(boxes, scores, 0, k=2), boxes[[0, 1]].mean(0))
+    np.testing.assert_allclose(fuse_box(boxes, scores, 3, k=3), boxes[3])  # nobody overlaps it
+    np.testing.assert_allclose(fuse_box(boxes, scores, 4, k=3), boxes[[4, 0, 1]].mean(0))
+    # anchors of one ratio average to that ratio (to within a pixel once rounded)
+    anchors = ratio_anchors(4000, 3000, 16 / 9)
+    worst = np.abs((anchors[:, 2] - anchors[:, 0]) / (anchors[:, 3] - anchors[:, 1]) - 16 / 9).max()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        s = rng.normal(size=len(anchors))
+        x1, y1, x2, y2 = fuse_box(anchors, s, int(np.argmax(s)))
+        assert abs((x2 - x1) / (y2 - y1) - 16 / 9) <= worst + 1e-9
+        w, h = round(x2) - round(x1), round(y2) - round(y1)
+        assert abs(w - h * 16 / 9) <= 16 / 9 + 1
