@@ -224,6 +224,8 @@ def run(
                               "same size share one backbone pass); default 0: 1 on a CPU, 16 on a GPU."),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, max=256, help="Worker processes that decode and write "
                              "(default 0: one per usable core; 1: everything in this process)."),
+    fuse: int = typer.Option(3, "--fuse", min=1, max=20, help="Each chosen crop is the mean of this many top "
+                             "anchors overlapping it (box voting); 1: the best anchor itself."),
     scoring: str = typer.Option("auto", "--scoring", help="Where photos are scored: main (this process; "
                                 "batched, the GPU), workers (each worker loads the model: a many-core CPU), "
                                 "auto (workers on a CPU run with at least 8 workers, else main)."),
@@ -249,12 +251,12 @@ def run(
             adapt=adapt, weights=weights, model=model, device=device, as_json=as_json, dry_run=dry_run, on_error=err,
             recursive=recursive, ratios=ratio, size=size, out_format=out_format, overwrite=overwrite,
             skip_existing=skip_existing, name_template=name, max_side=max_side, top_k=top_k, quality=quality,
-            reencode=reencode, strip=strip, workers=jobs, batch=batch, upscale=upscale))
+            reencode=reencode, strip=strip, workers=jobs, batch=batch, upscale=upscale, fuse=fuse))
     plan = plan_run(inputs or [], from_file=from_file, recursive=recursive, ratios=ratio, size=size, output=output,
                     out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
                     skip_existing=skip_existing, on_error=err, name_template=name, max_side=max_side, top_k=top_k,
                     quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch,
-                    upscale=upscale, scoring=scoring.lower())
+                    upscale=upscale, scoring=scoring.lower(), fuse=fuse)
     if not plan.items:  # every input failed to collect (reported): nothing to load a model for
         raise typer.Exit(1)
 

@@ -42,6 +42,7 @@ class RunOptions:
     workers: int = 0  # worker processes; 0: one per usable core
     batch: int = 0  # photos scored per model pass; 0: 1 on a CPU (batching only delays the workers), 16 on a GPU
     scoring: str = "auto"  # where photos are scored: main, workers, auto (runner.scoring_in_workers)
+    fuse: int = 3  # each chosen crop is the mean of this many overlapping top anchors (cropper.fuse_box)
     preview: Path | None = None
 
     def template(self) -> str:

@@ -180,6 +180,7 @@ class WorkerModel:
     top_k: int
     short_side: int
     max_long_side: int
+    fuse: int = 3
 
 
 _worker_croppers: dict = {}  # model path -> Cropper, in a worker process
@@ -199,6 +200,7 @@ def prepare_and_score(source, model: WorkerModel) -> tuple:
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(1)  # one photo per worker and core: more threads would fight the other workers
         cropper = _worker_croppers[model.path] = Cropper(weights=model.path, device="cpu")
+    cropper.fuse = model.fuse
     try:
         crops = cropper.best_crops_batch([(p.image, p.full_size)], list(model.ratios), model.top_k)[0]
     except (RuntimeError, MemoryError) as e:

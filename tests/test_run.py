@@ -454,3 +454,23 @@ def test_a_photo_the_worker_cannot_score_fails_alone(tmp_path, small_model_file,
     monkeypatch.setattr(cropper, "best_crops_batch", oom)
     with pytest.raises(ScoringError, match="cannot score this photo .*allocate"):
         prepare_and_score(str(photo), wm)
+
+
+@pytest.mark.parametrize("scoring", ["main", "workers"])
+def test_fuse_1_writes_the_best_anchor_itself(tmp_path, small_model_file, scoring):
+    from smartcrop.anchors import anchors_for
+
+    src = tmp_path / "in"
+    for k in range(3):
+        draw_photo(src / f"p{k}.jpg", size=(400, 300), seed=k)
+    got = {}
+    for fuse in (1, 3):
+        code, out, err = run([src, "--ratio", "16:9", "--ratio", "any", "--json", "--dry-run", "--fuse", fuse,
+                              "--scoring", scoring, "-j", "2", "--weights", small_model_file])
+        assert code == 0, err
+        got[fuse] = {(Path(r["input"]).name, r["ratio"]): r["box"] for r in jsonl(out)}
+    assert got[1].keys() == got[3].keys() and len(got[1]) == 6
+    for (_, ratio), box in got[1].items():
+        anchors = np.round(anchors_for(400, 300, ratio)).astype(int).tolist()
+        assert box in anchors
+    assert any(got[1][k] != got[3][k] for k in got[1])  # the default fuses: some box is between anchors
