@@ -59,28 +59,26 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _rss_kb(pid: int) -> int:
+def _proc_kb(pid: int, name: str, field: str) -> int:
+    """The kB figure of ``field`` (e.g. ``VmRSS:``) in /proc/PID/NAME; 0 when the process is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/{name}") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def _rss_kb(pid: int) -> int:
+    return _proc_kb(pid, "status", "VmRSS:")
 
 
 def _pss_kb(pid: int) -> int:
     """Proportional set size: shared pages (e.g. torch imported once by a fork server and shared by its
     workers) counted once over the processes sharing them, where RSS counts them in each."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _proc_kb(pid, "smaps_rollup", "Pss:")
 
 
 def _become_subreaper() -> None:
