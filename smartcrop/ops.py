@@ -136,14 +136,18 @@ def crop_masks(boxes: torch.Tensor, input_size: tuple[int, int], s: int) -> torc
     return (rows[:, :, None] * cols[:, None, :])[:, None]
 
 
+def _mask_windows(rows: torch.Tensor, cols: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, s, k) each: the window of ``k`` rows (columns) of a crop mask's factor around each row (column),
+    zero beyond the edges — what a k×k convolution with padding k // 2 reads."""
+    p = k // 2
+    return F.pad(rows, (p, p)).unfold(1, k, 1), F.pad(cols, (p, p)).unfold(1, k, 1)
+
+
 def conv_crop_masks(rows: torch.Tensor, cols: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``conv2d(crop_masks, weight, padding=k // 2)`` → (N, C, s, s) for a one-channel ``weight`` (C, 1, k, k),
     computed from the mask's two factors (a box mask is separable): about 7× fewer operations than the 2-D
     convolution, equal to it up to float rounding."""
-    k = weight.shape[-1]
-    p = k // 2
-    col_win = F.pad(cols, (p, p)).unfold(1, k, 1)  # (N, s, k): the window of columns around each column
-    row_win = F.pad(rows, (p, p)).unfold(1, k, 1)
+    row_win, col_win = _mask_windows(rows, cols, weight.shape[-1])
     t = torch.einsum("cuv,njv->ncuj", weight[:, 0], col_win)  # (N, C, k, s): each kernel row along x
     return torch.matmul(row_win[:, None], t)  # (N, C, s, s): summed over the kernel rows along y
 
@@ -162,9 +166,7 @@ def conv_crop_masks_pool(shared: torch.Tensor, rows: torch.Tensor, cols: torch.T
     if _needs_grad(shared) or _needs_grad(weight) or k == 1 or s % k:
         return F.relu_(max_pool(conv_crop_masks(rows, cols, weight).add_(shared), k))
     kk = weight.shape[-1]
-    p = kk // 2
-    col_win = F.pad(cols, (p, p)).unfold(1, kk, 1)  # (N, s, kk)
-    row_win = F.pad(rows, (p, p)).unfold(1, kk, 1)
+    row_win, col_win = _mask_windows(rows, cols, kk)
     t = torch.einsum("cuv,njv->nucj", weight[:, 0], col_win).reshape(n, kk, c * s)
     base = shared[0].permute(1, 0, 2).reshape(1, s, c * s)  # (1, y, C·x)
     out = shared.new_empty(n, s // k, c, s // k)
