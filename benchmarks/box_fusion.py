@@ -1,8 +1,8 @@
 """Does averaging the best few overlapping crops ("box voting") beat the single best crop on FCDB?
 
 The FCDB metric is the IoU of one chosen box with the expert's.  Instead of the top-scoring anchor, average the
-``k`` best anchors whose IoU with the best one is at least ``tau`` (same-ratio anchors average to the same
-ratio).  Anchor scores are computed once per (model, photo, ratio mode); every (k, tau) is then evaluated on
+``k`` best anchors whose IoU with the best one is at least ``tau`` (``smartcrop.cropper.fuse_box``; same-ratio
+anchors average to the same ratio).  Anchor scores are computed once per (model, photo, ratio mode); every (k, tau) is then evaluated on
 them, and reported as the mean IoU and the change against the single best anchor, per model and set::
 
     python benchmarks/box_fusion.py --fcdb heldout=runs/validate/data/fcdb_heldout:test \
@@ -25,19 +25,6 @@ KS = (1, 2, 3, 5, 8)
 TAUS = (0.0, 0.5, 0.7)
 
 
-def fuse(boxes: np.ndarray, scores: np.ndarray, k: int, tau: float) -> np.ndarray:
-    """Mean of the ``k`` best boxes among those overlapping the best one by IoU >= ``tau`` (k=1: the best)."""
-    from smartcrop.anchors import box_iou_matrix
-
-    order = np.argsort(-scores, kind="stable")
-    best = boxes[order[0]]
-    if k == 1:
-        return best
-    iou = box_iou_matrix(best[None], boxes[order])[0]
-    keep = order[iou >= tau][:k]
-    return boxes[keep].mean(axis=0)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path)
@@ -49,6 +36,7 @@ def main(argv=None) -> int:
 
     from smartcrop import Cropper
     from smartcrop.anchors import gaic_anchors, ratio_anchors
+    from smartcrop.cropper import fuse_box
     from smartcrop.data import read_fcdb
     from smartcrop.imageio import load_image
     from smartcrop.metrics import iou
@@ -75,8 +63,9 @@ def main(argv=None) -> int:
                     b = np.asarray(boxes, dtype=np.float64)
                     for k in KS:
                         for tau in TAUS if k > 1 else (1.0,):
-                            ious.setdefault((mode, k, tau), []).append(iou(tuple(fuse(b, scores[mode], k, tau)),
-                                                                           item.box))
+                            best = int(np.argmax(scores[mode]))
+                            ious.setdefault((mode, k, tau), []).append(
+                                iou(tuple(fuse_box(b, scores[mode], best, k, tau)), item.box))
             for (mode, k, tau), v in ious.items():
                 base = np.mean(ious[(mode, 1, 1.0)])
                 row = {"model": str(mp), "set": set_name, "mode": mode, "k": k, "tau": tau, "n": len(v),

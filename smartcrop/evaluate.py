@@ -73,7 +73,7 @@ def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progres
             x1, y1, x2, y2 = item.box
             boxes = ratio_anchors(w, h, max(x2 - x1, 1e-6) / max(y2 - y1, 1e-6))
         s = cropper.score_boxes(li.image, (w, h), {"a": boxes})["a"]
-        out.append((item, fuse_box(boxes, s, int(np.argmax(s)), getattr(cropper, "fuse", 1)), (w, h)))
+        out.append((item, fuse_box(boxes, s, int(np.argmax(s)), cropper.fuse), (w, h)))
     return out
 
 
