@@ -1,6 +1,10 @@
-"""Time of one scoring (`Cropper.best_crops_batch`, one photo, one ratio) on one CPU thread.
+"""Time of one scoring (`Cropper.best_crops_batch`, one ratio) per photo: on one CPU thread, or on a GPU.
 
     python benchmarks/scoring_time.py /tmp/photos12mp --count 24 --passes 5 --ratio 16:9
+    python benchmarks/scoring_time.py /tmp/photos12mp --count 64 --device cuda --batch 32 [--amp]
+
+On a GPU, ``--batch`` photos go into each `best_crops_batch` call (as `smartcrop run --batch` does) and each
+pass ends with a device synchronisation; ``--amp`` scores under bfloat16 autocast (`Cropper(amp=True)`).
 
 Prepares the first COUNT JPEGs as `smartcrop run` does (`stages.prepare`), scores one of them once to warm up,
 then times PASSES passes over all of them and prints the per-photo time of each pass and their median.  With
@@ -25,11 +29,15 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", default="16:9")
     ap.add_argument("--weights", type=Path)
     ap.add_argument("--keep-freed-memory", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu (one thread) or cuda")
+    ap.add_argument("--batch", type=int, default=1, help="photos per scoring call")
+    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     args = ap.parse_args(argv)
 
     import torch
 
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     if args.keep_freed_memory:
         from smartcrop.pool import keep_freed_memory
 
@@ -37,15 +45,21 @@ def main(argv=None) -> int:
     from smartcrop.cropper import Cropper
     from smartcrop.stages import prepare
 
-    cropper = Cropper(weights=args.weights, device="cpu")
+    cropper = Cropper(weights=args.weights, device=args.device, amp=args.amp)
     files = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in {".jpg", ".jpeg"})[: args.count]
     prepared = [prepare(str(f), cropper.config.short_side, cropper.config.max_long_side) for f in files]
-    cropper.best_crops_batch([(prepared[0].image, prepared[0].full_size)], [args.ratio])
+    batches = [[(p.image, p.full_size) for p in prepared[i: i + args.batch]]
+               for i in range(0, len(prepared), args.batch)]
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    for b in batches:  # warm-up: every network size once (the GPU's kernels, the CPU's caches)
+        cropper.best_crops_batch(b, [args.ratio])
+    sync()
     per_photo = []
     for _ in range(args.passes):
         t0 = time.perf_counter()
-        for p in prepared:
-            cropper.best_crops_batch([(p.image, p.full_size)], [args.ratio])
+        for b in batches:
+            cropper.best_crops_batch(b, [args.ratio])
+        sync()
         per_photo.append((time.perf_counter() - t0) / len(prepared) * 1e3)
     ru = resource.getrusage(resource.RUSAGE_SELF)
     print(" ".join(f"{v:.1f}" for v in per_photo), f"ms; median {statistics.median(per_photo):.1f} ms a photo;",

@@ -158,8 +158,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-vips", action="store_true")
     ap.add_argument("--out", type=Path, help="also write the results to this JSON file")
-    ap.add_argument("extra", nargs="*", help="extra arguments for smartcrop run (after --)")
-    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # argparse would reject options after "--"
+    args = ap.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    args.extra = extra
     _become_subreaper()
     all_photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in {".jpg", ".jpeg"})
     cores = usable_cores()

@@ -227,9 +227,11 @@ def code_env(work: Path, code: str) -> tuple[list[str], dict, dict]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if code == "live":
-        dirty = bool(git("status", "--porcelain", "--", "smartcrop"))
-        return [sys.executable, "-m", "smartcrop.cli"], env, {"source": "live", "rev": git("rev-parse", "HEAD"),
-                                                              "dirty": dirty}
+        try:
+            rev, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--", "smartcrop"))
+        except (OSError, subprocess.CalledProcessError):  # a copy of the tree without git (e.g. a lent machine)
+            rev = dirty = None
+        return [sys.executable, "-m", "smartcrop.cli"], env, {"source": "live", "rev": rev, "dirty": dirty}
     snap = work / "code" / code
     if not (snap / "smartcrop" / "cli.py").is_file():
         tmp = work / "code" / f".{code}.tmp{os.getpid()}"
