@@ -29,8 +29,9 @@ def _flag_type(self, ctx):
     return None if self.is_flag else _option_type(self, ctx)
 
 
-_option_type = TyperOption.display_type_rich
-TyperOption.display_type_rich = _flag_type
+_option_type = getattr(TyperOption, "display_type_rich", None)
+if _option_type is not None:  # typer >= 0.28 (older ones have no such hook: their help is left as it is)
+    TyperOption.display_type_rich = _flag_type
 
 
 class _Commands(TyperGroup):

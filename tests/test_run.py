@@ -474,3 +474,23 @@ def test_fuse_1_writes_the_best_anchor_itself(tmp_path, small_model_file, scorin
         anchors = np.round(anchors_for(400, 300, ratio)).astype(int).tolist()
         assert box in anchors
     assert any(got[1][k] != got[3][k] for k in got[1])  # the default fuses: some box is between anchors
+
+
+def test_cli_works_with_a_typer_without_the_help_hook():
+    """typer < 0.28 has no ``TyperOption.display_type_rich`` (a lent machine's typer 0.27.2 failed at import):
+    the CLI must import and run without it (typer 0.29's own help rendering needs the hook, so only
+    ``--version`` is invoked here)."""
+    import subprocess
+    import sys
+
+    code = ("import typer.core as c\n"
+            "for k in [c.TyperOption, *c.TyperOption.__mro__]:\n"
+            "    k.__dict__.get('display_type_rich') and delattr(k, 'display_type_rich')\n"
+            "assert not hasattr(c.TyperOption, 'display_type_rich')\n"
+            "from typer.testing import CliRunner\n"
+            "from smartcrop.cli import app\n"
+            "r = CliRunner().invoke(app, ['--version'])\n"
+            "assert r.exit_code == 0 and r.output.startswith('smartcrop '), r.output\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
