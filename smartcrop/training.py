@@ -58,6 +58,10 @@ class TrainConfig:
     batch_size: int = 1  # labeled images per optimiser step (and as many unlabeled ones); >1: see size_batches
     size_step: int = 0  # with batch_size > 1: network sizes rounded to multiples of this, so batches fill up
     amp: bool = False  # bfloat16 autocast on CUDA (ignored elsewhere)
+    # with batch_size > 1: every backbone pass has the shape (2 * batch_size, 3, h, w) of one network size —
+    # part-filled batches are topped up with other images of their size and each step's unlabeled photos are
+    # of the labeled batch's size, in the same pass — so a GPU meets a few dozen input shapes, not hundreds
+    fixed_shapes: bool = False
 
     @classmethod
     def for_device(cls, device: str, **overrides) -> "TrainConfig":
@@ -65,10 +69,12 @@ class TrainConfig:
         image per step; on a GPU the whole network is trained, 8 images per step (one backbone pass per
         batch of equal-sized images; sizes rounded to multiples of 16, so the 2,705 photos of ../shared fall
         into 39 sizes instead of 332, at most 3 % anisotropic stretch) in bfloat16 autocast.  ``overrides``
-        whose value is None keep the recipe's value."""
+        whose value is None keep the recipe's value.  On a GPU each new input shape costs far more than its
+        arithmetic (measured on an H200 with variable batches: no epoch finished in 280 s, docs/performance.md),
+        hence ``fixed_shapes``."""
         gpu = device.startswith("cuda")
         recipe = {"frozen_layers": 14 if device == "cpu" else 0, "batch_size": 8 if gpu else 1, "amp": gpu,
-                  "size_step": 16 if gpu else 0}
+                  "size_step": 16 if gpu else 0, "fixed_shapes": gpu}
         recipe.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**recipe)
 
@@ -191,10 +197,14 @@ class WeightAverage:
             self.shadow[n].copy_(t)
 
 
-def size_batches(plan: Sequence, batch_size: int) -> list[list]:
+def size_batches(plan: Sequence, batch_size: int, fill_rng: np.random.Generator | None = None) -> list[list]:
     """Split an epoch's ``plan`` into steps of ``batch_size`` samples that share one network input size (so a
     batch is one backbone pass): samples go, in plan order, into the pending batch of their size, which becomes
-    a step when full; the part-filled ones follow at the end.  Every sample is in exactly one step."""
+    a step when full; the part-filled ones follow at the end.  Every sample is in exactly one step.
+
+    With ``fill_rng`` every step is full: a part-filled batch is topped up with other samples of its size from
+    ``plan`` drawn with that generator (again when the size has fewer samples than a batch), so those samples
+    are in two steps of the epoch."""
     if batch_size <= 1:
         return [[s] for s in plan]
     pending: dict = {}
@@ -206,6 +216,16 @@ def size_batches(plan: Sequence, batch_size: int) -> list[list]:
             steps.append(b)
             del pending[s.size]
     steps.extend(pending.values())
+    if fill_rng is not None:
+        by_size: dict = {}
+        for s in plan:
+            by_size.setdefault(s.size, []).append(s)
+        for b in steps:
+            need = batch_size - len(b)
+            if need > 0:
+                others = [s for s in by_size[b[0].size] if all(s is not x for x in b)] or by_size[b[0].size]
+                picks = fill_rng.choice(len(others), need, replace=len(others) < need)
+                b.extend(others[int(i)] for i in picks)
     return steps
 
 
@@ -367,8 +387,18 @@ class Trainer:
 
     def batch_loss(self, labeled: Sequence[Sample], unlabeled: Sequence[Sample]) -> dict:
         """Loss terms of one step over several labeled images of one size (one backbone pass) and as many
-        unlabeled ones (one pass per size): each term is the mean over the batch of the per-image losses."""
+        unlabeled ones (one pass per size; with ``fixed_shapes`` and unlabeled photos of the labeled size, one
+        pass for all): each term is the mean over the batch of the per-image losses."""
         flips = [bool(self.rng.random() < 0.5) for _ in labeled]
+        size = labeled[0].size
+        if self.cfg.fixed_shapes and unlabeled and all(s.size == size for s in unlabeled):
+            u_flips = [bool(self.rng.random() < 0.5) for _ in unlabeled]
+            feats = self._features_batch([*labeled, *unlabeled], flips + u_flips)
+            n = len(labeled)
+            parts = _mean_parts([self._labeled_loss(s, f, ft) for s, f, ft in zip(labeled, flips, feats[:n])], n)
+            rc = [self._consistency_loss(s, ft) for s, ft in zip(unlabeled, feats[n:])]
+            parts.update(_mean_parts(rc, len(unlabeled)))
+            return parts
         feats = self._features_batch(labeled, flips)
         parts = _mean_parts([self._labeled_loss(s, f, ft) for s, f, ft in zip(labeled, flips, feats)], len(labeled))
         if unlabeled:
@@ -396,8 +426,16 @@ class Trainer:
         u_order = self.rng.permutation(len(unlabeled)) if use_rc else []
         meter = LossMeter()
         t0 = time.time()
-        steps = size_batches(plan, self.cfg.batch_size)
+        fixed = self.cfg.fixed_shapes and self.cfg.batch_size > 1
+        steps = size_batches(plan, self.cfg.batch_size, self.rng if fixed else None)
         done = 0  # labeled images so far: the k-th is paired with unlabeled photo u_order[k]
+        # fixed shapes: each size's unlabeled photos in u_order's order, taken in turn (cycling) by the steps of
+        # that size; a size without unlabeled photos takes them from u_order as usual
+        by_size: dict = {}
+        if fixed and use_rc:
+            for i in u_order:
+                by_size.setdefault(unlabeled[i].size, []).append(unlabeled[i])
+        taken: dict = {}
         for batch in steps:
             with self._autocast():
                 if self.cfg.batch_size <= 1:  # the one-image recipe, exactly as it always ran
@@ -405,7 +443,15 @@ class Trainer:
                     if use_rc:
                         parts.update(self.consistency_loss(unlabeled[u_order[done % len(unlabeled)]]))
                 else:
-                    u = [unlabeled[u_order[(done + k) % len(unlabeled)]] for k in range(len(batch))] if use_rc else []
+                    same = by_size.get(batch[0].size)
+                    if same:
+                        k0 = taken.get(batch[0].size, 0)
+                        u = [same[(k0 + k) % len(same)] for k in range(len(batch))]
+                        taken[batch[0].size] = k0 + len(batch)
+                    elif use_rc:
+                        u = [unlabeled[u_order[(done + k) % len(unlabeled)]] for k in range(len(batch))]
+                    else:
+                        u = []
                     parts = self.batch_loss(batch, u)
             done += len(batch)
             optimizer_step(self.opt, parts, meter)

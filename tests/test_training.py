@@ -101,8 +101,8 @@ def test_config_for_device_freezes_the_prefix_on_cpu_only():
     assert TrainConfig.for_device("cpu").frozen_layers == 14
     assert TrainConfig.for_device("cuda").frozen_layers == 0
     cpu, gpu = TrainConfig.for_device("cpu"), TrainConfig.for_device("cuda")
-    assert (cpu.batch_size, cpu.amp, cpu.size_step) == (1, False, 0)
-    assert (gpu.batch_size, gpu.amp, gpu.size_step) == (8, True, 16)
+    assert (cpu.batch_size, cpu.amp, cpu.size_step, cpu.fixed_shapes) == (1, False, 0, False)
+    assert (gpu.batch_size, gpu.amp, gpu.size_step, gpu.fixed_shapes) == (8, True, 16, True)
     assert TrainConfig.for_device("cuda", batch_size=2, amp=False).batch_size == 2
     assert TrainConfig.for_device("cuda", frozen_layers=5, epochs=None).frozen_layers == 5
     assert TrainConfig.for_device("cuda", epochs=None).epochs == TrainConfig().epochs
@@ -172,6 +172,46 @@ def test_size_batches_group_equal_sizes_and_keep_every_sample_once():
     assert sum(len(b) < 4 for b in steps) <= 3  # only the last part-filled batch of each size
     for b in steps:
         assert [s.id for s in b] == sorted(s.id for s in b)  # plan order kept inside a batch
+
+
+def test_size_batches_with_fill_are_all_full_and_keep_every_sample():
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    plan = [SimpleNamespace(size=[(256, 384), (384, 256), (256, 341)][int(k)], id=i)
+            for i, k in enumerate(rng.integers(0, 3, 50))]
+    plan.append(SimpleNamespace(size=(512, 256), id=50))  # a size with one sample: repeated to fill its batch
+    steps = size_batches(plan, 4, np.random.default_rng(1))
+    assert all(len(b) == 4 and len({s.size for s in b}) == 1 for b in steps)
+    assert {s.id for b in steps for s in b} == set(range(51))
+    assert any([s.id for s in b] == [50] * 4 for b in steps)
+    assert len(steps) == len(size_batches(plan, 4))  # topped up, not more steps
+    for b in steps:  # the topping-up repeats no sample inside a batch while others of its size exist
+        if b[0].size != (512, 256):
+            assert len({s.id for s in b}) == 4
+
+
+def test_fixed_shapes_give_one_backbone_pass_shape_per_size(tiny_gaicd, tiny_fcdb, tiny_album, one_thread):
+    """The GPU recipe (fixed_shapes): every backbone pass is 2 x batch_size images of one size, labeled ones
+    first and unlabeled photos of that size after them; all losses are there and the network trains."""
+    tr = make_trainer(frozen=0, batch_size=2, fixed_shapes=True)
+    g, f, u = samples(tr, tiny_gaicd, tiny_fcdb, tiny_album)
+    sizes = [(64, 64), (96, 64)]
+    for k, s in enumerate(g + f + u):  # two network sizes, each with labeled and unlabeled photos
+        w, h = sizes[k % 2]
+        s.size = (w, h)
+        s.image = torch.nn.functional.interpolate(s.image[None].float(), size=(h, w))[0].to(torch.uint8)
+        if s.boxes is not None:
+            s.boxes = np.array([[0, 0, w, h], [0, 0, w / 2, h], [w / 4, 0, w, h], [0, 0, w, h / 2]], np.float32)
+            s.targets = s.targets[: len(s.boxes)] if len(s.targets) >= 4 else np.resize(s.targets, 4)
+    shapes = []
+    orig = tr.model.image_features
+    tr.model.image_features = lambda x: shapes.append(tuple(x.shape)) or orig(x)
+    plan = tr.epoch_plan(g, f)
+    tr.model.train()
+    rec = tr.train_epoch(plan, u)
+    assert set(shapes) <= {(4, 3, h, w) for w, h in sizes} and len(shapes) == rec["steps"]
+    assert {"reg", "rc"} <= set(rec["loss"]) and all(np.isfinite(v) for v in rec["loss"].values())
 
 
 def test_batched_end_to_end_steps_share_one_backbone_pass(tiny_gaicd, tiny_fcdb, tiny_album, one_thread):
