@@ -120,6 +120,10 @@ class Cropper:
         self.fuse = fuse  # a chosen crop averages this many overlapping top anchors (fuse_box; 1: the anchor)
         self._scorer = None  # net with BatchNorm folded, made at the first scoring (see scorer)
         self._channels_last = self.device == "cpu"  # measured faster on a CPU (model.fold_batchnorm)
+        # On a GPU every new input shape costs far more than its arithmetic (an H200 spent ~0.3 s on each of
+        # the first batches of a `run`, docs/performance.md), and a batch's photos split into network sizes in
+        # any proportion: each backbone pass is padded to a power of two (at most ~log2(batch) shapes a size).
+        self._pad_pow2 = self.device.startswith("cuda")
 
     @property
     def scorer(self):
@@ -161,6 +165,8 @@ class Cropper:
         with torch.inference_mode(), amp:
             for (net_w, net_h), idx in groups.items():
                 x = torch.cat([image_tensor(images[i][0], (net_w, net_h)) for i in idx])
+                if self._pad_pow2 and len(idx) & (len(idx) - 1):  # repeats of the last image, never read back
+                    x = torch.cat([x, x[-1:].expand((1 << len(idx).bit_length()) - len(idx), -1, -1, -1)])
                 if self._channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if self.device.startswith("cuda"):  # page-locked memory: the copy overlaps with other work

@@ -258,3 +258,27 @@ def test_fold_batchnorm_scores_the_same_without_batchnorm_and_leaves_the_origina
         want = net(x, b)
         got = folded(x.contiguous(memory_format=torch.channels_last) if channels_last else x, b)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got, want)
+
+
+def test_power_of_two_batch_padding_scores_the_same(small_model):
+    """On a GPU (``Cropper._pad_pow2``) a backbone pass over k photos of one size is padded to the next power
+    of two: the backbone only sees such batch sizes, and every photo's scores are those of the unpadded pass."""
+    from PIL import Image
+
+    from smartcrop.cropper import Cropper
+
+    rng = np.random.default_rng(0)
+    photos = [(Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)), None) for _ in range(5)]
+    photos += [(Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)), None) for _ in range(3)]
+    plain = Cropper(net=small_model, device="cpu")
+    padded = Cropper(net=small_model, device="cpu")
+    padded._pad_pow2 = True
+    seen = []
+    real = padded.scorer.image_features
+    padded.scorer.image_features = lambda x: seen.append(x.shape[0]) or real(x)
+    a = plain.best_crops_batch(photos, ["any", "16:9"])
+    b = padded.best_crops_batch(photos, ["any", "16:9"])
+    assert sorted(seen) == [4, 8]  # 3 portrait photos -> 4, 5 landscape ones -> 8
+    for ca, cb in zip(a, b):
+        assert [c.box for c in ca] == [c.box for c in cb]
+        assert np.allclose([c.score for c in ca], [c.score for c in cb], atol=1e-5)
