@@ -391,6 +391,9 @@ def train(
                                            "--frozen-layers)."),
     frozen_layers: Optional[int] = typer.Option(None, "--frozen-layers", min=0, max=19, help="Freeze (and cache) "
                                                 "the first N backbone layers. Default: 14 on CPU, 0 on GPU."),
+    scale_aug: str = typer.Option("", "--scale-aug", metavar="F,F", help="Scale augmentation: also prepare every "
+                                  "image at these multiples of the network size (e.g. 0.875,1.125) and draw one "
+                                  "size per use (one image per step only; memory and preparation grow with it)."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", min=0.0, max=0.5, help="Share of the GAICD images "
                                        "(and half that of FCDB) held out for per-epoch validation."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (OUT.ckpt) to resume from."),
@@ -408,13 +411,19 @@ def train(
         raise UsageError("--out must end in .safetensors")
     if resume is not None and not resume.is_file():
         raise UsageError(f"{resume}: no such checkpoint")
+    try:
+        scales = tuple(float(v) for v in scale_aug.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--scale-aug must be numbers separated by commas, not {scale_aug!r}") from None
+    if any(not 0.25 <= f <= 4 for f in scales):
+        raise UsageError("--scale-aug factors must lie between 0.25 and 4")
     dev = resolve_device(device)
     data = load_train_data(gaicd, fcdb, unlabeled, val_fraction)
     net, source = build_model(init, backbone, not no_saf, backbone_weights, seed)
     cfg = TrainConfig.for_device(dev, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf, rc=not no_rc,
                                  fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch, frozen_layers=frozen_layers,
                                  seed=seed, ema=ema, batch_size=batch_size, amp=amp,
-                                 backbone_lr_mult=backbone_lr_mult)
+                                 backbone_lr_mult=backbone_lr_mult, scales=scales)
     info = {
         "command": "smartcrop train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "training": {"backbone_init": source, "gaicd": list(gaicd), "fcdb": [str(p) for p in fcdb],

@@ -62,6 +62,10 @@ class TrainConfig:
     # part-filled batches are topped up with other images of their size and each step's unlabeled photos are
     # of the labeled batch's size, in the same pass — so a GPU meets a few dozen input shapes, not hundreds
     fixed_shapes: bool = False
+    # scale augmentation (one-image steps only): besides the network size, each image is also prepared at these
+    # multiples of it (e.g. (0.875, 1.125); a frozen prefix is cached for each) and every use draws one of the
+    # sizes uniformly; () = off, and then no random number is drawn for it
+    scales: tuple = ()
 
     @classmethod
     def for_device(cls, device: str, **overrides) -> "TrainConfig":
@@ -129,6 +133,7 @@ class Sample:
     targets: np.ndarray | None = None  # normalised MOS (gaicd) or IoU (fcdb)
     image: object = None  # uint8 tensor (3, h, w) when training end to end
     prefix: list = field(default_factory=list)  # cached backbone prefixes [plain, flipped] when frozen
+    alternates: list = field(default_factory=list)  # the same image at TrainConfig.scales (Samples)
 
 
 def fcdb_candidates(width: float, height: float, box) -> tuple[np.ndarray, np.ndarray]:
@@ -271,19 +276,33 @@ class Trainer:
     # -- data ------------------------------------------------------------------------------------------------
 
     def prepare(self, kind: str, name: str, pil_image, full_size, boxes=None, targets=None) -> Sample:
-        """Resize to the network size and, when the backbone prefix is frozen, cache its output (plain and flipped)."""
-        from .transforms import image_tensor, network_size
+        """Resize to the network size and, when the backbone prefix is frozen, cache its output (plain and flipped);
+        the same at each of ``TrainConfig.scales`` (one-image steps only)."""
+        from .transforms import network_size
 
-        torch = self.torch
         cfg_m = self.model.config
         w, h = network_size(full_size[0], full_size[1], cfg_m.short_side, cfg_m.max_long_side)
         step = self.cfg.size_step
         if step > 0 and self.cfg.batch_size > 1:  # fewer distinct sizes: fuller batches (see size_batches)
             w, h = (max(step, int(round(v / step)) * step) for v in (w, h))
+        targets = None if targets is None else np.asarray(targets, np.float32)
+        s = self._prepared(kind, name, pil_image, full_size, (w, h), boxes, targets)
+        if self.cfg.batch_size <= 1:
+            for f in self.cfg.scales:
+                size = (max(32, int(round(w * f))), max(32, int(round(h * f))))
+                s.alternates.append(self._prepared(kind, name, pil_image, full_size, size, boxes, targets))
+        return s
+
+    def _prepared(self, kind, name, pil_image, full_size, size, boxes, targets) -> Sample:
+        """One :class:`Sample` of the image at network size ``size`` (boxes scaled to it, prefix cached)."""
+        from .transforms import image_tensor
+
+        torch = self.torch
+        w, h = size
         x = image_tensor(pil_image, (w, h))
         if boxes is not None:
             boxes = scale_boxes(boxes, w / full_size[0], h / full_size[1])
-        s = Sample(kind, name, (w, h), boxes, None if targets is None else np.asarray(targets, np.float32))
+        s = Sample(kind, name, (w, h), boxes, targets)
         if self.cfg.frozen_layers > 0:
             with torch.no_grad():  # the frozen prefix has no dropout and frozen BN: the same in either mode
                 for img in (x, x.flip(-1)):
@@ -292,6 +311,13 @@ class Trainer:
         else:
             s.image = x[0].to(torch.uint8)
         return s
+
+    def _at_scale(self, s: Sample) -> Sample:
+        """``s`` or one of its :attr:`Sample.alternates`, uniformly (scale augmentation; no draw without any)."""
+        if not s.alternates:
+            return s
+        k = int(self.rng.integers(len(s.alternates) + 1))
+        return s if k == 0 else s.alternates[k - 1]
 
     def _features(self, s: Sample, flip: bool):
         from .transforms import photometric_jitter
@@ -327,6 +353,7 @@ class Trainer:
         return [feats.select(j) for j in range(len(samples))]
 
     def labeled_loss(self, s: Sample):
+        s = self._at_scale(s)
         flip = bool(self.rng.random() < 0.5)
         return self._labeled_loss(s, flip, self._features(s, flip))
 
@@ -352,6 +379,7 @@ class Trainer:
                          mode=cfg.fcdb_loss, image_ious=s.targets)
 
     def consistency_loss(self, s: Sample):
+        s = self._at_scale(s)
         flip = bool(self.rng.random() < 0.5)
         return self._consistency_loss(s, self._features(s, flip))
 

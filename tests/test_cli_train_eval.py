@@ -58,6 +58,8 @@ def test_train_partial_unfreezing_with_a_lower_backbone_learning_rate(tmp_path, 
     (["--out", "m.safetensors", "--gaicd", "nowhere:train"], ["nowhere"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--resume", "missing.ckpt"], ["missing.ckpt", "no such checkpoint"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--backbone", "resnet50"], ["resnet50", "mobilenet_v2"]),
+    (["--out", "m.safetensors", "--gaicd", "x", "--scale-aug", "0.9;1.1"], ["--scale-aug", "0.9;1.1"]),
+    (["--out", "m.safetensors", "--gaicd", "x", "--scale-aug", "0,1.1"], ["--scale-aug", "between"]),
 ])
 def test_train_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_gaicd, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)

@@ -268,3 +268,32 @@ def test_size_step_rounds_network_sizes_and_scales_boxes_with_them(tiny_gaicd, t
             rel = s.boxes / np.array([s.size[0], s.size[1]] * 2)
             rel1 = s1.boxes / np.array([s1.size[0], s1.size[1]] * 2)
             assert np.allclose(rel, rel1, atol=1e-5)
+
+
+def test_scale_augmentation_prepares_each_scale_and_draws_among_them(tiny_gaicd, tiny_fcdb, tiny_album):
+    tr = make_trainer(scales=(0.75,))
+    g, f, u = samples(tr, tiny_gaicd, tiny_fcdb, tiny_album)
+    plain = make_trainer()
+    g0, f0, u0 = samples(plain, tiny_gaicd, tiny_fcdb, tiny_album)
+    for s, s0 in zip(g + f + u, g0 + f0 + u0):
+        assert s.size == s0.size and not s0.alternates and len(s.alternates) == 1
+        a = s.alternates[0]
+        assert a.size == (max(32, round(s.size[0] * 0.75)), max(32, round(s.size[1] * 0.75)))
+        assert len(a.prefix) == 2 and a.prefix[0].input_size != s.prefix[0].input_size
+        if s.boxes is not None:  # the same boxes relative to the image
+            rel = s.boxes / np.array(s.size * 2)
+            assert np.allclose(a.boxes / np.array(a.size * 2), rel, atol=2e-2)
+            assert a.targets is s.targets or np.array_equal(a.targets, s.targets)
+    seen = []
+    orig = tr._labeled_loss
+    tr._labeled_loss = lambda s, flip, feats: seen.append(s.size) or orig(s, flip, feats)
+    tr.model.train()
+    for _ in range(12):
+        tr.labeled_loss(g[0])
+    assert set(seen) == {g[0].size, g[0].alternates[0].size}
+    state = plain.rng.bit_generator.state  # without scales no random number is drawn for them
+    plain.rng.random()
+    after_one = plain.rng.bit_generator.state
+    plain.rng.bit_generator.state = state
+    plain._at_scale(g0[0])
+    assert plain.rng.bit_generator.state == state != after_one
