@@ -10,6 +10,7 @@
 # Steps (each under its own time limit; a step that fails is logged and the next one runs):
 #   env      machine, versions, lossless backend
 #   photos   PHOTOS 12 MP JPEGs made from the unlabeled photos (64 distinct ones, hard-linked under new names)
+#   profile  seconds per GPU training step of the recipe, and an operator profile (benchmarks/train_profile.py)
 #   scaling  `smartcrop run` on every core against the same run under `taskset -c 0,1`, lossless and --reencode
 #            (and once with --scoring main: the photos scored in the main process instead of the workers)
 #   train    one fold of the validation protocol trained on the GPU (benchmarks/validate.py --device cuda)
@@ -18,6 +19,8 @@
 #   amp      benchmarks/amp_check.py --device cuda on GAICD dev and FCDB test
 # Results: $OUT/results.tgz (every JSON and log) and $OUT/summary.txt; the output's last lines are the summary.
 # DEVICE=cpu and smaller PHOTOS / TRAIN_ARGS make a quick rehearsal on a machine without a GPU.
+# All steps take ~10 minutes on a 16-core + H200 machine; within one call's 10-minute limit run two calls, e.g.
+# SKIP="train" and then SKIP="photos profile scaling gpu_run scoring amp" (env is cheap).
 set -u
 OUT=${OUT:?set OUT}
 DEVICE=${DEVICE:-cuda}
@@ -75,6 +78,9 @@ make_photos() {
 export -f make_photos
 step photos 120 make_photos
 
+step profile 150 $PY benchmarks/train_profile.py --data $D/data --backbone-weights $D/weights/mobilenet_v2_imagenet.pth \
+  --device $DEVICE --steps 5 --profile-steps 2
+
 step scaling 330 "set -e;
   $PY benchmarks/throughput.py $R/photos --counts $COUNTS --repeat 2 --skip-vips --out $R/scaling_all.json -- --device cpu;
   $PY benchmarks/throughput.py $R/photos --counts $PHOTOS --modes default --repeat 1 --skip-vips --out $R/scaling_main.json -- --device cpu --scoring main;
@@ -114,6 +120,7 @@ step amp 120 $PY benchmarks/amp_check.py --data $D/data --device $DEVICE --out $
   done
   grep -h '"seconds"' $R/validate/runs/gpu/*/model.log.jsonl 2>/dev/null | cut -c1-200
   grep -h 'median' $R/scoring.log
+  grep -h '^amp=' $R/profile.log
   [ -f $R/amp.json ] && $PY -c "import json; r=json.load(open('$R/amp.json')); print('amp', json.dumps({k: v for k, v in r.items() if 'changed' in k or 'images' in k}), 'fp32', json.dumps(r['fp32']), 'bf16', json.dumps(r['bf16']))"
 } >> $R/summary.txt 2>&1
 find $R/validate -name '*.safetensors' -delete
