@@ -418,6 +418,9 @@ def train(
     if any(not 0.25 <= f <= 4 for f in scales):
         raise UsageError("--scale-aug factors must lie between 0.25 and 4")
     dev = resolve_device(device)
+    if dev.startswith("cuda"):
+        err("note: the GPU recipe (end to end, 8 images a step) has no measured epoch time or held-out metrics yet "
+            "(docs/performance.md); --device cpu trains the measured recipe")
     data = load_train_data(gaicd, fcdb, unlabeled, val_fraction)
     net, source = build_model(init, backbone, not no_saf, backbone_weights, seed)
     cfg = TrainConfig.for_device(dev, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf, rc=not no_rc,

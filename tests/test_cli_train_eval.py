@@ -94,3 +94,16 @@ def test_eval_table_and_usage_errors(tmp_path, tiny_gaicd, tiny_fcdb, small_mode
                        (["gaicd", tmp_path / "nothing", "--split", "test"], "nothing")):
         code, _, err = cli("eval", *args, "--weights", small_model_file)
         assert code == 2 and word in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_train_on_a_gpu_says_its_recipe_is_not_measured(tmp_path, monkeypatch):
+    import smartcrop.cropper
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(smartcrop.cropper, "resolve_device", lambda d: "cuda")
+    code, out, err = cli("train", "--out", "m.safetensors")  # no data: stops right after the note
+    assert code == 2 and "no labeled data" in err
+    assert "note: the GPU recipe" in err and "--device cpu" in err
+    monkeypatch.setattr(smartcrop.cropper, "resolve_device", lambda d: "cpu")
+    code, out, err = cli("train", "--out", "m.safetensors")
+    assert code == 2 and "note:" not in err
