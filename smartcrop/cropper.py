@@ -120,9 +120,9 @@ class Cropper:
         self.fuse = fuse  # a chosen crop averages this many overlapping top anchors (fuse_box; 1: the anchor)
         self._scorer = None  # net with BatchNorm folded, made at the first scoring (see scorer)
         self._channels_last = self.device == "cpu"  # measured faster on a CPU (model.fold_batchnorm)
-        # On a GPU every new input shape costs far more than its arithmetic (an H200 spent ~0.3 s on each of
-        # the first batches of a `run`, docs/performance.md), and a batch's photos split into network sizes in
-        # any proportion: each backbone pass is padded to a power of two (at most ~log2(batch) shapes a size).
+        # On a GPU the first use of an input shape costs far more than its arithmetic (an H200 took 0.34 s for
+        # each of a `run`'s first batches, ~0.05 s warmed: docs/performance.md), and a batch's photos split into
+        # network sizes in any proportion: each backbone pass is padded to a power of two (few shapes a size).
         self._pad_pow2 = self.device.startswith("cuda")
 
     @property

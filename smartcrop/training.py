@@ -73,8 +73,8 @@ class TrainConfig:
         image per step; on a GPU the whole network is trained, 8 images per step (one backbone pass per
         batch of equal-sized images; sizes rounded to multiples of 16, so the 2,705 photos of ../shared fall
         into 39 sizes instead of 332, at most 3 % anisotropic stretch) in bfloat16 autocast.  ``overrides``
-        whose value is None keep the recipe's value.  On a GPU each new input shape costs far more than its
-        arithmetic (measured on an H200 with variable batches: no epoch finished in 280 s, docs/performance.md),
+        whose value is None keep the recipe's value.  On a GPU the first use of an input shape costs far more
+        than its arithmetic, and with variable shapes an H200 finished no epoch in 285 s (docs/performance.md):
         hence ``fixed_shapes``."""
         gpu = device.startswith("cuda")
         recipe = {"frozen_layers": 14 if device == "cpu" else 0, "batch_size": 8 if gpu else 1, "amp": gpu,
