@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .anchors import parse_ratio
+from .cropper import FUSE_K
 from .errors import UsageError
 from .imageio import OUTPUT_FORMATS, safe_name
 from .inputs import collect_inputs
@@ -42,7 +43,7 @@ class RunOptions:
     workers: int = 0  # worker processes; 0: one per usable core
     batch: int = 0  # photos scored per model pass; 0: 1 on a CPU (batching only delays the workers), 16 on a GPU
     scoring: str = "auto"  # where photos are scored: main, workers, auto (runner.scoring_in_workers)
-    fuse: int = 3  # each chosen crop is the mean of this many overlapping top anchors (cropper.fuse_box)
+    fuse: int = FUSE_K  # each chosen crop is the mean of this many overlapping top anchors (cropper.fuse_box)
     preview: Path | None = None
 
     def template(self) -> str:

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cropper import FUSE_K
 from .errors import SmartcropError
 
 #: Smallest crop side written (pixels): anything smaller is a failed file, not a thumbnail of nothing.
@@ -180,7 +181,7 @@ class WorkerModel:
     top_k: int
     short_side: int
     max_long_side: int
-    fuse: int = 3
+    fuse: int = FUSE_K
 
 
 _worker_croppers: dict = {}  # model path -> Cropper, in a worker process
