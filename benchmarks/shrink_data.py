@@ -22,7 +22,6 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def shrink(src: Path, dst: Path, short: int, quality: int) -> tuple[float, float]:
@@ -41,7 +40,10 @@ def shrink(src: Path, dst: Path, short: int, quality: int) -> tuple[float, float
 
 
 def photos(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
+    """The photos smartcrop itself reads from ``folder`` (``smartcrop.data.list_images``, recursive)."""
+    from smartcrop.data import list_images
+
+    return list_images([folder])
 
 
 def main(argv=None) -> int:
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
         if not img_dir.is_dir():
             continue
         for p in photos(img_dir):
-            sx, sy = shrink(p, dst / "gaicd" / "images" / split / p.name, short, q)
+            sx, sy = shrink(p, dst / "gaicd" / "images" / split / p.relative_to(img_dir), short, q)
             n += 1
             ann = src / "gaicd" / "annotations" / split / f"{p.stem}.txt"
             if ann.is_file():
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     if fcdb.is_dir():
         scale = {}
         for p in photos(fcdb / "images"):
-            scale[p.name] = shrink(p, dst / "fcdb" / "images" / p.name, short, q)
+            scale[p.name] = shrink(p, dst / "fcdb" / "images" / p.relative_to(fcdb / "images"), short, q)
             n += 1
         for js in ("cropping_training_set.json", "cropping_testing_set.json"):
             if not (fcdb / js).is_file():
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
             (dst / "fcdb" / js).write_text(json.dumps(entries))
     if (src / "unlabeled").is_dir():
         for p in photos(src / "unlabeled"):
-            shrink(p, dst / "unlabeled" / p.name, short, q)
+            shrink(p, dst / "unlabeled" / p.relative_to(src / "unlabeled"), short, q)
             n += 1
     if args.weights:  # the ImageNet classifier is never used (model.backbone_state drops it): leave it out
         import torch
