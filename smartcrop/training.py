@@ -12,6 +12,7 @@ image and flip and cached in memory (fast on a CPU; photometric jitter is then n
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -463,7 +464,7 @@ class Trainer:
         if fixed and use_rc:
             for i in u_order:
                 by_size.setdefault(unlabeled[i].size, []).append(unlabeled[i])
-        taken: dict = {}
+        same_size = {size: itertools.cycle(photos) for size, photos in by_size.items()}
         for batch in steps:
             with self._autocast():
                 if self.cfg.batch_size <= 1:  # the one-image recipe, exactly as it always ran
@@ -471,11 +472,9 @@ class Trainer:
                     if use_rc:
                         parts.update(self.consistency_loss(unlabeled[u_order[done % len(unlabeled)]]))
                 else:
-                    same = by_size.get(batch[0].size)
-                    if same:
-                        k0 = taken.get(batch[0].size, 0)
-                        u = [same[(k0 + k) % len(same)] for k in range(len(batch))]
-                        taken[batch[0].size] = k0 + len(batch)
+                    same = same_size.get(batch[0].size)
+                    if same is not None:
+                        u = [next(same) for _ in batch]
                     elif use_rc:
                         u = [unlabeled[u_order[(done + k) % len(unlabeled)]] for k in range(len(batch))]
                     else:
