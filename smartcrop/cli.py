@@ -374,6 +374,11 @@ def train(
     no_saf: bool = typer.Option(False, "--no-saf", help="Without the spatial-aware feature (the basic model)."),
     no_rc: bool = typer.Option(False, "--no-rc", help="Without the rank-consistency loss."),
     fcdb_weight: float = typer.Option(0.5, "--fcdb-weight", help="Weight of the FCDB ranking losses."),
+    fcdb_head: bool = typer.Option(False, "--fcdb-head", help="Train a separate score head on the FCDB expert "
+                                   "crops, added to the MOS head's score (see --fcdb-mix)."),
+    fcdb_mix: Optional[float] = typer.Option(None, "--fcdb-mix", min=0.0, max=16.0, help="With --fcdb-head: "
+                                             "weight of the FCDB head in a crop's score (default 1; saved in the "
+                                             "model)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
                                              help="Labeled images per optimiser step, equal-sized ones sharing "
                                                   "one backbone pass. Default: 1 on CPU, 8 on CUDA."),
@@ -422,7 +427,11 @@ def train(
         err("note: the GPU recipe (end to end, 8 images a step) has no measured epoch time or held-out metrics yet "
             "(docs/performance.md); --device cpu trains the measured recipe")
     data = load_train_data(gaicd, fcdb, unlabeled, val_fraction)
-    net, source = build_model(init, backbone, not no_saf, backbone_weights, seed)
+    if fcdb_mix is not None and not fcdb_head:
+        raise UsageError("--fcdb-mix needs --fcdb-head")
+    net, source = build_model(init, backbone, not no_saf, backbone_weights, seed, fcdb_head)
+    if fcdb_mix is not None:
+        net.config.fcdb_mix = fcdb_mix
     cfg = TrainConfig.for_device(dev, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf, rc=not no_rc,
                                  fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch, frozen_layers=frozen_layers,
                                  seed=seed, ema=ema, batch_size=batch_size, amp=amp,

@@ -135,6 +135,10 @@ class ModelConfig:
     std: list = field(default_factory=lambda: [127.5, 127.5, 127.5])
     short_side: int = 256
     max_long_side: int = 768
+    # a second score head trained only on FCDB's expert crops, so that FCDB's one-box signal does not pull the
+    # head regressing the human MOS; a crop's score is then ``mos + fcdb_mix · fcdb`` (False: one head)
+    fcdb_head: bool = False
+    fcdb_mix: float = 1.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -209,6 +213,8 @@ class SACNet(nn.Module):
         self.head_in = head_in
         self.score_head = nn.Sequential(nn.Linear(head_in, d), nn.ReLU(inplace=True), nn.Linear(d, 1))
         self.rank_head = nn.Sequential(nn.Linear(2 * head_in, d), nn.ReLU(inplace=True), nn.Linear(d, 1))
+        if cfg.fcdb_head:  # made last, so the other heads' initial draws do not depend on it
+            self.fcdb_head = nn.Sequential(nn.Linear(head_in, d), nn.ReLU(inplace=True), nn.Linear(d, 1))
         self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -293,7 +299,22 @@ class SACNet(nn.Module):
         return torch.cat([f_r, f_s], dim=1)
 
     def score_features(self, crop_feats: torch.Tensor) -> torch.Tensor:
+        """The crop scores everything ranks by (``run``, ``eval``): the MOS head's, plus ``fcdb_mix`` times the
+        FCDB head's when the model has one."""
+        mos = self.mos_scores(crop_feats)
+        if not self.config.fcdb_head:
+            return mos
+        return mos + self.config.fcdb_mix * self.fcdb_scores(crop_feats)
+
+    def mos_scores(self, crop_feats: torch.Tensor) -> torch.Tensor:
+        """The head regressing the (normalised) human MOS."""
         return self.score_head(crop_feats).squeeze(-1)
+
+    def fcdb_scores(self, crop_feats: torch.Tensor) -> torch.Tensor:
+        """The head trained on FCDB's expert crops (``config.fcdb_head``); the MOS head's scores without one."""
+        if not self.config.fcdb_head:
+            return self.mos_scores(crop_feats)
+        return self.fcdb_head(crop_feats).squeeze(-1)
 
     def rank_logits(self, feats_i: torch.Tensor, feats_j: torch.Tensor) -> torch.Tensor:
         """Logit of P(crop i beats crop j) for paired rows of ``feats_i`` and ``feats_j``."""

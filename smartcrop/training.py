@@ -370,14 +370,16 @@ class Trainer:
             idx[0] = n - 1
             idx = np.unique(idx)
         cf = self.model.crop_features(feats, self.torch.from_numpy(boxes[idx]).to(self.device))
-        scores = self.model.score_features(cf)
         t = s.targets[idx]
         if s.kind == "gaicd":
-            return gaicd_loss(self.model, cf, scores, t, self.rng, eta=cfg.eta, max_pairs=cfg.pairs_per_image,
-                              lambda_cls=cfg.lambda_cls)
-        return fcdb_loss(self.model, cf, scores, t, self.rng, tau=cfg.fcdb_tau, max_pairs=cfg.pairs_per_image,
-                         margin=cfg.fcdb_margin, weight=cfg.fcdb_weight, lambda_cls=cfg.lambda_cls,
-                         mode=cfg.fcdb_loss, image_ious=s.targets)
+            return gaicd_loss(self.model, cf, self.model.mos_scores(cf), t, self.rng, eta=cfg.eta,
+                              max_pairs=cfg.pairs_per_image, lambda_cls=cfg.lambda_cls)
+        # with a separate FCDB head the expert crops train that head (and the shared features) only: neither the
+        # MOS head nor the ranking head, which rank consistency turns into the MOS head's labels
+        own = self.model.config.fcdb_head
+        return fcdb_loss(self.model, cf, self.model.fcdb_scores(cf), t, self.rng, tau=cfg.fcdb_tau,
+                         max_pairs=cfg.pairs_per_image, margin=cfg.fcdb_margin, weight=cfg.fcdb_weight,
+                         lambda_cls=0.0 if own else cfg.lambda_cls, mode=cfg.fcdb_loss, image_ious=s.targets)
 
     def consistency_loss(self, s: Sample):
         s = self._at_scale(s)
@@ -393,7 +395,7 @@ class Trainer:
             return {}
         idx = self.rng.choice(len(anchors), min(cfg.rc_anchors, len(anchors)), replace=False)
         cf = self.model.crop_features(feats, self.torch.from_numpy(anchors[idx]).to(self.device))
-        y = self.model.score_features(cf)
+        y = self.model.mos_scores(cf)
         return {"rc": cfg.rc_weight * rank_consistency(self.model, cf, y, cfg.rc_delta)}
 
     def gaicd_repeats(self, n_gaicd: int, n_fcdb: int) -> int:
@@ -665,7 +667,7 @@ def load_train_data(gaicd: Sequence[str] = (), fcdb: Sequence[Path] = (), unlabe
 
 
 def build_model(init: Path | None = None, backbone: str = "mobilenet_v2", saf: bool = True,
-                backbone_weights: Path | None = None, seed: int = 0):
+                backbone_weights: Path | None = None, seed: int = 0, fcdb_head: bool = False):
     """``(model, source)``: a new SAC-Net with ImageNet backbone weights, or a smartcrop model to start from."""
     import torch
 
@@ -681,8 +683,10 @@ def build_model(init: Path | None = None, backbone: str = "mobilenet_v2", saf: b
         if net.config.saf != saf:
             raise UsageError(f"{init}: the model {'has' if net.config.saf else 'lacks'} the spatial-aware feature, "
                              "unlike the requested architecture")
+        if fcdb_head and not net.config.fcdb_head:
+            raise UsageError(f"{init}: the model has no separate FCDB head (--fcdb-head needs a new model)")
         return net, f"init {init}"
-    net = SACNet(ModelConfig(backbone=backbone, saf=saf))
+    net = SACNet(ModelConfig(backbone=backbone, saf=saf, fcdb_head=fcdb_head))
     return net, load_backbone_weights(net, backbone_weights)
 
 

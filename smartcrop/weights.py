@@ -293,7 +293,9 @@ CONFIG_INT_PAIRS = {"saf_channels": (1, 256), "saf_pools": (1, 16)}  # and the p
 MEAN_RANGE = (0.0, 255.0)  # inputs are 0..255 RGB
 STD_RANGE = (0.01, 1000.0)
 GENERIC_RANGE = (0, 4096)  # a ModelConfig field without a rule of its own: the type of its default, this range
-FIELDS_WITH_RULES = ("backbone", "saf", *CONFIG_INT_RANGES, *CONFIG_INT_PAIRS, "taps", "dropout", "mean", "std")
+FCDB_MIX_RANGE = (0.0, 16.0)
+FIELDS_WITH_RULES = ("backbone", "saf", *CONFIG_INT_RANGES, *CONFIG_INT_PAIRS, "taps", "dropout", "mean", "std",
+                     "fcdb_head", "fcdb_mix")
 
 
 def _short(value, limit: int = 60) -> str:
@@ -324,10 +326,15 @@ def _check_field(key: str, v, default):
         if not isinstance(v, str) or v not in BACKBONES:
             raise _BadField(f"backbone {_short(v)} is not known (known: {', '.join(BACKBONES)})")
         return v
-    if key == "saf":
+    if key in ("saf", "fcdb_head"):
         if not isinstance(v, bool):
-            raise _BadField(f"saf must be true or false, found {_short(v)}")
+            raise _BadField(f"{key} must be true or false, found {_short(v)}")
         return v
+    if key == "fcdb_mix":
+        lo, hi = FCDB_MIX_RANGE
+        if not _is_number(v) or not lo <= v <= hi:
+            raise _BadField(f"fcdb_mix must be a number in [{lo:g}, {hi:g}], found {_short(v)}")
+        return float(v)
     if key in CONFIG_INT_RANGES:
         lo, hi = CONFIG_INT_RANGES[key]
         if not _is_int(v) or not lo <= v <= hi:

@@ -9,9 +9,9 @@ from smartcrop.training import (TrainConfig, TrainData, Trainer, fcdb_candidates
                                 run_training, size_batches, split_validation)
 
 
-def make_trainer(frozen=14, seed=0, **kw):
+def make_trainer(frozen=14, seed=0, fcdb_head=False, **kw):
     torch.manual_seed(seed)
-    net = SACNet(ModelConfig(short_side=64, max_long_side=128))
+    net = SACNet(ModelConfig(short_side=64, max_long_side=128, fcdb_head=fcdb_head))
     return Trainer(net, TrainConfig(epochs=2, frozen_layers=frozen, seed=seed, gaicd_share=0.5, **kw), "cpu",
                    log=lambda s: None)
 
@@ -44,6 +44,36 @@ def test_each_loss_takes_a_step(tiny_gaicd, tiny_fcdb, tiny_album, frozen):
         assert any(n.startswith("region_fc") for n in changed)
     frozen_params = [p for n, p in tr.model.named_parameters() if n.startswith("backbone.features.0.")]
     assert all(not p.requires_grad for p in frozen_params) == (frozen > 0)
+
+
+def test_a_separate_fcdb_head_keeps_fcdb_off_the_mos_and_ranking_heads(tiny_gaicd, tiny_fcdb, tiny_album):
+    tr = make_trainer(fcdb_head=True)
+    g, f, u = samples(tr, tiny_gaicd, tiny_fcdb, tiny_album)
+    tr.model.train()
+
+    def grads(parts):
+        tr.opt.zero_grad()
+        sum(parts.values()).backward()
+        return {n.split(".")[0] for n, p in tr.model.named_parameters()
+                if p.grad is not None and p.grad.abs().sum() > 0}
+
+    fcdb_parts = tr.labeled_loss(f[0])
+    assert set(fcdb_parts) == {"fcdb_rank"}  # no ranking-head term
+    touched = grads(fcdb_parts)
+    assert "fcdb_head" in touched and "region_fc" in touched
+    assert "score_head" not in touched and "rank_head" not in touched
+    touched = grads(tr.labeled_loss(g[0]))
+    assert {"score_head", "rank_head"} <= touched and "fcdb_head" not in touched
+    assert "fcdb_head" not in grads(tr.consistency_loss(u[0]))
+    # a crop's score is the MOS head's plus fcdb_mix times the FCDB head's
+    tr.model.eval()
+    cf = torch.randn(5, tr.model.head_in)
+    with torch.no_grad():
+        mos, fc = tr.model.mos_scores(cf), tr.model.fcdb_scores(cf)
+        tr.model.config.fcdb_mix = 0.5
+        assert torch.allclose(tr.model.score_features(cf), mos + 0.5 * fc)
+        tr.model.config.fcdb_mix = 0.0
+        assert torch.equal(tr.model.score_features(cf), mos)
 
 
 @pytest.fixture
