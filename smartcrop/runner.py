@@ -15,17 +15,18 @@ import json
 import os
 import sys
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import BrokenExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .errors import StreamError, UsageError, one_line
 from .inputs import InputItem
 from .naming import OutputNamer, output_ext
 from .plan import RunOptions
 from .pool import WorkerPool, keep_freed_memory, usable_cores
-from .stages import PER_FILE_ERRORS, WorkerModel, crop_job, finish, prepare, prepare_and_score
+from .stages import PER_FILE_ERRORS, PRELOAD_ENV, WorkerModel, crop_job, finish, prepare, prepare_and_score
 
 
 @dataclass
@@ -290,9 +291,9 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
     size = input_size(path)
     if scoring_in_workers(opts.scoring, device, max(1, opts.workers or usable_cores()), adapt=bool(adapt_epochs),
                           known_size=size):
-        # every worker scores; on Linux they are forked from a server that imported torch once, so they share
-        # its ~150 MB instead of each holding a copy (each still loads its own model, ~26 MB)
-        with WorkerPool(opts.workers, **_SCORING_POOL) as pool:
+        # every worker scores; on Linux they are forked from a server that imported torch and loaded the model
+        # once (smartcrop.preload), so they share it instead of each holding a copy
+        with _preload_model(path), WorkerPool(opts.workers, **_SCORING_POOL) as pool:
             wm = WorkerModel(str(path), tuple(opts.ratios), opts.top_k, *size, fuse=opts.fuse)
             runner = Runner(None, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool,
                             worker_model=wm)
@@ -328,8 +329,25 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         return runner.run(plan.items, early)
 
 
-_SCORING_POOL = ({"start_method": "forkserver", "preload": ("torch", "smartcrop.cropper", "smartcrop.stages")}
+# smartcrop.preload imports torch and the worker code and loads the model, once, in the fork server
+_SCORING_POOL = ({"start_method": "forkserver", "preload": ("smartcrop.preload",)}
                  if sys.platform.startswith("linux") else {})
+
+
+@contextmanager
+def _preload_model(path) -> Iterator[None]:
+    """Names the model for :mod:`smartcrop.preload` while the scoring pool starts its fork server (which reads
+    its environment then; a server already running from an earlier run in this process keeps what it loaded,
+    and its workers load another model themselves)."""
+    old = os.environ.get(PRELOAD_ENV)
+    os.environ[PRELOAD_ENV] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(PRELOAD_ENV, None)
+        else:
+            os.environ[PRELOAD_ENV] = old
 
 #: ``--scoring auto`` scores in the workers on a CPU with at least this many worker processes
 WORKER_SCORING_MIN_WORKERS = 8

@@ -186,13 +186,15 @@ class WorkerModel:
 
 _worker_croppers: dict = {}  # model path -> Cropper, in a worker process
 
+#: environment variable naming the model :mod:`smartcrop.preload` loads in the scoring workers' fork server
+PRELOAD_ENV = "SMARTCROP_PRELOAD_MODEL"
 
-def prepare_and_score(source, model: WorkerModel) -> tuple:
-    """Stages 1 and 2 in one worker: :func:`prepare`, then score with the worker's own copy of the model (loaded
-    at its first photo, one CPU thread) → ``(Prepared, crops)``.  Spreads scoring over every core of a many-core
-    CPU, where one scoring process would cap the run (~30 ms a photo)."""
-    p = prepare(source, model.short_side, model.max_long_side)
-    cropper = _worker_croppers.get(model.path)
+
+def worker_cropper(path: str):
+    """This process's scoring copy of the model at ``path`` (loaded at the first call, one CPU thread, BatchNorm
+    folded), kept for the next photos; :mod:`smartcrop.preload` makes it in the fork server, before the workers
+    are forked, so that they share it."""
+    cropper = _worker_croppers.get(path)
     if cropper is None:
         import torch
 
@@ -200,7 +202,17 @@ def prepare_and_score(source, model: WorkerModel) -> tuple:
 
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(1)  # one photo per worker and core: more threads would fight the other workers
-        cropper = _worker_croppers[model.path] = Cropper(weights=model.path, device="cpu")
+        cropper = _worker_croppers[path] = Cropper(weights=path, device="cpu")
+        cropper.scorer  # noqa: B018 - the folded copy (a property), made now rather than at the first photo
+    return cropper
+
+
+def prepare_and_score(source, model: WorkerModel) -> tuple:
+    """Stages 1 and 2 in one worker: :func:`prepare`, then score with the worker's own copy of the model (loaded
+    at its first photo, one CPU thread) → ``(Prepared, crops)``.  Spreads scoring over every core of a many-core
+    CPU, where one scoring process would cap the run (~30 ms a photo)."""
+    p = prepare(source, model.short_side, model.max_long_side)
+    cropper = worker_cropper(model.path)
     cropper.fuse = model.fuse
     try:
         crops = cropper.best_crops_batch([(p.image, p.full_size)], list(model.ratios), model.top_k)[0]

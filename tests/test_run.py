@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -393,8 +394,9 @@ libc.free(buf)
 
 
 def test_scoring_in_the_workers_writes_what_the_main_process_writes(tmp_path, small_model_file):
-    """--scoring workers (each worker loads the model; the many-core CPU path): the same boxes, scores and
-    bytes as scoring in the main process, records in input order, a bad file reported on one line."""
+    """--scoring workers (the workers score, the many-core CPU path; the model loaded by their fork server): the
+    same boxes, scores and bytes as scoring in the main process, records in input order, a bad file reported on
+    one line."""
     src = tmp_path / "in"
     for k in range(5):
         draw_photo(src / f"p{k}.jpg", size=(320 + 16 * k, 240), seed=k)
@@ -415,6 +417,46 @@ def test_scoring_in_the_workers_writes_what_the_main_process_writes(tmp_path, sm
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
         assert sha(Path(a["output"])) == sha(Path(b["output"]))
     assert {p: sha(p) for p in src.iterdir()} == before  # inputs untouched
+
+
+@pytest.mark.parametrize("env, loaded", [({}, True), ({"OMP_NUM_THREADS": "2"}, False)])
+def test_the_scoring_fork_server_loads_the_model_once_and_freezes_it(small_model_file, env, loaded):
+    """smartcrop.preload (imported by the scoring workers' fork server): the model named by the environment in
+    its scoring form, one torch thread, the collector frozen; with OMP_NUM_THREADS set it computes nothing."""
+    import subprocess
+    import sys
+
+    from smartcrop.stages import PRELOAD_ENV
+
+    code = ("import gc, torch, smartcrop.preload\n"
+            "from smartcrop import stages\n"
+            "c = stages._worker_croppers.get(%r)\n"
+            "print(c is not None and c._scorer is not None, gc.get_freeze_count() > 0, torch.get_num_threads())\n"
+            % str(small_model_file))
+    env = {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, PRELOAD_ENV: str(small_model_file),
+           **env}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    has_model, frozen, threads = out.split()
+    assert has_model == str(loaded) and frozen == "True"
+    assert threads == ("1" if loaded else "2")
+    env[PRELOAD_ENV] = str(small_model_file) + ".missing"  # a bad model: the workers report it per photo
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[:2] == ["False", "True"]
+
+
+def test_the_preload_variable_is_set_only_while_the_scoring_pool_starts(monkeypatch):
+    from smartcrop.runner import _preload_model
+    from smartcrop.stages import PRELOAD_ENV
+
+    monkeypatch.delenv(PRELOAD_ENV, raising=False)
+    with _preload_model("/m/a.safetensors"):
+        assert os.environ[PRELOAD_ENV] == "/m/a.safetensors"
+    assert PRELOAD_ENV not in os.environ
+    monkeypatch.setenv(PRELOAD_ENV, "user's")
+    with pytest.raises(KeyError):
+        with _preload_model("/m/b.safetensors"):
+            raise KeyError
+    assert os.environ[PRELOAD_ENV] == "user's"
 
 
 def test_where_photos_are_scored(monkeypatch):
