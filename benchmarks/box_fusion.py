@@ -35,9 +35,9 @@ def main(argv=None) -> int:
     import torch
 
     from smartcrop import Cropper
-    from smartcrop.anchors import gaic_anchors, ratio_anchors
     from smartcrop.cropper import fuse_box
     from smartcrop.data import read_fcdb
+    from smartcrop.evaluate import fcdb_eval_candidates
     from smartcrop.imageio import load_image
     from smartcrop.metrics import iou
 
@@ -55,9 +55,7 @@ def main(argv=None) -> int:
             for item in items:
                 li = load_image(item.image_path, target_short_side=cropper.config.short_side)
                 w, h = li.full_size
-                x1, y1, x2, y2 = item.box
-                cands = {"any": gaic_anchors(w, h),
-                         "gt": ratio_anchors(w, h, max(x2 - x1, 1e-6) / max(y2 - y1, 1e-6))}
+                cands = {m: fcdb_eval_candidates(w, h, item.box, m) for m in ("any", "gt")}
                 scores = cropper.score_boxes(li.image, (w, h), cands)
                 for mode, boxes in cands.items():
                     b = np.asarray(boxes, dtype=np.float64)

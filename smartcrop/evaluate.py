@@ -58,6 +58,15 @@ def write_predictions(preds, path: str | Path) -> None:
     write_atomic(path, "".join(lines).encode())
 
 
+def fcdb_eval_candidates(width: int, height: int, box, ratio: str) -> np.ndarray:
+    """The crops FCDB evaluation chooses among on a ``width`` × ``height`` photo whose expert crop is ``box``:
+    the free GAIC anchors (``ratio="any"``) or the anchors of the expert crop's aspect ratio (``"gt"``)."""
+    if ratio == "any":
+        return gaic_anchors(width, height)
+    x1, y1, x2, y2 = box
+    return ratio_anchors(width, height, max(x2 - x1, 1e-6) / max(y2 - y1, 1e-6))
+
+
 def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progress: bool | None = None,
                  on_error=None) -> list[tuple[FcdbItem, np.ndarray, tuple[int, int]]]:
     """The model's best box for each photo: among free anchors (``any``) or anchors of the expert's ratio (``gt``),
@@ -67,11 +76,7 @@ def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progres
     out = []
     for item, li in _decoded(cropper, items, f"FCDB ({ratio})", progress, on_error):
         w, h = li.full_size
-        if ratio == "any":
-            boxes = gaic_anchors(w, h)
-        else:
-            x1, y1, x2, y2 = item.box
-            boxes = ratio_anchors(w, h, max(x2 - x1, 1e-6) / max(y2 - y1, 1e-6))
+        boxes = fcdb_eval_candidates(w, h, item.box, ratio)
         s = cropper.score_boxes(li.image, (w, h), {"a": boxes})["a"]
         out.append((item, fuse_box(boxes, s, int(np.argmax(s)), cropper.fuse), (w, h)))
     return out
