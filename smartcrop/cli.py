@@ -374,6 +374,8 @@ def train(
     no_saf: bool = typer.Option(False, "--no-saf", help="Without the spatial-aware feature (the basic model)."),
     no_rc: bool = typer.Option(False, "--no-rc", help="Without the rank-consistency loss."),
     fcdb_weight: float = typer.Option(0.5, "--fcdb-weight", help="Weight of the FCDB ranking losses."),
+    gaicd_rank_weight: float = typer.Option(0.0, "--gaicd-rank-weight", min=0.0, help="Weight of a margin "
+                                            "ranking loss on the score head over the GAICD pairs (0: off)."),
     fcdb_head: bool = typer.Option(False, "--fcdb-head", help="Train a separate score head on the FCDB expert "
                                    "crops, added to the MOS head's score (see --fcdb-mix)."),
     fcdb_mix: Optional[float] = typer.Option(None, "--fcdb-mix", min=0.0, max=16.0, help="With --fcdb-head: "
@@ -435,7 +437,8 @@ def train(
     cfg = TrainConfig.for_device(dev, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf, rc=not no_rc,
                                  fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch, frozen_layers=frozen_layers,
                                  seed=seed, ema=ema, batch_size=batch_size, amp=amp,
-                                 backbone_lr_mult=backbone_lr_mult, scales=scales)
+                                 backbone_lr_mult=backbone_lr_mult, scales=scales,
+                                 gaicd_rank_weight=gaicd_rank_weight)
     info = {
         "command": "smartcrop train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "training": {"backbone_init": source, "gaicd": list(gaicd), "fcdb": [str(p) for p in fcdb],

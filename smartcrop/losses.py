@@ -46,17 +46,26 @@ def _split(pairs: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gaicd_loss(model, cf: torch.Tensor, scores: torch.Tensor, targets: np.ndarray, rng: np.random.Generator, *,
-               eta: float, max_pairs: int, lambda_cls: float) -> dict:
-    """``{"reg": L_reg, "cls": λ_cls · L_cls}`` for crops with normalised MOS ``targets``."""
+               eta: float, max_pairs: int, lambda_cls: float, rank_weight: float = 0.0,
+               rank_margin: float = 0.25) -> dict:
+    """``{"reg": L_reg, "cls": λ_cls · L_cls}`` for crops with normalised MOS ``targets``; with ``rank_weight``
+    > 0 also ``"rank"``: a margin ranking loss on the score head itself over the same pairs,
+    ``rank_weight · mean(max(0, m − sign(t_i − t_j)(ŷ_i − ŷ_j)))`` (``m = rank_margin``, normalised MOS units;
+    the pairs differ by more than ``η`` ≥ m, so a perfect regression satisfies it)."""
     dev = scores.device
     parts = {"reg": F.smooth_l1_loss(scores, torch.from_numpy(np.asarray(targets, np.float32)).to(dev))}
-    if lambda_cls > 0:
+    if lambda_cls > 0 or rank_weight > 0:
         pairs = pair_indices(targets, eta, max_pairs, rng)
         if len(pairs):
             pi, pj = _split(pairs, dev)
-            logits = model.rank_logits(cf[pi], cf[pj])
-            label = torch.from_numpy((targets[pairs[:, 0]] > targets[pairs[:, 1]]).astype(np.float32)).to(dev)
-            parts["cls"] = lambda_cls * F.binary_cross_entropy_with_logits(logits, label)
+            first_better = targets[pairs[:, 0]] > targets[pairs[:, 1]]
+            if lambda_cls > 0:
+                logits = model.rank_logits(cf[pi], cf[pj])
+                label = torch.from_numpy(first_better.astype(np.float32)).to(dev)
+                parts["cls"] = lambda_cls * F.binary_cross_entropy_with_logits(logits, label)
+            if rank_weight > 0:
+                sign = torch.from_numpy(np.where(first_better, 1.0, -1.0).astype(np.float32)).to(dev)
+                parts["rank"] = rank_weight * torch.relu(rank_margin - sign * (scores[pi] - scores[pj])).mean()
     return parts
 
 

@@ -38,6 +38,7 @@ class TrainConfig:
     pairs_per_image: int = 256  # P
     eta: float = 0.5  # MOS gap of the pairs used by L_cls
     lambda_cls: float = 1.0
+    gaicd_rank_weight: float = 0.0  # margin ranking loss on the score head over the GAICD pairs (0: off, the paper)
     fcdb_weight: float = 0.5  # the shipped recipe since issue 11 (1.0 before: docs/results.md)
     fcdb_tau: float = 0.2  # IoU gap of the FCDB pairs
     fcdb_margin: float = 0.25  # margin of the FCDB ranking loss, in normalised MOS units
@@ -373,7 +374,8 @@ class Trainer:
         t = s.targets[idx]
         if s.kind == "gaicd":
             return gaicd_loss(self.model, cf, self.model.mos_scores(cf), t, self.rng, eta=cfg.eta,
-                              max_pairs=cfg.pairs_per_image, lambda_cls=cfg.lambda_cls)
+                              max_pairs=cfg.pairs_per_image, lambda_cls=cfg.lambda_cls,
+                              rank_weight=cfg.gaicd_rank_weight)
         # with a separate FCDB head the expert crops train that head (and the shared features) only: neither the
         # MOS head nor the ranking head, which rank consistency turns into the MOS head's labels
         own = self.model.config.fcdb_head

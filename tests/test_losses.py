@@ -40,6 +40,22 @@ def test_gaicd_loss_is_zero_when_scores_equal_targets_and_the_head_ranks_right()
                           lambda_cls=0.0)) == {"reg"}
 
 
+def test_gaicd_rank_term_is_a_margin_on_the_score_head_over_mos_ordered_pairs():
+    t = np.array([-1.0, 0.0, 1.5], np.float32)
+    cf = torch.from_numpy(t)[:, None]
+    kw = dict(eta=0.5, max_pairs=10, lambda_cls=1.0, rank_margin=0.25)
+    # off by default, and the draws are the same with it on (the paper's recipe is unchanged)
+    off = gaicd_loss(Heads(), cf, torch.from_numpy(t), t, np.random.default_rng(0), **kw)
+    right = gaicd_loss(Heads(), cf, torch.from_numpy(t), t, np.random.default_rng(0), rank_weight=2.0, **kw)
+    assert "rank" not in off and torch.equal(off["cls"], right["cls"])
+    assert right["rank"].item() == 0.0  # every pair ordered right by more than the margin
+    flat = torch.zeros(3, requires_grad=True)  # every pair tied: the margin is missed by 0.25 on each
+    parts = gaicd_loss(Heads(), cf, flat, t, np.random.default_rng(0), rank_weight=2.0, **kw)
+    assert parts["rank"].item() == pytest.approx(2.0 * 0.25)
+    parts["rank"].backward()
+    assert flat.grad[2] < 0 < flat.grad[0]  # pushes the best crop up and the worst down
+
+
 def test_fcdb_rank_loss_is_a_margin_on_iou_ordered_pairs():
     ious = np.array([0.9, 0.5, 0.1], np.float32)
     cf = torch.from_numpy(ious)[:, None]
