@@ -459,6 +459,36 @@ def test_the_preload_variable_is_set_only_while_the_scoring_pool_starts(monkeypa
     assert os.environ[PRELOAD_ENV] == "user's"
 
 
+def test_photos_are_decoded_ahead_while_the_model_loads(tmp_path, small_model_file, monkeypatch):
+    """Start-up: the workers decode up to EARLY_PER_WORKER photos each (more than the run's window) before the
+    model is loaded; the run's output is the same."""
+    from smartcrop import runner
+    from smartcrop.cropper import Cropper
+
+    src = tmp_path / "in"
+    for k in range(12):
+        draw_photo(src / f"p{k:02d}.jpg", size=(160, 120), seed=k)
+    decoded, at_model_load = [], []
+    real_prepare, real_init = runner.prepare, Cropper.__init__
+
+    def prepare(*a, **k):
+        decoded.append(a[0])
+        return real_prepare(*a, **k)
+
+    def init(self, *a, **k):
+        at_model_load.append(len(decoded))
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(runner, "prepare", prepare)
+    monkeypatch.setattr(Cropper, "__init__", init)
+    monkeypatch.setattr(runner, "EARLY_PER_WORKER", 10)  # -j 1: the window is 8, 10 decoded ahead
+    code, out, err = run([src, "--ratio", "1:1", "--json", "-j", "1", "-o", tmp_path / "out",
+                          "--weights", small_model_file])
+    assert code == 0, err
+    assert at_model_load == [10] and len(decoded) == 12 and len(set(decoded)) == 12  # each photo decoded once
+    assert sorted(Path(r["input"]).name for r in jsonl(out)) == [f"p{k:02d}.jpg" for k in range(12)]
+
+
 def test_where_photos_are_scored(monkeypatch):
     from smartcrop.errors import UsageError
     from smartcrop.runner import WORKER_SCORING_MIN_WORKERS as N, scoring_in_workers
