@@ -71,7 +71,7 @@ class AlbumPhoto:
 
 
 def _trainable(net) -> list:
-    names = ("region_fc.", "saf_conv1.", "saf_conv2.", "saf_fc.", "score_head.")
+    names = ("region_fc.", "saf_conv1.", "saf_conv2.", "saf_fc.", "score_head.", "fcdb_head.")
     params = []
     for n, p in net.named_parameters():
         p.requires_grad_(n.startswith(names))
@@ -154,9 +154,9 @@ class Finetuner:
         n = len(boxes)
         idx = self.rng.choice(n, min(cfg.anchors if ph.kind == "album" else rec.fcdb_crops, n), replace=False)
         cf = self.net.crop_features(ph.feats[flip], torch.from_numpy(boxes[idx]).to(self.device))
-        y = self.net.score_features(cf)
         parts = {}
-        if ph.kind == "album":
+        if ph.kind == "album":  # the score `run` ranks by (with a separate FCDB head: both heads' sum)
+            y = self.net.score_features(cf)
             rc = rank_consistency(self.net, cf, y, cfg.delta)
             if rc is not None:  # None: a single anchor (extreme panorama), nothing to compare
                 parts["rc"] = rc
@@ -165,11 +165,11 @@ class Finetuner:
                     parts["distill"] = cfg.distill * torch.nn.functional.mse_loss(y, base)
         elif ph.kind == "gaicd":  # the score head only: the ranking head stays as trained
             t = ph.targets[idx].astype(np.float32)
-            reg = gaicd_loss(self.net, cf, y, t, self.rng, eta=rec.eta, max_pairs=rec.pairs_per_image,
-                             lambda_cls=0.0)["reg"]
+            reg = gaicd_loss(self.net, cf, self.net.mos_scores(cf), t, self.rng, eta=rec.eta,
+                             max_pairs=rec.pairs_per_image, lambda_cls=0.0)["reg"]
             parts["labeled"] = cfg.labeled_weight * reg
         else:  # fcdb: margin ranking on IoU pairs
-            rank = fcdb_loss(self.net, cf, y, ph.targets[idx], self.rng, tau=rec.fcdb_tau,
+            rank = fcdb_loss(self.net, cf, self.net.fcdb_scores(cf), ph.targets[idx], self.rng, tau=rec.fcdb_tau,
                              max_pairs=rec.pairs_per_image, margin=rec.fcdb_margin, weight=cfg.labeled_weight,
                              lambda_cls=0.0)
             if rank:

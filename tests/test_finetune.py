@@ -97,6 +97,30 @@ def test_finetune_with_labeled_data_and_resume(tmp_path, tiny_album, tiny_gaicd,
     assert [r["epoch"] for r in h] == [1, 2]
 
 
+def test_finetune_of_a_model_with_a_separate_fcdb_head_trains_each_head_on_its_own_data(tiny_gaicd, tiny_fcdb):
+    """Expert crops adapt the FCDB head, human scores the MOS head; the album's rank consistency the score
+    `run` ranks by (both heads)."""
+    from smartcrop.finetune import Finetuner, FinetuneConfig, cache_photos, labeled_sources
+    from smartcrop.model import ModelConfig, SACNet
+
+    torch.manual_seed(0)
+    net = SACNet(ModelConfig(short_side=64, max_long_side=128, fcdb_head=True)).eval()
+    tuner = Finetuner(net, FinetuneConfig(), "cpu")
+
+    def heads_moved(root, kind):
+        _, items = labeled_sources(root)
+        photo = cache_photos(net, items[:1], lambda s: None, progress=False, kind=kind)[0]
+        parts = tuner.photo_loss(photo)
+        tuner.opt.zero_grad()
+        sum(parts.values()).backward()
+        return {h for h in ("score_head", "fcdb_head")
+                if any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in net.named_parameters()
+                       if n.startswith(h))}
+
+    assert heads_moved(tiny_fcdb, "fcdb") == {"fcdb_head"}
+    assert heads_moved(tiny_gaicd, "gaicd") == {"score_head"}
+
+
 def test_too_few_photos_is_a_clear_error(tmp_path, small_model_file):
     album = tmp_path / "few"
     draw_photo(album / "a.jpg")
