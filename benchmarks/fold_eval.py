@@ -1,18 +1,22 @@
-"""How much of the separate FCDB head to add to the MOS head (``ModelConfig.fcdb_mix``), on the protocol's folds.
+"""Re-evaluate a validation variant's kept fold models, paired fold by fold against a reference variant.
 
-A model trained with ``smartcrop train --fcdb-head`` scores a crop ``mos + m · fcdb``.  Each fold model is scored
-twice per image, at m = 0 (the MOS head alone) and m = 1, which gives both heads' scores; every m of ``--mix`` is
-then evaluated on them exactly as ``smartcrop eval`` does: GAICD SRCC / Acc on the fold's 20 held-out images,
-FCDB IoU on the dev half and on the held-out FCDB train slice, free (``any``) and at the expert's ratio (``gt``),
-with the best anchor alone (fuse 1) and with box voting (fuse 3).  Each (fold, m) is paired against the
-reference variant's run of the same fold and seed (its result file: GAICD, and FCDB without box voting — the
-reference runs predate it — so FCDB pairs use fuse 1)::
+``benchmarks/validate.py --keep-models`` leaves each run's model in ``runs/validate/runs/VARIANT/foldK_seedS/``.
+For each fold this scores, once per image, the fold's 20 held-out GAICD images (SRCC, PCC, Acc5, Acc10) and
+FCDB's dev half and held-out train slice, free (``any``) and at the expert's ratio (``gt``), and reports FCDB
+IoU with the best anchor alone (fuse 1) and with box voting (fuse 3) — exactly as ``smartcrop eval`` computes
+them.  The reference's figures come from its result files; its runs predate box voting, so FCDB pairs use
+fuse 1.
 
-    python benchmarks/fcdb_mix.py --variant fcdbhead --seed 0 --reference fcdbhalf \
-        --mix 0,0.25,0.5,1,2 --out runs/fcdb_mix.json
+A model trained with ``smartcrop train --fcdb-head`` scores a crop ``mos + m · fcdb``: it is scored at m = 0
+(the MOS head alone) and m = 1, which gives both heads' scores, and every m of ``--mix`` is evaluated (for
+other models ``--mix`` is ignored)::
+
+    python benchmarks/fold_eval.py --variant fcdbhead --seed 0 --reference fcdbhalf \
+        --mix 0,0.25,0.5,1,2 --out runs/fold_eval_fcdbhead.jsonl
+    python benchmarks/fold_eval.py --variant gaicdrank --seed 0 --reference fcdbhalf
 
 Data: ``runs/validate`` as ``benchmarks/validate.py`` left it (fold roots, the FCDB held-out root, the kept
-models ``runs/validate/runs/VARIANT/foldK_seedS/model.safetensors``) and the FCDB dev half (``--fcdb-dev``).
+models) and the FCDB dev half (``--fcdb-dev``).
 """
 
 from __future__ import annotations
@@ -64,11 +68,14 @@ def main(argv=None) -> int:
         mp = args.work / "runs" / args.variant / run / "model.safetensors"
         cropper = Cropper(weights=mp, device="cpu")
         net = cropper.net
-        if not net.config.fcdb_head:
-            raise SystemExit(f"{mp}: no separate FCDB head")
+        two_heads = net.config.fcdb_head
+        fold_mixes = mixes if two_heads else [None]
 
         def both(image, size, box_sets):
-            """(MOS head, FCDB head) scores of every box set."""
+            """(MOS head, FCDB head) scores of every box set; (scores, 0) for a model with one head."""
+            if not two_heads:
+                a = cropper.score_boxes(image, size, box_sets)
+                return {k: (a[k], np.zeros_like(a[k])) for k in box_sets}
             net.config.fcdb_mix = 0.0
             a = cropper.score_boxes(image, size, box_sets)
             net.config.fcdb_mix = 1.0
@@ -86,8 +93,9 @@ def main(argv=None) -> int:
                 w, h = li.full_size
                 cands = {m: fcdb_eval_candidates(w, h, item.box, m) for m in ("any", "gt")}
                 fcdb.setdefault(name, []).append((item, (w, h), cands, both(li.image, (w, h), cands)))
-        for m in mixes:
-            row = {"variant": args.variant, "fold": fold, "seed": args.seed, "mix": m,
+        for mix in fold_mixes:
+            m = mix or 0.0
+            row = {"variant": args.variant, "fold": fold, "seed": args.seed, "mix": mix,
                    "gaicd": {k: gaicd_metrics((mos + m * fc, item.mos) for item, (mos, fc) in gaicd)[k]
                              for k in GAICD_KEYS}}
             for name, recs in fcdb.items():
@@ -101,13 +109,14 @@ def main(argv=None) -> int:
                         row[f"{name}_{mode}_fuse{k}"] = fcdb_metrics(chosen)["iou"]
             rows.append(row)
             g = row["gaicd"]
-            print(f"fold {fold} mix {m:g}: SRCC {g['srcc']:.3f} Acc5 {g['acc5']:.1f} Acc10 {g['acc10']:.1f} | "
+            print(f"fold {fold} mix {mix}: SRCC {g['srcc']:.3f} Acc5 {g['acc5']:.1f} Acc10 {g['acc10']:.1f} | "
                   + " ".join(f"{k}={v:.3f}" for k, v in row.items() if "_fuse" in k), file=sys.stderr, flush=True)
 
     print(f"\n{args.variant} (seed {args.seed}) minus {args.reference} (seed {args.seed}), paired by fold: "
           "mean ± sd (folds won); FCDB at fuse 1 (the reference runs have no box voting)")
     ref = {f: json.loads((args.work / "results" / args.reference / f"fold{f}_seed{args.seed}.json").read_text())
            for f in folds}
+    mixes = sorted({r["mix"] for r in rows}, key=lambda v: -1 if v is None else v)
     for m in mixes:
         rs = [r for r in rows if r["mix"] == m]
         parts = [f"{k} {_mean_sd([r['gaicd'][k] - ref[r['fold']]['gaicd_val'][k] for r in rs])}" for k in GAICD_KEYS]
@@ -115,14 +124,14 @@ def main(argv=None) -> int:
             for mode in ("any", "gt"):
                 d = [r[f"{name}_{mode}_fuse1"] - ref[r["fold"]][f"fcdb_{name}_{mode}"]["iou"] for r in rs]
                 parts.append(f"{name}/{mode} {_mean_sd(d)}")
-        print(f"mix {m:g}: " + "; ".join(parts))
+        print(f"mix {m}: " + "; ".join(parts))
     print("\nmeans over folds (fuse 1 / fuse 3):")
     for m in mixes:
         rs = [r for r in rows if r["mix"] == m]
         g = {k: np.mean([r["gaicd"][k] for r in rs]) for k in GAICD_KEYS}
         f = {f"{n}/{mo}": (np.mean([r[f"{n}_{mo}_fuse1"] for r in rs]), np.mean([r[f"{n}_{mo}_fuse{FUSE_K}"] for r in rs]))
              for n in sets for mo in ("any", "gt")}
-        print(f"mix {m:g}: SRCC {g['srcc']:.3f} Acc5 {g['acc5']:.1f} Acc10 {g['acc10']:.1f} | "
+        print(f"mix {m}: SRCC {g['srcc']:.3f} Acc5 {g['acc5']:.1f} Acc10 {g['acc10']:.1f} | "
               + " ".join(f"{k} {a:.3f}/{b:.3f}" for k, (a, b) in f.items()))
     if args.out:
         args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
