@@ -15,8 +15,8 @@ import json
 import os
 import sys
 from collections import deque
-from contextlib import contextmanager
 from concurrent.futures import BrokenExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -349,6 +349,7 @@ def _preload_model(path) -> Iterator[None]:
             os.environ.pop(PRELOAD_ENV, None)
         else:
             os.environ[PRELOAD_ENV] = old
+
 
 #: Photos the workers decode (at the network's size) while the main process imports torch and loads the model:
 #: this many per worker, at most EARLY_MAX in all.  On 2 cores a worker core is otherwise idle for most of the
