@@ -374,6 +374,8 @@ def train(
     no_saf: bool = typer.Option(False, "--no-saf", help="Without the spatial-aware feature (the basic model)."),
     no_rc: bool = typer.Option(False, "--no-rc", help="Without the rank-consistency loss."),
     fcdb_weight: float = typer.Option(0.5, "--fcdb-weight", help="Weight of the FCDB ranking losses."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", min=0.0, max=0.9, help="Dropout on the region and "
+                                            "spatial-aware features of a new model (default 0.3; saved in it)."),
     gaicd_rank_weight: float = typer.Option(0.0, "--gaicd-rank-weight", min=0.0, help="Weight of a margin "
                                             "ranking loss on the score head over the GAICD pairs (0: off)."),
     fcdb_head: bool = typer.Option(False, "--fcdb-head", help="Train a separate score head on the FCDB expert "
@@ -431,7 +433,7 @@ def train(
     data = load_train_data(gaicd, fcdb, unlabeled, val_fraction)
     if fcdb_mix is not None and not fcdb_head:
         raise UsageError("--fcdb-mix needs --fcdb-head")
-    net, source = build_model(init, backbone, not no_saf, backbone_weights, seed, fcdb_head)
+    net, source = build_model(init, backbone, not no_saf, backbone_weights, seed, fcdb_head, dropout)
     if fcdb_mix is not None:
         net.config.fcdb_mix = fcdb_mix
     cfg = TrainConfig.for_device(dev, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf, rc=not no_rc,

@@ -669,7 +669,8 @@ def load_train_data(gaicd: Sequence[str] = (), fcdb: Sequence[Path] = (), unlabe
 
 
 def build_model(init: Path | None = None, backbone: str = "mobilenet_v2", saf: bool = True,
-                backbone_weights: Path | None = None, seed: int = 0, fcdb_head: bool = False):
+                backbone_weights: Path | None = None, seed: int = 0, fcdb_head: bool = False,
+                dropout: float | None = None):
     """``(model, source)``: a new SAC-Net with ImageNet backbone weights, or a smartcrop model to start from."""
     import torch
 
@@ -687,8 +688,11 @@ def build_model(init: Path | None = None, backbone: str = "mobilenet_v2", saf: b
                              "unlike the requested architecture")
         if fcdb_head and not net.config.fcdb_head:
             raise UsageError(f"{init}: the model has no separate FCDB head (--fcdb-head needs a new model)")
+        if dropout is not None:
+            raise UsageError("--dropout applies to a new model, not to --init")
         return net, f"init {init}"
-    net = SACNet(ModelConfig(backbone=backbone, saf=saf, fcdb_head=fcdb_head))
+    extra = {} if dropout is None else {"dropout": dropout}
+    net = SACNet(ModelConfig(backbone=backbone, saf=saf, fcdb_head=fcdb_head, **extra))
     return net, load_backbone_weights(net, backbone_weights)
 
 

@@ -60,6 +60,7 @@ def test_train_partial_unfreezing_with_a_lower_backbone_learning_rate(tmp_path, 
     (["--out", "m.safetensors", "--gaicd", "x", "--backbone", "resnet50"], ["resnet50", "mobilenet_v2"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--scale-aug", "0.9;1.1"], ["--scale-aug", "0.9;1.1"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--scale-aug", "0,1.1"], ["--scale-aug", "between"]),
+    (["--out", "m.safetensors", "--gaicd", "x", "--fcdb-mix", "0.5"], ["--fcdb-mix needs --fcdb-head"]),
 ])
 def test_train_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_gaicd, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)
@@ -70,6 +71,24 @@ def test_train_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_gaicd, monkey
     for w in words:
         assert w in err
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_train_architecture_options_make_a_new_model_with_them(tmp_path, tiny_gaicd, tiny_fcdb, small_model_file,
+                                                               monkeypatch):
+    """--fcdb-head, --fcdb-mix and --dropout end up in the saved model's config; they need a new model."""
+    from smartcrop import weights
+    from smartcrop.weights import load_model
+
+    monkeypatch.setattr(weights, "load_backbone_weights", lambda net, path: "untrained (test)")
+    out = tmp_path / "m.safetensors"
+    code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--epochs", "1",
+                       "--val-fraction", "0", "--fcdb-head", "--fcdb-mix", "0.5", "--dropout", "0.45", "--out", out)
+    assert code == 0, err
+    cfg = load_model(out).config
+    assert cfg.fcdb_head and cfg.fcdb_mix == 0.5 and cfg.dropout == 0.45
+    code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--dropout", "0.5",
+                       "--out", tmp_path / "n.safetensors")
+    assert code == 2 and "--dropout" in err and len(err.strip().splitlines()) == 1
 
 
 def test_eval_gaicd_and_fcdb_json(tiny_gaicd, tiny_fcdb, small_model_file):
