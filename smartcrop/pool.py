@@ -34,11 +34,16 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _init_worker(budget) -> None:
+def _init_worker(budget, warm=None) -> None:
     global _budget
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _budget = budget
     keep_freed_memory()
+    if warm is not None:
+        try:
+            warm()
+        except Exception:  # noqa: BLE001 - only a head start: the task that needs it will report any failure
+            pass
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -109,12 +114,15 @@ def _release_free_memory() -> None:
 
 class WorkerPool:
     def __init__(self, workers: int | None = None, pixel_budget: int = DEFAULT_PIXEL_BUDGET,
-                 start_method: str | None = None, preload: tuple = ()):
+                 start_method: str | None = None, preload: tuple = (), warm=None):
         """``start_method``: multiprocessing's (default ``fork`` on Linux, else ``spawn``); a pool made after
         torch started its threads (training) asks for ``forkserver``, so no worker is forked from them.
         ``preload``: with ``forkserver``, modules the server imports once before forking every worker, so the
-        workers share their memory (copy-on-write) instead of each importing them."""
+        workers share their memory (copy-on-write) instead of each importing them.  ``warm``: a picklable
+        function each worker process calls when it starts, before its first task (e.g. loading a library it
+        will need, while the caller is busy starting up)."""
         self.workers = max(1, workers or usable_cores())
+        self._warm = warm
         self._executor = None
         if self.workers > 1:
             self._ctx = multiprocessing.get_context(start_method or ("fork" if sys.platform.startswith("linux")
@@ -126,7 +134,7 @@ class WorkerPool:
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=self._ctx, initializer=_init_worker,
-                                   initargs=(self._budget,))
+                                   initargs=(self._budget, self._warm))
 
     def submit(self, fn, *args) -> Future:
         if self._executor is None:

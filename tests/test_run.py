@@ -566,3 +566,51 @@ def test_cli_works_with_a_typer_without_the_help_hook():
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+WARMED = False  # set in a worker process by _warm_up
+
+
+def _warm_up():
+    global WARMED
+    WARMED = True
+
+
+def _warm_fails():
+    raise OSError("no such library")
+
+
+def _warmed():
+    return WARMED
+
+
+def test_each_worker_warms_up_before_its_first_task():
+    """WorkerPool(warm=f): every worker calls f when it starts (the run loads the lossless JPEG backend so, while
+    torch is imported); a warm-up that fails leaves the pool working."""
+    from smartcrop.pool import WorkerPool
+
+    with WorkerPool(2, warm=_warm_up) as pool:
+        assert all(pool.submit(_warmed).result() for _ in range(4))
+    with WorkerPool(2) as pool:
+        assert not any(pool.submit(_warmed).result() for _ in range(4))
+    with WorkerPool(2, warm=_warm_fails) as pool:
+        assert pool.submit(_warmed).result() is False
+
+
+def test_a_run_warms_the_lossless_backend_only_when_it_may_crop_losslessly(tmp_path, small_model_file, monkeypatch):
+    from smartcrop import runner
+
+    seen = []
+    real = runner.WorkerPool
+
+    def pool(*a, **k):
+        seen.append(k.get("warm"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "WorkerPool", pool)
+    photo = draw_photo(tmp_path / "in" / "a.jpg", size=(320, 240))
+    for extra in ([], ["--reencode"], ["--quality", "80"], ["--dry-run"]):
+        code, _, err = run([photo, "--ratio", "1:1", "-o", tmp_path / f"out{len(seen)}", "--weights",
+                            small_model_file, "-j", "2", *extra])
+        assert code == 0, err
+    assert seen == [runner.warm_lossless, None, None, None]
