@@ -26,7 +26,8 @@ The protocol (fixed; written to ``WORK/protocol.json`` and checked on every star
   slice (used as ``--fcdb ROOT``) and whose ``cropping_testing_set.json`` is the slice.
 - Each run trains the shipped recipe (docs/results.md): ``smartcrop train --gaicd FOLD:train --fcdb
   FCDB_HELDOUT --unlabeled DATA/unlabeled --unlabeled DATA/gaicd/images/holdout --val-fraction 0
-  --backbone-weights W --seed S`` + ``--train-args`` (all variants) + the variant's own arguments, and is then
+  --backbone-weights W --seed S`` (``--backbone-weights W`` left out when the variant names ``--backbone`` or
+  its own weights) + ``--train-args`` (all variants) + the variant's own arguments, and is then
   evaluated on the fold's 20 held-out GAICD images, on the real FCDB test split (the "dev half", 167 photos)
   and on the held-out FCDB train slice, each FCDB set with ``--ratio any`` and ``--ratio gt``.
 - Code: by default the runs use a snapshot of the committed ``smartcrop/`` package at HEAD
@@ -316,8 +317,11 @@ def do_run(args, work: Path, variant: str, vargs: list[str], code: str, fold: in
     train_cmd = prefix + ["train", "--gaicd", f"{fold_root.resolve()}:train", "--fcdb", str(fcdb_root.resolve())]
     for u in args.unlabeled:
         train_cmd += ["--unlabeled", str(u.resolve())]
-    train_cmd += ["--val-fraction", "0", "--backbone-weights", str(args.backbone_weights.resolve()),
-                  "--device", args.device, "--seed", str(seed), "--out", str(model.resolve())]
+    train_cmd += ["--val-fraction", "0"]
+    if not any(a == "--backbone" or a.startswith(("--backbone=", "--backbone-weights")) for a in vargs):
+        # the MobileNetV2 weights; a variant choosing another backbone takes that backbone's default weights
+        train_cmd += ["--backbone-weights", str(args.backbone_weights.resolve())]
+    train_cmd += ["--device", args.device, "--seed", str(seed), "--out", str(model.resolve())]
     train_cmd += args.train_args_list + vargs
     resumed = False
     train_s = None
