@@ -34,11 +34,19 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _init_worker(budget, warm=None) -> None:
+#: Pools of more workers than this do not keep freed memory for the next photo (:func:`keep_freed_memory`): the
+#: memory budget of 1.5 GB for a whole run.  Measured on 64 × 12 MP, scoring in the workers (docs/performance.md):
+#: 8 workers keeping it peak at 1.06 / 1.28 GB PSS (lossless / re-encoded), 16 at 1.76 / 2.13 GB; 16 not
+#: keeping it at 1.27 / 1.37 GB.
+KEEP_FREED_MAX_WORKERS = 8
+
+
+def _init_worker(budget, warm=None, keep: bool = True) -> None:
     global _budget
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _budget = budget
-    keep_freed_memory()
+    if keep:
+        keep_freed_memory()
     if warm is not None:
         try:
             warm()
@@ -134,7 +142,7 @@ class WorkerPool:
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=self._ctx, initializer=_init_worker,
-                                   initargs=(self._budget, self._warm))
+                                   initargs=(self._budget, self._warm, self.workers <= KEEP_FREED_MAX_WORKERS))
 
     def submit(self, fn, *args) -> Future:
         if self._executor is None:

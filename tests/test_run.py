@@ -371,6 +371,45 @@ def test_workers_keep_freed_memory_for_the_next_photo():
     assert mapped[False] >= 24 << 20 and mapped[True] < 1 << 20, mapped
 
 
+def _mapped_while_holding_a_photo() -> int:
+    """In a worker: bytes held in fresh mappings while a 24 MB buffer is allocated (see below)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    libc.mallinfo2.restype = MallInfo2
+    before = libc.mallinfo2().hblkhd
+    buf = libc.malloc(24 << 20)
+    try:
+        return libc.mallinfo2().hblkhd - before
+    finally:
+        libc.free(buf)
+
+
+def test_only_small_pools_keep_freed_memory():
+    """Workers keep freed memory for the next photo only in pools of at most KEEP_FREED_MAX_WORKERS (8) workers:
+    beyond that it would take a run past its memory budget.  Fork-server workers start from a fresh
+    interpreter, so glibc's moving threshold has no history from this process."""
+    import ctypes
+
+    from smartcrop.pool import KEEP_FREED_MAX_WORKERS, WorkerPool
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("not glibc 2.33 or later: the setting and the check are glibc's")
+    assert KEEP_FREED_MAX_WORKERS == 8
+    mapped = {}
+    for n in (2, KEEP_FREED_MAX_WORKERS + 1):
+        with WorkerPool(n, start_method="forkserver") as pool:
+            mapped[n] = pool.submit(_mapped_while_holding_a_photo).result(timeout=60)
+    assert mapped[2] < 1 << 20 and mapped[KEEP_FREED_MAX_WORKERS + 1] >= 24 << 20, mapped
+
+
 _MAPPED_WHILE_HOLDING_A_PHOTO = """
 import ctypes, sys
 from smartcrop.pool import keep_freed_memory
