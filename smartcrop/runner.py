@@ -27,7 +27,7 @@ from .naming import OutputNamer, output_ext
 from .plan import RunOptions
 from .pool import WorkerPool, keep_freed_memory, usable_cores
 from .stages import (PER_FILE_ERRORS, PRELOAD_ENV, WorkerModel, crop_job, finish, prepare, prepare_and_score,
-                     warm_lossless)
+                     may_crop_losslessly, warm_lossless)
 
 
 @dataclass
@@ -299,8 +299,7 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
             runner = Runner(None, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool,
                             worker_model=wm)
             return runner.run(plan.items)
-    may_crop_losslessly = not (opts.reencode or opts.dry_run or opts.quality is not None or opts.size)
-    with WorkerPool(opts.workers, warm=warm_lossless if may_crop_losslessly else None) as pool:
+    with WorkerPool(opts.workers, warm=warm_lossless if may_crop_losslessly(opts) else None) as pool:
         early = {}
         if size is not None and not adapt_epochs:
             n = min(len(plan.items), max(_window(pool.workers, opts.batch or 1),

@@ -190,6 +190,14 @@ _worker_croppers: dict = {}  # model path -> Cropper, in a worker process
 PRELOAD_ENV = "SMARTCROP_PRELOAD_MODEL"
 
 
+def may_crop_losslessly(opts) -> bool:
+    """Whether a run with these options may write any crop losslessly: :func:`crop_job` lets :func:`finish` try
+    (``FinishJob.lossless``) unless ``--reencode``, ``finish`` needs no ``--quality`` and a crop at its own size
+    (``--size`` resizes), and ``--dry-run`` writes nothing.  Only a run-level hint (whether to
+    :func:`warm_lossless` its workers): ``finish`` decides each crop."""
+    return not (opts.reencode or opts.dry_run or opts.quality is not None or opts.size)
+
+
 def warm_lossless() -> None:
     """Load the lossless JPEG backend now (~65 ms the first time in a process, measured) instead of at the first
     crop: the run's workers call it when they start, while the main process imports torch, so that the first

@@ -653,3 +653,15 @@ def test_a_run_warms_the_lossless_backend_only_when_it_may_crop_losslessly(tmp_p
                             small_model_file, "-j", "2", *extra])
         assert code == 0, err
     assert seen == [runner.warm_lossless, None, None, None]
+
+
+def test_may_crop_losslessly_follows_the_options_that_rule_it_out():
+    """The run warms the lossless backend in its workers unless its options rule every lossless crop out."""
+    from smartcrop.plan import RunOptions
+    from smartcrop.stages import may_crop_losslessly
+
+    assert may_crop_losslessly(RunOptions())
+    assert may_crop_losslessly(RunOptions(max_side=800, strip=True))  # a crop under the cap is still lossless
+    for opts in (RunOptions(reencode=True), RunOptions(quality=90), RunOptions(dry_run=True),
+                 RunOptions(size=(640, 360))):
+        assert not may_crop_losslessly(opts), opts
