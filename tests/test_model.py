@@ -118,6 +118,29 @@ def test_conv_crop_masks_pool_equals_the_plain_convolution_and_pooling():
                                                                         padding=2), atol=1e-5)
 
 
+def test_conv_crop_masks_pool_on_every_kind_of_row_block():
+    """The inference path takes a block of pooled rows whole where all its rows read all-zero or all-one mask
+    windows: crops thinner than the kernel, on the image's edges, the whole image, none at all, random ones."""
+    F = torch.nn.functional
+    torch.manual_seed(3)
+    w, h = 160, 96
+    fixed = [[0, 0, w, h], [0, 0, w, 1], [0, 40, w, 43], [70, 0, 72, h], [0, 0, 3, 3], [w - 3, h - 3, w, h],
+             [10, 10, 11, 11], [0, 47, w, 49], [30.5, 12.2, 99.9, 71.4], [1000, 1000, 1001, 1001]]
+    corners = torch.rand(200, 2, 2) * torch.tensor([w, h])
+    rand = torch.cat([corners.min(1).values, corners.max(1).values], dim=1)
+    boxes = torch.cat([torch.tensor(fixed, dtype=torch.float32), rand])
+    rows, cols = crop_mask_axes(boxes, (w, h), 64)
+    assert (rows.sum(1) == 0).any() and (rows.sum(1) == 64).any() and ((rows.sum(1) > 0) & (rows.sum(1) < 5)).any()
+    for kk, k in ((5, 4), (3, 2), (5, 8)):
+        weight = torch.randn(8, 1, kk, kk)
+        shared = torch.randn(1, 8, 64, 64) * 3
+        want = F.relu(F.max_pool2d(F.conv2d(crop_masks(boxes, (w, h), 64), weight, padding=kk // 2) + shared, k))
+        with torch.no_grad():
+            got = conv_crop_masks_pool(shared, rows, cols, weight, k)
+        assert got.shape == want.shape and got.is_contiguous()
+        assert torch.allclose(got, want, atol=1e-5), (kk, k, (got - want).abs().max())
+
+
 def test_mobilenet_names_match_torchvision_layout():
     m = MobileNetV2()
     keys = set(m.state_dict())
