@@ -403,8 +403,9 @@ def train(
                                            "trained backbone layers, as a multiple of --lr (e.g. 0.1 with fewer "
                                            "--frozen-layers)."),
     frozen_layers: Optional[int] = typer.Option(None, "--frozen-layers", min=0, max=19, help="Freeze (and cache) "
-                                                "the first N backbone layers. Default on CPU: through the stride-16 stage (14 for "
-                                                "mobilenet_v2, 12 for efficientnet_lite0); 0 on GPU."),
+                                                "the first N backbone layers. Default on CPU: through the "
+                                                "stride-16 stage (14 for mobilenet_v2, 12 for "
+                                                "efficientnet_lite0); 0 on GPU."),
     scale_aug: str = typer.Option("", "--scale-aug", metavar="F,F", help="Scale augmentation: also prepare every "
                                   "image at these multiples of the network size (e.g. 0.875,1.125) and draw one "
                                   "size per use (one image per step only; memory and preparation grow with it)."),
@@ -441,9 +442,9 @@ def train(
     net, source = build_model(init, backbone, not no_saf, backbone_weights, seed, fcdb_head, dropout)
     if fcdb_mix is not None:
         net.config.fcdb_mix = fcdb_mix
-    cfg = TrainConfig.for_device(dev, net.config.backbone, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf, rc=not no_rc,
-                                 fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch, frozen_layers=frozen_layers,
-                                 seed=seed, ema=ema, batch_size=batch_size, amp=amp,
+    cfg = TrainConfig.for_device(dev, net.config.backbone, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf,
+                                 rc=not no_rc, fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch,
+                                 frozen_layers=frozen_layers, seed=seed, ema=ema, batch_size=batch_size, amp=amp,
                                  backbone_lr_mult=backbone_lr_mult, scales=scales,
                                  gaicd_rank_weight=gaicd_rank_weight)
     info = {

@@ -1,12 +1,13 @@
 """SAC-Net crop scorer in plain PyTorch.
 
-"Image Cropping with Spatial-aware Feature and Rank Consistency" (CVPR 2023), on a MobileNetV2 backbone:
+"Image Cropping with Spatial-aware Feature and Rank Consistency" (CVPR 2023), on a MobileNetV2 backbone
+(EfficientNet-Lite0 also available, laid out the same way):
 
 * backbone: torchvision-compatible MobileNetV2 (module names identical, so an ImageNet ``state_dict`` in
   torchvision's layout loads strictly);
 * region feature F_r: multi-scale maps (stride 8, 16 and 32 blocks, brought to stride 16) reduced to 32
   channels by a 1×1 conv, RoIAlign + RoDAlign at 9×9 (both with ``grid_sample``), two FC layers → 256;
-* spatial-aware feature F_s: the channel-wise max of every one of the 19 backbone layers, resized to 64×64,
+* spatial-aware feature F_s: the channel-wise max of every backbone layer (19 for MobileNetV2), resized to 64×64,
   squeeze-and-excitation channel attention, concatenated with the binary crop mask, two 5×5 convs with max
   pooling and an FC → 256;
 * score head on [F_r, F_s] and a pairwise ranking head on [feat_i, feat_j].
@@ -224,7 +225,7 @@ class ModelConfig:
     # (6, 13, 17) for MobileNetV2, (5, 11, 16) for EfficientNet-Lite0)
     taps: tuple = ()
     roi_sampling: int = 2  # bilinear samples per RoI/RoD bin side
-    se_hidden: int = 8  # width of the squeeze-and-excitation bottleneck over the 19 spatial-aware maps
+    se_hidden: int = 8  # width of the squeeze-and-excitation bottleneck over the spatial-aware maps (one a layer)
     saf_kernel: int = 5  # kernel of the two spatial-aware convs (padding keeps the size)
     saf_pools: tuple = (4, 2)  # max-pool factor after each of the two spatial-aware convs
     # input normalisation applied to 0..255 RGB: (x - mean) / std
@@ -256,7 +257,7 @@ class ImageFeatures:
     """What one backbone pass yields for one image: everything needed to score any boxes on it."""
 
     region_map: torch.Tensor  # (1, C, H/16, W/16) reduced multi-scale map
-    saf: torch.Tensor | None  # (1, 19, 64, 64) attended spatial-aware maps, or None for the basic model
+    saf: torch.Tensor | None  # (1, layers, 64, 64) attended spatial-aware maps, or None for the basic model
     input_size: tuple[int, int]  # (width, height) of the network input, in whose pixels boxes are given
 
     def select(self, i: int) -> "ImageFeatures":

@@ -191,8 +191,6 @@ def conv_crop_masks_pool(shared: torch.Tensor, rows: torch.Tensor, cols: torch.T
     return F.relu_(out.permute(0, 2, 1, 3).contiguous())
 
 
-
-
 def max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
     """``F.max_pool2d(x, k)`` (stride k, no padding); in inference, when ``k`` divides the map, as two 1-D
     maxima over views: the same values without the argmax bookkeeping, measured 2.6× faster on a CPU for the

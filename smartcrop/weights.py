@@ -424,7 +424,8 @@ def validate_config(config, path: str | os.PathLike | None = None) -> dict:
     if merged["max_long_side"] < merged["short_side"]:
         bad(f"max_long_side ({merged['max_long_side']}) is smaller than short_side ({merged['short_side']})")
     if "taps" in out and merged["taps"][-1] >= BACKBONE_LAYERS[merged["backbone"]]:
-        bad(f"taps {list(merged['taps'])} go past {merged['backbone']}'s {BACKBONE_LAYERS[merged['backbone']]} layers")
+        bad(f"taps {list(merged['taps'])} go past {merged['backbone']}'s "
+            f"{BACKBONE_LAYERS[merged['backbone']]} layers")
     pools = merged.get("saf_pools")
     if pools is not None and pools[0] * pools[1] > merged["saf_size"]:
         bad(f"saf_pools {list(pools)} shrink saf_size {merged['saf_size']} below one cell")

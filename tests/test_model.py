@@ -417,7 +417,8 @@ def test_lite0_sacnet_taps_prefix_cache_and_folding():
         feats = net.image_features(x)
         assert feats.saf.shape == (1, 18, 64, 64) and feats.region_map.shape[-2:] == (6, 9)
         direct = net.score_boxes(feats, b)
-        cached = net.score_boxes(net.features_from_prefix(net.backbone_prefix(x, BACKBONE_SPECS["efficientnet_lite0"][2])), b)
+        frozen = BACKBONE_SPECS["efficientnet_lite0"][2]
+        cached = net.score_boxes(net.features_from_prefix(net.backbone_prefix(x, frozen)), b)
         folded = fold_batchnorm(net, channels_last=True)(x.contiguous(memory_format=torch.channels_last), b)
     assert torch.allclose(direct, cached, atol=1e-5)
     assert torch.allclose(folded, direct, atol=1e-4, rtol=1e-4)
