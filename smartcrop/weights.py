@@ -685,15 +685,21 @@ def load_backbone_weights(model, path: str | os.PathLike | None = None, normaliz
                               / "mobilenet_v2_imagenet.pth")
     for p in candidates:
         if p.is_file():
-            if p.suffix == ".safetensors":
-                from safetensors.torch import load_file
+            try:
+                if p.suffix == ".safetensors":
+                    from safetensors.torch import load_file
 
-                state = load_file(str(p))
-            else:
-                state = torch.load(p, map_location="cpu", weights_only=True)
+                    state = load_file(str(p))
+                else:
+                    state = torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - truncated, not a pickle, a refused type: one line naming it
+                msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                raise WeightsError(f"{p}: cannot read backbone weights ({type(e).__name__}: {msg})") from None
+            if not isinstance(state, dict):
+                raise WeightsError(f"{p}: not a state dict of backbone weights (a {type(state).__name__})")
             try:
                 model.backbone.load_state_dict(backbone_state(state), strict=True)
-            except (RuntimeError, KeyError) as e:
+            except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
                 raise WeightsError(f"{p}: not {kind} ImageNet weights ({str(e).splitlines()[0][:160]})") from None
             _set_normalization(model, backbone_normalization(state, backbone=kind) if normalization == "auto"
                                else normalization)

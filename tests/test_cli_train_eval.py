@@ -148,3 +148,8 @@ def test_train_with_the_lite0_backbone_freezes_its_own_prefix(tmp_path, tiny_gai
     code, report, err = cli("eval", "gaicd", tiny_gaicd, "--split", "train", "--weights", out, "--json")
     assert code == 0, err
     assert json.loads(report)["n_images"] > 0
+    # --backbone names a new model's: starting from this model with another one is refused, in one line
+    code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", out, "--backbone", "mobilenet_v2",
+                       "--out", tmp_path / "n.safetensors")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "efficientnet_lite0, not mobilenet_v2" in err and not (tmp_path / "n.safetensors").exists()

@@ -578,3 +578,24 @@ def test_lite0_backbone_weights_in_port_layout_get_tf_normalisation(tmp_path, mo
     monkeypatch.setattr(W, "_packaged_lite0", lambda: None)
     with pytest.raises(WeightsError, match=r"smartcrop\[lite\]"):
         load_backbone_weights(net)
+
+
+def test_unreadable_backbone_weights_are_one_line_errors(tmp_path):
+    """A truncated file, text, a pickle of something else: WeightsError naming the file, never a traceback."""
+    from smartcrop.model import ModelConfig, SACNet
+
+    net = SACNet(ModelConfig())
+    good = tmp_path / "good.pth"
+    torch.save(net.backbone.state_dict(), good)
+    cases = {"trunc.pth": good.read_bytes()[:1000], "text.pth": b"garbage\n",
+             "trunc.safetensors": b"\x08\x00\x00\x00\x00\x00\x00\x00{}"}
+    for name, data in cases.items():
+        p = tmp_path / name
+        p.write_bytes(data)
+        with pytest.raises(WeightsError) as e:
+            load_backbone_weights(net, p)
+        assert str(p) in str(e.value) and "\n" not in str(e.value), (name, e.value)
+    lst = tmp_path / "list.pth"
+    torch.save([torch.zeros(3)], lst)
+    with pytest.raises(WeightsError, match="not a state dict"):
+        load_backbone_weights(net, lst)
