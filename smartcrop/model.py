@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,7 @@ class MobileNetV2(nn.Module):
     # t, c, n, s
     SETTINGS = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
                 [6, 320, 1, 1]]
+    LAYERS = 2 + sum(n for _, _, n, _ in SETTINGS)  # ``features``: stem, the blocks, the last 1×1 conv
 
     def __init__(self, num_classes: int | None = 1000):
         super().__init__()
@@ -146,6 +148,7 @@ class EfficientNetLite0(nn.Module):
     # expand ratio, out channels, repeats, first stride, kernel: EfficientNet-B0's stages
     SETTINGS = [[1, 16, 1, 1, 3], [6, 24, 2, 2, 3], [6, 40, 2, 2, 5], [6, 80, 3, 2, 3], [6, 112, 3, 1, 5],
                 [6, 192, 4, 2, 5], [6, 320, 1, 1, 3]]
+    LAYERS = 2 + sum(n for _, _, n, _, _ in SETTINGS)  # ``features``: stem, the blocks, the head conv
     BN_EPS = 1e-3
 
     def __init__(self, num_classes: int | None = 1000):
@@ -202,11 +205,16 @@ def lite_state(state: dict) -> dict:
 # SAC-Net
 
 
-#: Backbones this release can build: class, backbone layers tapped for the region feature (the last block of
-#: stride 8, 16 and 32), and the layers a CPU training run freezes (through the stride-16 stage).
+class BackboneSpec(NamedTuple):
+    cls: type  # its ``features`` has ``cls.LAYERS`` layers
+    taps: tuple  # layers feeding the region feature: the last block of stride 8, 16 and 32
+    cpu_frozen: int  # layers a CPU training run freezes and caches (through the stride-16 stage)
+
+
+#: Backbones this release can build.
 BACKBONE_SPECS = {
-    "mobilenet_v2": (MobileNetV2, (6, 13, 17), 14),
-    "efficientnet_lite0": (EfficientNetLite0, (5, 11, 16), 12),
+    "mobilenet_v2": BackboneSpec(MobileNetV2, (6, 13, 17), 14),
+    "efficientnet_lite0": BackboneSpec(EfficientNetLite0, (5, 11, 16), 12),
 }
 BACKBONES = tuple(BACKBONE_SPECS)
 
@@ -240,7 +248,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.taps and self.backbone in BACKBONE_SPECS:
-            self.taps = BACKBONE_SPECS[self.backbone][1]
+            self.taps = BACKBONE_SPECS[self.backbone].taps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -287,7 +295,7 @@ class SACNet(nn.Module):
         self.config = cfg = config or ModelConfig()
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {cfg.backbone!r} (available: {', '.join(BACKBONES)})")
-        self.backbone = BACKBONE_SPECS[cfg.backbone][0](num_classes=None)  # the ImageNet classifier is not used
+        self.backbone = BACKBONE_SPECS[cfg.backbone].cls(num_classes=None)  # the ImageNet classifier is not used
         self.n_layers = len(self.backbone.features)
         ch = self.backbone.layer_channels
         ms_in = sum(ch[i] for i in cfg.taps)

@@ -82,7 +82,7 @@ class TrainConfig:
         from .model import BACKBONE_SPECS
 
         gpu = device.startswith("cuda")
-        recipe = {"frozen_layers": BACKBONE_SPECS[backbone][2] if device == "cpu" else 0,
+        recipe = {"frozen_layers": BACKBONE_SPECS[backbone].cpu_frozen if device == "cpu" else 0,
                   "batch_size": 8 if gpu else 1, "amp": gpu, "size_step": 16 if gpu else 0, "fixed_shapes": gpu}
         recipe.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**recipe)

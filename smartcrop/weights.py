@@ -276,8 +276,6 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verif
 # are refused, since a key this version does not understand (a typo, or a newer smartcrop's architecture switch)
 # would otherwise be silently dropped and the model run as something it is not.
 
-BACKBONE_LAYERS = {"mobilenet_v2": 19, "efficientnet_lite0": 18}  # layers of each backbone's ``features``
-BACKBONES = tuple(BACKBONE_LAYERS)
 CONFIG_INT_RANGES = {
     "short_side": (32, 1024),
     "max_long_side": (32, 2048),  # and >= short_side
@@ -322,9 +320,11 @@ class _BadField(ValueError):
 
 def _check_field(key: str, v, default):
     """The clean value of config field ``key``; raises :class:`_BadField` (one line) when it is not sane."""
+    from .model import BACKBONE_SPECS
+
     if key == "backbone":
-        if not isinstance(v, str) or v not in BACKBONES:
-            raise _BadField(f"backbone {_short(v)} is not known (known: {', '.join(BACKBONES)})")
+        if not isinstance(v, str) or v not in BACKBONE_SPECS:
+            raise _BadField(f"backbone {_short(v)} is not known (known: {', '.join(BACKBONE_SPECS)})")
         return v
     if key in ("saf", "fcdb_head"):
         if not isinstance(v, bool):
@@ -348,7 +348,7 @@ def _check_field(key: str, v, default):
             raise _BadField(f"{key} must be 2 integers in {lo}..{hi}, found {_short(v)}")
         return tuple(v)
     if key == "taps":
-        n = max(BACKBONE_LAYERS.values()) - 1  # the backbone's own count: checked in validate_config
+        n = max(s.cls.LAYERS for s in BACKBONE_SPECS.values()) - 1  # the backbone's own: in validate_config
         if (not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_is_int(c) and 0 <= c <= n for c in v)
                 or not v[0] < v[1] < v[2]):
             raise _BadField(f"taps must be 3 increasing backbone layer indices in 0..{n}, found {_short(v)}")
@@ -394,12 +394,12 @@ def validate_config(config, path: str | os.PathLike | None = None) -> dict:
     integers real integers, no NaN/Infinity) in a sane range (``CONFIG_INT_RANGES``, ``CONFIG_INT_PAIRS``,
     ``MEAN_RANGE``, ``STD_RANGE``): ``short_side`` 32..1024 and ``max_long_side`` short_side..2048 bound the
     network input, hence memory; ``mean``/``std`` are 3 finite numbers each with ``std`` >= 0.01; ``backbone`` one
-    of ``BACKBONES``.  Missing keys take the defaults; unknown keys are refused.  A violation raises
+    of ``model.BACKBONE_SPECS``.  Missing keys take the defaults; unknown keys are refused.  A violation raises
     :class:`WeightsError`: one line, naming ``path`` when given.
     """
     import dataclasses
 
-    from .model import ModelConfig
+    from .model import BACKBONE_SPECS, ModelConfig
 
     where = f"{path}: " if path is not None else ""
 
@@ -423,9 +423,9 @@ def validate_config(config, path: str | os.PathLike | None = None) -> dict:
     merged = {**dataclasses.asdict(defaults), **out}
     if merged["max_long_side"] < merged["short_side"]:
         bad(f"max_long_side ({merged['max_long_side']}) is smaller than short_side ({merged['short_side']})")
-    if "taps" in out and merged["taps"][-1] >= BACKBONE_LAYERS[merged["backbone"]]:
-        bad(f"taps {list(merged['taps'])} go past {merged['backbone']}'s "
-            f"{BACKBONE_LAYERS[merged['backbone']]} layers")
+    layers = BACKBONE_SPECS[merged["backbone"]].cls.LAYERS
+    if "taps" in out and merged["taps"][-1] >= layers:
+        bad(f"taps {list(merged['taps'])} go past {merged['backbone']}'s {layers} layers")
     pools = merged.get("saf_pools")
     if pools is not None and pools[0] * pools[1] > merged["saf_size"]:
         bad(f"saf_pools {list(pools)} shrink saf_size {merged['saf_size']} below one cell")
