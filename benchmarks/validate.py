@@ -8,6 +8,7 @@ checkpoint.  A second command prints the summary table and the paired comparison
     # the shipped recipe, 5 folds x 2 seeds = 10 runs (about 6-10 min each on 2 CPU cores)
     python benchmarks/validate.py
     # the same plus a variant (extra `smartcrop train` arguments after NAME=); the baseline runs are reused
+    # ("{fold}" and "{seed}" in them are replaced by each run's, e.g. for fold-specific --teacher models)
     python benchmarks/validate.py --variant baseline= --variant "nofcdb=--fcdb-weight 0"
     # Markdown tables: per variant mean ± sd over runs, and each variant minus the reference, paired
     python benchmarks/validate.py --summary [--reference baseline] [--summary-out runs/validate/summary.md]
@@ -304,6 +305,8 @@ def tail(path: Path, n: int = 15) -> str:
 
 def do_run(args, work: Path, variant: str, vargs: list[str], code: str, fold: int, seed: int) -> dict | None:
     tag = f"fold{fold}_seed{seed}"
+    # "{fold}" / "{seed}" in a variant's arguments name this run's (e.g. --teacher .../fold{fold}_seed1/...)
+    vargs = [a.replace("{fold}", str(fold)).replace("{seed}", str(seed)) for a in vargs]
     res_path = work / "results" / variant / f"{tag}.json"
     run_dir = work / "runs" / variant / tag
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -410,6 +410,11 @@ def train(
     scale_aug: str = typer.Option("", "--scale-aug", metavar="F,F", help="Scale augmentation: also prepare every "
                                   "image at these multiples of the network size (e.g. 0.875,1.125) and draw one "
                                   "size per use (one image per step only; memory and preparation grow with it)."),
+    teacher: List[Path] = typer.Option([], "--teacher", help="A trained smartcrop model whose scores of the "
+                                       "unlabeled photos' crops the new model also learns (distillation; "
+                                       "several: their per-photo z-scored average). Repeatable."),
+    distill_weight: float = typer.Option(1.0, "--distill-weight", min=0.0, help="Weight of the distillation "
+                                         "loss (with --teacher)."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", min=0.0, max=0.5, help="Share of the GAICD images "
                                        "(and half that of FCDB) held out for per-epoch validation."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (OUT.ckpt) to resume from."),
@@ -422,6 +427,7 @@ def train(
     from .cropper import resolve_device
     from .errors import UsageError
     from .training import TrainConfig, build_model, load_train_data, run_training
+    from .weights import sha256_file
 
     if out.suffix != ".safetensors":
         raise UsageError("--out must end in .safetensors")
@@ -447,14 +453,20 @@ def train(
                                  rc=not no_rc, fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch,
                                  frozen_layers=frozen_layers, seed=seed, ema=ema, batch_size=batch_size, amp=amp,
                                  backbone_lr_mult=backbone_lr_mult, scales=scales,
-                                 gaicd_rank_weight=gaicd_rank_weight)
+                                 gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight)
+    if teacher and not unlabeled:
+        raise UsageError("--teacher needs --unlabeled photos (the teachers' scores of them are the targets)")
+    for t in teacher:
+        if not t.is_file():
+            raise UsageError(f"{t}: no such teacher model")
     info = {
         "command": "smartcrop train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "training": {"backbone_init": source, "gaicd": list(gaicd), "fcdb": [str(p) for p in fcdb],
                      "unlabeled": [str(p) for p in unlabeled],
+                     **({"teachers": [{"file": str(t), "sha256": sha256_file(t)} for t in teacher]} if teacher else {}),
                      "val_gaicd": [it.name for it in data.val_gaicd], "n_val_fcdb": len(data.val_fcdb)},
     }
-    run_training(net, data, cfg, out, dev, resume, info, log=err, workers=workers)
+    run_training(net, data, cfg, out, dev, resume, info, log=err, workers=workers, teachers=teacher)
 
 
 def main() -> None:

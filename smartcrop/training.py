@@ -47,6 +47,9 @@ class TrainConfig:
     rc_weight: float = 1.0
     rc_anchors: int = 16  # N
     rc_delta: float = 0.1
+    # distillation (with teacher models, see teacher_targets): smooth-L1 between the score head and the teachers'
+    # combined score on the unlabeled photos' anchors sampled for rank consistency
+    distill_weight: float = 1.0
     gaicd_share: float = 0.35  # GAICD images are repeated so they make up about this share of labeled steps
     fcdb_per_epoch: int = 400  # 0: all FCDB images each epoch; else a random subset of this size
     frozen_layers: int = 14
@@ -280,9 +283,11 @@ class Trainer:
 
     # -- data ------------------------------------------------------------------------------------------------
 
-    def prepare(self, kind: str, name: str, pil_image, full_size, boxes=None, targets=None) -> Sample:
+    def prepare(self, kind: str, name: str, pil_image, full_size, boxes=None, targets=None,
+                teachers: Sequence = ()) -> Sample:
         """Resize to the network size and, when the backbone prefix is frozen, cache its output (plain and flipped);
-        the same at each of ``TrainConfig.scales`` (one-image steps only)."""
+        the same at each of ``TrainConfig.scales`` (one-image steps only).  An unlabeled photo with ``teachers``
+        gets their :func:`teacher_targets` at the network size (none for its scale alternates)."""
         from .transforms import network_size
 
         cfg_m = self.model.config
@@ -292,6 +297,10 @@ class Trainer:
             w, h = (max(step, int(round(v / step)) * step) for v in (w, h))
         targets = None if targets is None else np.asarray(targets, np.float32)
         s = self._prepared(kind, name, pil_image, full_size, (w, h), boxes, targets)
+        if kind == "unlabeled" and teachers:
+            from .transforms import image_tensor
+
+            s.targets = teacher_targets(teachers, image_tensor(pil_image, (w, h)).to(self.device), (w, h))
         if self.cfg.batch_size <= 1:
             for f in self.cfg.scales:
                 size = (max(32, int(round(w * f))), max(32, int(round(h * f))))
@@ -389,9 +398,13 @@ class Trainer:
     def consistency_loss(self, s: Sample):
         s = self._at_scale(s)
         flip = bool(self.rng.random() < 0.5)
-        return self._consistency_loss(s, self._features(s, flip))
+        return self._consistency_loss(s, self._features(s, flip), flip)
 
-    def _consistency_loss(self, s: Sample, feats):
+    def _consistency_loss(self, s: Sample, feats, flip: bool = False):
+        """Rank consistency over ``rc_anchors`` random anchors of an unlabeled photo and, when it has teacher
+        targets, their distillation term on the same anchors."""
+        import torch.nn.functional as F
+
         from .losses import rank_consistency
 
         cfg = self.cfg
@@ -401,7 +414,13 @@ class Trainer:
         idx = self.rng.choice(len(anchors), min(cfg.rc_anchors, len(anchors)), replace=False)
         cf = self.model.crop_features(feats, self.torch.from_numpy(anchors[idx]).to(self.device))
         y = self.model.mos_scores(cf)
-        return {"rc": cfg.rc_weight * rank_consistency(self.model, cf, y, cfg.rc_delta)}
+        parts = {}
+        if cfg.rc and cfg.rc_weight > 0:
+            parts["rc"] = cfg.rc_weight * rank_consistency(self.model, cf, y, cfg.rc_delta)
+        if s.targets is not None and cfg.distill_weight > 0:
+            t = self.torch.from_numpy(s.targets[int(flip), idx]).to(self.device)
+            parts["distill"] = cfg.distill_weight * F.smooth_l1_loss(y, t)
+        return parts
 
     def gaicd_repeats(self, n_gaicd: int, n_fcdb: int) -> int:
         """How many times the GAICD images go into an epoch with ``n_fcdb`` FCDB photos, so that they make up
@@ -432,7 +451,7 @@ class Trainer:
             feats = self._features_batch([*labeled, *unlabeled], flips + u_flips)
             n = len(labeled)
             parts = _mean_parts([self._labeled_loss(s, f, ft) for s, f, ft in zip(labeled, flips, feats[:n])], n)
-            rc = [self._consistency_loss(s, ft) for s, ft in zip(unlabeled, feats[n:])]
+            rc = [self._consistency_loss(s, ft, f) for s, ft, f in zip(unlabeled, feats[n:], u_flips)]
             parts.update(_mean_parts(rc, len(unlabeled)))
             return parts
         feats = self._features_batch(labeled, flips)
@@ -444,7 +463,8 @@ class Trainer:
             rc = []
             for group in by_size.values():
                 u_flips = [bool(self.rng.random() < 0.5) for _ in group]
-                rc += [self._consistency_loss(s, ft) for s, ft in zip(group, self._features_batch(group, u_flips))]
+                rc += [self._consistency_loss(s, ft, f)
+                       for s, ft, f in zip(group, self._features_batch(group, u_flips), u_flips)]
             parts.update(_mean_parts(rc, len(unlabeled)))
         return parts
 
@@ -458,7 +478,8 @@ class Trainer:
         ``batch_size`` labeled images per step (:func:`size_batches`).
 
         The caller puts the model in training mode (see :func:`run_training`)."""
-        use_rc = self.cfg.rc and self.cfg.rc_weight > 0 and len(unlabeled) > 0
+        use_rc = len(unlabeled) > 0 and ((self.cfg.rc and self.cfg.rc_weight > 0) or (
+            self.cfg.distill_weight > 0 and any(u.targets is not None for u in unlabeled)))
         u_order = self.rng.permutation(len(unlabeled)) if use_rc else []
         meter = LossMeter()
         t0 = time.time()
@@ -533,6 +554,34 @@ class Trainer:
             self.ema = WeightAverage(self.model, self.cfg.ema)
 
 
+def teacher_targets(teachers: Sequence, image, size: tuple[int, int]) -> np.ndarray | None:
+    """What ``teachers`` (smartcrop models in eval mode) make of the GAIC anchors of one photo at network size
+    ``size`` (``image``: its (1, 3, h, w) pixel tensor at that size): a (2, N) float32 array, row 0 for the photo
+    as it is and row 1 for it mirrored (the anchors of the mirrored photo, in its own pixels) — what the student
+    is shown either way.  Each teacher's scores of one view are z-scored over the anchors and averaged, then put
+    back on the teachers' mean scale (mean offset + mean spread), so the target ranks the anchors as the
+    ensemble does and is in the units of the score head.  None when the photo has fewer than 2 anchors."""
+    import torch
+
+    anchors = gaic_anchors(*size)
+    if len(anchors) < 2:
+        return None
+    boxes = torch.from_numpy(anchors).to(image.device)
+    views = torch.cat([image, image.flip(-1)]).float()
+    out = np.zeros((2, len(anchors)), np.float32)
+    zs, means, sds = [], [], []
+    with torch.no_grad():
+        for t in teachers:
+            feats = t.image_features(views)
+            y = torch.stack([t.mos_scores(t.crop_features(feats.select(v), boxes)) for v in (0, 1)]).double().cpu()
+            mu, sd = y.mean(1, keepdim=True), y.std(1, keepdim=True).clamp_min(1e-6)
+            zs.append((y - mu) / sd)
+            means.append(mu)
+            sds.append(sd)
+    out[:] = (torch.stack(means).mean(0) + torch.stack(sds).mean(0) * torch.stack(zs).mean(0)).numpy()
+    return out
+
+
 def _half(p):
     from .model import BackbonePrefix
 
@@ -585,9 +634,10 @@ def _decode_for_training(path, short_side: int):
 
 
 def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None], progress=None,
-                    workers: int = 1) -> tuple:
-    """Decode and prepare every training image (``Trainer.prepare``); with ``workers > 1`` the decodes run in
-    that many worker processes while this one prepares (order and results are the same)."""
+                    workers: int = 1, teachers: Sequence = ()) -> tuple:
+    """Decode and prepare every training image (``Trainer.prepare``; the unlabeled photos with the targets of
+    ``teachers``, if any); with ``workers > 1`` the decodes run in that many worker processes while this one
+    prepares (order and results are the same)."""
     from collections import deque
     from concurrent.futures import BrokenExecutor
 
@@ -631,7 +681,7 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
                     boxes, ious = fcdb_candidates(full_size[0], full_size[1], it.box)
                     s = trainer.prepare(kind, it.name, image, full_size, boxes, ious)
                 else:
-                    s = trainer.prepare(kind, Path(path).name, image, full_size)
+                    s = trainer.prepare(kind, Path(path).name, image, full_size, teachers=teachers)
                 out[kind].append(s)
                 bar.advance()
     finally:
@@ -721,10 +771,13 @@ def validate(model, data: TrainData, device: str) -> dict:
 
 def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: str = "cpu",
                  resume: Path | None = None, info: dict | None = None, log: Callable[[str], None] = print,
-                 progress: bool | None = None, workers: int = 0) -> dict:
+                 progress: bool | None = None, workers: int = 0, teachers: Sequence = ()) -> dict:
     """Train ``model`` on ``data``; checkpoint every epoch to ``OUT.ckpt``, log to ``OUT.log.jsonl``, save ``OUT``.
 
     ``workers``: processes decoding the training images (0: one per usable core, at most 8; 1: none).
+    ``teachers``: smartcrop model files whose combined scores of the unlabeled photos' anchors
+    (:func:`teacher_targets`, computed once while the photos are prepared) the score head is also trained to
+    match, with weight ``cfg.distill_weight`` (knowledge distillation from an ensemble).
 
     The global RNGs are seeded here (from ``cfg.seed``), and the model's train/eval mode is switched here only:
     eval while images are prepared and during validation, train for each epoch, eval when done.
@@ -747,7 +800,15 @@ def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: st
         from .pool import usable_cores
 
         workers = min(8, usable_cores())
-    gaicd, fcdb, unl, skipped = prepare_samples(trainer, data, log, progress, workers)
+    teacher_nets = []
+    if teachers:
+        from .weights import load_model
+
+        teacher_nets = [load_model(p, device) for p in teachers]
+        if not data.unlabeled:
+            log("note: teacher models given but no unlabeled photos: nothing to distill")
+    gaicd, fcdb, unl, skipped = prepare_samples(trainer, data, log, progress, workers, teacher_nets)
+    del teacher_nets
     prep_s = time.time() - t0
     log(f"prepared {len(gaicd)} GAICD, {len(fcdb)} FCDB, {len(unl)} unlabeled images in {prep_s:.0f} s"
         + (f" ({skipped} skipped)" if skipped else ""))

@@ -3,6 +3,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from smartcrop.anchors import gaic_anchors  # noqa: E402
 from smartcrop.data import list_images, read_fcdb, read_gaicd  # noqa: E402
 from smartcrop.model import ModelConfig, SACNet  # noqa: E402
 from smartcrop.training import (TrainConfig, TrainData, Trainer, fcdb_candidates, prepare_samples,  # noqa: E402
@@ -329,3 +330,60 @@ def test_scale_augmentation_prepares_each_scale_and_draws_among_them(tiny_gaicd,
     plain.rng.bit_generator.state = state
     plain._at_scale(g0[0])
     assert plain.rng.bit_generator.state == state != after_one
+
+
+def test_teacher_targets_are_a_single_teachers_own_scores_and_an_ensembles_z_average():
+    from smartcrop.training import teacher_targets
+
+    torch.manual_seed(0)
+    a = SACNet(ModelConfig(short_side=64, max_long_side=128)).eval()
+    b = SACNet(ModelConfig(short_side=64, max_long_side=128)).eval()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():  # b scores every crop 3 y + 1: the same ranking on another scale
+        b.score_head[-1].weight.mul_(3)
+        b.score_head[-1].bias.mul_(3).add_(1)
+    x = torch.rand(1, 3, 48, 80) * 255
+    boxes = torch.from_numpy(gaic_anchors(80, 48))
+    with torch.no_grad():
+        own = [a.score_boxes(a.image_features(v), boxes).numpy() for v in (x, x.flip(-1))]
+    t = teacher_targets([a], x, (80, 48))
+    assert t.shape == (2, len(boxes))
+    np.testing.assert_allclose(t, np.stack(own), atol=1e-5)  # row 1: the anchors of the mirrored photo
+    t2 = teacher_targets([a, b], x, (80, 48))
+    for row, y in zip(t2, own):  # mean offset + mean spread: (y + 3 y + 1) / 2 exactly
+        np.testing.assert_allclose(row, 2 * y + 0.5, atol=1e-4)
+    assert teacher_targets([a], torch.rand(1, 3, 32, 1000) * 255, (1000, 32)) is None  # no two anchors
+
+
+@pytest.mark.parametrize("rc", [True, False])
+def test_distillation_from_a_copy_of_the_student_is_zero_and_trains_the_score_head(tiny_gaicd, tiny_fcdb,
+                                                                                   tiny_album, rc):
+    tr = make_trainer(0, rc=rc, jitter=0.0)  # end to end, no jitter: the student sees exactly the teacher's input
+    teacher = SACNet(tr.model.config).eval()
+    teacher.load_state_dict(tr.model.state_dict())
+    data = TrainData(gaicd=read_gaicd(tiny_gaicd, "train"), fcdb=read_fcdb(tiny_fcdb, "train"),
+                     unlabeled=list_images([tiny_album]))
+    g, f, u, _ = prepare_samples(tr, data, lambda s: None, progress=False, teachers=[teacher])
+    assert all(s.targets is None for s in g + f if s.kind == "unlabeled")
+    assert all(s.targets.shape[0] == 2 for s in u)
+    tr.model.eval()  # no dropout: the student is the teacher, either way round the photo is shown
+    for flip in (False, True):
+        parts = tr._consistency_loss(u[0], tr._features(u[0], flip), flip)
+        assert set(parts) == ({"rc", "distill"} if rc else {"distill"})
+        right = float(parts["distill"].detach())
+        s = u[0]
+        with torch.no_grad():
+            y = tr.model.mos_scores(tr.model.crop_features(tr._features(s, flip),
+                                                           torch.from_numpy(gaic_anchors(*s.size))))
+        wrong = float(torch.nn.functional.smooth_l1_loss(y, torch.from_numpy(s.targets[1 - int(flip)])))
+        assert right < 1e-10 and wrong > 1000 * right  # the other row is the other way round
+    with torch.no_grad():
+        tr.model.score_head[-1].bias.add_(1.0)  # every score one too high: smooth-L1 of 1 is 0.5
+    parts = tr._consistency_loss(u[0], tr._features(u[0], True), True)
+    assert float(parts["distill"].detach()) == pytest.approx(0.5, abs=1e-4)
+    tr.opt.zero_grad()
+    parts["distill"].backward()
+    assert tr.model.score_head[-1].bias.grad.abs().sum() > 0
+    # an epoch without the rank-consistency loss still pairs each labeled image with an unlabeled photo
+    rec = tr.train_epoch(tr.epoch_plan(g, f), u)
+    assert "distill" in rec["loss"] and ("rc" in rec["loss"]) == rc
