@@ -128,12 +128,15 @@ class Cropper:
     @property
     def scorer(self):
         """The model used for scoring: a copy of :attr:`net` with BatchNorm folded into the convolutions
-        (:func:`~smartcrop.model.fold_batchnorm`), made at the first call.  ``net`` stays as loaded, for
+        (:func:`~smartcrop.model.fold_batchnorm`) and, on a CPU, each convolution and linear layer fused with its activation
+        (:func:`~smartcrop.model.fuse_activations`), made at the first call.  ``net`` stays as loaded, for
         fine-tuning and saving; a cropper whose ``net`` was changed after scoring must be made anew."""
         if self._scorer is None:
-            from .model import fold_batchnorm
+            from .model import fold_batchnorm, fuse_activations
 
             self._scorer = fold_batchnorm(self.net, channels_last=self._channels_last)
+            if self._channels_last and not self.amp:  # on a CPU: each layer and its activation in one call
+                fuse_activations(self._scorer)
         return self._scorer
 
     # -- low level -------------------------------------------------------------------------------------------

@@ -474,6 +474,92 @@ def fold_batchnorm(net: nn.Module, channels_last: bool = False) -> nn.Module:
     return net
 
 
+_ACTIVATIONS = {nn.ReLU6: ("hardtanh", [0.0, 6.0]), nn.ReLU: ("relu", [])}  # oneDNN post-op and its scalars
+
+
+class FusedConv2d(nn.Module):
+    """A convolution and the activation after it (ReLU6, ReLU or none) as one oneDNN call, for CPU inference
+    (no autograd): ``torch.ops.mkldnn._convolution_pointwise``, the fused kernel PyTorch's own compiler emits
+    for CPU convolutions.  The weight and bias tensors are the convolution's (shared)."""
+
+    def __init__(self, conv: nn.Conv2d, activation: type | None = None):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        self.attr, self.scalars = _ACTIVATIONS[activation] if activation is not None else ("none", [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *self.args, self.attr,
+                                                       self.scalars, "")
+
+
+class FusedLinear(nn.Module):
+    """:class:`FusedConv2d` for a linear layer: ``torch.ops.mkldnn._linear_pointwise``."""
+
+    def __init__(self, linear: nn.Linear, activation: type | None = None):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.attr, self.scalars = _ACTIVATIONS[activation] if activation is not None else ("none", [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.attr, self.scalars, "")
+
+
+def _fused_ops_work() -> bool:
+    """Whether this torch has oneDNN's fused convolution and linear kernels and they compute what the plain
+    layers and activations do (checked once, on tiny inputs)."""
+    global _FUSED_OK
+    if _FUSED_OK is None:
+        _FUSED_OK = False
+        try:
+            if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise") \
+                    and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+                g = torch.Generator().manual_seed(0)
+                conv, lin = nn.Conv2d(4, 4, 3, 2, 1, groups=2), nn.Linear(6, 5)
+                x, v = torch.randn(1, 4, 9, 7, generator=g) * 4, torch.randn(3, 6, generator=g)
+                with torch.inference_mode():
+                    pairs = [(FusedConv2d(conv, nn.ReLU6)(x.contiguous(memory_format=torch.channels_last)),
+                              F.relu6(conv(x))), (FusedLinear(lin, nn.ReLU)(v), F.relu(lin(v)))]
+                _FUSED_OK = all(a.shape == b.shape and torch.allclose(a, b, atol=1e-5) for a, b in pairs)
+        except Exception:  # noqa: BLE001 - any failure (op missing, CPU without support): the plain layers
+            _FUSED_OK = False
+    return _FUSED_OK
+
+
+_FUSED_OK: bool | None = None
+
+
+def fuse_activations(net: nn.Module) -> nn.Module:
+    """``net`` (a :func:`fold_batchnorm` copy, modified in place and returned) with each plain convolution and
+    linear layer in a ``Sequential`` — with the ReLU6 or ReLU that follows it, past folded-BN identities —
+    replaced by one :class:`FusedConv2d` / :class:`FusedLinear`, when this torch can (:func:`_fused_ops_work`;
+    otherwise unchanged).  For CPU inference, equal up to float rounding; on one core MobileNetV2's
+    convolutions measured 9.3 ms instead of 13.5 ms per 341×256 photo, and the region FC of 65 crops 1.6 ms
+    instead of 3.5 ms (docs/performance.md).  TensorFlow-padded convolutions (EfficientNet-Lite's strided
+    ones) stay as they are."""
+    if not _fused_ops_work():
+        return net
+    for seq in list(net.modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        kids = list(seq._modules.items())
+        for k, (name, layer) in enumerate(kids):
+            if type(layer) is nn.Linear:
+                fused = FusedLinear
+            elif type(layer) is nn.Conv2d and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+                fused = FusedConv2d
+            else:
+                continue
+            nxt = k + 1
+            while nxt < len(kids) and isinstance(kids[nxt][1], nn.Identity):
+                nxt += 1
+            act = type(kids[nxt][1]) if nxt < len(kids) and type(kids[nxt][1]) in _ACTIVATIONS else None
+            seq._modules[name] = fused(layer, act)
+            if act is not None:
+                seq._modules[kids[nxt][0]] = nn.Identity()
+    return net
+
+
 def _module_tree_copy(m: nn.Module) -> nn.Module:
     """A copy of the module tree whose modules, parameter and buffer tables are new but whose tensors are
     ``m``'s: assigning a tensor in the copy leaves ``m`` as it was."""

@@ -424,3 +424,42 @@ def test_lite0_sacnet_taps_prefix_cache_and_folding():
     assert torch.allclose(direct, cached, atol=1e-5)
     assert torch.allclose(folded, direct, atol=1e-4, rtol=1e-4)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fold_batchnorm(net).backbone.modules())
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "efficientnet_lite0"])
+def test_fused_layers_score_the_same_and_fall_back_when_unavailable(backbone, monkeypatch):
+    from smartcrop import model as M
+
+    if not M._fused_ops_work():
+        pytest.skip("this torch has no oneDNN fused convolution (the scorer then keeps plain convolutions)")
+    torch.manual_seed(0)
+    net = SACNet(ModelConfig(backbone=backbone)).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    folded = fold_batchnorm(net, channels_last=True)
+    fused = M.fuse_activations(fold_batchnorm(net, channels_last=True))
+    kinds = [type(m) for m in fused.backbone.modules()]
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in folded.backbone.modules())
+    if backbone == "mobilenet_v2":  # every convolution, and no activation left on its own
+        assert kinds.count(M.FusedConv2d) == n_convs == 52 and torch.nn.ReLU6 not in kinds
+    else:  # the TensorFlow-padded strided convolutions stay (and the ReLU6 after each)
+        assert kinds.count(M.FusedConv2d) == n_convs - kinds.count(M.SameConv2d) and M.SameConv2d in kinds
+        assert kinds.count(torch.nn.ReLU6) == kinds.count(M.SameConv2d)
+    assert isinstance(fused.reduce[0], M.FusedConv2d) and isinstance(fused.reduce[1], torch.nn.Identity)
+    assert isinstance(fused.region_fc[0], M.FusedLinear) and isinstance(fused.region_fc[1], torch.nn.Identity)
+    assert not any(type(m) is torch.nn.Linear for m in fused.modules())
+    assert any(isinstance(m, torch.nn.Conv2d) for m in folded.backbone.modules())  # the other copy untouched
+    x = (torch.rand(2, 3, 96, 130) * 255).contiguous(memory_format=torch.channels_last)
+    b = torch.tensor([[0.0, 0.0, 96.0, 72.0], [30.0, 10.0, 130.0, 96.0], [10.0, 10.0, 70.0, 70.0]])
+    with torch.inference_mode():
+        want = [folded.score_boxes(f, b) for f in (folded.image_features(x).select(0),
+                                                   folded.image_features(x).select(1))]
+        feats = fused.image_features(x)
+        got = [fused.score_boxes(feats.select(j), b) for j in (0, 1)]
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-4, rtol=1e-4), (g, w)
+    monkeypatch.setattr(M, "_FUSED_OK", False)  # e.g. a torch built without oneDNN: the model as it was
+    plain = M.fuse_activations(fold_batchnorm(net, channels_last=True))
+    assert not any(isinstance(m, (M.FusedConv2d, M.FusedLinear)) for m in plain.modules())
