@@ -267,7 +267,8 @@ def run(
     with _sigterm_as_interrupt() as term:
         try:
             summary = crop_photos(plan, weights=weights, model=model, device=device,
-                                  adapt_epochs=adapt_epochs if adapt else 0, on_record=on_record, on_error=err)
+                                  adapt_epochs=adapt_epochs if adapt else 0, on_record=on_record, on_error=err,
+                                  own_process=True)
         except KeyboardInterrupt:
             err(("terminated" if term.received else "interrupted")
                 + ": finished files are complete, nothing partial was left")

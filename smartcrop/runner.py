@@ -25,7 +25,7 @@ from .errors import StreamError, UsageError, one_line
 from .inputs import InputItem
 from .naming import OutputNamer, output_ext
 from .plan import RunOptions
-from .pool import WorkerPool, keep_freed_memory, usable_cores
+from .pool import WorkerPool, import_torch, keep_freed_memory, usable_cores
 from .stages import (PER_FILE_ERRORS, PRELOAD_ENV, WorkerModel, crop_job, finish, prepare, prepare_and_score,
                      may_crop_losslessly, warm_lossless)
 
@@ -278,12 +278,14 @@ class Runner:
 
 def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "auto", adapt_epochs: int = 0,
                 on_record: Callable[[CropRecord], None] | None = None, on_error: Callable[[str], None] | None = None,
-                progress: bool | None = None) -> RunSummary:
+                progress: bool | None = None, own_process: bool = False) -> RunSummary:
     """Run a :class:`~smartcrop.plan.RunPlan` end to end.
 
     The worker processes start first and begin decoding while torch is imported and the model loaded, so a
     short run does not pay for start-up twice.  ``adapt_epochs > 0`` first fine-tunes a copy of the model on
-    the plan's photos (``--adapt``).
+    the plan's photos (``--adapt``).  ``own_process``: the caller owns this process and leaves it after the run
+    (the command line), so the objects made by importing torch are frozen out of the garbage collector's view
+    (:func:`~smartcrop.pool.import_torch`).
     """
     from .weights import input_size, resolve_model
 
@@ -305,6 +307,7 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
             n = min(len(plan.items), max(_window(pool.workers, opts.batch or 1),
                                          min(EARLY_MAX, EARLY_PER_WORKER * pool.workers)))
             early = {i: pool.submit(prepare, _source(plan.items[i]), *size) for i in range(n)}
+        import_torch(freeze=own_process)
         from .cropper import Cropper, resolve_device
 
         device = resolve_device(device)

@@ -665,3 +665,31 @@ def test_may_crop_losslessly_follows_the_options_that_rule_it_out():
     for opts in (RunOptions(reencode=True), RunOptions(quality=90), RunOptions(dry_run=True),
                  RunOptions(size=(640, 360))):
         assert not may_crop_losslessly(opts), opts
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_import_torch_runs_no_collection_and_freezes_only_when_asked(freeze):
+    """In a fresh interpreter (torch not yet imported): no cyclic collection during the import, the collector
+    on again afterwards, and its objects frozen out of the collector's view only with ``freeze``."""
+    import subprocess
+    import sys
+
+    code = f"""
+import gc, sys
+from smartcrop.pool import import_torch
+def importing():
+    spec = getattr(sys.modules.get("torch"), "__spec__", None)
+    return bool(getattr(spec, "_initializing", False))
+during = []
+gc.callbacks.append(lambda phase, info: during.append(importing()) if phase == "start" else None)
+assert "torch" not in sys.modules and gc.get_freeze_count() == 0
+torch = import_torch(freeze={freeze})
+assert torch is sys.modules["torch"] and import_torch() is torch and gc.isenabled()
+gc.collect()
+assert during and not importing()  # the callback works (the collect above) and the import is over
+print(sum(during), gc.get_freeze_count())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    collections, frozen = int(out[0]), int(out[1])
+    assert collections == 0
+    assert (frozen > 50_000) if freeze else frozen == 0
