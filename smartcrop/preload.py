@@ -23,9 +23,12 @@ from __future__ import annotations
 import gc
 import os
 
-import torch
+from .pool import import_torch
 
-from . import cropper, imageio, jpegcrop, stages, weights  # noqa: F401 - imported for the workers to share
+# the collector paused while torch is imported: the gc.collect() before freezing is then its only full pass
+torch = import_torch()
+
+from . import cropper, imageio, jpegcrop, stages, weights  # noqa: E402, F401 - imported for the workers to share
 
 
 def _preload() -> None:
