@@ -153,3 +153,37 @@ def test_train_with_the_lite0_backbone_freezes_its_own_prefix(tmp_path, tiny_gai
                        "--out", tmp_path / "n.safetensors")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "efficientnet_lite0, not mobilenet_v2" in err and not (tmp_path / "n.safetensors").exists()
+
+
+def test_train_with_teachers_distils_and_records_them(tmp_path, tiny_gaicd, tiny_fcdb, tiny_album, small_model_file):
+    from smartcrop.weights import read_card, sha256_file
+
+    out = tmp_path / "m.safetensors"
+    code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--unlabeled", tiny_album,
+                       "--init", small_model_file, "--teacher", small_model_file, "--teacher", small_model_file,
+                       "--epochs", "1", "--val-fraction", "0", "--device", "cpu", "--no-rc", "--out", out)
+    assert code == 0, err
+    card = read_card(out)
+    assert card["training"]["teachers"] == [{"file": str(small_model_file), "sha256": sha256_file(small_model_file)}] * 2
+    assert card["training"]["config"]["distill_weight"] == 1.0
+    epoch = json.loads(out.with_suffix(".log.jsonl").read_text().splitlines()[-1])
+    assert "distill" in epoch["loss"] and "rc" not in epoch["loss"]
+
+
+@pytest.mark.parametrize("teacher, unlabeled, words", [
+    ("missing.safetensors", True, ["missing.safetensors", "no such teacher model"]),
+    ("junk.safetensors", True, ["junk.safetensors"]),
+    ("model", False, ["--teacher needs --unlabeled"]),
+])
+def test_train_teacher_errors_are_one_line_and_exit_2(tmp_path, tiny_gaicd, tiny_album, small_model_file,
+                                                      monkeypatch, teacher, unlabeled, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
+    args = ["train", "--out", "m.safetensors", "--gaicd", f"{tiny_gaicd}:train", "--val-fraction", "0",
+            "--teacher", small_model_file if teacher == "model" else teacher]
+    code, out, err = cli(*args, *(["--unlabeled", tiny_album] if unlabeled else []))
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for w in words:
+        assert w in err
+    assert not list(tmp_path.glob("m.*"))
