@@ -128,8 +128,8 @@ class Cropper:
     @property
     def scorer(self):
         """The model used for scoring: a copy of :attr:`net` with BatchNorm folded into the convolutions
-        (:func:`~smartcrop.model.fold_batchnorm`) and, on a CPU, each convolution and linear layer fused with its activation
-        (:func:`~smartcrop.model.fuse_activations`), made at the first call.  ``net`` stays as loaded, for
+        (:func:`~smartcrop.model.fold_batchnorm`) and, on a CPU, each convolution and linear layer fused with
+        its activation (:func:`~smartcrop.model.fuse_activations`), made at the first call.  ``net`` stays as loaded, for
         fine-tuning and saving; a cropper whose ``net`` was changed after scoring must be made anew."""
         if self._scorer is None:
             from .model import fold_batchnorm, fuse_activations

@@ -478,6 +478,7 @@ class Trainer:
         ``batch_size`` labeled images per step (:func:`size_batches`).
 
         The caller puts the model in training mode (see :func:`run_training`)."""
+        # rank consistency and distillation are the unlabeled photos' losses
         use_rc = len(unlabeled) > 0 and ((self.cfg.rc and self.cfg.rc_weight > 0) or (
             self.cfg.distill_weight > 0 and any(u.targets is not None for u in unlabeled)))
         u_order = self.rng.permutation(len(unlabeled)) if use_rc else []
@@ -802,9 +803,10 @@ def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: st
         workers = min(8, usable_cores())
     teacher_nets = []
     if teachers:
-        from .weights import load_model
+        from .cropper import Cropper
 
-        teacher_nets = [load_model(p, device) for p in teachers]
+        # each teacher's scoring copy (BatchNorm folded; on a CPU its layers fused with their activations)
+        teacher_nets = [Cropper(p, device=device).scorer for p in teachers]
         if not data.unlabeled:
             log("note: teacher models given but no unlabeled photos: nothing to distill")
     gaicd, fcdb, unl, skipped = prepare_samples(trainer, data, log, progress, workers, teacher_nets)
