@@ -416,6 +416,8 @@ def train(
                                        "several: their per-photo z-scored average). Repeatable."),
     distill_weight: float = typer.Option(1.0, "--distill-weight", min=0.0, help="Weight of the distillation "
                                          "loss (with --teacher)."),
+    distill_anchors: int = typer.Option(16, "--distill-anchors", min=1, help="Crops of each unlabeled photo "
+                                        "the distillation loss compares per step (with --teacher)."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", min=0.0, max=0.5, help="Share of the GAICD images "
                                        "(and half that of FCDB) held out for per-epoch validation."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (OUT.ckpt) to resume from."),
@@ -454,7 +456,8 @@ def train(
                                  rc=not no_rc, fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch,
                                  frozen_layers=frozen_layers, seed=seed, ema=ema, batch_size=batch_size, amp=amp,
                                  backbone_lr_mult=backbone_lr_mult, scales=scales,
-                                 gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight)
+                                 gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight,
+                                 distill_anchors=distill_anchors)
     if teacher and not unlabeled:
         raise UsageError("--teacher needs --unlabeled photos (the teachers' scores of them are the targets)")
     for t in teacher:

@@ -50,6 +50,7 @@ class TrainConfig:
     # distillation (with teacher models, see teacher_targets): smooth-L1 between the score head and the teachers'
     # combined score on the unlabeled photos' anchors sampled for rank consistency
     distill_weight: float = 1.0
+    distill_anchors: int = 16  # anchors per unlabeled photo and step for distillation (at least rc_anchors drawn)
     gaicd_share: float = 0.35  # GAICD images are repeated so they make up about this share of labeled steps
     fcdb_per_epoch: int = 400  # 0: all FCDB images each epoch; else a random subset of this size
     frozen_layers: int = 14
@@ -411,13 +412,18 @@ class Trainer:
         anchors = gaic_anchors(*s.size)
         if len(anchors) < 2:  # e.g. extreme panoramas: no pair to compare
             return {}
-        idx = self.rng.choice(len(anchors), min(cfg.rc_anchors, len(anchors)), replace=False)
+        distill = s.targets is not None and cfg.distill_weight > 0
+        # with teacher targets, up to max(rc_anchors, distill_anchors) anchors: rank consistency on the first
+        # rc_anchors of them, distillation on all (without, the draw is exactly rank consistency's)
+        k = max(cfg.rc_anchors, cfg.distill_anchors) if distill else cfg.rc_anchors
+        idx = self.rng.choice(len(anchors), min(k, len(anchors)), replace=False)
         cf = self.model.crop_features(feats, self.torch.from_numpy(anchors[idx]).to(self.device))
         y = self.model.mos_scores(cf)
         parts = {}
         if cfg.rc and cfg.rc_weight > 0:
-            parts["rc"] = cfg.rc_weight * rank_consistency(self.model, cf, y, cfg.rc_delta)
-        if s.targets is not None and cfg.distill_weight > 0:
+            r = cfg.rc_anchors
+            parts["rc"] = cfg.rc_weight * rank_consistency(self.model, cf[:r], y[:r], cfg.rc_delta)
+        if distill:
             t = self.torch.from_numpy(s.targets[int(flip), idx]).to(self.device)
             parts["distill"] = cfg.distill_weight * F.smooth_l1_loss(y, t)
         return parts

@@ -387,3 +387,25 @@ def test_distillation_from_a_copy_of_the_student_is_zero_and_trains_the_score_he
     # an epoch without the rank-consistency loss still pairs each labeled image with an unlabeled photo
     rec = tr.train_epoch(tr.epoch_plan(g, f), u)
     assert "distill" in rec["loss"] and ("rc" in rec["loss"]) == rc
+
+
+def test_distillation_draws_its_own_anchor_count_and_rank_consistency_keeps_its_pairs(tiny_gaicd, tiny_fcdb,
+                                                                                      tiny_album, monkeypatch):
+    import smartcrop.losses as L
+
+    tr = make_trainer(distill_anchors=40, rc_anchors=6)
+    teacher = SACNet(tr.model.config).eval()
+    data = TrainData(gaicd=read_gaicd(tiny_gaicd, "train"), unlabeled=list_images([tiny_album]))
+    _, _, u, _ = prepare_samples(tr, data, lambda s: None, progress=False, teachers=[teacher])
+    seen = {}
+    real_cf, real_rc = tr.model.crop_features, L.rank_consistency
+    monkeypatch.setattr(tr.model, "crop_features", lambda f, b: seen.setdefault("boxes", len(b)) and real_cf(f, b))
+    monkeypatch.setattr(L, "rank_consistency", lambda m, cf, y, d: seen.setdefault("rc", len(y)) and real_rc(m, cf, y, d))
+    s = max(u, key=lambda s: s.targets.shape[1])
+    parts = tr.consistency_loss(s)
+    assert set(parts) == {"rc", "distill"}
+    assert seen == {"boxes": min(40, s.targets.shape[1]), "rc": 6} and s.targets.shape[1] > 6
+    u[0].targets = None  # without targets, rank consistency's own draw
+    seen.clear()
+    tr.consistency_loss(u[0])
+    assert seen["boxes"] == 6
