@@ -442,6 +442,11 @@ def train(
         raise UsageError(f"--scale-aug must be numbers separated by commas, not {scale_aug!r}") from None
     if any(not 0.25 <= f <= 4 for f in scales):
         raise UsageError("--scale-aug factors must lie between 0.25 and 4")
+    if teacher and not unlabeled:
+        raise UsageError("--teacher needs --unlabeled photos (the teachers' scores of them are the targets)")
+    for t in teacher:
+        if not t.is_file():
+            raise UsageError(f"{t}: no such teacher model")
     dev = resolve_device(device)
     if dev.startswith("cuda"):
         err("note: the GPU recipe (end to end, 8 images a step) has no measured epoch time or held-out metrics yet "
@@ -458,11 +463,6 @@ def train(
                                  backbone_lr_mult=backbone_lr_mult, scales=scales,
                                  gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight,
                                  distill_anchors=distill_anchors)
-    if teacher and not unlabeled:
-        raise UsageError("--teacher needs --unlabeled photos (the teachers' scores of them are the targets)")
-    for t in teacher:
-        if not t.is_file():
-            raise UsageError(f"{t}: no such teacher model")
     info = {
         "command": "smartcrop train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "training": {"backbone_init": source, "gaicd": list(gaicd), "fcdb": [str(p) for p in fcdb],

@@ -180,6 +180,7 @@ def test_train_teacher_errors_are_one_line_and_exit_2(tmp_path, tiny_gaicd, tiny
     monkeypatch.chdir(tmp_path)
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
     args = ["train", "--out", "m.safetensors", "--gaicd", f"{tiny_gaicd}:train", "--val-fraction", "0",
+            "--init", small_model_file,  # no ImageNet backbone file needed (CI has none)
             "--teacher", small_model_file if teacher == "model" else teacher]
     code, out, err = cli(*args, *(["--unlabeled", tiny_album] if unlabeled else []))
     assert code == 2, err
