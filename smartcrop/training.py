@@ -48,7 +48,7 @@ class TrainConfig:
     rc_anchors: int = 16  # N
     rc_delta: float = 0.1
     # distillation (with teacher models, see teacher_targets): smooth-L1 between the score head and the teachers'
-    # combined score on the unlabeled photos' anchors sampled for rank consistency
+    # combined score on distill_anchors anchors of each unlabeled photo a step (drawn with rank consistency's)
     distill_weight: float = 1.0
     distill_anchors: int = 16  # anchors per unlabeled photo and step for distillation (at least rc_anchors drawn)
     gaicd_share: float = 0.35  # GAICD images are repeated so they make up about this share of labeled steps
@@ -403,7 +403,7 @@ class Trainer:
 
     def _consistency_loss(self, s: Sample, feats, flip: bool = False):
         """Rank consistency over ``rc_anchors`` random anchors of an unlabeled photo and, when it has teacher
-        targets, their distillation term on the same anchors."""
+        targets, the distillation term over ``max(rc_anchors, distill_anchors)`` of them (a superset)."""
         import torch.nn.functional as F
 
         from .losses import rank_consistency
@@ -575,7 +575,6 @@ def teacher_targets(teachers: Sequence, image, size: tuple[int, int]) -> np.ndar
         return None
     boxes = torch.from_numpy(anchors).to(image.device)
     views = torch.cat([image, image.flip(-1)]).float()
-    out = np.zeros((2, len(anchors)), np.float32)
     zs, means, sds = [], [], []
     with torch.no_grad():
         for t in teachers:
@@ -585,8 +584,8 @@ def teacher_targets(teachers: Sequence, image, size: tuple[int, int]) -> np.ndar
             zs.append((y - mu) / sd)
             means.append(mu)
             sds.append(sd)
-    out[:] = (torch.stack(means).mean(0) + torch.stack(sds).mean(0) * torch.stack(zs).mean(0)).numpy()
-    return out
+    out = torch.stack(means).mean(0) + torch.stack(sds).mean(0) * torch.stack(zs).mean(0)
+    return out.numpy().astype(np.float32)
 
 
 def _half(p):
