@@ -507,7 +507,8 @@ class FusedLinear(nn.Module):
 
 def _fused_ops_work() -> bool:
     """Whether this torch has oneDNN's fused convolution and linear kernels and they compute what the plain
-    layers and activations do (checked once, on tiny inputs)."""
+    layers and activations do (checked once, on tiny inputs; torch's global random state is left as it was, so
+    a training run that scores for validation draws the same numbers as without the check)."""
     global _FUSED_OK
     if _FUSED_OK is None:
         _FUSED_OK = False
@@ -515,7 +516,8 @@ def _fused_ops_work() -> bool:
             if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise") \
                     and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
                 g = torch.Generator().manual_seed(0)
-                conv, lin = nn.Conv2d(4, 4, 3, 2, 1, groups=2), nn.Linear(6, 5)
+                with torch.random.fork_rng(devices=[]):  # the layers' initialisation draws from the global state
+                    conv, lin = nn.Conv2d(4, 4, 3, 2, 1, groups=2), nn.Linear(6, 5)
                 x, v = torch.randn(1, 4, 9, 7, generator=g) * 4, torch.randn(3, 6, generator=g)
                 with torch.inference_mode():
                     pairs = [(FusedConv2d(conv, nn.ReLU6)(x.contiguous(memory_format=torch.channels_last)),

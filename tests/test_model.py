@@ -463,3 +463,14 @@ def test_fused_layers_score_the_same_and_fall_back_when_unavailable(backbone, mo
     monkeypatch.setattr(M, "_FUSED_OK", False)  # e.g. a torch built without oneDNN: the model as it was
     plain = M.fuse_activations(fold_batchnorm(net, channels_last=True))
     assert not any(isinstance(m, (M.FusedConv2d, M.FusedLinear)) for m in plain.modules())
+
+
+def test_the_fused_kernel_check_leaves_the_global_random_state(monkeypatch):
+    from smartcrop import model as M
+
+    monkeypatch.setattr(M, "_FUSED_OK", None)  # run the check (again) in this process
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    M._fused_ops_work()
+    assert torch.equal(torch.rand(3), want)
