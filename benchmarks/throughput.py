@@ -157,12 +157,14 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-vips", action="store_true")
+    ap.add_argument("--skip-peak", action="store_true", help="no extra run for the peak memory (reported as null)")
     ap.add_argument("--out", type=Path, help="also write the results to this JSON file")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # argparse would reject options after "--"
     args = ap.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
     args.extra = extra
     _become_subreaper()
+    extra_run = 0 if args.skip_peak else 1
     all_photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in {".jpg", ".jpeg"})
     cores = usable_cores()
     res: dict = {"cores": cores, "extra": args.extra, "runs": []}
@@ -183,28 +185,29 @@ def main(argv=None) -> int:
             rows = {}
             if not args.skip_vips:
                 runs = []
-                for k in range(args.repeat + 1):  # the last one only for the peak RSS
+                for k in range(args.repeat + extra_run):  # the last one only for the peak RSS
                     out = Path(d) / f"vips{k}"
                     out.mkdir()
                     runs.append(vips_loop(all_photos[:n], out, rss=k == args.repeat))
                 rows["vips"] = runs
             for mode in args.modes:
                 runs = []
-                for k in range(args.repeat + 1):
+                for k in range(args.repeat + extra_run):
                     cmd = [sys.executable, "-m", "smartcrop.cli", "run", str(src), "--ratio", "16:9", "-o",
                            str(Path(d) / f"{mode}{k}"), *MODES[mode], *args.extra]
                     runs.append(timed(cmd, rss=k == args.repeat))
                 rows[mode] = runs
             for tool, all_runs in rows.items():
-                runs, peak_run = all_runs[:-1], all_runs[-1]
+                runs, peak_run = all_runs[: args.repeat], (all_runs[args.repeat:] or [None])[0]
                 med = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
                 row = {"photos": n, "tool": tool, "wall_s": round(med["wall_s"], 2),
                        "wall_s_all": [round(r["wall_s"], 2) for r in runs],
                        "photos_per_s": round(n / med["wall_s"], 2),
                        "cpu_util": round(med["cpu_s"] / med["wall_s"] / cores, 2),
-                       "peak_rss_mb": round(peak_run["peak_rss_mb"]), "peak_pss_mb": round(peak_run["peak_pss_mb"])}
+                       "peak_rss_mb": peak_run and round(peak_run["peak_rss_mb"]),
+                       "peak_pss_mb": peak_run and round(peak_run["peak_pss_mb"])}
                 if "vips" in rows and tool != "vips":
-                    vips_med = statistics.median(r["wall_s"] for r in rows["vips"][:-1])
+                    vips_med = statistics.median(r["wall_s"] for r in rows["vips"][: args.repeat])
                     row["vs_vips"] = round(med["wall_s"] / vips_med, 2)
                 res["runs"].append(row)
                 print(json.dumps(row), flush=True)
