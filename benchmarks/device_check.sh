@@ -17,6 +17,7 @@
 #            process pinned to cores 2.. while, at the same time,
 #   scaling2 `smartcrop run --device cpu` confined to cores 0,1 (`taskset -c 0,1`), lossless and --reencode
 #   scaling  the same runs on every core (--device cpu)
+# SKIP="scaling2 ..." leaves the 2-core runs out of `train_scaling2`; TRAIN_SECONDS (150) bounds the training.
 #   amp      benchmarks/amp_check.py --device cuda on GAICD dev and FCDB test (skipped unless SKIP is set)
 # Results: $OUT/results.tgz (every JSON and log) and $OUT/summary.txt, rewritten after every step (so a call cut
 # short still returns what finished); the output's last lines are the summary.
@@ -30,13 +31,14 @@ DEVICE=${DEVICE:-cuda}
 PHOTOS=${PHOTOS:-512}
 COUNTS=${COUNTS:-64 $PHOTOS}  # photo counts of the runs on every core and on the GPU
 TRAIN_ARGS=${TRAIN_ARGS:-}
+export TRAIN_SECONDS=${TRAIN_SECONDS:-150}
 SKIP=${SKIP:-amp}
 DEADLINE=${DEADLINE:-520}  # seconds for all the steps together
 D=.devdata
 R=/tmp/devcheck
 rm -rf $R && mkdir -p $R
 unset PYTHONDONTWRITEBYTECODE
-export OUT DEVICE PHOTOS COUNTS TRAIN_ARGS D R PYTHONUNBUFFERED=1 PYTHONPATH="$D/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export OUT DEVICE PHOTOS COUNTS TRAIN_ARGS SKIP D R PYTHONUNBUFFERED=1 PYTHONPATH="$D/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PY=${PY:-python3} NCPU=$(nproc)
 log() { echo "[$(date +%T)] $*" | tee -a $R/summary.txt; }
 save() {  # what has finished so far, back under $OUT
@@ -102,8 +104,8 @@ make_photos() {
 export -f make_photos
 step photos 60 make_photos
 
-step profile 70 $PY benchmarks/train_profile.py --data $D/data --backbone-weights $D/weights/mobilenet_v2_imagenet.pth \
-  --device $DEVICE --steps 4 --profile-steps 2 --row-limit 15
+step profile 110 $PY benchmarks/train_profile.py --data $D/data --backbone-weights $D/weights/mobilenet_v2_imagenet.pth \
+  --device $DEVICE --steps 8 --settings cudnn+amp nocudnn+amp nocudnn+fp32
 
 gpu_run() {
   local smi=""
@@ -126,19 +128,21 @@ step scoring 30 "$PY benchmarks/scoring_time.py $R/p64 --count 64 --passes 3 --d
 
 # training on the GPU (its process on cores 2..) while the 2-core runs use cores 0,1
 train_and_scaling2() {
-  local secs pin=""; secs=$(limit 150)
+  local secs pin=""; secs=$(limit ${TRAIN_SECONDS:-150})
   [ "$NCPU" -gt 2 ] && pin="taskset -c 2-$((NCPU - 1))"
   timeout --kill-after=5 "$secs" $pin $PY benchmarks/validate.py --data $D/data \
     --backbone-weights $D/weights/mobilenet_v2_imagenet.pth --work $R/validate --variant "gpu=$TRAIN_ARGS" \
     --folds 0 --seeds 0 --code live --device $DEVICE > $R/train.log 2>&1 &
   local tr=$!
-  taskset -c 0,1 $PY benchmarks/throughput.py $R/photos --counts $PHOTOS --repeat 1 --skip-vips --skip-peak \
-    --out $R/scaling_2.json -- --device cpu
+  case " $SKIP " in *" scaling2 "*) ;; *)
+    taskset -c 0,1 $PY benchmarks/throughput.py $R/photos --counts $PHOTOS --repeat 1 --skip-vips --skip-peak \
+      --out $R/scaling_2.json -- --device cpu;;
+  esac
   wait $tr
   echo "train: exit $?"; tail -n 3 $R/train.log
 }
 export -f train_and_scaling2
-step train_scaling2 150 train_and_scaling2
+step train_scaling2 ${TRAIN_SECONDS:-150} train_and_scaling2
 
 step scaling 100 $PY benchmarks/throughput.py $R/photos --counts $COUNTS --repeat 2 --skip-vips --out $R/scaling_all.json \
   -- --device cpu

@@ -449,8 +449,8 @@ def train(
             raise UsageError(f"{t}: no such teacher model")
     dev = resolve_device(device)
     if dev.startswith("cuda"):
-        err("note: the GPU recipe (end to end, 8 images a step) has no measured epoch time or held-out metrics yet "
-            "(docs/performance.md); --device cpu trains the measured recipe")
+        err("note: the GPU recipe (end to end, 8 images a step) was measured on one fold only, below the CPU "
+            "recipe's GAICD accuracy there (docs/performance.md); --device cpu trains the shipped recipe")
     data = load_train_data(gaicd, fcdb, unlabeled, val_fraction)
     if fcdb_mix is not None and not fcdb_head:
         raise UsageError("--fcdb-mix needs --fcdb-head")

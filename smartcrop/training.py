@@ -64,6 +64,7 @@ class TrainConfig:
     batch_size: int = 1  # labeled images per optimiser step (and as many unlabeled ones); >1: see size_batches
     size_step: int = 0  # with batch_size > 1: network sizes rounded to multiples of this, so batches fill up
     amp: bool = False  # bfloat16 autocast on CUDA (ignored elsewhere)
+    cudnn: bool = False  # cuDNN on CUDA: its first step at each new network size took 8–13 s (cropper.cuda_setup)
     # with batch_size > 1: every backbone pass has the shape (2 * batch_size, 3, h, w) of one network size —
     # part-filled batches are topped up with other images of their size and each step's unlabeled photos are
     # of the labeled batch's size, in the same pass — so a GPU meets a few dozen input shapes, not hundreds
@@ -260,8 +261,6 @@ class Trainer:
         import torch
 
         self.torch = torch
-        if device.startswith("cuda"):
-            torch.backends.cudnn.benchmark = False  # input sizes vary: no autotuning per new shape
         self.model = model.to(device)
         self.cfg = cfg
         self.device = device
@@ -484,6 +483,10 @@ class Trainer:
         ``batch_size`` labeled images per step (:func:`size_batches`).
 
         The caller puts the model in training mode (see :func:`run_training`)."""
+        if str(self.device).startswith("cuda"):
+            from .cropper import cuda_setup
+
+            cuda_setup(self.cfg.cudnn)  # a global setting, which scoring (validation, teachers) turns on
         # rank consistency and distillation are the unlabeled photos' losses
         use_rc = len(unlabeled) > 0 and ((self.cfg.rc and self.cfg.rc_weight > 0) or (
             self.cfg.distill_weight > 0 and any(u.targets is not None for u in unlabeled)))

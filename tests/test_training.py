@@ -409,3 +409,20 @@ def test_distillation_draws_its_own_anchor_count_and_rank_consistency_keeps_its_
     seen.clear()
     tr.consistency_loss(u[0])
     assert seen["boxes"] == 6
+
+
+def test_cuda_setup_turns_cudnn_off_for_training_and_on_for_scoring():
+    """cuDNN's first training step at each new network size took 8–13 s on an H200: the GPU recipe trains
+    without it and scoring keeps it (``cropper.cuda_setup``); neither autotunes."""
+    from smartcrop.cropper import cuda_setup
+
+    flags = torch.backends.cudnn
+    before = flags.enabled, flags.benchmark
+    try:
+        flags.benchmark = True
+        cuda_setup(TrainConfig.for_device("cuda").cudnn)
+        assert (flags.enabled, flags.benchmark) == (False, False)
+        cuda_setup(True)
+        assert (flags.enabled, flags.benchmark) == (True, False)
+    finally:
+        flags.enabled, flags.benchmark = before
