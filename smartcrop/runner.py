@@ -311,13 +311,11 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         from .cropper import Cropper, resolve_device
 
         device = resolve_device(device)
-        if device == "cpu" and pool.workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-            # the workers keep every core busy: torch's own threads would only fight them (measured on 2 cores:
-            # 16 photos in 2.9 s with one scoring thread, 12.5 s with two).  Set before the model is loaded,
-            # whose float16 → float32 conversion alone took 48-100 ms with two threads, 10 ms with one.
-            import torch
+        threads = scoring_threads(device, pool.workers)
+        if threads:  # before the model is loaded, whose float16 → float32 conversion alone took 48-100 ms with
+            import torch  # two threads, 10 ms with one
 
-            torch.set_num_threads(max(1, usable_cores() // 3))
+            torch.set_num_threads(threads)
         # like the workers, the scoring process reuses freed memory; without it, whether each photo's activations
         # are mapped afresh and faulted in depends on glibc's moving threshold (one version of the heads measured
         # 554,000 page faults and 0.9 s of kernel time in 120 scorings, 32 instead of 38 ms a photo with it)
@@ -391,6 +389,22 @@ def scoring_in_workers(scoring: str, device: str, workers: int, *, adapt: bool =
     if scoring == "main" or adapt or known_size is None or workers < WORKER_SCORING_MIN_WORKERS:
         return False
     return device == "cpu" or (device == "auto" and not _accelerator_present())
+
+
+def scoring_threads(device: str, workers: int, cores: int | None = None) -> int | None:
+    """torch threads for the main process of a run with ``workers`` worker processes (None: torch's default).
+
+    The workers keep every core busy, and torch's own threads would only fight them (measured on 2 cores: 16
+    photos in 2.9 s with one scoring thread, 12.5 s with two): on a CPU the main process scores with a third of
+    the cores; on a GPU, which does the arithmetic, with one thread.  (An H200 run of 512 photos, its main
+    process at torch's default of 16 threads beside 16 workers, used 0.23 CPU-seconds a photo where the CPU path,
+    scoring included, used 0.18, and took 11.9 s against the CPU path's 7.6 s: docs/performance.md.)
+    ``OMP_NUM_THREADS`` in the environment wins."""
+    if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    if device == "cpu":
+        return max(1, (cores or usable_cores()) // 3)
+    return 1
 
 
 def _accelerator_present() -> bool:

@@ -547,6 +547,18 @@ def test_where_photos_are_scored(monkeypatch):
             scoring_in_workers(*bad[:3], **bad[3])
 
 
+def test_the_main_process_leaves_the_cores_to_the_workers(monkeypatch):
+    from smartcrop.runner import scoring_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert scoring_threads("cpu", 16, cores=16) == 5  # it scores: a third of the cores
+    assert scoring_threads("cpu", 2, cores=2) == 1
+    assert scoring_threads("cuda", 16, cores=16) == 1 and scoring_threads("cuda:1", 4, cores=4) == 1  # the GPU scores
+    assert scoring_threads("cuda", 1, cores=16) is None and scoring_threads("cpu", 1, cores=16) is None  # no workers
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert scoring_threads("cpu", 16, cores=16) is None and scoring_threads("cuda", 16, cores=16) is None
+
+
 def test_a_photo_the_worker_cannot_score_fails_alone(tmp_path, small_model_file, monkeypatch):
     from smartcrop import stages
     from smartcrop.stages import ScoringError, WorkerModel, prepare_and_score
