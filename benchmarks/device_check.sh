@@ -3,6 +3,8 @@
 #
 #   python benchmarks/shrink_data.py ../shared/data .devdata/data --quality 70 \
 #       --weights ../shared/weights/mobilenet_v2_imagenet.pth       # ~47 MiB: photos at short side 256
+#   ls .devdata/data/unlabeled | sort | tail -n +501 | (cd .devdata/data/unlabeled && xargs rm)  # with the repo
+#                                                     # (15 MiB) a call carries at most 64 MiB: keep 500 unlabeled
 #   mkdir -p .devdata/site .devdata/lib; cp .venv/lib/python3*/site-packages/turbojpeg.py .devdata/site/
 #   cp /usr/lib/x86_64-linux-gnu/libturbojpeg.so.0.2.0 .devdata/lib/   # the machine has no libturbojpeg
 #   OUT=/tmp/out bash benchmarks/device_check.sh                        # there: carry .devdata
@@ -67,6 +69,7 @@ fi
 
 env_info() {
   nproc; uname -r; free -g | head -2
+  command -v lscpu >/dev/null && lscpu | grep -E "^(Model name|Thread|Core|Socket|NUMA node\(s\))"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY - <<'PY'
 import sys, torch, PIL, numpy, typer
