@@ -25,6 +25,18 @@ KS = (1, 2, 3, 5, 8)
 TAUS = (0.0, 0.5, 0.7)
 
 
+def fcdb_sets(specs) -> dict:
+    """FCDB photo sets from NAME=ROOT:SPLIT arguments: name → items."""
+    from smartcrop.data import read_fcdb
+
+    sets = {}
+    for spec in specs:
+        name, rest = spec.split("=", 1)
+        root, split = rest.rsplit(":", 1)
+        sets[name] = read_fcdb(root, split)
+    return sets
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path)
@@ -36,17 +48,12 @@ def main(argv=None) -> int:
 
     from smartcrop import Cropper
     from smartcrop.cropper import fuse_box
-    from smartcrop.data import read_fcdb
     from smartcrop.evaluate import fcdb_eval_candidates
     from smartcrop.imageio import load_image
     from smartcrop.metrics import iou
 
     torch.set_num_threads(1)
-    sets = {}
-    for spec in args.fcdb:
-        name, rest = spec.split("=", 1)
-        root, split = rest.rsplit(":", 1)
-        sets[name] = read_fcdb(root, split)
+    sets = fcdb_sets(args.fcdb)
     rows = []
     for mp in args.models:
         cropper = Cropper(weights=mp, device="cpu")

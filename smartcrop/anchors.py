@@ -7,6 +7,8 @@ Two families:
   bottom-right corner at the centre of one of the 4×4 bottom-right cells; crops covering at least half of the
   grid with an aspect ratio in [0.5, 2] are kept (87-90 crops on usual photos).  These are exactly the crops
   GAICD's annotations score.
+* :func:`refine_anchors` — the free crops around one crop, each edge moved by half a grid cell: a free crop is
+  chosen among the GAIC anchors and these neighbours of the best one (finer than the grid where it matters).
 * :func:`ratio_anchors` — crops of one requested aspect ratio ``W:H``: several scales from the largest crop of
   that ratio down to about half of the image area, each at several positions.  Every anchor has exactly that
   ratio to within one pixel and the largest crop of that ratio is always the first anchor.
@@ -52,6 +54,37 @@ def gaic_anchors(width: int, height: int, bins: int = GRID_BINS) -> np.ndarray:
     if not boxes:  # extreme panoramas: no grid crop has a ratio in (0.5, 2); fall back to the grid's extent
         boxes.append((step_w * 0.5, step_h * 0.5, step_w * (bins - 0.5), step_h * (bins - 0.5)))
     return np.asarray(boxes, dtype=np.float32)
+
+
+#: :func:`refine_anchors` moves each edge of a crop by this fraction of the image's side (half a grid cell)
+REFINE_STEP = 1 / (2 * GRID_BINS)
+
+
+def refine_anchors(box, width: int, height: int, step: float = REFINE_STEP) -> np.ndarray:
+    """The free crops around ``box``: each of its four edges moved by −``step``, 0 or +``step`` of the image's
+    side (3⁴ − 1 = 80 moves at most, ``box`` itself left out), kept by GAIC's rules — inside the image, covering
+    at least half of it, aspect ratio within (0.5, 2).
+
+    Scoring these neighbours of the best GAIC anchor and choosing among both sets raised FCDB's free-ratio IoU
+    for five fold models out of five on both held-out photo sets (+0.006 ± 0.002 and +0.008 ± 0.002), for
+    1.9× the anchors; GAIC's rules on a 20 × 20 grid gained +0.009 / +0.006 for 6.2× (docs/results.md,
+    eighth session)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    dx, dy = step * width, step * height
+    m = np.arange(-1, 2, dtype=np.float64)
+    a, b, c, d = np.meshgrid(m, m, m, m, indexing="ij")
+    moves = np.stack([a.ravel(), b.ravel(), c.ravel(), d.ravel()], axis=1)
+    moves = moves[np.any(moves != 0, axis=1)]
+    boxes = np.array([x1, y1, x2, y2]) + moves * np.array([dx, dy, dx, dy])
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+    boxes = boxes.astype(np.float32).astype(np.float64)  # the rules hold for the float32 boxes returned
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    ok = (w >= 1) & (h >= 1)
+    ok &= w * h > 0.4999 * width * height
+    ratio = np.where(ok, w / np.maximum(h, 1e-9), 0)
+    ok &= (ratio > 0.5) & (ratio < 2.0)
+    return boxes[ok].astype(np.float32)
 
 
 #: Most elongated aspect ratio accepted (either way): beyond 10:1 a "crop" is a strip, not a photo.
@@ -167,9 +200,14 @@ def ratio_anchors(
     return np.asarray(boxes, dtype=np.float32)
 
 
+def is_free(ratio: str | float | Fraction | None) -> bool:
+    """Whether ``ratio`` asks for a crop of free aspect ratio (``None`` or ``"any"``)."""
+    return ratio is None or (isinstance(ratio, str) and ratio.strip().lower() == "any")
+
+
 def anchors_for(width: int, height: int, ratio: str | float | Fraction | None) -> np.ndarray:
     """Free GAIC anchors for ``ratio`` ``None``/``"any"``, otherwise :func:`ratio_anchors`."""
-    if ratio is None or (isinstance(ratio, str) and ratio.strip().lower() == "any"):
+    if is_free(ratio):
         return gaic_anchors(width, height)
     return ratio_anchors(width, height, ratio)
 

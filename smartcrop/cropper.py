@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .anchors import anchors_for, box_iou_matrix, scale_boxes
+from .anchors import anchors_for, box_iou_matrix, is_free, refine_anchors, scale_boxes
 from .transforms import image_tensor, network_size
 
 
@@ -160,9 +160,14 @@ class Cropper:
         """
         return self.score_boxes_batch([(image, full_size)], [box_sets])[0]
 
-    def score_boxes_batch(self, images: Sequence[tuple], box_sets: Sequence[Mapping[str, np.ndarray]]) -> list:
+    def score_boxes_batch(self, images: Sequence[tuple], box_sets: Sequence[Mapping[str, np.ndarray]],
+                          refine: Collection[str] = ()) -> list:
         """Like :meth:`score_boxes` for several ``(image, full_size)``; images whose network input has the same
-        size share one batched backbone pass."""
+        size share one batched backbone pass.
+
+        ``refine``: keys of free-ratio sets whose best box is refined — its neighbours
+        (:func:`~smartcrop.anchors.refine_anchors`) are scored on the same features and appended to that set
+        **in place** (``box_sets[i][key]`` becomes the longer array), their scores after the set's own."""
         import torch
 
         sizes = []
@@ -197,18 +202,29 @@ class Cropper:
                     f_m = feats_m.select(j) if feats_m is not None else None
                     out = {}
                     for key, boxes in box_sets[i].items():
-                        b = scale_boxes(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), sx, sy)
-                        if len(b) == 0:
-                            out[key] = np.zeros(0, dtype=np.float32)
-                            continue
-                        tb = torch.from_numpy(b).to(self.device)
-                        sc = net.score_boxes(f, tb)
-                        if f_m is not None:
-                            mirrored = torch.stack([net_w - tb[:, 2], tb[:, 1], net_w - tb[:, 0], tb[:, 3]], dim=1)
-                            sc = (sc + net.score_boxes(f_m, mirrored)) / 2
-                        out[key] = sc.float().cpu().numpy()
+                        out[key] = self._score_on(net, f, f_m, boxes, sx, sy)
+                        if key in refine and len(out[key]):
+                            extra = refine_anchors(np.asarray(boxes)[int(np.argmax(out[key]))], fw, fh)
+                            box_sets[i][key] = np.concatenate([np.asarray(boxes, dtype=np.float32), extra])
+                            out[key] = np.concatenate([out[key], self._score_on(net, f, f_m, extra, sx, sy)])
                     results[i] = out
         return results
+
+    def _score_on(self, net, f, f_m, boxes, sx: float, sy: float) -> np.ndarray:
+        """Scores of ``boxes`` (full-size pixels, scaled by ``sx``, ``sy`` to the network input) on one image's
+        features ``f`` (and, with test-time flips, averaged with their mirror images' on ``f_m``)."""
+        import torch
+
+        b = scale_boxes(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), sx, sy)
+        if len(b) == 0:
+            return np.zeros(0, dtype=np.float32)
+        tb = torch.from_numpy(b).to(self.device)
+        sc = net.score_boxes(f, tb)
+        if f_m is not None:
+            net_w = f.input_size[0]
+            mirrored = torch.stack([net_w - tb[:, 2], tb[:, 1], net_w - tb[:, 0], tb[:, 3]], dim=1)
+            sc = (sc + net.score_boxes(f_m, mirrored)) / 2
+        return sc.float().cpu().numpy()
 
     def best_crops_batch(self, images: Sequence[tuple], ratios: Sequence[str] = ("any",), top_k: int = 1) -> list:
         """:meth:`best_crops` for several ``(image, full_size)`` pairs, batching the backbone where possible."""
@@ -216,7 +232,7 @@ class Cropper:
         for img, full in images:
             fw, fh = full or img.size
             box_sets.append({r: anchors_for(fw, fh, r) for r in ratios})
-        scores = self.score_boxes_batch(images, box_sets)
+        scores = self.score_boxes_batch(images, box_sets, refine=[r for r in ratios if is_free(r)])
         return [self._pick(bs, sc, ratios, top_k) for bs, sc in zip(box_sets, scores)]
 
     def _pick(self, box_sets, scores, ratios, top_k) -> list[Crop]:

@@ -115,3 +115,24 @@ def test_fuse_box_averages_the_best_overlapping_anchors_below_the_chosen_one():
         assert abs((x2 - x1) / (y2 - y1) - 16 / 9) <= worst + 1e-9
         w, h = round(x2) - round(x1), round(y2) - round(y1)
         assert abs(w - h * 16 / 9) <= 16 / 9 + 1
+
+
+@pytest.mark.parametrize("w,h", [(1024, 683), (683, 1024), (4000, 3000), (300, 300)])
+def test_refine_anchors_move_each_edge_by_half_a_cell_within_gaics_rules(w, h):
+    from smartcrop.anchors import REFINE_STEP, refine_anchors
+
+    for box in gaic_anchors(w, h)[[0, 40, -1]]:
+        r = refine_anchors(box, w, h)
+        assert 0 < len(r) <= 80 and r.dtype == np.float32
+        r = r.astype(np.float64)
+        bw, bh = r[:, 2] - r[:, 0], r[:, 3] - r[:, 1]
+        assert (r[:, :2] >= 0).all() and (r[:, 2] <= w + 1e-3).all() and (r[:, 3] <= h + 1e-3).all()
+        assert (bw * bh > 0.4999 * w * h).all() and (bw / bh > 0.5).all() and (bw / bh < 2).all()
+        assert not any(np.allclose(b, box, atol=1e-3) for b in r)  # the box itself is not repeated
+        moves = (r - box) / np.array([w, h, w, h]) / REFINE_STEP
+        clipped = np.isclose(r[:, [0, 1, 2, 3]], [0, 0, w, h], atol=1e-3)  # an edge stopped by the border
+        assert np.all(np.isclose(moves, np.round(moves), atol=1e-4) | clipped)
+        assert set(np.round(moves[~clipped]).astype(int).tolist()) <= {-1, 0, 1}
+    # a centred box of 80 % of each side has all 80 neighbours
+    box = np.array([0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h])
+    assert len(refine_anchors(box, w, h)) == 80

@@ -307,6 +307,36 @@ def test_power_of_two_batch_padding_scores_the_same(small_model):
         assert np.allclose([c.score for c in ca], [c.score for c in cb], atol=1e-5)
 
 
+def test_a_free_crop_is_refined_around_the_best_anchor(small_model):
+    """For a free ratio the best GAIC anchor's neighbours (``refine_anchors``) are scored on the same backbone
+    pass and the crop is chosen among both sets; ratio crops are not refined."""
+    from PIL import Image
+
+    from smartcrop.anchors import gaic_anchors, ratio_anchors, refine_anchors
+    from smartcrop.cropper import Cropper, fuse_box
+
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    full = (640, 480)
+    c = Cropper(net=small_model, device="cpu")
+    passes = []
+    real = c.scorer.image_features
+    c.scorer.image_features = lambda x: passes.append(x.shape[0]) or real(x)
+    grid = gaic_anchors(*full)
+    sets = {"any": grid, "16:9": ratio_anchors(*full, "16:9")}
+    plain = c.score_boxes(photo, full, dict(sets))
+    refined = c.score_boxes_batch([(photo, full)], [sets], refine=["any"])[0]
+    assert passes == [1, 1]  # one backbone pass each
+    extra = refine_anchors(grid[int(np.argmax(plain["any"]))], *full)
+    assert len(extra) > 40 and np.array_equal(sets["any"], np.concatenate([grid, extra]))  # extended in place
+    assert np.allclose(refined["any"][: len(grid)], plain["any"], atol=1e-6) and len(refined["any"]) == len(sets["any"])
+    assert np.array_equal(refined["16:9"], plain["16:9"]) and len(sets["16:9"]) == len(plain["16:9"])
+    (crop,) = c.best_crops(photo, full, ["any"])
+    s = refined["any"]
+    assert crop.box == tuple(int(round(v)) for v in fuse_box(sets["any"], s, int(np.argmax(s)), c.fuse))
+    assert crop.score == pytest.approx(float(s.max()), abs=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # EfficientNet-Lite0
 

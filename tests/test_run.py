@@ -581,7 +581,7 @@ def test_a_photo_the_worker_cannot_score_fails_alone(tmp_path, small_model_file,
 
 @pytest.mark.parametrize("scoring", ["main", "workers"])
 def test_fuse_1_writes_the_best_anchor_itself(tmp_path, small_model_file, scoring):
-    from smartcrop.anchors import anchors_for
+    from smartcrop.anchors import anchors_for, refine_anchors
 
     src = tmp_path / "in"
     for k in range(3):
@@ -593,8 +593,10 @@ def test_fuse_1_writes_the_best_anchor_itself(tmp_path, small_model_file, scorin
         assert code == 0, err
         got[fuse] = {(Path(r["input"]).name, r["ratio"]): r["box"] for r in jsonl(out)}
     assert got[1].keys() == got[3].keys() and len(got[1]) == 6
+    grid = anchors_for(400, 300, "any")
+    refined = np.concatenate([grid] + [refine_anchors(a, 400, 300) for a in grid])  # a free crop is refined
     for (_, ratio), box in got[1].items():
-        anchors = np.round(anchors_for(400, 300, ratio)).astype(int).tolist()
+        anchors = np.round(refined if ratio == "any" else anchors_for(400, 300, ratio)).astype(int).tolist()
         assert box in anchors
     assert any(got[1][k] != got[3][k] for k in got[1])  # the default fuses: some box is between anchors
 
