@@ -14,6 +14,7 @@
 #   photos   PHOTOS 12 MP JPEGs made from the unlabeled photos (64 distinct ones, hard-linked under new names)
 #   profile  seconds per GPU training step of the recipe, and an operator profile (benchmarks/train_profile.py)
 #   gpu_run  `smartcrop run --device cuda` with nvidia-smi sampling GPU utilisation every 200 ms
+#   gpu_profile  cProfile of one `run --device cuda` over 64 photos (main process: run_gpu_profile.txt)
 #   scoring  scoring time per photo on the GPU, float32 and bfloat16 autocast, batches of 32
 #   train    one fold of the validation protocol trained on the GPU (benchmarks/validate.py --device cuda), its
 #            process pinned to cores 2.. while, at the same time,
@@ -45,7 +46,7 @@ export PY=${PY:-python3} NCPU=$(nproc)
 log() { echo "[$(date +%T)] $*" | tee -a $R/summary.txt; }
 save() {  # what has finished so far, back under $OUT
   tar czf $OUT/results.tgz -C $R --exclude=photos --exclude=p64 --exclude=validate/data --exclude='*.safetensors' \
-    --exclude=pycache . 2>/dev/null
+    --exclude=pycache --exclude=prof_out . 2>/dev/null
   cp $R/summary.txt $OUT/ 2>/dev/null
 }
 limit() {  # limit SECONDS: SECONDS, or less where the deadline comes first
@@ -125,6 +126,29 @@ gpu_run() {
 }
 export -f gpu_run
 step gpu_run 80 gpu_run
+
+# where the main process of a GPU run spends its time (it bounded the eighth session's runs: docs/performance.md)
+gpu_profile() {
+  $PY - "$R" "$DEVICE" <<'PY' || return 1
+import cProfile, pstats, sys
+r, device = sys.argv[1], sys.argv[2]
+from smartcrop import cli
+sys.argv = ["smartcrop", "run", f"{r}/p64", "--ratio", "16:9", "-o", f"{r}/prof_out", "--device", device]
+prof = cProfile.Profile()
+prof.enable()
+try:
+    cli.app()  # the CLI's main() would leave with os._exit, before the profile is written
+except SystemExit:
+    pass
+prof.disable()
+with open(f"{r}/run_gpu_profile.txt", "w") as f:
+    for key, n in (("cumulative", 30), ("tottime", 20)):
+        pstats.Stats(prof, stream=f).sort_stats(key).print_stats(n)
+PY
+  grep -m1 "function calls" $R/run_gpu_profile.txt
+}
+export -f gpu_profile
+step gpu_profile 40 gpu_profile
 
 step scoring 30 "$PY benchmarks/scoring_time.py $R/p64 --count 64 --passes 3 --device $DEVICE --batch 32 &&
   $PY benchmarks/scoring_time.py $R/p64 --count 64 --passes 3 --device $DEVICE --batch 32 --amp"
