@@ -182,6 +182,7 @@ class WorkerModel:
     short_side: int
     max_long_side: int
     fuse: int = FUSE_K
+    refine: bool = True
 
 
 _worker_croppers: dict = {}  # model path -> Cropper, in a worker process
@@ -230,7 +231,7 @@ def prepare_and_score(source, model: WorkerModel) -> tuple:
     CPU, where one scoring process would cap the run (~30 ms a photo)."""
     p = prepare(source, model.short_side, model.max_long_side)
     cropper = worker_cropper(model.path)
-    cropper.fuse = model.fuse
+    cropper.fuse, cropper.refine = model.fuse, model.refine
     try:
         crops = cropper.best_crops_batch([(p.image, p.full_size)], list(model.ratios), model.top_k)[0]
     except (RuntimeError, MemoryError) as e:

@@ -102,6 +102,27 @@ def test_eval_gaicd_and_fcdb_json(tiny_gaicd, tiny_fcdb, small_model_file):
         assert code == 0, err
         m = json.loads(out)
         assert m["n_images"] == 2 and 0 < m["iou"] <= 1 and m["disp"] >= 0
+    # --no-refine: the free crop among the GAIC anchors alone, as evaluated before the refinement
+    import numpy as np
+
+    from smartcrop import Cropper
+    from smartcrop.anchors import gaic_anchors
+    from smartcrop.cropper import fuse_box
+    from smartcrop.data import read_fcdb
+    from smartcrop.evaluate import fcdb_metrics
+    from smartcrop.imageio import load_image
+
+    c = Cropper(small_model_file, device="cpu")
+    rows = []
+    for item in read_fcdb(tiny_fcdb, "test"):
+        li = load_image(item.image_path, target_short_side=c.config.short_side)
+        boxes = gaic_anchors(*li.full_size)
+        s = c.score_boxes(li.image, li.full_size, {"a": boxes})["a"]
+        rows.append((tuple(fuse_box(boxes, s, int(np.argmax(s)), c.fuse)), item.box, *li.full_size))
+    code, out, err = cli("eval", "fcdb", tiny_fcdb, "--split", "test", "--no-refine", "--weights", small_model_file,
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["iou"] == pytest.approx(fcdb_metrics(rows)["iou"], abs=1e-9)
 
 
 def test_eval_table_and_usage_errors(tmp_path, tiny_gaicd, tiny_fcdb, small_model_file):
