@@ -75,7 +75,8 @@ def main(argv=None) -> int:
             n = {k: [] for k in res}
             for item, li in _decoded(c, items, name, False, None):
                 w, h = li.full_size
-                for k, boxes in [("gaic", gaic_anchors(w, h))] + [(g, grid_anchors(w, h, *a)) for g, a in grids.items()]:
+                cands = [("gaic", gaic_anchors(w, h))] + [(g, grid_anchors(w, h, *a)) for g, a in grids.items()]
+                for k, boxes in cands:
                     s = c.score_boxes(li.image, (w, h), {"a": boxes})["a"]
                     res[k].append(iou(fuse_box(boxes, s, int(np.argmax(s)), c.fuse), item.box))
                     n[k].append(len(boxes))

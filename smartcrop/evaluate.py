@@ -79,7 +79,8 @@ def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progres
     for item, li in _decoded(cropper, items, f"FCDB ({ratio})", progress, on_error):
         w, h = li.full_size
         sets = {"a": fcdb_eval_candidates(w, h, item.box, ratio)}
-        s = cropper.score_boxes_batch([(li.image, (w, h))], [sets], refine=["a"] if ratio == "any" and cropper.refine else [])[0]["a"]
+        refine = ["a"] if ratio == "any" and cropper.refine else []
+        s = cropper.score_boxes_batch([(li.image, (w, h))], [sets], refine=refine)[0]["a"]
         out.append((item, fuse_box(sets["a"], s, int(np.argmax(s)), cropper.fuse), (w, h)))
     return out
 
