@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     extra = (*grids, "clipped") if args.clipped else tuple(grids)
     rows = []
     for m in args.models:
-        c = Cropper(m, device="cpu")
+        c = Cropper(m, device="cpu", refine=True)  # fcdb_choices then refines, as `eval fcdb --refine`
         for name, items in sets.items():
             res = {k: [] for k in ("gaic", "refined", *extra)}
             n = {k: [] for k in res}

@@ -7,9 +7,9 @@ Two families:
   bottom-right corner at the centre of one of the 4×4 bottom-right cells; crops covering at least half of the
   grid with an aspect ratio in [0.5, 2] are kept (87-90 crops on usual photos).  These are exactly the crops
   GAICD's annotations score.
-* :func:`refine_anchors` — the free crops around one crop, each edge moved by half a grid cell: a free crop is
-  chosen among the GAIC anchors and these neighbours of the best one, which can reach the photo's border (GAIC's
-  corners stop half a cell short of it).
+* :func:`refine_anchors` — the free crops around one crop, each edge moved by half a grid cell: with
+  ``--refine`` a free crop is chosen among the GAIC anchors and these neighbours of the best one, which can
+  reach the photo's border (GAIC's corners stop half a cell short of it).
 * :func:`ratio_anchors` — crops of one requested aspect ratio ``W:H``: several scales from the largest crop of
   that ratio down to about half of the image area, each at several positions.  Every anchor has exactly that
   ratio to within one pixel and the largest crop of that ratio is always the first anchor.
@@ -70,8 +70,8 @@ def refine_anchors(box, width: int, height: int, step: float = REFINE_STEP) -> n
     for five fold models out of five on both held-out photo sets (+0.006 ± 0.002 and +0.008 ± 0.002), for
     1.9× the anchors.  The gain comes from the moves that take an edge to the photo's border, where no GAIC
     anchor reaches: kept within the grid's extent the neighbours gain nothing, and the chosen crops grow (on
-    FCDB test from 0.69 to 0.77 of the photo on average; experts' crops 0.63) — a more conservative free crop
-    (docs/results.md, eighth session)."""
+    FCDB test from 0.69 to 0.77 of the photo on average; experts' crops 0.63) — a more conservative free crop,
+    at times the whole photo with its frame: opt-in (``run --refine``; docs/results.md, eighth session)."""
     x1, y1, x2, y2 = (float(v) for v in box)
     dx, dy = step * width, step * height
     m = np.arange(-1, 2, dtype=np.float64)

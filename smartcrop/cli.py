@@ -138,8 +138,8 @@ def eval_fcdb(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     fuse: int = typer.Option(3, "--fuse", min=1, max=20, help="The chosen crop is the mean of this many "
                              "overlapping top anchors, as `run` does (1: the best anchor itself)."),
-    refine: bool = typer.Option(True, "--refine/--no-refine", help="With --ratio any, also choose among the best "
-                                "anchor's neighbours, as `run` does."),
+    refine: bool = typer.Option(False, "--refine/--no-refine", help="With --ratio any, also choose among the best "
+                                "anchor's neighbours, as `run --refine` does."),
 ):
     """IoU and boundary displacement of the model's best crop against FCDB's expert crops."""
     from .errors import UsageError
@@ -229,9 +229,10 @@ def run(
                              "(default 0: one per usable core; 1: everything in this process)."),
     fuse: int = typer.Option(3, "--fuse", min=1, max=20, help="Each chosen crop is the mean of this many top "
                              "anchors overlapping it (box voting); 1: the best anchor itself."),
-    refine: bool = typer.Option(True, "--refine/--no-refine", help="A free-ratio crop is also chosen among the best "
-                                "anchor's neighbours (each edge moved by half a grid cell): better crops, ~1.5× "
-                                "the free-ratio scoring time."),
+    refine: bool = typer.Option(False, "--refine/--no-refine", help="A free-ratio crop is also chosen among the "
+                                "best anchor's neighbours, which can reach the photo's border: larger, more "
+                                "conservative free crops (closer to FCDB's expert crops by IoU), ~1.5× the "
+                                "free-ratio scoring time."),
     scoring: str = typer.Option("auto", "--scoring", help="Where photos are scored: main (this process; "
                                 "batched, the GPU), workers (each worker loads the model: a many-core CPU), "
                                 "auto (workers on a CPU run with at least 8 workers, else main)."),

@@ -111,11 +111,11 @@ class Cropper:
     measured within noise, see docs/results.md).  ``fuse``: each chosen crop is the mean of this many
     overlapping top anchors (:func:`fuse_box`, default 3; 1: the best anchor itself).  ``refine``: a free-ratio
     crop is also chosen among the best GAIC anchor's neighbours (:func:`~smartcrop.anchors.refine_anchors`;
-    on by default: 1.9× the anchors, ~1.5× the free-ratio scoring time).
+    off by default: larger free crops, 1.9× the anchors, ~1.5× the free-ratio scoring time).
     """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "auto", model: str | None = None,
-                 net=None, tta: bool = False, amp: bool = False, fuse: int = FUSE_K, refine: bool = True):
+                 net=None, tta: bool = False, amp: bool = False, fuse: int = FUSE_K, refine: bool = False):
         from .weights import load_model, resolve_model
 
         self.device = resolve_device(device)

@@ -488,7 +488,7 @@ class _Scorer:
     """Stage 2 (Ray actor): the model, loaded once per actor, scores batches of prepared photos."""
 
     def __init__(self, model, device: str, ratios, top_k: int, faults: dict, return_bytes: bool,
-                 fuse: int = FUSE_K, refine: bool = True):
+                 fuse: int = FUSE_K, refine: bool = False):
         import tempfile
 
         import ray
@@ -666,7 +666,7 @@ def crop(ds, ratios: Sequence[str] = ("any",), *, output: str | os.PathLike | No
          max_side: int | None = None, top_k: int = 1, quality: int | None = None, reencode: bool = False,
          upscale: bool = False, out_format: str | None = None, strip: bool = False, overwrite: bool = False,
          skip_existing: bool = False, return_bytes: bool = False, batch_size: int = 8, scorers=None,
-         num_gpus: float | None = None, cpus_per_scorer: float = 1.0, fuse: int = FUSE_K, refine: bool = True):
+         num_gpus: float | None = None, cpus_per_scorer: float = 1.0, fuse: int = FUSE_K, refine: bool = False):
     """Crop every photo of a Ray dataset: a lazy :class:`ray.data.Dataset` of one row per crop.
 
     ``ds`` has a ``path`` column (local paths or URIs), optionally ``rel_dir`` (a sub-folder mirrored under

@@ -44,7 +44,7 @@ class RunOptions:
     batch: int = 0  # photos scored per model pass; 0: 1 on a CPU (batching only delays the workers), 16 on a GPU
     scoring: str = "auto"  # where photos are scored: main, workers, auto (runner.scoring_in_workers)
     fuse: int = FUSE_K  # each chosen crop is the mean of this many overlapping top anchors (cropper.fuse_box)
-    refine: bool = True  # a free crop is also chosen among the best GAIC anchor's neighbours (Cropper.refine)
+    refine: bool = False  # a free crop is also chosen among the best GAIC anchor's neighbours (Cropper.refine)
     preview: Path | None = None
 
     def template(self) -> str:

@@ -182,7 +182,7 @@ class WorkerModel:
     short_side: int
     max_long_side: int
     fuse: int = FUSE_K
-    refine: bool = True
+    refine: bool = False
 
 
 _worker_croppers: dict = {}  # model path -> Cropper, in a worker process

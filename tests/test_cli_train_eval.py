@@ -102,7 +102,7 @@ def test_eval_gaicd_and_fcdb_json(tiny_gaicd, tiny_fcdb, small_model_file):
         assert code == 0, err
         m = json.loads(out)
         assert m["n_images"] == 2 and 0 < m["iou"] <= 1 and m["disp"] >= 0
-    # --no-refine: the free crop among the GAIC anchors alone, as evaluated before the refinement
+    # by default the free crop is chosen among the GAIC anchors alone; --refine adds the best one's neighbours
     import numpy as np
 
     from smartcrop import Cropper
@@ -119,10 +119,13 @@ def test_eval_gaicd_and_fcdb_json(tiny_gaicd, tiny_fcdb, small_model_file):
         boxes = gaic_anchors(*li.full_size)
         s = c.score_boxes(li.image, li.full_size, {"a": boxes})["a"]
         rows.append((tuple(fuse_box(boxes, s, int(np.argmax(s)), c.fuse)), item.box, *li.full_size))
-    code, out, err = cli("eval", "fcdb", tiny_fcdb, "--split", "test", "--no-refine", "--weights", small_model_file,
-                         "--json")
+    code, out, err = cli("eval", "fcdb", tiny_fcdb, "--split", "test", "--weights", small_model_file, "--json")
     assert code == 0, err
     assert json.loads(out)["iou"] == pytest.approx(fcdb_metrics(rows)["iou"], abs=1e-9)
+    code, out, err = cli("eval", "fcdb", tiny_fcdb, "--split", "test", "--refine", "--weights", small_model_file,
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["iou"] != pytest.approx(fcdb_metrics(rows)["iou"], abs=1e-6)
 
 
 def test_eval_table_and_usage_errors(tmp_path, tiny_gaicd, tiny_fcdb, small_model_file):

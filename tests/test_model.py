@@ -308,8 +308,8 @@ def test_power_of_two_batch_padding_scores_the_same(small_model):
 
 
 def test_a_free_crop_is_refined_around_the_best_anchor(small_model):
-    """For a free ratio the best GAIC anchor's neighbours (``refine_anchors``) are scored on the same backbone
-    pass and the crop is chosen among both sets; ratio crops are not refined."""
+    """With ``refine`` a free ratio's best GAIC anchor's neighbours (``refine_anchors``) are scored on the same
+    backbone pass and the crop is chosen among both sets; ratio crops are not refined."""
     from PIL import Image
 
     from smartcrop.anchors import gaic_anchors, ratio_anchors, refine_anchors
@@ -318,7 +318,8 @@ def test_a_free_crop_is_refined_around_the_best_anchor(small_model):
     rng = np.random.default_rng(1)
     photo = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
     full = (640, 480)
-    c = Cropper(net=small_model, device="cpu")
+    assert not Cropper(net=small_model, device="cpu").refine  # opt-in (`run --refine`)
+    c = Cropper(net=small_model, device="cpu", refine=True)
     passes = []
     real = c.scorer.image_features
     c.scorer.image_features = lambda x: passes.append(x.shape[0]) or real(x)
