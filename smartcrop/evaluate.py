@@ -60,8 +60,8 @@ def write_predictions(preds, path: str | Path) -> None:
 
 def fcdb_eval_candidates(width: int, height: int, box, ratio: str) -> np.ndarray:
     """The crops FCDB evaluation chooses among on a ``width`` × ``height`` photo whose expert crop is ``box``:
-    the free GAIC anchors (``ratio="any"``; :func:`fcdb_choices` adds the best one's neighbours, as ``run``
-    does) or the anchors of the expert crop's aspect ratio (``"gt"``)."""
+    the free GAIC anchors (``ratio="any"``; with ``cropper.refine`` :func:`fcdb_choices` adds the best one's
+    neighbours, as ``run --refine`` does) or the anchors of the expert crop's aspect ratio (``"gt"``)."""
     if ratio == "any":
         return gaic_anchors(width, height)
     x1, y1, x2, y2 = box
@@ -70,9 +70,9 @@ def fcdb_eval_candidates(width: int, height: int, box, ratio: str) -> np.ndarray
 
 def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progress: bool | None = None,
                  on_error=None) -> list[tuple[FcdbItem, np.ndarray, tuple[int, int]]]:
-    """The model's best box for each photo: among free anchors refined around the best one (``any``) or anchors
-    of the expert's ratio (``gt``), fused with its neighbours as :class:`~smartcrop.cropper.Cropper` does
-    (``cropper.fuse``)."""
+    """The model's best box for each photo: among free anchors (``any``; refined around the best one when
+    ``cropper.refine``) or anchors of the expert's ratio (``gt``), fused with its neighbours as
+    :class:`~smartcrop.cropper.Cropper` does (``cropper.fuse``)."""
     if ratio not in {"any", "gt"}:
         raise ValueError(f"ratio must be 'any' or 'gt', not {ratio!r}")
     out = []
