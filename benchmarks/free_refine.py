@@ -6,8 +6,8 @@ For each model and FCDB set, every photo's free crop is chosen (box voting as `s
 * ``gaic``: the 12×12-grid GAIC anchors alone (the choice before the eighth session);
 * ``refined``: those plus the best anchor's neighbours (``anchors.refine_anchors``: each edge moved by half a
   grid cell) — what `smartcrop eval fcdb --ratio any` and `run` now do (``evaluate.fcdb_choices``);
-* ``grid16`` / ``grid20`` (with ``--grids``): GAIC's rules on finer grids (corners in the top-left / bottom-right
-  5 of 16 or 6 of 20 cells), for comparison;
+* ``grid16`` / ``grid20`` (with ``--grids``): GAIC's rules on finer grids (``gaic_anchors(bins=16 or 20)``: corners
+  in the top-left / bottom-right 5 of 16 or 6 of 20 cells), for comparison;
 * ``clipped`` (with ``--clipped``): the refinement without the moves that bring an edge closer to the border
   than GAIC's half cell — where the gain comes from,
 
@@ -35,22 +35,6 @@ import numpy as np
 from box_fusion import fcdb_sets  # benchmarks/ is on the path when run as a script
 
 
-def grid_anchors(width: int, height: int, bins: int, corner: int) -> np.ndarray:
-    """GAIC's rules on a ``bins`` × ``bins`` grid with corners in the ``corner`` × ``corner`` corner cells."""
-    sw, sh = width / bins, height / bins
-    out = []
-    for r1 in range(corner):
-        for c1 in range(corner):
-            for r2 in range(bins - corner, bins):
-                for c2 in range(bins - corner, bins):
-                    if (r2 - r1) * (c2 - c1) <= 0.4999 * bins * bins:
-                        continue
-                    if not 0.5 < (c2 - c1) * sw / ((r2 - r1) * sh) < 2.0:
-                        continue
-                    out.append((sw * (c1 + 0.5), sh * (r1 + 0.5), sw * (c2 + 0.5), sh * (r2 + 0.5)))
-    return np.asarray(out, dtype=np.float32)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path)
@@ -64,14 +48,14 @@ def main(argv=None) -> int:
     import torch
 
     from smartcrop import Cropper
-    from smartcrop.anchors import gaic_anchors, refine_anchors
+    from smartcrop.anchors import REFINE_STEP, gaic_anchors, refine_anchors
     from smartcrop.cropper import fuse_box
     from smartcrop.evaluate import _decoded, fcdb_choices
     from smartcrop.metrics import iou
 
     torch.set_num_threads(1)
     sets = fcdb_sets(args.fcdb)
-    grids = {"grid16": (16, 5), "grid20": (20, 6)} if args.grids else {}
+    grids = {"grid16": 16, "grid20": 20} if args.grids else {}
     extra = (*grids, "clipped") if args.clipped else tuple(grids)
     rows = []
     for m in args.models:
@@ -84,7 +68,7 @@ def main(argv=None) -> int:
             for item, li in _decoded(c, items, name, False, None):
                 w, h = li.full_size
                 expert.append((item.box[2] - item.box[0]) * (item.box[3] - item.box[1]) / (w * h))
-                cands = [("gaic", gaic_anchors(w, h))] + [(g, grid_anchors(w, h, *a)) for g, a in grids.items()]
+                cands = [("gaic", gaic_anchors(w, h))] + [(g, gaic_anchors(w, h, bins)) for g, bins in grids.items()]
                 for k, boxes in cands:
                     s = c.score_boxes(li.image, (w, h), {"a": boxes})["a"]
                     b = fuse_box(boxes, s, int(np.argmax(s)), c.fuse)
@@ -96,7 +80,7 @@ def main(argv=None) -> int:
                     near = refine_anchors(boxes[int(np.argmax(s))], w, h)  # the refined set: these and near
                     n["refined"].append(len(boxes) + len(near))
                     if args.clipped:
-                        lo = np.array([w, h, w, h]) / 24
+                        lo = np.array([w, h, w, h]) * REFINE_STEP  # half a GAIC cell from the border
                         near = near[np.all((near >= lo - 1e-3) & (near <= np.array([w, h, w, h]) - lo + 1e-3), 1)]
                         sn = c.score_boxes(li.image, (w, h), {"a": near})["a"]
                         bb, ss = np.concatenate([boxes, near]), np.concatenate([s, sn])
