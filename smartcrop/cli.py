@@ -417,6 +417,9 @@ def train(
     scale_aug: str = typer.Option("", "--scale-aug", metavar="F,F", help="Scale augmentation: also prepare every "
                                   "image at these multiples of the network size (e.g. 0.875,1.125) and draw one "
                                   "size per use (one image per step only; memory and preparation grow with it)."),
+    jitter_views: int = typer.Option(0, "--jitter-views", min=0, max=8, help="With a frozen backbone prefix: "
+                                     "also cache N photometrically jittered copies of each labeled image and "
+                                     "draw one per use (0: off; memory and preparation grow with N)."),
     teacher: List[Path] = typer.Option([], "--teacher", help="A trained smartcrop model whose scores of the "
                                        "unlabeled photos' crops the new model also learns (distillation; "
                                        "several: their per-photo z-scored average). Repeatable."),
@@ -468,7 +471,7 @@ def train(
                                  frozen_layers=frozen_layers, seed=seed, ema=ema, batch_size=batch_size, amp=amp,
                                  backbone_lr_mult=backbone_lr_mult, scales=scales,
                                  gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight,
-                                 distill_anchors=distill_anchors)
+                                 distill_anchors=distill_anchors, jitter_views=jitter_views)
     info = {
         "command": "smartcrop train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "training": {"backbone_init": source, "gaicd": list(gaicd), "fcdb": [str(p) for p in fcdb],

@@ -6,7 +6,8 @@ unlabeled image for rank consistency when unlabeled photos are given; the losses
 
 The backbone can be trained end to end (``frozen_layers=0``; photometric jitter and flips applied to the
 image) or with its first ``frozen_layers`` layers frozen, in which case their outputs are computed once per
-image and flip and cached in memory (fast on a CPU; photometric jitter is then not applied).
+image and flip and cached in memory (fast on a CPU; photometric jitter is then not applied, unless
+``jitter_views`` caches that many jittered copies of each labeled image).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class TrainConfig:
     fcdb_per_epoch: int = 400  # 0: all FCDB images each epoch; else a random subset of this size
     frozen_layers: int = 14
     jitter: float = 0.2
+    # with a frozen prefix: also cache this many photometrically jittered copies (``jitter``) of each labeled
+    # image (each plain and flipped) and draw one of the 1 + jitter_views views per use; 0 = off (no draw).
+    # Unlabeled photos keep their one view.  End to end, every use is jittered anyway.
+    jitter_views: int = 0
     seed: int = 0
     saf: bool = True
     rc: bool = True
@@ -142,7 +147,7 @@ class Sample:
     boxes: np.ndarray | None = None  # (N, 4) in network pixels (un-flipped)
     targets: np.ndarray | None = None  # normalised MOS (gaicd) or IoU (fcdb)
     image: object = None  # uint8 tensor (3, h, w) when training end to end
-    prefix: list = field(default_factory=list)  # cached backbone prefixes [plain, flipped] when frozen
+    prefix: list = field(default_factory=list)  # cached backbone prefixes [plain, flipped] (× views) when frozen
     alternates: list = field(default_factory=list)  # the same image at TrainConfig.scales (Samples)
 
 
@@ -318,10 +323,16 @@ class Trainer:
             boxes = scale_boxes(boxes, w / full_size[0], h / full_size[1])
         s = Sample(kind, name, (w, h), boxes, targets)
         if self.cfg.frozen_layers > 0:
+            from .transforms import photometric_jitter
+
+            views = [x]
+            if kind != "unlabeled" and self.cfg.jitter > 0:
+                views += [photometric_jitter(x, self.cfg.jitter, self.rng) for _ in range(self.cfg.jitter_views)]
             with torch.no_grad():  # the frozen prefix has no dropout and frozen BN: the same in either mode
-                for img in (x, x.flip(-1)):
-                    p = self.model.backbone_prefix(img.to(self.device), self.cfg.frozen_layers)
-                    s.prefix.append(_half(p.detach()))
+                for view in views:
+                    for img in (view, view.flip(-1)):  # [plain, flipped] of each view
+                        p = self.model.backbone_prefix(img.to(self.device), self.cfg.frozen_layers)
+                        s.prefix.append(_half(p.detach()))
         else:
             s.image = x[0].to(torch.uint8)
         return s
@@ -337,8 +348,9 @@ class Trainer:
         from .transforms import photometric_jitter
 
         m = self.model
-        if s.prefix:
-            return m.features_from_prefix(_full(s.prefix[1 if flip else 0], self.device))
+        if s.prefix:  # [plain, flipped] of the image and of each jittered view: one view drawn when there are several
+            v = int(self.rng.integers(len(s.prefix) // 2)) if len(s.prefix) > 2 else 0
+            return m.features_from_prefix(_full(s.prefix[2 * v + (1 if flip else 0)], self.device))
         x = s.image.float().unsqueeze(0).to(self.device)
         if flip:
             x = x.flip(-1)

@@ -332,6 +332,32 @@ def test_scale_augmentation_prepares_each_scale_and_draws_among_them(tiny_gaicd,
     assert plain.rng.bit_generator.state == state != after_one
 
 
+def test_jitter_views_cache_jittered_copies_of_labeled_images_and_draw_among_them(tiny_gaicd, tiny_fcdb,
+                                                                                   tiny_album, monkeypatch):
+    import smartcrop.training as training
+
+    tr = make_trainer(jitter_views=2)
+    g, f, u = samples(tr, tiny_gaicd, tiny_fcdb, tiny_album)
+    plain = make_trainer()
+    g0, f0, u0 = samples(plain, tiny_gaicd, tiny_fcdb, tiny_album)
+    for s, s0 in zip(g + f, g0 + f0):
+        assert len(s0.prefix) == 2 and len(s.prefix) == 6  # [plain, flipped] of the image and of 2 jittered views
+        assert torch.equal(s.prefix[0].x, s0.prefix[0].x) and torch.equal(s.prefix[1].x, s0.prefix[1].x)
+        xs = [p.x.float() for p in s.prefix]
+        assert not torch.allclose(xs[2], xs[0], atol=1e-2) and not torch.allclose(xs[4], xs[2], atol=1e-2)
+    assert all(len(s.prefix) == 2 for s in u)  # unlabeled photos keep their one view
+    used = []
+    full = training._full
+    monkeypatch.setattr(training, "_full", lambda p, device: used.append(p) or full(p, device))
+    for flip in [False, True] * 30:
+        tr._features(g[0], flip)
+    used = [next(i for i, q in enumerate(g[0].prefix) if q is p) for p in used]
+    assert set(used[0::2]) == {0, 2, 4} and set(used[1::2]) == {1, 3, 5}  # every view, flipped when asked
+    state = plain.rng.bit_generator.state  # without jittered views no random number is drawn for them
+    plain._features(g0[0], False)
+    assert plain.rng.bit_generator.state == state
+
+
 def test_teacher_targets_are_a_single_teachers_own_scores_and_an_ensembles_z_average():
     from smartcrop.training import teacher_targets
 
