@@ -387,13 +387,16 @@ class SACNet(nn.Module):
 
     # -- heads -----------------------------------------------------------------------------------------------
 
-    def crop_features(self, feats: ImageFeatures, boxes: torch.Tensor) -> torch.Tensor:
-        """Features [F_r, F_s] (N, head_in) of ``boxes`` (N, 4) given in network-input pixels."""
+    def crop_features(self, feats: ImageFeatures, boxes: torch.Tensor, index: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Features [F_r, F_s] (N, head_in) of ``boxes`` (N, 4) given in network-input pixels; with ``index``
+        (N,), box ``k`` lies on image ``index[k]`` of ``feats`` (a batch of equal-sized images: every crop of
+        a training step in one call)."""
         cfg = self.config
         fmap = feats.region_map
         stride = feats.input_size[1] / fmap.shape[-2]
-        roi = roi_align(fmap, boxes, cfg.align_size, stride, cfg.roi_sampling)
-        rod = rod_align(fmap, boxes, cfg.align_size, stride, cfg.roi_sampling)
+        roi = roi_align(fmap, boxes, cfg.align_size, stride, cfg.roi_sampling, index)
+        rod = rod_align(fmap, boxes, cfg.align_size, stride, cfg.roi_sampling, index)
         f_r = self.region_fc(torch.cat([roi, rod], dim=1).flatten(1))
         if not cfg.saf:
             return f_r
@@ -403,6 +406,8 @@ class SACNet(nn.Module):
         # latter from the mask's row and column factors
         w = self.saf_conv1.weight
         shared = F.conv2d(feats.saf, w[:, :-1], self.saf_conv1.bias, padding=self.saf_conv1.padding)
+        if index is not None:
+            shared = shared.index_select(0, index)
         h = conv_crop_masks_pool(shared, rows.to(fmap.dtype), cols.to(fmap.dtype), w[:, -1:], cfg.saf_pools[0])
         h = max_pool(F.relu(self.saf_conv2(h)), cfg.saf_pools[1])
         f_s = self.saf_fc(h.flatten(1))

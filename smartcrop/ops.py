@@ -29,21 +29,27 @@ def _sample_grid(boxes: torch.Tensor, out_size: int, sampling: int, stride: floa
     return torch.stack([gx[:, None, :].expand(n, s, s), gy[:, :, None].expand(n, s, s)], dim=-1)
 
 
+def _per_box(feat: torch.Tensor, n: int, index: torch.Tensor | None) -> torch.Tensor:
+    """(N, C, H, W): each box's map — ``feat``'s only image, or image ``index[k]`` of a batch for box ``k``."""
+    return feat.expand(n, *feat.shape[1:]) if index is None else feat.index_select(0, index)
+
+
 def roi_align(feat: torch.Tensor, boxes: torch.Tensor, out_size: int = 9, stride: float = 16.0,
-              sampling: int = 2) -> torch.Tensor:
-    """RoIAlign of ``boxes`` (N, 4) on ``feat`` (1, C, H, W) → (N, C, S, S).
+              sampling: int = 2, index: torch.Tensor | None = None) -> torch.Tensor:
+    """RoIAlign of ``boxes`` (N, 4) on ``feat`` (1, C, H, W) → (N, C, S, S); with ``index`` (N,), box ``k`` lies
+    on image ``index[k]`` of a batch ``feat`` (B, C, H, W) of equal-sized images.
 
     Each output bin is the mean of ``sampling``×``sampling`` bilinear samples (zero outside the map).  Without
     gradients (scoring) it is computed as two small matrix products per box, see :func:`_separable_align`.
     """
     _, c, fh, fw = feat.shape
-    if not _needs_grad(feat):
+    if not _needs_grad(feat) and index is None:
         b = boxes / stride
         py = _bin_weights(b[:, 1], b[:, 3], out_size, sampling, fh)
         px = _bin_weights(b[:, 0], b[:, 2], out_size, sampling, fw)
         return _separable_align(feat[0], py, px)
     grid = _sample_grid(boxes, out_size, sampling, stride, fh, fw)
-    out = F.grid_sample(feat.expand(boxes.shape[0], c, fh, fw), grid, mode="bilinear",
+    out = F.grid_sample(_per_box(feat, boxes.shape[0], index), grid, mode="bilinear",
                         padding_mode="zeros", align_corners=False)
     return F.avg_pool2d(out, sampling) if sampling > 1 else out
 
@@ -96,14 +102,15 @@ def _box_cover(b: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, 
 
 
 def rod_align(feat: torch.Tensor, boxes: torch.Tensor, out_size: int = 9, stride: float = 16.0,
-              sampling: int = 2) -> torch.Tensor:
-    """RoDAlign: the whole map with each crop zeroed out, aligned to ``out_size``² → (N, C, S, S).
+              sampling: int = 2, index: torch.Tensor | None = None) -> torch.Tensor:
+    """RoDAlign: the whole map with each crop zeroed out, aligned to ``out_size``² → (N, C, S, S) (``index``:
+    as in :func:`roi_align`).
 
     Without gradients: the box's (soft) mask is the outer product of its row and column coverage, so the
     aligned map is the whole map's alignment minus the alignment of the map restricted to the box, each two
     small matrix products (:func:`_separable_align`)."""
     _, c, fh, fw = feat.shape
-    if not _needs_grad(feat):
+    if not _needs_grad(feat) and index is None:
         b = boxes / stride
         cover_x, cover_y = _box_cover(b, fh, fw)
         zero, one = feat.new_zeros(1), feat.new_ones(1)
@@ -115,7 +122,8 @@ def rod_align(feat: torch.Tensor, boxes: torch.Tensor, out_size: int = 9, stride
     keep = 1.0 - box_masks(boxes, fh, fw, stride)  # (N, 1, H, W)
     whole = feat.new_tensor([[0.0, 0.0, fw * stride, fh * stride]]).expand(boxes.shape[0], 4)
     grid = _sample_grid(whole, out_size, sampling, stride, fh, fw)
-    out = F.grid_sample(feat * keep, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    maps = feat * keep if index is None else feat.index_select(0, index) * keep
+    out = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return F.avg_pool2d(out, sampling) if sampling > 1 else out
 
 
@@ -155,7 +163,8 @@ def conv_crop_masks(rows: torch.Tensor, cols: torch.Tensor, weight: torch.Tensor
 def conv_crop_masks_pool(shared: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, weight: torch.Tensor,
                          k: int) -> torch.Tensor:
     """``relu(max_pool(shared + conv_crop_masks(rows, cols, weight), k))`` → (N, C, s/k, s/k): the first
-    spatial-aware convolution of every crop (``shared``, (1, C, s, s): its part over the image's maps) pooled.
+    spatial-aware convolution of every crop (``shared``, (1, C, s, s): its part over the image's maps, or
+    (N, C, s, s): each crop's own image's) pooled.
 
     Without gradients, when ``k`` divides ``s``: a box mask's row factor is an interval, so a row's window of
     ``kk`` mask rows (what the kk×kk kernel reads) is all zeros far from the box, all ones well inside it, and
@@ -169,7 +178,7 @@ def conv_crop_masks_pool(shared: torch.Tensor, rows: torch.Tensor, cols: torch.T
     thread, inside `smartcrop run`'s scoring (docs/performance.md)."""
     n, s = rows.shape
     c = weight.shape[0]
-    if _needs_grad(shared) or _needs_grad(weight) or k == 1 or s % k:
+    if _needs_grad(shared) or _needs_grad(weight) or k == 1 or s % k or shared.shape[0] != 1:
         return F.relu_(max_pool(conv_crop_masks(rows, cols, weight).add_(shared), k))
     kk = weight.shape[-1]
     nb = s // k

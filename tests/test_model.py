@@ -204,6 +204,32 @@ def test_crop_features_equal_the_papers_full_conv_over_maps_and_mask():
     assert (blind[:, 256:] - got[:, 256:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_crop_features_of_a_batch_with_an_image_index_equal_each_images_own(grad):
+    """Training scores every crop of a step in one call (``index``: each box's image in the batch): the features
+    and their gradients must be those of one call per image."""
+    torch.manual_seed(0)
+    net = SACNet(ModelConfig()).train(grad)
+    net.region_fc[2].p = net.saf_fc[2].p = 0.0  # no dropout draw: the two ways must see the same network
+    x = torch.rand(3, 3, 64, 96) * 255
+    boxes = [torch.tensor([[0.0, 0.0, 96.0, 64.0], [10.0, 5.0, 80.0, 60.0]]),
+             torch.tensor([[30.0, 0.0, 96.0, 50.0]]),
+             torch.tensor([[0.0, 10.0, 60.0, 64.0], [5.5, 3.2, 90.1, 61.7], [0.0, 0.0, 48.0, 32.0]])]
+    index = torch.tensor([0, 0, 1, 2, 2, 2])
+    with torch.set_grad_enabled(grad):
+        feats = net.image_features(x)
+        together = net.crop_features(feats, torch.cat(boxes), index)
+        alone = torch.cat([net.crop_features(feats.select(i), b) for i, b in enumerate(boxes)])
+    assert together.shape == (6, net.head_in)
+    assert torch.allclose(together, alone, atol=1e-4)
+    if grad:
+        w = torch.randn_like(together)
+        g1 = torch.autograd.grad((together * w).sum(), [net.region_fc[0].weight, net.saf_conv1.weight],
+                                 retain_graph=True)
+        g2 = torch.autograd.grad((alone * w).sum(), [net.region_fc[0].weight, net.saf_conv1.weight])
+        assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(g1, g2))
+
+
 @pytest.mark.parametrize("saf", [True, False])
 def test_gradients_flow_to_every_trainable_part(saf):
     torch.manual_seed(0)
