@@ -119,3 +119,93 @@ def rank_consistency(model, cf: torch.Tensor, scores: torch.Tensor, delta: float
     with torch.no_grad():
         logits = model.rank_logits(cf[ti], cf[tj])
     return rank_consistency_loss((scores[ti], scores[tj]), logits, delta)
+
+
+class StepLosses:
+    """The loss terms of one training step over several images, evaluated together.
+
+    Every crop of the step is a row of one crop-feature tensor (one :meth:`SACNet.crop_features` call per
+    backbone pass instead of one per image); each image adds its terms — elements regressed with smooth-L1,
+    pairs under a hinge, pairs classified by the ranking head — with the weight ``w / len`` per entry, so a
+    term is the sum over images of ``w`` times the image's mean: with ``w = term weight / images in the
+    batch`` that is what :func:`gaicd_loss`, :func:`fcdb_loss` and :func:`rank_consistency` give image by
+    image, averaged over the batch.  :meth:`evaluate` then runs each head once on all rows and the ranking
+    head twice (its trained pairs, and rank consistency's verdicts without gradient): a few dozen kernel
+    launches a step instead of a few dozen per image, which is what a GPU step was waiting on."""
+
+    def __init__(self) -> None:
+        self.smooth: dict = {}  # name → (head, rows, targets, weights)
+        self.hinge: dict = {}  # name → (head, i, j, sign or None, margin, weights)
+        self.bce: dict = {}  # name → (i, j, labels, weights)
+        self.n_rows = 0
+
+    def rows(self, k: int) -> np.ndarray:
+        """The rows of the next ``k`` crops of the step (in the order their features will be concatenated)."""
+        self.n_rows += k
+        return np.arange(self.n_rows - k, self.n_rows)
+
+    @staticmethod
+    def _add(store: dict, name: str, columns: tuple, weight: float) -> None:
+        n = len(columns[0])
+        if n == 0:
+            return
+        lists = store.setdefault(name, tuple([] for _ in range(len(columns) + 1)))
+        for lst, col in zip(lists, (*columns, np.full(n, weight / n, np.float32))):
+            lst.append(np.asarray(col))
+
+    def add_smooth_l1(self, name: str, head: str, rows: np.ndarray, targets: np.ndarray, weight: float) -> None:
+        """``weight · mean(smooth_l1(s[rows], targets))`` with ``s`` the ``head``'s scores ("mos" or "fcdb")."""
+        self._add(self.smooth, name, (np.full(len(rows), head == "fcdb"), rows, np.asarray(targets, np.float32)),
+                  weight)
+
+    def add_hinge(self, name: str, head: str, i: np.ndarray, j: np.ndarray, sign: np.ndarray | None,
+                  margin: float, weight: float) -> None:
+        """``weight · mean(max(0, margin − sign · (s_i − s_j)))``; ``sign`` None: the ranking head's verdict on
+        (i, j), without gradient (rank consistency: ``max(0, δ + sign(p_ij − 0.5)(s_j − s_i))``)."""
+        verdict = sign is None
+        sign = np.zeros(len(i), np.float32) if verdict else np.asarray(sign, np.float32)
+        self._add(self.hinge, name, (np.full(len(i), head == "fcdb"), np.full(len(i), verdict), i, j, sign,
+                                     np.full(len(i), margin, np.float32)), weight)
+
+    def add_bce(self, name: str, i: np.ndarray, j: np.ndarray, labels: np.ndarray, weight: float) -> None:
+        """``weight · mean(BCE(rank_logits(f_i, f_j), labels))``."""
+        self._add(self.bce, name, (i, j, np.asarray(labels, np.float32)), weight)
+
+    def evaluate(self, model, cf: torch.Tensor) -> dict:
+        """The terms (name → scalar tensor) for crop features ``cf`` (rows as added)."""
+        dev = cf.device
+
+        def columns(store):  # every term's entries in one tensor per column, and each term's count
+            names = list(store)
+            counts = [sum(len(a) for a in store[k][0]) for k in names]
+            cols = [torch.from_numpy(np.concatenate([a for k in names for a in store[k][c]])).to(dev, non_blocking=True)
+                    for c in range(len(store[names[0]]))]
+            return names, counts, cols
+
+        def sums(names, counts, per_entry):
+            return dict(zip(names, (v.sum() for v in torch.split(per_entry, counts))))
+
+        mos = model.mos_scores(cf)
+        own = getattr(model.config, "fcdb_head", False)
+        fcdb = model.fcdb_scores(cf) if own else mos
+
+        def scores(is_fcdb, idx):
+            return torch.where(is_fcdb, fcdb[idx], mos[idx]) if own else mos[idx]
+
+        parts = {}
+        if self.smooth:
+            names, counts, (is_f, rows, t, w) = columns(self.smooth)
+            parts.update(sums(names, counts, F.smooth_l1_loss(scores(is_f, rows), t, reduction="none") * w))
+        if self.hinge:
+            names, counts, (is_f, verdict, i, j, sign, margin, w) = columns(self.hinge)
+            if verdict.any():  # rank consistency's labels: one pass of the ranking head, without gradient
+                with torch.no_grad():
+                    sign = sign.clone()
+                    sign[verdict] = torch.sign(model.rank_logits(cf[i[verdict]], cf[j[verdict]]).float())
+            loss = torch.relu(margin - sign * (scores(is_f, i) - scores(is_f, j))) * w
+            parts.update(sums(names, counts, loss))
+        if self.bce:
+            names, counts, (i, j, label, w) = columns(self.bce)
+            logits = model.rank_logits(cf[i], cf[j])
+            parts.update(sums(names, counts, F.binary_cross_entropy_with_logits(logits, label, reduction="none") * w))
+        return parts

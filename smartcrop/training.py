@@ -249,15 +249,6 @@ def size_batches(plan: Sequence, batch_size: int, fill_rng: np.random.Generator 
     return steps
 
 
-def _mean_parts(parts: Sequence[dict], n: int) -> dict:
-    """Per-term sums of several images' loss dicts divided by ``n`` (the batch's mean of per-image losses)."""
-    out: dict = {}
-    for p in parts:
-        for k, v in p.items():
-            out[k] = out[k] + v if k in out else v
-    return {k: v / n for k, v in out.items()}
-
-
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -360,13 +351,19 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------------------
 
-    def _features_batch(self, samples: Sequence[Sample], flips: Sequence[bool]) -> list:
-        """:meth:`_features` of samples of one network size: one backbone pass for all of them when the
-        backbone is trained end to end (each image flipped and jittered on its own)."""
+    def _features_batch(self, samples: Sequence[Sample], flips: Sequence[bool]):
+        """:meth:`_features` of samples of one network size, as one batch ``ImageFeatures``: one backbone pass
+        for all of them when the backbone is trained end to end (each image flipped and jittered on its own)."""
+        from .model import ImageFeatures
         from .transforms import photometric_jitter
 
+        torch = self.torch
         if len(samples) == 1 or samples[0].prefix:
-            return [self._features(s, f) for s, f in zip(samples, flips)]
+            each = [self._features(s, f) for s, f in zip(samples, flips)]
+            if len(each) == 1:
+                return each[0]
+            saf = None if each[0].saf is None else torch.cat([e.saf for e in each])
+            return ImageFeatures(torch.cat([e.region_map for e in each]), saf, each[0].input_size)
         xs = []
         for s, flip in zip(samples, flips):
             x = s.image.float().unsqueeze(0).to(self.device, non_blocking=True)
@@ -375,17 +372,15 @@ class Trainer:
             if self.cfg.jitter > 0:
                 x = photometric_jitter(x, self.cfg.jitter, self.rng)
             xs.append(x)
-        feats = self.model.image_features(self.torch.cat(xs))
-        return [feats.select(j) for j in range(len(samples))]
+        return self.model.image_features(torch.cat(xs))
 
     def labeled_loss(self, s: Sample):
         s = self._at_scale(s)
         flip = bool(self.rng.random() < 0.5)
         return self._labeled_loss(s, flip, self._features(s, flip))
 
-    def _labeled_loss(self, s: Sample, flip: bool, feats):
-        from .losses import fcdb_loss, gaicd_loss
-
+    def _labeled_draw(self, s: Sample, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The crops (boxes in the image as shown, and their targets) a labeled image trains on this step."""
         cfg = self.cfg
         boxes = flip_boxes(s.boxes, s.size[0]) if flip else s.boxes
         n = len(boxes)
@@ -394,8 +389,14 @@ class Trainer:
         if s.kind == "fcdb":  # always include the expert box (the last candidate)
             idx[0] = n - 1
             idx = np.unique(idx)
-        cf = self.model.crop_features(feats, self.torch.from_numpy(boxes[idx]).to(self.device))
-        t = s.targets[idx]
+        return boxes[idx], s.targets[idx]
+
+    def _labeled_loss(self, s: Sample, flip: bool, feats):
+        from .losses import fcdb_loss, gaicd_loss
+
+        cfg = self.cfg
+        boxes, t = self._labeled_draw(s, flip)
+        cf = self.model.crop_features(feats, self.torch.from_numpy(boxes).to(self.device))
         if s.kind == "gaicd":
             return gaicd_loss(self.model, cf, self.model.mos_scores(cf), t, self.rng, eta=cfg.eta,
                               max_pairs=cfg.pairs_per_image, lambda_cls=cfg.lambda_cls,
@@ -412,6 +413,20 @@ class Trainer:
         flip = bool(self.rng.random() < 0.5)
         return self._consistency_loss(s, self._features(s, flip), flip)
 
+    def _consistency_draw(self, s: Sample):
+        """(anchors, their indices among the photo's GAIC anchors, whether to distill) an unlabeled photo trains
+        on this step; None when it has fewer than 2 anchors (e.g. extreme panoramas: no pair to compare).  With
+        teacher targets, up to max(rc_anchors, distill_anchors) anchors: rank consistency on the first
+        rc_anchors of them, distillation on all (without, the draw is exactly rank consistency's)."""
+        cfg = self.cfg
+        anchors = gaic_anchors(*s.size)
+        if len(anchors) < 2:
+            return None
+        distill = s.targets is not None and cfg.distill_weight > 0
+        k = max(cfg.rc_anchors, cfg.distill_anchors) if distill else cfg.rc_anchors
+        idx = self.rng.choice(len(anchors), min(k, len(anchors)), replace=False)
+        return anchors[idx], idx, distill
+
     def _consistency_loss(self, s: Sample, feats, flip: bool = False):
         """Rank consistency over ``rc_anchors`` random anchors of an unlabeled photo and, when it has teacher
         targets, the distillation term over ``max(rc_anchors, distill_anchors)`` of them (a superset)."""
@@ -420,15 +435,11 @@ class Trainer:
         from .losses import rank_consistency
 
         cfg = self.cfg
-        anchors = gaic_anchors(*s.size)
-        if len(anchors) < 2:  # e.g. extreme panoramas: no pair to compare
+        drawn = self._consistency_draw(s)
+        if drawn is None:
             return {}
-        distill = s.targets is not None and cfg.distill_weight > 0
-        # with teacher targets, up to max(rc_anchors, distill_anchors) anchors: rank consistency on the first
-        # rc_anchors of them, distillation on all (without, the draw is exactly rank consistency's)
-        k = max(cfg.rc_anchors, cfg.distill_anchors) if distill else cfg.rc_anchors
-        idx = self.rng.choice(len(anchors), min(k, len(anchors)), replace=False)
-        cf = self.model.crop_features(feats, self.torch.from_numpy(anchors[idx]).to(self.device))
+        anchors, idx, distill = drawn
+        cf = self.model.crop_features(feats, self.torch.from_numpy(anchors).to(self.device))
         y = self.model.mos_scores(cf)
         parts = {}
         if cfg.rc and cfg.rc_weight > 0:
@@ -460,30 +471,95 @@ class Trainer:
     def batch_loss(self, labeled: Sequence[Sample], unlabeled: Sequence[Sample]) -> dict:
         """Loss terms of one step over several labeled images of one size (one backbone pass) and as many
         unlabeled ones (one pass per size; with ``fixed_shapes`` and unlabeled photos of the labeled size, one
-        pass for all): each term is the mean over the batch of the per-image losses."""
+        pass for all): each term is the mean over the batch of the per-image losses — those of
+        :meth:`_labeled_loss` and :meth:`_consistency_loss`, drawn in the same order — computed together
+        (:class:`~smartcrop.losses.StepLosses`: one crop-feature call per backbone pass, each head once)."""
+        from .losses import StepLosses
+
+        torch = self.torch
+        acc = StepLosses()
+        passes = []  # (batch features, the boxes of each of its images)
         flips = [bool(self.rng.random() < 0.5) for _ in labeled]
         size = labeled[0].size
         if self.cfg.fixed_shapes and unlabeled and all(s.size == size for s in unlabeled):
             u_flips = [bool(self.rng.random() < 0.5) for _ in unlabeled]
             feats = self._features_batch([*labeled, *unlabeled], flips + u_flips)
-            n = len(labeled)
-            parts = _mean_parts([self._labeled_loss(s, f, ft) for s, f, ft in zip(labeled, flips, feats[:n])], n)
-            rc = [self._consistency_loss(s, ft, f) for s, ft, f in zip(unlabeled, feats[n:], u_flips)]
-            parts.update(_mean_parts(rc, len(unlabeled)))
-            return parts
-        feats = self._features_batch(labeled, flips)
-        parts = _mean_parts([self._labeled_loss(s, f, ft) for s, f, ft in zip(labeled, flips, feats)], len(labeled))
-        if unlabeled:
+            boxes = [self._labeled_terms(acc, s, f, len(labeled)) for s, f in zip(labeled, flips)]
+            boxes += [self._consistency_terms(acc, s, f, len(unlabeled)) for s, f in zip(unlabeled, u_flips)]
+            passes.append((feats, boxes))
+        else:
+            feats = self._features_batch(labeled, flips)
+            passes.append((feats, [self._labeled_terms(acc, s, f, len(labeled)) for s, f in zip(labeled, flips)]))
             by_size: dict = {}
             for s in unlabeled:
                 by_size.setdefault(s.size, []).append(s)
-            rc = []
             for group in by_size.values():
                 u_flips = [bool(self.rng.random() < 0.5) for _ in group]
-                rc += [self._consistency_loss(s, ft, f)
-                       for s, ft, f in zip(group, self._features_batch(group, u_flips), u_flips)]
-            parts.update(_mean_parts(rc, len(unlabeled)))
-        return parts
+                feats = self._features_batch(group, u_flips)
+                passes.append((feats, [self._consistency_terms(acc, s, f, len(unlabeled))
+                                       for s, f in zip(group, u_flips)]))
+        cf = []
+        for feats, boxes in passes:
+            if not sum(len(b) for b in boxes):  # only photos without an anchor pair
+                continue
+            index = np.concatenate([np.full(len(b), k) for k, b in enumerate(boxes)])
+            cf.append(self.model.crop_features(feats, torch.from_numpy(np.concatenate(boxes)).to(self.device),
+                                               torch.from_numpy(index).to(self.device)))
+        return acc.evaluate(self.model, torch.cat(cf))
+
+    def _labeled_terms(self, acc, s: Sample, flip: bool, n: int) -> np.ndarray:
+        """Add a labeled image's terms (what :meth:`_labeled_loss` computes, weighted 1/``n``) to the step's
+        :class:`~smartcrop.losses.StepLosses`; return its crops' boxes (their rows come next)."""
+        from .losses import pair_indices
+
+        cfg = self.cfg
+        boxes, t = self._labeled_draw(s, flip)
+        rows = acc.rows(len(boxes))
+        if s.kind == "gaicd":
+            acc.add_smooth_l1("reg", "mos", rows, t, 1.0 / n)
+            if cfg.lambda_cls > 0 or cfg.gaicd_rank_weight > 0:
+                pairs = pair_indices(t, cfg.eta, cfg.pairs_per_image, self.rng)
+                first_better = t[pairs[:, 0]] > t[pairs[:, 1]]
+                i, j = rows[pairs[:, 0]], rows[pairs[:, 1]]
+                if cfg.lambda_cls > 0:
+                    acc.add_bce("cls", i, j, first_better, cfg.lambda_cls / n)
+                if cfg.gaicd_rank_weight > 0:
+                    acc.add_hinge("rank", "mos", i, j, np.where(first_better, 1.0, -1.0), 0.25,
+                                  cfg.gaicd_rank_weight / n)
+            return boxes
+        pairs = pair_indices(t, cfg.fcdb_tau, cfg.pairs_per_image, self.rng)
+        if not len(pairs):
+            return boxes
+        better = np.where(t[pairs[:, 0]] > t[pairs[:, 1]], 1.0, -1.0)
+        i, j = rows[pairs[:, 0]], rows[pairs[:, 1]]
+        w = cfg.fcdb_weight / n
+        if cfg.fcdb_loss == "iou":
+            z = (t - s.targets.mean()) / max(float(s.targets.std()), 1e-6)
+            acc.add_smooth_l1("fcdb_reg", "fcdb", rows, z, w)
+        elif cfg.fcdb_loss == "rank":
+            acc.add_hinge("fcdb_rank", "fcdb", i, j, better, cfg.fcdb_margin, w)
+        else:
+            raise ValueError(f"unknown FCDB loss {cfg.fcdb_loss!r} (rank, iou)")
+        lambda_cls = 0.0 if self.model.config.fcdb_head else cfg.lambda_cls  # see _labeled_loss
+        if lambda_cls > 0:
+            acc.add_bce("fcdb_cls", i, j, better > 0, w * lambda_cls)
+        return boxes
+
+    def _consistency_terms(self, acc, s: Sample, flip: bool, n: int) -> np.ndarray:
+        """Add an unlabeled photo's terms (what :meth:`_consistency_loss` computes, weighted 1/``n``) to the
+        step's :class:`~smartcrop.losses.StepLosses`; return its anchors (none for a photo without pairs)."""
+        cfg = self.cfg
+        drawn = self._consistency_draw(s)
+        if drawn is None:
+            return np.zeros((0, 4), np.float32)
+        anchors, idx, distill = drawn
+        rows = acc.rows(len(anchors))
+        if cfg.rc and cfg.rc_weight > 0:
+            ii, jj = np.triu_indices(min(cfg.rc_anchors, len(rows)), 1)
+            acc.add_hinge("rc", "mos", rows[ii], rows[jj], None, cfg.rc_delta, cfg.rc_weight / n)
+        if distill:
+            acc.add_smooth_l1("distill", "mos", rows, s.targets[int(flip), idx], cfg.distill_weight / n)
+        return anchors
 
     def _autocast(self):
         if self.cfg.amp and str(self.device).startswith("cuda"):

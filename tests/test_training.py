@@ -272,6 +272,80 @@ def test_batched_end_to_end_steps_share_one_backbone_pass(tiny_gaicd, tiny_fcdb,
     assert {"backbone", "region_fc", "score_head"} <= changed
 
 
+def _per_image_batch_loss(tr, labeled, unlabeled, fixed):
+    """The batched step as it was computed before StepLosses, image by image: the reference."""
+    def mean(parts, n):
+        out = {}
+        for p in parts:
+            for k, v in p.items():
+                out[k] = out[k] + v if k in out else v
+        return {k: v / n for k, v in out.items()}
+
+    flips = [bool(tr.rng.random() < 0.5) for _ in labeled]
+    if fixed:
+        u_flips = [bool(tr.rng.random() < 0.5) for _ in unlabeled]
+        feats = tr._features_batch([*labeled, *unlabeled], flips + u_flips)
+        n = len(labeled)
+        parts = mean([tr._labeled_loss(s, f, feats.select(k)) for k, (s, f) in enumerate(zip(labeled, flips))], n)
+        parts.update(mean([tr._consistency_loss(s, feats.select(n + k), f)
+                           for k, (s, f) in enumerate(zip(unlabeled, u_flips))], len(unlabeled)))
+        return parts
+    feats = tr._features_batch(labeled, flips)
+    parts = mean([tr._labeled_loss(s, f, feats.select(k)) for k, (s, f) in enumerate(zip(labeled, flips))],
+                 len(labeled))
+    by_size = {}
+    for s in unlabeled:
+        by_size.setdefault(s.size, []).append(s)
+    rc = []
+    for group in by_size.values():
+        u_flips = [bool(tr.rng.random() < 0.5) for _ in group]
+        feats = tr._features_batch(group, u_flips)
+        rc += [tr._consistency_loss(s, feats.select(k), f) for k, (s, f) in enumerate(zip(group, u_flips))]
+    parts.update(mean(rc, len(unlabeled)))
+    return parts
+
+
+@pytest.mark.parametrize("fixed,fcdb_head,extra", [
+    (True, False, {}), (False, False, {}), (True, True, {"gaicd_rank_weight": 0.5}),
+    (False, False, {"fcdb_loss": "iou", "rc_anchors": 6}), (True, False, {"jitter": 0.0, "lambda_cls": 0.0}),
+])
+def test_a_batched_steps_losses_are_the_mean_of_the_per_image_losses(tiny_gaicd, tiny_fcdb, tiny_album, one_thread,
+                                                                     fixed, fcdb_head, extra):
+    """batch_loss computes every crop of a step in one crop-feature call and each term at once (StepLosses):
+    the terms and their gradients must be those of the per-image losses averaged over the batch, with the
+    same random draws (crops, pairs, flips, jitter), teachers' distillation targets included."""
+    tr = make_trainer(frozen=0, batch_size=3, fixed_shapes=fixed, fcdb_head=fcdb_head, **extra)
+    g, f, u = samples(tr, tiny_gaicd, tiny_fcdb, tiny_album)
+    for k, s in enumerate(g + f + u):
+        w = 64 if fixed or s.kind != "unlabeled" or k % 2 else 96  # without fixed shapes: two unlabeled sizes
+        s.size = (w, 64)
+        s.image = torch.nn.functional.interpolate(s.image[None].float(), size=(64, w))[0].to(torch.uint8)
+        if s.boxes is not None:
+            s.boxes = np.clip(s.boxes, 0, 64)
+            s.boxes[:, 2:] = np.maximum(s.boxes[:, 2:], s.boxes[:, :2] + 8)
+        if s.kind == "unlabeled" and k % 3 == 0:  # some photos with teachers' targets (distillation)
+            s.targets = np.random.default_rng(k).normal(size=(2, len(gaic_anchors(*s.size)))).astype(np.float32)
+    labeled, unlabeled = [g[0], f[0], g[1]], u[:4]
+    tr.model.eval()  # no dropout: both ways must see the same network (gradients still flow)
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    results = []
+    for fn in (lambda: tr.batch_loss(labeled, unlabeled), lambda: _per_image_batch_loss(tr, labeled, unlabeled, fixed)):
+        tr.rng = np.random.default_rng(7)
+        parts = fn()
+        grads = torch.autograd.grad(sum(parts.values()), params, allow_unused=True)
+        results.append(({k: float(v.detach()) for k, v in parts.items()}, grads, tr.rng.bit_generator.state))
+    (got, g_got, st_got), (want, g_want, st_want) = results
+    assert st_got == st_want  # the same random draws, in the same order
+    assert set(got) == set(want) and {"reg", "rc", "distill"} <= set(got)
+    assert ("cls" in got) == (tr.cfg.lambda_cls > 0) and ("rank" in got) == (tr.cfg.gaicd_rank_weight > 0)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
+    for a, b in zip(g_got, g_want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
 def test_prepare_samples_in_worker_processes_gives_the_same_samples(tiny_gaicd, tiny_fcdb, tiny_album):
     data = TrainData(gaicd=read_gaicd(tiny_gaicd, "train"), fcdb=read_fcdb(tiny_fcdb, "train"),
                      unlabeled=list_images([tiny_album]))
