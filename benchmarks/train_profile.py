@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--frozen-layers", type=int, default=None)
     ap.add_argument("--row-limit", type=int, default=25)
+    ap.add_argument("--gpu-recipe", action="store_true", help="the CUDA recipe's configuration (end to end, 8 "
+                    "images a step, fixed shapes) on --device, e.g. to count a GPU step's operators on a CPU")
     args = ap.parse_args(argv)
 
     import torch
@@ -55,14 +57,17 @@ def main(argv=None) -> int:
         cudnn, amp = setting.split("+")
         seed_everything(0)
         net, _ = build_model(None, "mobilenet_v2", True, weights, 0)
-        cfg = TrainConfig.for_device(args.device, amp=amp == "amp", cudnn=cudnn == "cudnn",
-                                     batch_size=args.batch_size, frozen_layers=args.frozen_layers)
+        cfg = TrainConfig.for_device("cuda" if args.gpu_recipe else args.device, amp=amp == "amp",
+                                     cudnn=cudnn == "cudnn", batch_size=args.batch_size,
+                                     frozen_layers=args.frozen_layers)
         tr = Trainer(net, cfg, args.device, log=lambda m: None)
         net.eval()
         t0 = time.perf_counter()
         gaicd, fcdb, unl, _ = prepare_samples(tr, data, print, progress=False, workers=8)
         prep = time.perf_counter() - t0
-        steps = size_batches(tr.epoch_plan(gaicd, fcdb), cfg.batch_size)[: args.steps + args.profile_steps]
+        fixed = cfg.fixed_shapes and cfg.batch_size > 1
+        steps = size_batches(tr.epoch_plan(gaicd, fcdb), cfg.batch_size,
+                             tr.rng if fixed else None)[: args.steps + args.profile_steps]
         net.train()
         passes = []
         for _ in range(2):  # the second pass repeats the first's steps (shapes already seen)
@@ -91,9 +96,18 @@ def main(argv=None) -> int:
                 tr.train_epoch(prof_plan, unl)
                 sync()
             ka = prof.key_averages()
+            ops = sum(e.count for e in ka if e.key.startswith("aten::"))
+            with torch.profiler.profile(activities=acts) as prof_opt:  # its optimiser step alone, for comparison
+                tr.opt.step()
+                sync()
+            opt_ops = sum(e.count for e in prof_opt.key_averages() if e.key.startswith("aten::"))
+            print(f"profiled {len(steps) - args.steps} steps: {ops} aten operator calls "
+                  f"({ops / max(1, len(steps) - args.steps):.0f} a step, of which the optimiser step {opt_ops})",
+                  flush=True)
             key = "self_cuda_time_total" if gpu else "self_cpu_time_total"
             print(ka.table(sort_by=key, row_limit=args.row_limit, max_name_column_width=60), flush=True)
             print(ka.table(sort_by="cpu_time_total", row_limit=args.row_limit, max_name_column_width=60), flush=True)
+            print(ka.table(sort_by="count", row_limit=args.row_limit, max_name_column_width=60), flush=True)
     print("\n".join(results))
     return 0
 
