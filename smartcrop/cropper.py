@@ -111,12 +111,20 @@ class Cropper:
     measured within noise, see docs/results.md).  ``fuse``: each chosen crop is the mean of this many
     overlapping top anchors (:func:`fuse_box`, default 3; 1: the best anchor itself).  ``refine``: a free-ratio
     crop is also chosen among the best GAIC anchor's neighbours (:func:`~smartcrop.anchors.refine_anchors`;
-    off by default: larger free crops, 1.9× the anchors, ~1.5× the free-ratio scoring time).
+    off by default: larger free crops, 1.9× the anchors, ~1.5× the free-ratio scoring time).  ``faces``: crops
+    that cut a detected face lose score before the choice (:mod:`smartcrop.faces`; needs the ``faces`` extra,
+    off by default).
     """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "auto", model: str | None = None,
-                 net=None, tta: bool = False, amp: bool = False, fuse: int = FUSE_K, refine: bool = False):
+                 net=None, tta: bool = False, amp: bool = False, fuse: int = FUSE_K, refine: bool = False,
+                 faces: bool = False):
         from .weights import load_model, resolve_model
+
+        if faces:  # fail before the model loads, with the extra to install
+            from .faces import require
+
+            require()
 
         self.device = resolve_device(device)
         if net is None:
@@ -131,6 +139,7 @@ class Cropper:
         self.amp = amp  # bfloat16 autocast while scoring (see docs/performance.md for its effect on the crops)
         self.fuse = fuse  # a chosen crop averages this many overlapping top anchors (fuse_box; 1: the anchor)
         self.refine = refine  # a free crop is also chosen among the best GAIC anchor's neighbours (refine_anchors)
+        self.faces = faces  # crops cutting a detected face lose score before the choice (smartcrop.faces)
         self._scorer = None  # net with BatchNorm folded, made at the first scoring (see scorer)
         self._channels_last = self.device == "cpu"  # measured faster on a CPU (model.fold_batchnorm)
         # On a GPU the first use of an input shape costs far more than its arithmetic (an H200 took 0.34 s for
@@ -236,16 +245,38 @@ class Cropper:
             fw, fh = full or img.size
             box_sets.append({r: anchors_for(fw, fh, r) for r in ratios})
         scores = self.score_boxes_batch(images, box_sets, refine=[r for r in ratios if self.refine and is_free(r)])
-        return [self._pick(bs, sc, ratios, top_k) for bs, sc in zip(box_sets, scores)]
+        faces = [self.find_faces(img, full) for img, full in images]
+        return [self._pick(bs, sc, ratios, top_k, f) for bs, sc, f in zip(box_sets, scores, faces)]
 
-    def _pick(self, box_sets, scores, ratios, top_k) -> list[Crop]:
-        """The ``top_k`` distinct best anchors per ratio, each fused with its neighbours (:func:`fuse_box`);
-        the score is the anchor's."""
+    def find_faces(self, image, full_size: tuple[int, int] | None) -> np.ndarray | None:
+        """With :attr:`faces`, the faces :meth:`choice_scores` avoids cutting (full-size pixels; searched at the
+        model's input size); else None."""
+        if not self.faces:
+            return None
+        from .faces import detect_faces
+
+        fw, fh = full_size or image.size
+        return detect_faces(image, (fw, fh), network_size(fw, fh, self.config.short_side, self.config.max_long_side))
+
+    @staticmethod
+    def choice_scores(boxes: np.ndarray, scores: np.ndarray, faces: np.ndarray | None) -> np.ndarray:
+        """The scores a crop is chosen by: the model's, less :func:`~smartcrop.faces.face_penalty` for the
+        boxes that cut one of ``faces`` (none: the model's)."""
+        if faces is None or not len(faces):
+            return scores
+        from .faces import face_penalty
+
+        return np.asarray(scores, dtype=np.float64) - face_penalty(boxes, faces)
+
+    def _pick(self, box_sets, scores, ratios, top_k, faces=None) -> list[Crop]:
+        """The ``top_k`` distinct best anchors per ratio (by :meth:`choice_scores`), each fused with its
+        neighbours (:func:`fuse_box`); the score is the anchor's, as the model gave it."""
         crops: list[Crop] = []
         for r in ratios:
             boxes, s = box_sets[r], scores[r]
-            for i in distinct_top(boxes, s, top_k):
-                x1, y1, x2, y2 = (int(round(v)) for v in fuse_box(boxes, s, i, self.fuse))
+            c = self.choice_scores(boxes, s, faces)
+            for i in distinct_top(boxes, c, top_k):
+                x1, y1, x2, y2 = (int(round(v)) for v in fuse_box(boxes, c, i, self.fuse))
                 crops.append(Crop((x1, y1, x2, y2), float(s[i]), r))
         return crops
 

@@ -488,7 +488,7 @@ class _Scorer:
     """Stage 2 (Ray actor): the model, loaded once per actor, scores batches of prepared photos."""
 
     def __init__(self, model, device: str, ratios, top_k: int, faults: dict, return_bytes: bool,
-                 fuse: int = FUSE_K, refine: bool = False):
+                 fuse: int = FUSE_K, refine: bool = False, faces: bool = False):
         import tempfile
 
         import ray
@@ -507,7 +507,7 @@ class _Scorer:
         with tempfile.TemporaryDirectory(prefix="smartcrop-model-") as d:
             path = Path(d) / "model.safetensors"
             path.write_bytes(blob)
-            self.cropper = Cropper(weights=path, device=device, fuse=fuse, refine=refine)
+            self.cropper = Cropper(weights=path, device=device, fuse=fuse, refine=refine, faces=faces)
         self.ratios, self.top_k = list(ratios), top_k
         self.faults = faults
         self.schema = _schemas(return_bytes)[1]
@@ -656,7 +656,7 @@ def build(ds, opts, *, model: tuple, out_root: str | None, device: str = "auto",
                         fn_constructor_kwargs=dict(model=[ref], device="cuda" if num_gpus and device == "auto"
                                                    else device, ratios=opts.ratios, top_k=opts.top_k,
                                                    faults=faults, return_bytes=return_bytes, fuse=opts.fuse,
-                                                   refine=opts.refine))
+                                                   refine=opts.refine, faces=opts.faces))
     return ds.map_batches(_finish_batch, batch_format="pyarrow", batch_size=TASK_BATCH, num_cpus=1,
                           memory=FINISH_MEMORY, fn_kwargs=common)
 
@@ -666,7 +666,8 @@ def crop(ds, ratios: Sequence[str] = ("any",), *, output: str | os.PathLike | No
          max_side: int | None = None, top_k: int = 1, quality: int | None = None, reencode: bool = False,
          upscale: bool = False, out_format: str | None = None, strip: bool = False, overwrite: bool = False,
          skip_existing: bool = False, return_bytes: bool = False, batch_size: int = 8, scorers=None,
-         num_gpus: float | None = None, cpus_per_scorer: float = 1.0, fuse: int = FUSE_K, refine: bool = False):
+         num_gpus: float | None = None, cpus_per_scorer: float = 1.0, fuse: int = FUSE_K, refine: bool = False,
+         faces: bool = False):
     """Crop every photo of a Ray dataset: a lazy :class:`ray.data.Dataset` of one row per crop.
 
     ``ds`` has a ``path`` column (local paths or URIs), optionally ``rel_dir`` (a sub-folder mirrored under
@@ -695,7 +696,7 @@ def crop(ds, ratios: Sequence[str] = ("any",), *, output: str | os.PathLike | No
                       name_template=name_template, max_side=max_side, top_k=top_k, quality=quality,
                       reencode=reencode, upscale=upscale, strip=strip, overwrite=overwrite,
                       skip_existing=skip_existing, dry_run=output is None and not return_bytes, batch=batch_size,
-                      fuse=fuse, refine=refine)
+                      fuse=fuse, refine=refine, faces=faces)
     check_template(opts.template(), opts.ratios, opts.top_k)
     out_root = None if output is None else (restore_uri(str(output)) if is_uri(restore_uri(str(output)))
                                             else str(output))

@@ -71,8 +71,8 @@ def fcdb_eval_candidates(width: int, height: int, box, ratio: str) -> np.ndarray
 def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progress: bool | None = None,
                  on_error=None) -> list[tuple[FcdbItem, np.ndarray, tuple[int, int]]]:
     """The model's best box for each photo: among free anchors (``any``; refined around the best one when
-    ``cropper.refine``) or anchors of the expert's ratio (``gt``), fused with its neighbours as
-    :class:`~smartcrop.cropper.Cropper` does (``cropper.fuse``)."""
+    ``cropper.refine``) or anchors of the expert's ratio (``gt``), chosen and fused with its neighbours as
+    :class:`~smartcrop.cropper.Cropper` does (``cropper.fuse``; ``cropper.faces``)."""
     if ratio not in {"any", "gt"}:
         raise ValueError(f"ratio must be 'any' or 'gt', not {ratio!r}")
     out = []
@@ -81,7 +81,8 @@ def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progres
         sets = {"a": fcdb_eval_candidates(w, h, item.box, ratio)}
         refine = ["a"] if ratio == "any" and cropper.refine else []
         s = cropper.score_boxes_batch([(li.image, (w, h))], [sets], refine=refine)[0]["a"]
-        out.append((item, fuse_box(sets["a"], s, int(np.argmax(s)), cropper.fuse), (w, h)))
+        c = cropper.choice_scores(sets["a"], s, cropper.find_faces(li.image, (w, h)))
+        out.append((item, fuse_box(sets["a"], c, int(np.argmax(c)), cropper.fuse), (w, h)))
     return out
 
 

@@ -45,7 +45,14 @@ class RunOptions:
     scoring: str = "auto"  # where photos are scored: main, workers, auto (runner.scoring_in_workers)
     fuse: int = FUSE_K  # each chosen crop is the mean of this many overlapping top anchors (cropper.fuse_box)
     refine: bool = False  # a free crop is also chosen among the best GAIC anchor's neighbours (Cropper.refine)
+    faces: bool = False  # crops cutting a detected face lose score before the choice (Cropper.faces)
     preview: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.faces:  # a missing extra is the request's error (exit 2), not every photo's
+            from .faces import require
+
+            require()
 
     def template(self) -> str:
         if self.name_template:

@@ -297,7 +297,8 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         # every worker scores; on Linux they are forked from a server that imported torch and loaded the model
         # once (smartcrop.preload), so they share it instead of each holding a copy
         with _preload_model(path), WorkerPool(opts.workers, **_SCORING_POOL) as pool:
-            wm = WorkerModel(str(path), tuple(opts.ratios), opts.top_k, *size, fuse=opts.fuse, refine=opts.refine)
+            wm = WorkerModel(str(path), tuple(opts.ratios), opts.top_k, *size, fuse=opts.fuse, refine=opts.refine,
+                             faces=opts.faces)
             runner = Runner(None, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool,
                             worker_model=wm)
             return runner.run(plan.items)
@@ -320,7 +321,7 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         # are mapped afresh and faulted in depends on glibc's moving threshold (one version of the heads measured
         # 554,000 page faults and 0.9 s of kernel time in 120 scorings, 32 instead of 38 ms a photo with it)
         keep_freed_memory()
-        cropper = Cropper(weights=path, device=device, fuse=opts.fuse, refine=opts.refine)
+        cropper = Cropper(weights=path, device=device, fuse=opts.fuse, refine=opts.refine, faces=opts.faces)
         if (cropper.config.short_side, cropper.config.max_long_side) != size:
             early = {}  # decoded for another input size
         if adapt_epochs:

@@ -183,6 +183,7 @@ class WorkerModel:
     max_long_side: int
     fuse: int = FUSE_K
     refine: bool = False
+    faces: bool = False
 
 
 _worker_croppers: dict = {}  # model path -> Cropper, in a worker process
@@ -231,7 +232,7 @@ def prepare_and_score(source, model: WorkerModel) -> tuple:
     CPU, where one scoring process would cap the run (~30 ms a photo)."""
     p = prepare(source, model.short_side, model.max_long_side)
     cropper = worker_cropper(model.path)
-    cropper.fuse, cropper.refine = model.fuse, model.refine
+    cropper.fuse, cropper.refine, cropper.faces = model.fuse, model.refine, model.faces
     try:
         crops = cropper.best_crops_batch([(p.image, p.full_size)], list(model.ratios), model.top_k)[0]
     except (RuntimeError, MemoryError) as e:
