@@ -249,14 +249,15 @@ class Cropper:
         return [self._pick(bs, sc, ratios, top_k, f) for bs, sc, f in zip(box_sets, scores, faces)]
 
     def find_faces(self, image, full_size: tuple[int, int] | None) -> np.ndarray | None:
-        """With :attr:`faces`, the faces :meth:`choice_scores` avoids cutting (full-size pixels; searched at the
-        model's input size); else None."""
+        """With :attr:`faces`, the faces :meth:`choice_scores` avoids cutting (full-size pixels; searched at
+        :data:`~smartcrop.faces.SEARCH_SCALE` of the model's input size); else None."""
         if not self.faces:
             return None
-        from .faces import detect_faces
+        from .faces import SEARCH_SCALE, detect_faces
 
         fw, fh = full_size or image.size
-        return detect_faces(image, (fw, fh), network_size(fw, fh, self.config.short_side, self.config.max_long_side))
+        nw, nh = network_size(fw, fh, self.config.short_side, self.config.max_long_side)
+        return detect_faces(image, (fw, fh), (round(nw * SEARCH_SCALE), round(nh * SEARCH_SCALE)))
 
     @staticmethod
     def choice_scores(boxes: np.ndarray, scores: np.ndarray, faces: np.ndarray | None) -> np.ndarray:
