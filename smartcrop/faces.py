@@ -50,13 +50,20 @@ def _load_cascade():
         except ImportError:
             raise FacesUnavailable("--faces needs OpenCV: pip install 'smartcrop[faces]' "
                                    "(opencv-python-headless<5, which ships the face cascades)") from None
-        cv2.setNumThreads(1)  # a run already keeps every core busy with one process each
         c = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
         if c.empty():
             raise FacesUnavailable("OpenCV's haarcascade_frontalface_default.xml could not be loaded "
                                    "(opencv-python-headless 5 no longer ships it: install <5)")
         _cascade = c
     return _cascade
+
+
+def one_thread() -> None:
+    """Let OpenCV use one thread in this process (a process-wide setting, like torch's: ``run`` makes it in
+    its scoring processes, which share the cores with the decoding workers; the library leaves it alone)."""
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def available() -> bool:

@@ -322,6 +322,10 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         # 554,000 page faults and 0.9 s of kernel time in 120 scorings, 32 instead of 38 ms a photo with it)
         keep_freed_memory()
         cropper = Cropper(weights=path, device=device, fuse=opts.fuse, refine=opts.refine, faces=opts.faces)
+        if opts.faces and threads:  # the workers keep the other cores busy, as for torch above
+            from .faces import one_thread
+
+            one_thread()
         if (cropper.config.short_side, cropper.config.max_long_side) != size:
             early = {}  # decoded for another input size
         if adapt_epochs:

@@ -233,6 +233,10 @@ def prepare_and_score(source, model: WorkerModel) -> tuple:
     p = prepare(source, model.short_side, model.max_long_side)
     cropper = worker_cropper(model.path)
     cropper.fuse, cropper.refine, cropper.faces = model.fuse, model.refine, model.faces
+    if model.faces:
+        from .faces import one_thread
+
+        one_thread()  # one photo per worker and core, as for torch
     try:
         crops = cropper.best_crops_batch([(p.image, p.full_size)], list(model.ratios), model.top_k)[0]
     except (RuntimeError, MemoryError) as e:

@@ -75,6 +75,9 @@ def test_the_choice_avoids_the_face_and_reports_the_models_score(small_model, mo
 
     c = Cropper(net=small_model, device="cpu", fuse=1)
     assert not c.faces and c.find_faces(Image.new("RGB", (8, 8)), None) is None  # opt-in
+    threads = cv2.getNumThreads()
+    Cropper(net=small_model, device="cpu", faces=True).find_faces(Image.new("RGB", (300, 200)), None)
+    assert cv2.getNumThreads() == threads  # the library leaves OpenCV's process-wide settings alone
     boxes = np.array([[0, 0, 100, 100], [50, 0, 150, 100], [100, 0, 200, 100]], float)
     scores = np.array([0.2, 0.9, 0.5], np.float32)
     face = np.array([[130, 20, 170, 60]], float)  # cut by the first two boxes (kept: 0 and half)
