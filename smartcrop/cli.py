@@ -149,12 +149,12 @@ def eval_fcdb(
 
     if ratio not in {"any", "gt"}:
         raise UsageError(f"--ratio must be any or gt, not {ratio!r}")
-    items = benchmark_items("fcdb", root, split)
-    cropper = _cropper(weights, model, device)
     if faces:
         from .faces import require
 
         require()
+    items = benchmark_items("fcdb", root, split)
+    cropper = _cropper(weights, model, device)
     cropper.fuse, cropper.refine, cropper.faces = fuse, refine, faces
     errors: list[str] = []
     m = evaluate_fcdb(cropper, items, ratio, on_error=lambda s: (errors.append(s), err(s)))
@@ -240,7 +240,7 @@ def run(
                                 "conservative free crops (closer to FCDB's expert crops by IoU), ~1.5× the "
                                 "free-ratio scoring time."),
     faces: bool = typer.Option(False, "--faces/--no-faces", help="Avoid crops that cut a detected face (frontal "
-                               "faces, OpenCV's Haar cascade: pip install 'smartcrop[faces]'); ~16 ms more a "
+                               "faces, OpenCV's Haar cascade: pip install 'smartcrop[faces]'); ~18 ms more a "
                                "photo on one core."),
     scoring: str = typer.Option("auto", "--scoring", help="Where photos are scored: main (this process; "
                                 "batched, the GPU), workers (each worker loads the model: a many-core CPU), "
