@@ -238,14 +238,20 @@ class Cropper:
             sc = (sc + net.score_boxes(f_m, mirrored)) / 2
         return sc.float().cpu().numpy()
 
-    def best_crops_batch(self, images: Sequence[tuple], ratios: Sequence[str] = ("any",), top_k: int = 1) -> list:
-        """:meth:`best_crops` for several ``(image, full_size)`` pairs, batching the backbone where possible."""
+    def best_crops_batch(self, images: Sequence[tuple], ratios: Sequence[str] = ("any",), top_k: int = 1,
+                         faces: Sequence | None = None) -> list:
+        """:meth:`best_crops` for several ``(image, full_size)`` pairs, batching the backbone where possible.
+        ``faces``: with :attr:`faces`, each image's faces if already found (``run``'s decoding workers find
+        them, :func:`~smartcrop.stages.prepare`); None: :meth:`find_faces` here."""
         box_sets = []
         for img, full in images:
             fw, fh = full or img.size
             box_sets.append({r: anchors_for(fw, fh, r) for r in ratios})
         scores = self.score_boxes_batch(images, box_sets, refine=[r for r in ratios if self.refine and is_free(r)])
-        faces = [self.find_faces(img, full) for img, full in images]
+        if not self.faces:
+            faces = [None] * len(images)
+        elif faces is None:
+            faces = [self.find_faces(img, full) for img, full in images]
         return [self._pick(bs, sc, ratios, top_k, f) for bs, sc, f in zip(box_sets, scores, faces)]
 
     def find_faces(self, image, full_size: tuple[int, int] | None) -> np.ndarray | None:

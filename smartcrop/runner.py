@@ -144,7 +144,7 @@ class Runner:
         def submit_prep(i: int):
             if wm is not None:
                 return pool.submit(prepare_and_score, _source(items[i]), wm)
-            return pool.submit(prepare, _source(items[i]), *size)
+            return pool.submit(prepare, _source(items[i]), *size, opts.faces)
 
         def fill() -> None:
             while len(preps) + len(writes) < window:
@@ -234,7 +234,8 @@ class Runner:
         """Crops of every photo of the batch (None for a photo whose scoring failed, already reported)."""
         opts = self.opts
         try:
-            return self.cropper.best_crops_batch([(p.image, p.full_size) for _, p in batch], opts.ratios, opts.top_k)
+            return self.cropper.best_crops_batch([(p.image, p.full_size) for _, p in batch], opts.ratios, opts.top_k,
+                                                 faces=[p.faces for _, p in batch] if opts.faces else None)
         except (RuntimeError, MemoryError) as e:  # e.g. an allocation failure: retry alone, fail alone
             if len(batch) == 1:
                 summary.failed += 1
@@ -307,7 +308,7 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         if size is not None and not adapt_epochs:
             n = min(len(plan.items), max(_window(pool.workers, opts.batch or 1),
                                          min(EARLY_MAX, EARLY_PER_WORKER * pool.workers)))
-            early = {i: pool.submit(prepare, _source(plan.items[i]), *size) for i in range(n)}
+            early = {i: pool.submit(prepare, _source(plan.items[i]), *size, opts.faces) for i in range(n)}
         import_torch(freeze=own_process)
         from .cropper import Cropper, resolve_device
 
@@ -322,10 +323,6 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         # 554,000 page faults and 0.9 s of kernel time in 120 scorings, 32 instead of 38 ms a photo with it)
         keep_freed_memory()
         cropper = Cropper(weights=path, device=device, fuse=opts.fuse, refine=opts.refine, faces=opts.faces)
-        if opts.faces and threads:  # the workers keep the other cores busy, as for torch above
-            from .faces import one_thread
-
-            one_thread()
         if (cropper.config.short_side, cropper.config.max_long_side) != size:
             early = {}  # decoded for another input size
         if adapt_epochs:

@@ -40,6 +40,7 @@ class Prepared:
     format: str  # Pillow format name of the source ("JPEG", "PNG", ...)
     has_alpha: bool = False
     reduced_depth: bool = False  # a 16-bit colour source whose crops will be 8-bit
+    faces: object = None  # with --faces: the faces found on ``image`` (full-size pixels, faces.detect_faces)
 
 
 @dataclass
@@ -153,8 +154,10 @@ def name_ext(target: str | None) -> str | None:
     return {"jpeg": "jpg", "tiff": "tif"}.get(sfx, sfx) or None
 
 
-def prepare(source, short_side: int, max_long_side: int) -> Prepared:
-    """Stage 1: decode ``source`` (a path or bytes) at about the network's size and resize it exactly."""
+def prepare(source, short_side: int, max_long_side: int, faces: bool = False) -> Prepared:
+    """Stage 1: decode ``source`` (a path or bytes) at about the network's size and resize it exactly; with
+    ``faces``, also find its faces (what :meth:`~smartcrop.cropper.Cropper.find_faces` would find on that
+    image), so that the decoding workers do it in parallel rather than the scoring process."""
     from PIL import Image
 
     from .imageio import load_image
@@ -165,7 +168,13 @@ def prepare(source, short_side: int, max_long_side: int) -> Prepared:
         li = load_image(source, target_short_side=short_side)
     size = network_size(li.full_size[0], li.full_size[1], short_side, max_long_side)
     img = li.image if li.image.size == size else li.image.resize(size, Image.BILINEAR, reducing_gap=2.0)
-    return Prepared(img, li.full_size, li.format, li.has_alpha, li.reduced_depth)
+    found = None
+    if faces:
+        from .faces import SEARCH_SCALE, detect_faces, one_thread
+
+        one_thread()  # one photo per worker and core, as for torch
+        found = detect_faces(img, li.full_size, (round(size[0] * SEARCH_SCALE), round(size[1] * SEARCH_SCALE)))
+    return Prepared(img, li.full_size, li.format, li.has_alpha, li.reduced_depth, found)
 
 
 class ScoringError(SmartcropError):
@@ -230,15 +239,12 @@ def prepare_and_score(source, model: WorkerModel) -> tuple:
     """Stages 1 and 2 in one worker: :func:`prepare`, then score with the worker's own copy of the model (loaded
     at its first photo, one CPU thread) → ``(Prepared, crops)``.  Spreads scoring over every core of a many-core
     CPU, where one scoring process would cap the run (~30 ms a photo)."""
-    p = prepare(source, model.short_side, model.max_long_side)
+    p = prepare(source, model.short_side, model.max_long_side, model.faces)
     cropper = worker_cropper(model.path)
     cropper.fuse, cropper.refine, cropper.faces = model.fuse, model.refine, model.faces
-    if model.faces:
-        from .faces import one_thread
-
-        one_thread()  # one photo per worker and core, as for torch
     try:
-        crops = cropper.best_crops_batch([(p.image, p.full_size)], list(model.ratios), model.top_k)[0]
+        crops = cropper.best_crops_batch([(p.image, p.full_size)], list(model.ratios), model.top_k,
+                                         faces=[p.faces] if model.faces else None)[0]
     except (RuntimeError, MemoryError) as e:
         raise ScoringError(f"cannot score this photo ({str(e) or type(e).__name__})") from None
     return p, crops

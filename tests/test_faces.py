@@ -88,6 +88,26 @@ def test_the_choice_avoids_the_face_and_reports_the_models_score(small_model, mo
     assert np.array_equal(c.choice_scores(boxes, scores, None), scores)
 
 
+def test_decoding_workers_find_the_same_faces_as_the_scorer(tmp_path, small_model):
+    """``run`` finds faces in its decoding workers (``prepare(..., faces=True)``): the same faces as
+    ``Cropper.find_faces`` on that image, and ``best_crops_batch`` uses the ones it is given."""
+    from smartcrop.cropper import Cropper
+    from smartcrop.model import ModelConfig, SACNet
+    from smartcrop.stages import prepare
+
+    path, _ = draw_face(tmp_path / "f.jpg", size=(480, 240), centre=(150, 116), r=44)
+    p = prepare(str(path), 256, 768, faces=True)
+    assert prepare(str(path), 256, 768).faces is None  # only when asked
+    c = Cropper(net=SACNet(ModelConfig()).eval(), device="cpu", faces=True, fuse=1)
+    assert p.faces.shape == (1, 4) and np.array_equal(p.faces, c.find_faces(p.image, p.full_size))
+    given = c.best_crops_batch([(p.image, p.full_size)], ["1:1"], faces=[p.faces])[0]
+    assert given == c.best_crops_batch([(p.image, p.full_size)], ["1:1"])[0]
+    c.faces = False
+    plain = c.best_crops_batch([(p.image, p.full_size)], ["1:1"], faces=[p.faces])[0]  # faces off: not used
+    c.faces = True
+    assert plain == c.best_crops_batch([(p.image, p.full_size)], ["1:1"], faces=[np.zeros((0, 4))])[0]
+
+
 @pytest.fixture
 def input_size_model_file(tmp_path):
     """An untrained model of the shipped input size (short side 256): faces are searched at the model's input
