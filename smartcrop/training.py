@@ -18,6 +18,7 @@ import json
 import os
 import random
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,7 +58,8 @@ class TrainConfig:
     frozen_layers: int = 14
     jitter: float = 0.2
     # with a frozen prefix: also cache this many photometrically jittered copies (``jitter``) of each labeled
-    # image (each plain and flipped) and draw one of the 1 + jitter_views views per use; 0 = off (no draw).
+    # image (each plain and flipped; jittered by a generator of its own, from the seed, its name and size) and
+    # draw one of the 1 + jitter_views views per use; 0 = off (no draw).
     # Unlabeled photos keep their one view.  End to end, every use is jittered anyway.
     jitter_views: int = 0
     seed: int = 0
@@ -317,8 +319,11 @@ class Trainer:
             from .transforms import photometric_jitter
 
             views = [x]
-            if kind != "unlabeled" and self.cfg.jitter > 0:
-                views += [photometric_jitter(x, self.cfg.jitter, self.rng) for _ in range(self.cfg.jitter_views)]
+            if kind != "unlabeled" and self.cfg.jitter > 0 and self.cfg.jitter_views > 0:
+                # drawn from the image's own generator, not the trainer's: the views are the same however the
+                # images are ordered and whether the run started afresh or resumed from a checkpoint
+                own = np.random.default_rng([self.cfg.seed, zlib.crc32(f"{kind}:{name}".encode()), w, h])
+                views += [photometric_jitter(x, self.cfg.jitter, own) for _ in range(self.cfg.jitter_views)]
             with torch.no_grad():  # the frozen prefix has no dropout and frozen BN: the same in either mode
                 for view in views:
                     for img in (view, view.flip(-1)):  # [plain, flipped] of each view

@@ -420,6 +420,14 @@ def test_jitter_views_cache_jittered_copies_of_labeled_images_and_draw_among_the
         xs = [p.x.float() for p in s.prefix]
         assert not torch.allclose(xs[2], xs[0], atol=1e-2) and not torch.allclose(xs[4], xs[2], atol=1e-2)
     assert all(len(s.prefix) == 2 for s in u)  # unlabeled photos keep their one view
+    # the views come from each image's own generator: preparing again (e.g. when resuming) gives the same
+    # views, and preparation leaves the trainer's generator as it was (a resumed run draws as the first did)
+    again = make_trainer(jitter_views=2)
+    state = again.rng.bit_generator.state
+    g2, f2, _ = samples(again, tiny_gaicd, tiny_fcdb, tiny_album)
+    assert again.rng.bit_generator.state == state
+    for s, s2 in zip(g + f, g2 + f2):
+        assert all(torch.equal(a.x, b.x) for a, b in zip(s.prefix, s2.prefix))
     used = []
     full = training._full
     monkeypatch.setattr(training, "_full", lambda p, device: used.append(p) or full(p, device))
