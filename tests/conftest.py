@@ -102,3 +102,17 @@ def small_model_file(tmp_path, small_model):
     p = tmp_path / "models" / "small.safetensors"
     save_model(small_model, p, {"training": {"note": "untrained test model"}})
     return p
+
+
+@pytest.fixture
+def input_size_model_file(tmp_path):
+    """An untrained model of the shipped input size (short side 256): faces are searched at the model's input
+    size, where the small test model's 64 px would hold no face the cascade can see."""
+    torch = pytest.importorskip("torch")
+    from smartcrop.model import ModelConfig, SACNet
+    from smartcrop.weights import save_model
+
+    torch.manual_seed(0)
+    p = tmp_path / "models" / "untrained256.safetensors"
+    save_model(SACNet(ModelConfig()).eval(), p, {"training": {"note": "untrained test model"}})
+    return p

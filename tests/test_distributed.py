@@ -140,3 +140,21 @@ def test_python_entry_point_on_a_from_items_dataset(tmp_path, small_model_file, 
         assert r["output"] is None
         with Image.open(io.BytesIO(r["data"])) as im:
             assert list(im.size) == r["size"]
+
+
+def test_ray_engine_keeps_faces_whole_as_the_local_engine_does(tmp_path, input_size_model_file, ray_2cpu):
+    """`--faces` reaches the Ray scorers: the same crops as the local engine's, and not the crops without it."""
+    pytest.importorskip("cv2", reason="--faces needs the faces extra (opencv-python-headless)")
+    from test_faces import draw_face
+
+    src = tmp_path / "in"
+    for k, x in enumerate((50, 80, 120, 150, 165)):
+        draw_face(src / f"p{k}.jpg", size=(240, 120), centre=(x, 58), r=22, seed=k)
+    boxes = {}
+    for engine, flag in (("local", "--faces"), ("ray", "--faces"), ("ray", "--no-faces")):
+        code, out, err = run([src, "--ratio", "1:1", "--ratio", "4:5", "--json", "--dry-run", "--fuse", "1", flag,
+                              "--engine", engine, "--weights", input_size_model_file])
+        assert code == 0, err
+        boxes[engine, flag] = {(Path(r["input"]).name, r["ratio"]): r["box"] for r in jsonl(out)}
+    assert len(boxes["ray", "--faces"]) == 10
+    assert boxes["ray", "--faces"] == boxes["local", "--faces"] != boxes["ray", "--no-faces"]

@@ -108,20 +108,6 @@ def test_decoding_workers_find_the_same_faces_as_the_scorer(tmp_path, small_mode
     assert plain == c.best_crops_batch([(p.image, p.full_size)], ["1:1"], faces=[np.zeros((0, 4))])[0]
 
 
-@pytest.fixture
-def input_size_model_file(tmp_path):
-    """An untrained model of the shipped input size (short side 256): faces are searched at the model's input
-    size, where the small test model's 64 px would hold no face the cascade can see."""
-    torch = pytest.importorskip("torch")
-    from smartcrop.model import ModelConfig, SACNet
-    from smartcrop.weights import save_model
-
-    torch.manual_seed(0)
-    p = tmp_path / "models" / "untrained256.safetensors"
-    save_model(SACNet(ModelConfig()).eval(), p, {"training": {"note": "untrained test model"}})
-    return p
-
-
 @pytest.mark.parametrize("scoring", ["main", "workers"])
 def test_run_faces_keeps_the_drawn_faces_whole(tmp_path, input_size_model_file, scoring):
     from typer.testing import CliRunner
