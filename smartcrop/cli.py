@@ -395,6 +395,9 @@ def train(
     lr_step: int = typer.Option(4, "--lr-step", help="Multiply the learning rate by 0.1 after this many epochs."),
     no_saf: bool = typer.Option(False, "--no-saf", help="Without the spatial-aware feature (the basic model)."),
     no_rc: bool = typer.Option(False, "--no-rc", help="Without the rank-consistency loss."),
+    rc_anchors: Optional[int] = typer.Option(None, "--rc-anchors", min=2, max=90, help="Crops of each unlabeled "
+                                             "photo compared pairwise by rank consistency per step (default 16: "
+                                             "120 pairs)."),
     fcdb_weight: float = typer.Option(0.5, "--fcdb-weight", help="Weight of the FCDB ranking losses."),
     dropout: Optional[float] = typer.Option(None, "--dropout", min=0.0, max=0.9, help="Dropout on the region and "
                                             "spatial-aware features of a new model (default 0.3; saved in it)."),
@@ -481,7 +484,7 @@ def train(
                                  frozen_layers=frozen_layers, seed=seed, ema=ema, batch_size=batch_size, amp=amp,
                                  backbone_lr_mult=backbone_lr_mult, scales=scales,
                                  gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight,
-                                 distill_anchors=distill_anchors, jitter_views=jitter_views)
+                                 distill_anchors=distill_anchors, jitter_views=jitter_views, rc_anchors=rc_anchors)
     if jitter_views and cfg.frozen_layers == 0:
         err("note: --jitter-views has no effect when the whole backbone is trained (every use is jittered then)")
     info = {

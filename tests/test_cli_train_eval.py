@@ -52,16 +52,17 @@ def test_train_partial_unfreezing_with_a_lower_backbone_learning_rate(tmp_path, 
     assert changed and min(int(i) for i in changed) == 10  # layers 0-9 frozen, 10 on trained
 
 
-def test_train_jitter_views_is_recorded_and_noted_where_it_does_nothing(tmp_path, tiny_gaicd, small_model_file):
+def test_train_jitter_views_and_rc_anchors_are_recorded_and_a_useless_flag_noted(tmp_path, tiny_gaicd, small_model_file):
     from smartcrop.weights import read_card
 
     for frozen, noted in (("14", False), ("0", True)):
         out = tmp_path / f"m{frozen}.safetensors"
         code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--epochs", "1",
                            "--val-fraction", "0", "--device", "cpu", "--frozen-layers", frozen, "--jitter-views",
-                           "2", "--no-rc", "--out", out)
+                           "2", "--no-rc", "--rc-anchors", "24", "--out", out)
         assert code == 0, err
         assert read_card(out)["training"]["config"]["jitter_views"] == 2
+        assert read_card(out)["training"]["config"]["rc_anchors"] == 24
         assert ("--jitter-views has no effect" in err) == noted
 
 
