@@ -173,13 +173,14 @@ class Cropper:
         return self.score_boxes_batch([(image, full_size)], [box_sets])[0]
 
     def score_boxes_batch(self, images: Sequence[tuple], box_sets: Sequence[Mapping[str, np.ndarray]],
-                          refine: Collection[str] = ()) -> list:
+                          refine: Collection[str] = (), faces: Sequence | None = None) -> list:
         """Like :meth:`score_boxes` for several ``(image, full_size)``; images whose network input has the same
         size share one batched backbone pass.
 
         ``refine``: keys of free-ratio sets whose best box is refined — its neighbours
         (:func:`~smartcrop.anchors.refine_anchors`) are scored on the same features and appended to that set
-        **in place** (``box_sets[i][key]`` becomes the longer array), their scores after the set's own."""
+        **in place** (``box_sets[i][key]`` becomes the longer array), their scores after the set's own.  The
+        best box is the best by :meth:`choice_scores` with ``faces[i]`` (None: by the model's scores)."""
         import torch
 
         sizes = []
@@ -216,7 +217,8 @@ class Cropper:
                     for key, boxes in box_sets[i].items():
                         out[key] = self._score_on(net, f, f_m, boxes, sx, sy)
                         if key in refine and len(out[key]):
-                            extra = refine_anchors(np.asarray(boxes)[int(np.argmax(out[key]))], fw, fh)
+                            c = self.choice_scores(boxes, out[key], None if faces is None else faces[i])
+                            extra = refine_anchors(np.asarray(boxes)[int(np.argmax(c))], fw, fh)
                             box_sets[i][key] = np.concatenate([np.asarray(boxes, dtype=np.float32), extra])
                             out[key] = np.concatenate([out[key], self._score_on(net, f, f_m, extra, sx, sy)])
                     results[i] = out
@@ -247,11 +249,12 @@ class Cropper:
         for img, full in images:
             fw, fh = full or img.size
             box_sets.append({r: anchors_for(fw, fh, r) for r in ratios})
-        scores = self.score_boxes_batch(images, box_sets, refine=[r for r in ratios if self.refine and is_free(r)])
         if not self.faces:
             faces = [None] * len(images)
         elif faces is None:
             faces = [self.find_faces(img, full) for img, full in images]
+        scores = self.score_boxes_batch(images, box_sets, refine=[r for r in ratios if self.refine and is_free(r)],
+                                        faces=faces)
         return [self._pick(bs, sc, ratios, top_k, f) for bs, sc, f in zip(box_sets, scores, faces)]
 
     def find_faces(self, image, full_size: tuple[int, int] | None) -> np.ndarray | None:

@@ -80,8 +80,9 @@ def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progres
         w, h = li.full_size
         sets = {"a": fcdb_eval_candidates(w, h, item.box, ratio)}
         refine = ["a"] if ratio == "any" and cropper.refine else []
-        s = cropper.score_boxes_batch([(li.image, (w, h))], [sets], refine=refine)[0]["a"]
-        c = cropper.choice_scores(sets["a"], s, cropper.find_faces(li.image, (w, h)))
+        faces = cropper.find_faces(li.image, (w, h))
+        s = cropper.score_boxes_batch([(li.image, (w, h))], [sets], refine=refine, faces=[faces])[0]["a"]
+        c = cropper.choice_scores(sets["a"], s, faces)
         out.append((item, fuse_box(sets["a"], c, int(np.argmax(c)), cropper.fuse), (w, h)))
     return out
 

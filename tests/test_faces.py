@@ -157,3 +157,21 @@ def test_without_opencv_faces_is_a_one_line_usage_error(tmp_path, small_model_fi
     assert r.exit_code == 2
     msg = r.stderr.strip()
     assert len(msg.splitlines()) == 1 and "pip install 'smartcrop[faces]'" in msg
+
+
+def test_refine_centres_on_the_best_anchor_by_the_face_aware_scores(small_model):
+    """With ``--refine --faces`` the free crop's neighbours are those of the best anchor once faces count."""
+    from smartcrop.anchors import gaic_anchors, refine_anchors
+    from smartcrop.cropper import Cropper
+
+    c = Cropper(net=small_model, device="cpu", refine=True, faces=True)
+    photo = Image.new("RGB", (400, 300), (90, 120, 150))
+    grid = gaic_anchors(400, 300)
+    plain = c.score_boxes_batch([(photo, None)], [{"any": grid.copy()}])[0]["any"]
+    best = grid[int(np.argmax(plain))]
+    face = np.array([[best[2] - 10, best[1] + 10, best[2] + 30, best[1] + 50]])  # cut by the model's best anchor
+    want = grid[int(np.argmax(c.choice_scores(grid, plain, face)))]
+    assert not np.array_equal(want, best)
+    sets = [{"any": grid.copy()}]
+    c.score_boxes_batch([(photo, None)], sets, refine=["any"], faces=[face])
+    assert np.allclose(sets[0]["any"][len(grid):], refine_anchors(want, 400, 300))
