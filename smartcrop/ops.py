@@ -122,8 +122,8 @@ def rod_align(feat: torch.Tensor, boxes: torch.Tensor, out_size: int = 9, stride
     keep = 1.0 - box_masks(boxes, fh, fw, stride)  # (N, 1, H, W)
     whole = feat.new_tensor([[0.0, 0.0, fw * stride, fh * stride]]).expand(boxes.shape[0], 4)
     grid = _sample_grid(whole, out_size, sampling, stride, fh, fw)
-    maps = feat * keep if index is None else feat.index_select(0, index) * keep
-    out = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(_per_box(feat, boxes.shape[0], index) * keep, grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=False)
     return F.avg_pool2d(out, sampling) if sampling > 1 else out
 
 
