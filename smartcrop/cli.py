@@ -403,6 +403,10 @@ def train(
                                             "spatial-aware features of a new model (default 0.3; saved in it)."),
     gaicd_rank_weight: float = typer.Option(0.0, "--gaicd-rank-weight", min=0.0, help="Weight of a margin "
                                             "ranking loss on the score head over the GAICD pairs (0: off)."),
+    centred_mos: Optional[float] = typer.Option(None, "--centred-mos", min=0.0, metavar="LEVEL", help="Regress "
+                                                "each GAICD image's scores around their mean (blind to a shift "
+                                                "common to the image; SRCC and Acc are per image), plus LEVEL × "
+                                                "the error of the mean (e.g. 0.1). Default: plain regression."),
     fcdb_head: bool = typer.Option(False, "--fcdb-head", help="Train a separate score head on the FCDB expert "
                                    "crops, added to the MOS head's score (see --fcdb-mix)."),
     fcdb_mix: Optional[float] = typer.Option(None, "--fcdb-mix", min=0.0, max=16.0, help="With --fcdb-head: "
@@ -484,7 +488,8 @@ def train(
                                  frozen_layers=frozen_layers, seed=seed, ema=ema, batch_size=batch_size, amp=amp,
                                  backbone_lr_mult=backbone_lr_mult, scales=scales,
                                  gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight,
-                                 distill_anchors=distill_anchors, jitter_views=jitter_views, rc_anchors=rc_anchors)
+                                 distill_anchors=distill_anchors, jitter_views=jitter_views, rc_anchors=rc_anchors,
+                                 centred_mos=centred_mos)
     if jitter_views and cfg.frozen_layers == 0:
         err("note: --jitter-views has no effect when the whole backbone is trained (every use is jittered then)")
     info = {

@@ -45,15 +45,26 @@ def _split(pairs: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(pairs[:, 0]).to(device), torch.from_numpy(pairs[:, 1]).to(device)
 
 
+def centred_smooth_l1(scores: torch.Tensor, targets: torch.Tensor, level_weight: float) -> torch.Tensor:
+    """Smooth-L1 between scores and targets each taken around its own mean (blind to a common shift: the image's
+    ranking is what SRCC and Acc measure), plus ``level_weight`` × smooth-L1 between the two means (which keeps
+    the scores on the MOS scale)."""
+    m, tm = scores.mean(), targets.mean()
+    return F.smooth_l1_loss(scores - m, targets - tm) + level_weight * F.smooth_l1_loss(m, tm)
+
+
 def gaicd_loss(model, cf: torch.Tensor, scores: torch.Tensor, targets: np.ndarray, rng: np.random.Generator, *,
                eta: float, max_pairs: int, lambda_cls: float, rank_weight: float = 0.0,
-               rank_margin: float = 0.25) -> dict:
+               rank_margin: float = 0.25, centred: float | None = None) -> dict:
     """``{"reg": L_reg, "cls": λ_cls · L_cls}`` for crops with normalised MOS ``targets``; with ``rank_weight``
     > 0 also ``"rank"``: a margin ranking loss on the score head itself over the same pairs,
     ``rank_weight · mean(max(0, m − sign(t_i − t_j)(ŷ_i − ŷ_j)))`` (``m = rank_margin``, normalised MOS units;
-    the pairs differ by more than ``η`` ≥ m, so a perfect regression satisfies it)."""
+    the pairs differ by more than ``η`` ≥ m, so a perfect regression satisfies it).  ``centred`` (not None):
+    ``L_reg`` is :func:`centred_smooth_l1` with that level weight."""
     dev = scores.device
-    parts = {"reg": F.smooth_l1_loss(scores, torch.from_numpy(np.asarray(targets, np.float32)).to(dev))}
+    t = torch.from_numpy(np.asarray(targets, np.float32)).to(dev)
+    reg = F.smooth_l1_loss(scores, t) if centred is None else centred_smooth_l1(scores, t, centred)
+    parts = {"reg": reg}
     if lambda_cls > 0 or rank_weight > 0:
         pairs = pair_indices(targets, eta, max_pairs, rng)
         if len(pairs):
@@ -137,7 +148,9 @@ class StepLosses:
         self.smooth: dict = {}  # name → (head, rows, targets, weights)
         self.hinge: dict = {}  # name → (head, i, j, sign or None, margin, weights)
         self.bce: dict = {}  # name → (i, j, labels, weights)
+        self.centred: dict = {}  # name → (head, rows, targets, group, weights, level weights)
         self.n_rows = 0
+        self.n_groups = 0
 
     def rows(self, k: int) -> np.ndarray:
         """The rows of the next ``k`` crops of the step (in the order their features will be concatenated)."""
@@ -157,6 +170,15 @@ class StepLosses:
         """``weight · mean(smooth_l1(s[rows], targets))`` with ``s`` the ``head``'s scores ("mos" or "fcdb")."""
         self._add(self.smooth, name, (np.full(len(rows), head == "fcdb"), rows, np.asarray(targets, np.float32)),
                   weight)
+
+    def add_centred_smooth_l1(self, name: str, head: str, rows: np.ndarray, targets: np.ndarray, weight: float,
+                              level_weight: float) -> None:
+        """``weight · centred_smooth_l1(s[rows], targets, level_weight)`` (the rows' scores and targets each
+        around its own mean, plus ``level_weight`` × smooth-L1 of the means)."""
+        n = len(rows)
+        self._add(self.centred, name, (np.full(n, head == "fcdb"), rows, np.asarray(targets, np.float32),
+                                       np.full(n, self.n_groups), np.full(n, level_weight, np.float32)), weight)
+        self.n_groups += bool(n)
 
     def add_hinge(self, name: str, head: str, i: np.ndarray, j: np.ndarray, sign: np.ndarray | None,
                   margin: float, weight: float) -> None:
@@ -196,6 +218,16 @@ class StepLosses:
         if self.smooth:
             names, counts, (is_f, rows, t, w) = columns(self.smooth)
             parts.update(sums(names, counts, F.smooth_l1_loss(scores(is_f, rows), t, reduction="none") * w))
+        if self.centred:
+            names, counts, (is_f, rows, t, group, level, w) = columns(self.centred)
+            s = scores(is_f, rows)
+            n = torch.zeros(self.n_groups, device=dev, dtype=s.dtype).index_add_(0, group, torch.ones_like(s))
+            m = torch.zeros_like(n).index_add_(0, group, s) / n.clamp(min=1)
+            tm = torch.zeros_like(n).index_add_(0, group, t.to(s.dtype)) / n.clamp(min=1)
+            loss = F.smooth_l1_loss(s - m[group], t - tm[group], reduction="none") * w
+            # each group's level term, carried by its entries: w·n_group = the group's weight
+            loss = loss + level * w * F.smooth_l1_loss(m[group], tm[group], reduction="none")
+            parts.update(sums(names, counts, loss))
         if self.hinge:
             names, counts, (is_f, verdict, i, j, sign, margin, w) = columns(self.hinge)
             if verdict.any():  # rank consistency's labels: one pass of the ranking head, without gradient

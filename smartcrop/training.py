@@ -41,6 +41,7 @@ class TrainConfig:
     eta: float = 0.5  # MOS gap of the pairs used by L_cls
     lambda_cls: float = 1.0
     gaicd_rank_weight: float = 0.0  # margin ranking loss on the score head over the GAICD pairs (0: off, the paper)
+    centred_mos: float | None = None  # regress each image's MOS around its mean, this weight on the mean (None: off)
     fcdb_weight: float = 0.5  # the shipped recipe since issue 11 (1.0 before: docs/results.md)
     fcdb_tau: float = 0.2  # IoU gap of the FCDB pairs
     fcdb_margin: float = 0.25  # margin of the FCDB ranking loss, in normalised MOS units
@@ -405,7 +406,7 @@ class Trainer:
         if s.kind == "gaicd":
             return gaicd_loss(self.model, cf, self.model.mos_scores(cf), t, self.rng, eta=cfg.eta,
                               max_pairs=cfg.pairs_per_image, lambda_cls=cfg.lambda_cls,
-                              rank_weight=cfg.gaicd_rank_weight)
+                              rank_weight=cfg.gaicd_rank_weight, centred=cfg.centred_mos)
         # with a separate FCDB head the expert crops train that head (and the shared features) only: neither the
         # MOS head nor the ranking head, which rank consistency turns into the MOS head's labels
         own = self.model.config.fcdb_head
@@ -521,7 +522,10 @@ class Trainer:
         boxes, t = self._labeled_draw(s, flip)
         rows = acc.rows(len(boxes))
         if s.kind == "gaicd":
-            acc.add_smooth_l1("reg", "mos", rows, t, 1.0 / n)
+            if cfg.centred_mos is None:
+                acc.add_smooth_l1("reg", "mos", rows, t, 1.0 / n)
+            else:
+                acc.add_centred_smooth_l1("reg", "mos", rows, t, 1.0 / n, cfg.centred_mos)
             if cfg.lambda_cls > 0 or cfg.gaicd_rank_weight > 0:
                 pairs = pair_indices(t, cfg.eta, cfg.pairs_per_image, self.rng)
                 first_better = t[pairs[:, 0]] > t[pairs[:, 1]]

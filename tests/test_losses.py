@@ -56,6 +56,24 @@ def test_gaicd_rank_term_is_a_margin_on_the_score_head_over_mos_ordered_pairs():
     assert flat.grad[2] < 0 < flat.grad[0]  # pushes the best crop up and the worst down
 
 
+def test_centred_regression_is_blind_to_a_shift_common_to_the_image_but_for_its_level_term():
+    t = np.array([-1.0, 0.0, 1.5, 0.5], np.float32)
+    cf = torch.from_numpy(t)[:, None]
+    kw = dict(eta=0.5, max_pairs=10, lambda_cls=0.0)
+    shifted = torch.from_numpy(t) + 3.0  # right order and spacing, 3 units too high
+    assert gaicd_loss(Heads(), cf, shifted, t, np.random.default_rng(0), centred=0.0, **kw)["reg"].item() == 0.0
+    level = gaicd_loss(Heads(), cf, shifted, t, np.random.default_rng(0), centred=0.1, **kw)["reg"].item()
+    assert level == pytest.approx(0.1 * 2.5)  # smooth-L1 of the means' error of 3
+    plain = gaicd_loss(Heads(), cf, shifted, t, np.random.default_rng(0), **kw)["reg"].item()
+    assert plain == pytest.approx(2.5)
+    # a wrong order still costs: the last two crops swapped
+    y = torch.tensor([-1.0, 0.0, 0.5, 1.5], requires_grad=True)
+    reg = gaicd_loss(Heads(), cf, y, t, np.random.default_rng(0), centred=0.0, **kw)["reg"]
+    assert reg.item() == pytest.approx(2 * 0.5 / 4)  # two errors of 1 (smooth-L1 0.5 each) around unchanged means
+    reg.backward()
+    assert y.grad[2] < 0 < y.grad[3] and abs(float(y.grad.sum())) < 1e-6  # no push on the image's level
+
+
 def test_fcdb_rank_loss_is_a_margin_on_iou_ordered_pairs():
     ious = np.array([0.9, 0.5, 0.1], np.float32)
     cf = torch.from_numpy(ious)[:, None]
