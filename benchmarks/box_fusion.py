@@ -10,6 +10,10 @@ them, and reported as the mean IoU and the change against the single best anchor
         runs/validate/runs/fcdbhalf/fold*_seed1/model.safetensors
 
 A set is NAME=ROOT:SPLIT (an FCDB layout).  Choose (k, tau) on one set, confirm on the other.
+
+``--temperatures T …`` adds the score-weighted vote (``fuse_box(..., temperature=T)``: every anchor overlapping
+the best by IoU >= 0.5, weights exp((s_j - s_best) / T); reported as ``k=vote``), each also paired against the
+plain mean of 3 (``vs k3``), which is what ``run`` did before the vote.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path)
     ap.add_argument("--fcdb", action="append", required=True, help="NAME=ROOT:SPLIT")
+    ap.add_argument("--temperatures", type=float, nargs="*", default=[])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -71,24 +76,34 @@ def main(argv=None) -> int:
                             best = int(np.argmax(scores[mode]))
                             ious.setdefault((mode, k, tau), []).append(
                                 iou(tuple(fuse_box(b, scores[mode], best, k, tau)), item.box))
+                    for t in args.temperatures:
+                        ious.setdefault((mode, f"vote{t:g}", 0.5), []).append(
+                            iou(tuple(fuse_box(b, scores[mode], best, 2, 0.5, temperature=t)), item.box))
             for (mode, k, tau), v in ious.items():
                 base = np.mean(ious[(mode, 1, 1.0)])
                 row = {"model": str(mp), "set": set_name, "mode": mode, "k": k, "tau": tau, "n": len(v),
                        "iou": round(float(np.mean(v)), 4), "gain": round(float(np.mean(v) - base), 4)}
+                if str(k).startswith("vote"):
+                    row["vs_k3"] = round(float(np.mean(v) - np.mean(ious[(mode, 3, 0.5)])), 4)
                 rows.append(row)
             print(f"{mp} {set_name}: " + " ".join(
                 f"{m}:k{k}/t{t}={r['gain']:+.4f}" for r in rows[-len(ious):]
-                for m, k, t in [(r["mode"], r["k"], r["tau"])] if k > 1), file=sys.stderr, flush=True)
+                for m, k, t in [(r["mode"], r["k"], r["tau"])] if k != 1), file=sys.stderr, flush=True)
     summary = {}
     for r in rows:
-        summary.setdefault((r["set"], r["mode"], r["k"], r["tau"]), []).append(r["gain"])
-    print("set mode k tau: mean gain ± sd over models (models improved)")
-    for (s, m, k, t), g in sorted(summary.items()):
-        if k == 1:
-            continue
+        summary.setdefault((r["set"], r["mode"], str(r["k"]), r["tau"]), []).append((r["gain"], r.get("vs_k3")))
+
+    def stat(g):
         g = np.asarray(g)
         sd = g.std(ddof=1) if len(g) > 1 else float("nan")
-        print(f"{s:8s} {m:3s} k={k} tau={t}: {g.mean():+.4f} ± {sd:.4f} ({int((g > 0).sum())}/{len(g)})")
+        return f"{g.mean():+.4f} ± {sd:.4f} ({int((g > 0).sum())}/{len(g)})"
+
+    print("set mode k tau: mean gain over the best anchor ± sd over models (models improved) [the vote: vs k3]")
+    for (s, m, k, t), g in sorted(summary.items()):
+        if k == "1":
+            continue
+        vs = f"   vs k3 {stat([v for _, v in g])}" if k.startswith("vote") else ""
+        print(f"{s:8s} {m:3s} k={k} tau={t}: {stat([v for v, _ in g])}{vs}")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

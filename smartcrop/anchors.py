@@ -173,17 +173,7 @@ def ratio_anchors(
     boxes: list[tuple[int, int, int, int]] = []
     seen: set[tuple[int, int, int, int]] = set()
     for s in scales:
-        # integer size with the exact ratio to within one pixel, at least 1×1, inside the image
-        if r >= 1:
-            h = max(1, min(height, round(h_max * s)))
-            w = max(1, min(width, round(h * r)))
-            if w == width:  # width-limited: recompute h from w so the ratio stays within one pixel
-                h = max(1, min(height, round(w / r)))
-        else:
-            w = max(1, min(width, round(w_max * s)))
-            h = max(1, min(height, round(w / r)))
-            if h == height:
-                w = max(1, min(width, round(h * r)))
+        w, h = _ratio_size(width, height, r, (h_max if r >= 1 else w_max) * s)
         slack_x, slack_y = width - w, height - h
         nx = min(max_positions, 1 + round(slack_x / (width / GRID_BINS)))
         ny = min(max_positions, 1 + round(slack_y / (height / GRID_BINS)))
@@ -201,6 +191,35 @@ def ratio_anchors(
                     seen.add(b)
                     boxes.append(b)
     return np.asarray(boxes, dtype=np.float32)
+
+
+def _ratio_size(width: int, height: int, r: float, length: float) -> tuple[int, int]:
+    """Integer (w, h) with ``w / h`` equal to ``r`` to within one pixel, at least 1×1, inside the image;
+    ``length`` is the height when ``r`` >= 1, else the width."""
+    if r >= 1:
+        h = max(1, min(height, round(length)))
+        w = max(1, min(width, round(h * r)))
+        if w == width:  # width-limited: recompute h from w so the ratio stays within one pixel
+            h = max(1, min(height, round(w / r)))
+    else:
+        w = max(1, min(width, round(length)))
+        h = max(1, min(height, round(w / r)))
+        if h == height:
+            w = max(1, min(width, round(h * r)))
+    return w, h
+
+
+def ratio_box(box, ratio: float | Fraction | str, width: int, height: int) -> tuple[int, int, int, int]:
+    """The integer box of aspect ratio ``ratio``, sized as :func:`ratio_anchors` sizes its anchors (``w / h``
+    within one pixel of it; a 1:1 box is square), with the area and centre of ``box`` (floats, e.g. a vote
+    over anchors of that ratio), moved inside the ``width`` × ``height`` image if it would leave it."""
+    r = float(parse_ratio(ratio) if isinstance(ratio, str) else ratio)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    area = max(x2 - x1, 1e-9) * max(y2 - y1, 1e-9)
+    w, h = _ratio_size(int(width), int(height), r, math.sqrt(area / r) if r >= 1 else math.sqrt(area * r))
+    left = min(max(round((x1 + x2) / 2 - w / 2), 0), int(width) - w)
+    top = min(max(round((y1 + y2) / 2 - h / 2), 0), int(height) - h)
+    return left, top, left + w, top + h
 
 
 def is_free(ratio: str | float | Fraction | None) -> bool:

@@ -136,8 +136,9 @@ def eval_fcdb(
     model: Optional[str] = MODEL_OPT,
     device: str = DEVICE_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    fuse: int = typer.Option(3, "--fuse", min=1, max=20, help="The chosen crop is the mean of this many "
-                             "overlapping top anchors, as `run` does (1: the best anchor itself)."),
+    fuse: int = typer.Option(3, "--fuse", min=1, max=20, help="Box voting, as `run` does: a free crop is the mean "
+                             "of this many overlapping top anchors, a crop at the expert's ratio the score-weighted "
+                             "mean of all of them (1: the best anchor itself)."),
     refine: bool = typer.Option(False, "--refine/--no-refine", help="With --ratio any, also choose among the best "
                                 "anchor's neighbours, as `run --refine` does."),
     faces: bool = typer.Option(False, "--faces/--no-faces", help="Avoid crops that cut a detected face, as "
@@ -233,8 +234,9 @@ def run(
                               "same size share one backbone pass); default 0: 1 on a CPU, 16 on a GPU."),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, max=256, help="Worker processes that decode and write "
                              "(default 0: one per usable core; 1: everything in this process)."),
-    fuse: int = typer.Option(3, "--fuse", min=1, max=20, help="Each chosen crop is the mean of this many top "
-                             "anchors overlapping it (box voting); 1: the best anchor itself."),
+    fuse: int = typer.Option(3, "--fuse", min=1, max=20, help="Box voting: a free crop is the mean of this many "
+                             "top anchors overlapping it, a crop of a given ratio the score-weighted mean of all "
+                             "of them; 1: the best anchor itself."),
     refine: bool = typer.Option(False, "--refine/--no-refine", help="A free-ratio crop is also chosen among the "
                                 "best anchor's neighbours, which can reach the photo's border: larger, more "
                                 "conservative free crops (closer to FCDB's expert crops by IoU), ~1.5× the "

@@ -14,7 +14,7 @@ from typing import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .anchors import anchors_for, box_iou_matrix, is_free, refine_anchors, scale_boxes
+from .anchors import anchors_for, box_iou_matrix, is_free, ratio_box, refine_anchors, scale_boxes
 from .transforms import image_tensor, network_size
 
 
@@ -82,23 +82,33 @@ def distinct_top(boxes: np.ndarray, scores: np.ndarray, k: int, max_iou: float =
 #: Box voting (docs/results.md): a chosen crop is the mean of itself and the next best anchors overlapping it
 FUSE_K = 3
 FUSE_IOU = 0.5
+#: A crop of a given ratio is instead the score-weighted mean of every anchor overlapping it, weights
+#: exp((s_j − s_i) / VOTE_T) (tenth session, docs/results.md: better at FCDB's expert ratio, not free)
+VOTE_T = 0.1
 
 
-def fuse_box(boxes: np.ndarray, scores: np.ndarray, i: int, k: int = FUSE_K, min_iou: float = FUSE_IOU) -> np.ndarray:
+def fuse_box(boxes: np.ndarray, scores: np.ndarray, i: int, k: int = FUSE_K, min_iou: float = FUSE_IOU,
+             temperature: float | None = None) -> np.ndarray:
     """The mean of ``boxes[i]`` and the ``k - 1`` best-scoring boxes that score no higher than it and overlap it
     by IoU >= ``min_iou`` (``k = 1``: ``boxes[i]`` itself).  Anchors of one aspect ratio average to that ratio.
 
     For the best box this is "box voting" over its neighbourhood: on FCDB it raised the IoU with the expert
     crop by +0.004 (free ratio) and +0.006 to +0.010 (at the expert's ratio) for five models out of five, on
-    photos held out from training and on FCDB test (chosen on the first, confirmed on the second)."""
+    photos held out from training and on FCDB test (chosen on the first, confirmed on the second).
+
+    With ``temperature`` T (and ``k`` > 1): the weighted mean of ``boxes[i]`` and *every* box that scores no
+    higher and overlaps it so, box j weighing ``exp((scores[j] − scores[i]) / T)`` (``boxes[i]`` weighs 1)."""
     if k <= 1:
         return np.asarray(boxes[i], dtype=np.float64)
     b = np.asarray(boxes, dtype=np.float64)
     below = np.flatnonzero(scores <= scores[i])
     below = below[np.argsort(-scores[below], kind="stable")]
     near = below[box_iou_matrix(b[i : i + 1], b[below])[0] >= min_iou]
-    keep = [i] + [int(j) for j in near if j != i][: k - 1]
-    return b[keep].mean(axis=0)
+    keep = [i] + [int(j) for j in near if j != i]
+    if temperature is None:
+        return b[keep[:k]].mean(axis=0)
+    w = np.exp((np.asarray(scores, dtype=np.float64)[keep] - float(scores[i])) / temperature)
+    return (w[:, None] * b[keep]).sum(axis=0) / w.sum()
 
 
 class Cropper:
@@ -108,8 +118,9 @@ class Cropper:
     model.  ``device``: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.  ``amp``: score
     under bfloat16 autocast (off by default; docs/performance.md measures how often it changes a crop).
     ``tta``: also score the mirrored image and average (twice the model time; off by default because it
-    measured within noise, see docs/results.md).  ``fuse``: each chosen crop is the mean of this many
-    overlapping top anchors (:func:`fuse_box`, default 3; 1: the best anchor itself).  ``refine``: a free-ratio
+    measured within noise, see docs/results.md).  ``fuse``: each chosen free crop is the mean of this many
+    overlapping top anchors (:func:`fuse_box`, default 3), each crop of a given ratio the score-weighted mean of
+    all the anchors overlapping the best (:data:`VOTE_T`); 1: the best anchor itself.  ``refine``: a free-ratio
     crop is also chosen among the best GAIC anchor's neighbours (:func:`~smartcrop.anchors.refine_anchors`;
     off by default: larger free crops, 1.9× the anchors, ~1.5× the free-ratio scoring time).  ``faces``: crops
     that cut a detected face lose score before the choice (:mod:`smartcrop.faces`; needs the ``faces`` extra,
@@ -137,7 +148,7 @@ class Cropper:
         self.config = net.config
         self.tta = tta  # also score the mirrored image and average (two backbone passes)
         self.amp = amp  # bfloat16 autocast while scoring (see docs/performance.md for its effect on the crops)
-        self.fuse = fuse  # a chosen crop averages this many overlapping top anchors (fuse_box; 1: the anchor)
+        self.fuse = fuse  # a free crop averages this many overlapping top anchors, a ratio crop votes (fuse_box)
         self.refine = refine  # a free crop is also chosen among the best GAIC anchor's neighbours (refine_anchors)
         self.faces = faces  # crops cutting a detected face lose score before the choice (smartcrop.faces)
         self._scorer = None  # net with BatchNorm folded, made at the first scoring (see scorer)
@@ -255,7 +266,8 @@ class Cropper:
             faces = [self.find_faces(img, full) for img, full in images]
         scores = self.score_boxes_batch(images, box_sets, refine=[r for r in ratios if self.refine and is_free(r)],
                                         faces=faces)
-        return [self._pick(bs, sc, ratios, top_k, f) for bs, sc, f in zip(box_sets, scores, faces)]
+        return [self._pick(bs, sc, ratios, top_k, full or img.size, f)
+                for bs, sc, f, (img, full) in zip(box_sets, scores, faces, images)]
 
     def find_faces(self, image, full_size: tuple[int, int] | None) -> np.ndarray | None:
         """With :attr:`faces`, the faces :meth:`choice_scores` avoids cutting (full-size pixels; searched at
@@ -278,16 +290,24 @@ class Cropper:
 
         return np.asarray(scores, dtype=np.float64) - face_penalty(boxes, faces)
 
-    def _pick(self, box_sets, scores, ratios, top_k, faces=None) -> list[Crop]:
+    def fused(self, boxes: np.ndarray, scores: np.ndarray, i: int, free: bool) -> np.ndarray:
+        """``boxes[i]`` fused with its neighbours by :func:`fuse_box`: a free crop with the ``fuse`` - 1 next
+        best, a crop of a given ratio by a score-weighted vote of all (``fuse`` = 1: neither)."""
+        return fuse_box(boxes, scores, i, self.fuse, temperature=None if free else VOTE_T)
+
+    def _pick(self, box_sets, scores, ratios, top_k, size: tuple[int, int], faces=None) -> list[Crop]:
         """The ``top_k`` distinct best anchors per ratio (by :meth:`choice_scores`), each fused with its
-        neighbours (:func:`fuse_box`); the score is the anchor's, as the model gave it."""
+        neighbours (:meth:`fused`) and, for a ratio crop, given that ratio in whole pixels as its anchors have
+        it (:func:`~smartcrop.anchors.ratio_box`: a 1:1 crop is square); the score is the anchor's, as the
+        model gave it.  ``size``: the image's full size."""
         crops: list[Crop] = []
         for r in ratios:
             boxes, s = box_sets[r], scores[r]
             c = self.choice_scores(boxes, s, faces)
             for i in distinct_top(boxes, c, top_k):
-                x1, y1, x2, y2 = (int(round(v)) for v in fuse_box(boxes, c, i, self.fuse))
-                crops.append(Crop((x1, y1, x2, y2), float(s[i]), r))
+                b = self.fused(boxes, c, i, is_free(r))
+                box = tuple(int(round(v)) for v in b) if is_free(r) else ratio_box(b, r, *size)
+                crops.append(Crop(box, float(s[i]), r))
         return crops
 
     # -- high level ------------------------------------------------------------------------------------------

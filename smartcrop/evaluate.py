@@ -15,7 +15,6 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .anchors import gaic_anchors, ratio_anchors
-from .cropper import fuse_box
 from .data import FcdbItem, GaicdItem
 from .imageio import ImageError, load_image
 from .metrics import fcdb_metrics, gaicd_metrics
@@ -83,7 +82,7 @@ def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progres
         faces = cropper.find_faces(li.image, (w, h))
         s = cropper.score_boxes_batch([(li.image, (w, h))], [sets], refine=refine, faces=[faces])[0]["a"]
         c = cropper.choice_scores(sets["a"], s, faces)
-        out.append((item, fuse_box(sets["a"], c, int(np.argmax(c)), cropper.fuse), (w, h)))
+        out.append((item, cropper.fused(sets["a"], c, int(np.argmax(c)), ratio == "any"), (w, h)))
     return out
 
 

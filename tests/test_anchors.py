@@ -105,16 +105,53 @@ def test_fuse_box_averages_the_best_overlapping_anchors_below_the_chosen_one():
     np.testing.assert_allclose(fuse_box(boxes, scores, 0, k=2), boxes[[0, 1]].mean(0))
     np.testing.assert_allclose(fuse_box(boxes, scores, 3, k=3), boxes[3])  # nobody overlaps it
     np.testing.assert_allclose(fuse_box(boxes, scores, 4, k=3), boxes[[4, 0, 1]].mean(0))
+    # the score-weighted vote: every overlapping box scoring no higher, weights exp((s_j - s_i) / T)
+    w = np.exp((scores[[4, 0, 1, 2]] - 0.95) / 0.1)
+    np.testing.assert_allclose(fuse_box(boxes, scores, 4, k=3, temperature=0.1),
+                               (w[:, None] * boxes[[4, 0, 1, 2]]).sum(0) / w.sum())
+    np.testing.assert_allclose(fuse_box(boxes, scores, 4, k=1, temperature=0.1), boxes[4])
+    np.testing.assert_allclose(fuse_box(boxes, scores, 4, k=3, temperature=1e-4), boxes[4], atol=1e-6)
     # anchors of one ratio average to that ratio (to within a pixel once rounded)
     anchors = ratio_anchors(4000, 3000, 16 / 9)
     worst = np.abs((anchors[:, 2] - anchors[:, 0]) / (anchors[:, 3] - anchors[:, 1]) - 16 / 9).max()
     rng = np.random.default_rng(0)
     for _ in range(20):
         s = rng.normal(size=len(anchors))
-        x1, y1, x2, y2 = fuse_box(anchors, s, int(np.argmax(s)))
-        assert abs((x2 - x1) / (y2 - y1) - 16 / 9) <= worst + 1e-9
-        w, h = round(x2) - round(x1), round(y2) - round(y1)
-        assert abs(w - h * 16 / 9) <= 16 / 9 + 1
+        for t in (None, 0.1):
+            x1, y1, x2, y2 = fuse_box(anchors, s, int(np.argmax(s)), temperature=t)
+            assert abs((x2 - x1) / (y2 - y1) - 16 / 9) <= worst + 1e-9
+            w, h = round(x2) - round(x1), round(y2) - round(y1)
+            assert abs(w - h * 16 / 9) <= 16 / 9 + 1
+
+
+@pytest.mark.parametrize("ratio", ["1:1", "16:9", "4:5", "3:1", "1:3"])
+def test_ratio_box_gives_a_vote_its_ratio_in_whole_pixels_and_keeps_anchors_as_they_are(ratio):
+    """A ratio crop averaged over anchors (box voting) has fractional corners; ``ratio_box`` sizes it as the
+    anchors are sized (a 1:1 crop is square, 16:9 within a pixel), keeps its centre and area and the image."""
+    from fractions import Fraction
+
+    from smartcrop.anchors import parse_ratio, ratio_anchors, ratio_box
+    from smartcrop.cropper import fuse_box
+
+    r = float(parse_ratio(ratio))
+    rng = np.random.default_rng(3)
+    for w, h in [(640, 427), (427, 640), (300, 300), (4032, 3024), (97, 61)]:
+        anchors = ratio_anchors(w, h, ratio)
+        for a in anchors:  # an anchor is already such a box
+            assert ratio_box(a, ratio, w, h) == tuple(int(v) for v in a)
+        for _ in range(10):
+            s = rng.normal(size=len(anchors))
+            vote = fuse_box(anchors, s, int(np.argmax(s)), temperature=0.5)
+            x1, y1, x2, y2 = ratio_box(vote, ratio, w, h)
+            assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+            bw, bh = x2 - x1, y2 - y1
+            if ratio == "1:1":
+                assert bw == bh
+            assert abs(bw - bh * r) <= max(r, 1) and abs(bw / r - bh) <= max(1 / r, 1)
+            assert abs((x1 + x2) / 2 - (vote[0] + vote[2]) / 2) <= 1 and abs((y1 + y2) / 2 - (vote[1] + vote[3]) / 2) <= 1
+            assert bw * bh == pytest.approx((vote[2] - vote[0]) * (vote[3] - vote[1]), rel=0.02, abs=2 * (bw + bh))
+    assert ratio_box((0, 0, 50, 50), Fraction(16, 9), 640, 360) == ratio_box((0, 0, 50, 50), "16:9", 640, 360)
+    assert ratio_box((600, 300, 700, 420), "1:1", 640, 360)[2:] == (640, 360)  # moved back inside the image
 
 
 @pytest.mark.parametrize("w,h", [(1024, 683), (683, 1024), (4000, 3000), (300, 300)])

@@ -81,9 +81,9 @@ def test_the_choice_avoids_the_face_and_reports_the_models_score(small_model, mo
     boxes = np.array([[0, 0, 100, 100], [50, 0, 150, 100], [100, 0, 200, 100]], float)
     scores = np.array([0.2, 0.9, 0.5], np.float32)
     face = np.array([[130, 20, 170, 60]], float)  # cut by the first two boxes (kept: 0 and half)
-    plain = c._pick({"1:1": boxes}, {"1:1": scores}, ["1:1"], 1)
+    plain = c._pick({"1:1": boxes}, {"1:1": scores}, ["1:1"], 1, (300, 200))
     assert plain[0].box == (50, 0, 150, 100)  # the best-scoring box: it keeps only half of the face
-    chosen = c._pick({"1:1": boxes}, {"1:1": scores}, ["1:1"], 1, face)
+    chosen = c._pick({"1:1": boxes}, {"1:1": scores}, ["1:1"], 1, (300, 200), face)
     assert chosen[0].box == (100, 0, 200, 100) and chosen[0].score == pytest.approx(0.5)
     assert np.array_equal(c.choice_scores(boxes, scores, None), scores)
 

@@ -364,6 +364,34 @@ def test_a_free_crop_is_refined_around_the_best_anchor(small_model):
     assert crop.score == pytest.approx(float(s.max()), abs=1e-6)
 
 
+def test_ratio_crops_vote_by_score_and_free_crops_average_the_best_three(small_model):
+    """Box voting: a crop of a given ratio is the score-weighted mean of every anchor overlapping the best one
+    (``VOTE_T``) given that ratio in whole pixels (``ratio_box``), a free crop the mean of the ``fuse`` best;
+    ``fuse=1`` keeps the best anchor itself."""
+    from PIL import Image
+
+    from smartcrop.anchors import anchors_for, ratio_box
+    from smartcrop.cropper import VOTE_T, Cropper, fuse_box
+
+    rng = np.random.default_rng(2)
+    photo = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    full = (640, 480)
+    for fuse in (3, 1):
+        c = Cropper(net=small_model, device="cpu", fuse=fuse)
+        sets = {r: anchors_for(*full, r) for r in ("any", "16:9")}
+        scores = c.score_boxes(photo, full, dict(sets))
+        crops = {cr.ratio: cr for cr in c.best_crops(photo, full, ["any", "16:9"])}
+        for r, t in (("any", None), ("16:9", VOTE_T)):
+            s = scores[r]
+            want = fuse_box(sets[r], s, int(np.argmax(s)), fuse, temperature=t)
+            box = tuple(int(round(v)) for v in want) if t is None else ratio_box(want, r, *full)
+            assert crops[r].box == box, (fuse, r)
+            if fuse == 1:
+                assert np.array_equal(box, sets[r][int(np.argmax(s))])
+    vote = fuse_box(sets["16:9"], s, int(np.argmax(s)), 3, temperature=VOTE_T)
+    assert not np.allclose(vote, fuse_box(sets["16:9"], s, int(np.argmax(s)), 3))  # not the plain mean of three
+
+
 # --------------------------------------------------------------------------------------------------------------
 # EfficientNet-Lite0
 
