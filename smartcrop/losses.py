@@ -148,7 +148,7 @@ class StepLosses:
         self.smooth: dict = {}  # name → (head, rows, targets, weights)
         self.hinge: dict = {}  # name → (head, i, j, sign or None, margin, weights)
         self.bce: dict = {}  # name → (i, j, labels, weights)
-        self.centred: dict = {}  # name → (head, rows, targets, group, weights, level weights)
+        self.centred: dict = {}  # name → (head, rows, targets, group, level weights, weights)
         self.n_rows = 0
         self.n_groups = 0
 
