@@ -409,6 +409,8 @@ def train(
                                                 "each GAICD image's scores around their mean (blind to a shift "
                                                 "common to the image; SRCC and Acc are per image), plus LEVEL × "
                                                 "the error of the mean (e.g. 0.1). Default: plain regression."),
+    top_weight: float = typer.Option(0.0, "--top-weight", min=0.0, help="Extra regression weight of each GAICD "
+                                     "image's best quarter of crops (e.g. 2: they count 3× the others; 0: off)."),
     fcdb_head: bool = typer.Option(False, "--fcdb-head", help="Train a separate score head on the FCDB expert "
                                    "crops, added to the MOS head's score (see --fcdb-mix)."),
     fcdb_mix: Optional[float] = typer.Option(None, "--fcdb-mix", min=0.0, max=16.0, help="With --fcdb-head: "
@@ -482,6 +484,8 @@ def train(
     data = load_train_data(gaicd, fcdb, unlabeled, val_fraction)
     if fcdb_mix is not None and not fcdb_head:
         raise UsageError("--fcdb-mix needs --fcdb-head")
+    if top_weight > 0 and centred_mos is not None:
+        raise UsageError("--top-weight and --centred-mos do not combine: choose one")
     net, source = build_model(init, backbone, not no_saf, backbone_weights, seed, fcdb_head, dropout)
     if fcdb_mix is not None:
         net.config.fcdb_mix = fcdb_mix
@@ -491,7 +495,7 @@ def train(
                                  backbone_lr_mult=backbone_lr_mult, scales=scales,
                                  gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight,
                                  distill_anchors=distill_anchors, jitter_views=jitter_views, rc_anchors=rc_anchors,
-                                 centred_mos=centred_mos)
+                                 centred_mos=centred_mos, top_weight=top_weight)
     if jitter_views and cfg.frozen_layers == 0:
         err("note: --jitter-views has no effect when the whole backbone is trained (every use is jittered then)")
     info = {

@@ -53,17 +53,35 @@ def centred_smooth_l1(scores: torch.Tensor, targets: torch.Tensor, level_weight:
     return F.smooth_l1_loss(scores - m, targets - tm) + level_weight * F.smooth_l1_loss(m, tm)
 
 
+def top_weights(targets: np.ndarray, top_weight: float, share: float = 0.25) -> np.ndarray | None:
+    """Per-crop weights of the regression that favour an image's best crops: the best ``share`` of ``targets``
+    (at least one) weigh ``1 + top_weight``, the others 1, scaled to a mean of 1 (None when ``top_weight`` is 0)."""
+    if top_weight <= 0 or not len(targets):
+        return None
+    k = max(1, int(round(share * len(targets))))
+    w = np.ones(len(targets), np.float32)
+    w[np.argsort(-np.asarray(targets), kind="stable")[:k]] += top_weight
+    return w / w.mean()
+
+
 def gaicd_loss(model, cf: torch.Tensor, scores: torch.Tensor, targets: np.ndarray, rng: np.random.Generator, *,
                eta: float, max_pairs: int, lambda_cls: float, rank_weight: float = 0.0,
-               rank_margin: float = 0.25, centred: float | None = None) -> dict:
+               rank_margin: float = 0.25, centred: float | None = None, top_weight: float = 0.0) -> dict:
     """``{"reg": L_reg, "cls": λ_cls · L_cls}`` for crops with normalised MOS ``targets``; with ``rank_weight``
     > 0 also ``"rank"``: a margin ranking loss on the score head itself over the same pairs,
     ``rank_weight · mean(max(0, m − sign(t_i − t_j)(ŷ_i − ŷ_j)))`` (``m = rank_margin``, normalised MOS units;
     the pairs differ by more than ``η`` ≥ m, so a perfect regression satisfies it).  ``centred`` (not None):
-    ``L_reg`` is :func:`centred_smooth_l1` with that level weight."""
+    ``L_reg`` is :func:`centred_smooth_l1` with that level weight.  ``top_weight`` > 0: ``L_reg`` is the
+    smooth-L1 weighted by :func:`top_weights` (the image's best crops count more)."""
     dev = scores.device
     t = torch.from_numpy(np.asarray(targets, np.float32)).to(dev)
-    reg = F.smooth_l1_loss(scores, t) if centred is None else centred_smooth_l1(scores, t, centred)
+    tw = top_weights(targets, top_weight)
+    if tw is not None and centred is not None:
+        raise ValueError("top_weight and centred regression do not combine")
+    if tw is not None:
+        reg = (F.smooth_l1_loss(scores, t, reduction="none") * torch.from_numpy(tw).to(dev)).mean()
+    else:
+        reg = F.smooth_l1_loss(scores, t) if centred is None else centred_smooth_l1(scores, t, centred)
     parts = {"reg": reg}
     if lambda_cls > 0 or rank_weight > 0:
         pairs = pair_indices(targets, eta, max_pairs, rng)
@@ -158,18 +176,21 @@ class StepLosses:
         return np.arange(self.n_rows - k, self.n_rows)
 
     @staticmethod
-    def _add(store: dict, name: str, columns: tuple, weight: float) -> None:
+    def _add(store: dict, name: str, columns: tuple, weight: float, entry_weights: np.ndarray | None = None) -> None:
         n = len(columns[0])
         if n == 0:
             return
+        w = np.full(n, weight / n, np.float32) if entry_weights is None else (weight / n) * entry_weights
         lists = store.setdefault(name, tuple([] for _ in range(len(columns) + 1)))
-        for lst, col in zip(lists, (*columns, np.full(n, weight / n, np.float32))):
+        for lst, col in zip(lists, (*columns, np.asarray(w, np.float32))):
             lst.append(np.asarray(col))
 
-    def add_smooth_l1(self, name: str, head: str, rows: np.ndarray, targets: np.ndarray, weight: float) -> None:
-        """``weight · mean(smooth_l1(s[rows], targets))`` with ``s`` the ``head``'s scores ("mos" or "fcdb")."""
+    def add_smooth_l1(self, name: str, head: str, rows: np.ndarray, targets: np.ndarray, weight: float,
+                      entry_weights: np.ndarray | None = None) -> None:
+        """``weight · mean(smooth_l1(s[rows], targets))`` with ``s`` the ``head``'s scores ("mos" or "fcdb");
+        with ``entry_weights``, ``weight · mean(entry_weights · smooth_l1(…))``."""
         self._add(self.smooth, name, (np.full(len(rows), head == "fcdb"), rows, np.asarray(targets, np.float32)),
-                  weight)
+                  weight, entry_weights)
 
     def add_centred_smooth_l1(self, name: str, head: str, rows: np.ndarray, targets: np.ndarray, weight: float,
                               level_weight: float) -> None:

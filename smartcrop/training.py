@@ -42,6 +42,7 @@ class TrainConfig:
     lambda_cls: float = 1.0
     gaicd_rank_weight: float = 0.0  # margin ranking loss on the score head over the GAICD pairs (0: off, the paper)
     centred_mos: float | None = None  # regress each image's MOS around its mean, this weight on the mean (None: off)
+    top_weight: float = 0.0  # extra regression weight of each GAICD image's best quarter of crops (0: off)
     fcdb_weight: float = 0.5  # the shipped recipe since issue 11 (1.0 before: docs/results.md)
     fcdb_tau: float = 0.2  # IoU gap of the FCDB pairs
     fcdb_margin: float = 0.25  # margin of the FCDB ranking loss, in normalised MOS units
@@ -81,6 +82,10 @@ class TrainConfig:
     # multiples of it (e.g. (0.875, 1.125); a frozen prefix is cached for each) and every use draws one of the
     # sizes uniformly; () = off, and then no random number is drawn for it
     scales: tuple = ()
+
+    def __post_init__(self) -> None:
+        if self.top_weight > 0 and self.centred_mos is not None:
+            raise ValueError("top_weight and centred_mos do not combine (one weights the crops, one centres them)")
 
     @classmethod
     def for_device(cls, device: str, backbone: str = "mobilenet_v2", **overrides) -> "TrainConfig":
@@ -406,7 +411,8 @@ class Trainer:
         if s.kind == "gaicd":
             return gaicd_loss(self.model, cf, self.model.mos_scores(cf), t, self.rng, eta=cfg.eta,
                               max_pairs=cfg.pairs_per_image, lambda_cls=cfg.lambda_cls,
-                              rank_weight=cfg.gaicd_rank_weight, centred=cfg.centred_mos)
+                              rank_weight=cfg.gaicd_rank_weight, centred=cfg.centred_mos,
+                              top_weight=cfg.top_weight)
         # with a separate FCDB head the expert crops train that head (and the shared features) only: neither the
         # MOS head nor the ranking head, which rank consistency turns into the MOS head's labels
         own = self.model.config.fcdb_head
@@ -516,14 +522,14 @@ class Trainer:
     def _labeled_terms(self, acc, s: Sample, flip: bool, n: int) -> np.ndarray:
         """Add a labeled image's terms (what :meth:`_labeled_loss` computes, weighted 1/``n``) to the step's
         :class:`~smartcrop.losses.StepLosses`; return its crops' boxes (their rows come next)."""
-        from .losses import pair_indices
+        from .losses import pair_indices, top_weights
 
         cfg = self.cfg
         boxes, t = self._labeled_draw(s, flip)
         rows = acc.rows(len(boxes))
         if s.kind == "gaicd":
             if cfg.centred_mos is None:
-                acc.add_smooth_l1("reg", "mos", rows, t, 1.0 / n)
+                acc.add_smooth_l1("reg", "mos", rows, t, 1.0 / n, top_weights(t, cfg.top_weight))
             else:
                 acc.add_centred_smooth_l1("reg", "mos", rows, t, 1.0 / n, cfg.centred_mos)
             if cfg.lambda_cls > 0 or cfg.gaicd_rank_weight > 0:

@@ -75,6 +75,8 @@ def test_train_jitter_views_and_rc_anchors_are_recorded_and_a_useless_flag_noted
     (["--out", "m.safetensors", "--gaicd", "x", "--scale-aug", "0.9;1.1"], ["--scale-aug", "0.9;1.1"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--scale-aug", "0,1.1"], ["--scale-aug", "between"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--fcdb-mix", "0.5"], ["--fcdb-mix needs --fcdb-head"]),
+    (["--out", "m.safetensors", "--gaicd", "x", "--top-weight", "2", "--centred-mos", "0.1"],
+     ["--top-weight", "--centred-mos"]),
 ])
 def test_train_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_gaicd, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)

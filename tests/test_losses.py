@@ -4,7 +4,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from smartcrop.losses import (fcdb_loss, gaicd_loss, pair_indices, rank_consistency,  # noqa: E402
-                              rank_consistency_loss)
+                              rank_consistency_loss, top_weights)
 
 
 class Heads:
@@ -72,6 +72,25 @@ def test_centred_regression_is_blind_to_a_shift_common_to_the_image_but_for_its_
     assert reg.item() == pytest.approx(2 * 0.5 / 4)  # two errors of 1 (smooth-L1 0.5 each) around unchanged means
     reg.backward()
     assert y.grad[2] < 0 < y.grad[3] and abs(float(y.grad.sum())) < 1e-6  # no push on the image's level
+
+
+def test_top_weighted_regression_counts_an_images_best_quarter_more():
+    t = np.array([0.1, 2.0, -1.0, 0.5, 1.0, -0.5, 0.0, 1.5], np.float32)  # best quarter: 2.0 and 1.5
+    w = top_weights(t, 2.0)
+    assert w.mean() == pytest.approx(1.0) and w[1] == w[7] == pytest.approx(3 * w[0])
+    assert set(np.flatnonzero(w > w.min())) == {1, 7} and top_weights(t, 0.0) is None
+    cf = torch.from_numpy(t)[:, None]
+    kw = dict(eta=0.5, max_pairs=10, lambda_cls=0.0)
+    err = torch.zeros(8)
+    err[1] = 1.0  # an error of 1 on a best crop costs 3× one on another crop
+    top = gaicd_loss(Heads(), cf, torch.from_numpy(t) + err, t, np.random.default_rng(0), top_weight=2.0, **kw)
+    other = gaicd_loss(Heads(), cf, torch.from_numpy(t) + err.roll(1), t, np.random.default_rng(0), top_weight=2.0,
+                       **kw)
+    assert top["reg"].item() == pytest.approx(3 * other["reg"].item())
+    plain = gaicd_loss(Heads(), cf, torch.from_numpy(t) + err, t, np.random.default_rng(0), **kw)
+    assert plain["reg"].item() == pytest.approx(0.5 / 8)
+    with pytest.raises(ValueError):
+        gaicd_loss(Heads(), cf, torch.from_numpy(t), t, np.random.default_rng(0), top_weight=2.0, centred=0.1, **kw)
 
 
 def test_fcdb_rank_loss_is_a_margin_on_iou_ordered_pairs():
