@@ -274,11 +274,11 @@ class Cropper:
         :data:`~smartcrop.faces.SEARCH_SCALE` of the model's input size); else None."""
         if not self.faces:
             return None
-        from .faces import SEARCH_SCALE, detect_faces
+        from .faces import detect_for_model
 
         fw, fh = full_size or image.size
-        nw, nh = network_size(fw, fh, self.config.short_side, self.config.max_long_side)
-        return detect_faces(image, (fw, fh), (round(nw * SEARCH_SCALE), round(nh * SEARCH_SCALE)))
+        size = network_size(fw, fh, self.config.short_side, self.config.max_long_side)
+        return detect_for_model(image, (fw, fh), size)
 
     @staticmethod
     def choice_scores(boxes: np.ndarray, scores: np.ndarray, faces: np.ndarray | None) -> np.ndarray:

@@ -99,6 +99,12 @@ def detect_faces(image, full_size: tuple[int, int] | None = None,
     return np.stack([f[:, 0] * sx, f[:, 1] * sy, (f[:, 0] + f[:, 2]) * sx, (f[:, 1] + f[:, 3]) * sy], axis=1)
 
 
+def detect_for_model(image, full_size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+    """:func:`detect_faces` searched at :data:`SEARCH_SCALE` of the model's ``input_size`` (w, h): what
+    :meth:`~smartcrop.cropper.Cropper.find_faces` and ``run``'s decoding workers (``stages.prepare``) find."""
+    return detect_faces(image, full_size, (round(input_size[0] * SEARCH_SCALE), round(input_size[1] * SEARCH_SCALE)))
+
+
 def kept_share(boxes: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """(B, F): the share of each face's area inside each box."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[:, None]

@@ -170,10 +170,10 @@ def prepare(source, short_side: int, max_long_side: int, faces: bool = False) ->
     img = li.image if li.image.size == size else li.image.resize(size, Image.BILINEAR, reducing_gap=2.0)
     found = None
     if faces:
-        from .faces import SEARCH_SCALE, detect_faces, one_thread
+        from .faces import detect_for_model, one_thread
 
         one_thread()  # one photo per worker and core, as for torch
-        found = detect_faces(img, li.full_size, (round(size[0] * SEARCH_SCALE), round(size[1] * SEARCH_SCALE)))
+        found = detect_for_model(img, li.full_size, size)
     return Prepared(img, li.full_size, li.format, li.has_alpha, li.reduced_depth, found)
 
 
