@@ -57,6 +57,53 @@ def gaic_anchors(width: int, height: int, bins: int = GRID_BINS) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float32)
 
 
+#: :func:`border_anchors` leaves out crops covering more than this share of the image (a "crop" of 90 % or more
+#: of the photo, up to the whole frame, is not what a free crop is asked for)
+BORDER_MAX_SHARE = 0.9
+
+#: the free-ratio candidate sets: ``border`` or ``gaic`` (the paper's; the default)
+FREE_GRIDS = ("border", "gaic")
+FREE_GRID = "gaic"
+
+
+def border_anchors(width: int, height: int, bins: int = GRID_BINS, max_share: float = BORDER_MAX_SHARE
+                   ) -> np.ndarray:
+    """GAIC's grid anchors with their corners on the grid's lines instead of the cells' centres, so that a crop
+    can reach the photo's border: in the top-left / bottom-right ``bins // 3`` cells each edge lies at 0, 1, 2
+    or 3 twelfths of the side from its border (GAIC: ½, 1½, 2½, 3½), same rules (at least half the photo,
+    aspect ratio within (0.5, 2)), and none covering more than ``max_share`` of the photo.
+
+    FCDB's experts crop to the photo's border on 43-52 % of their photos for the left and right edges (25-27 %
+    top and bottom), where no GAIC anchor reaches (docs/results.md, eleventh session)."""
+    step_w = width / bins
+    step_h = height / bins
+    corner = bins // 3
+    boxes = []
+    for r1 in range(corner):
+        for c1 in range(corner):
+            for r2 in range(bins - corner + 1, bins + 1):
+                for c2 in range(bins - corner + 1, bins + 1):
+                    area_cells = (r2 - r1) * (c2 - c1)
+                    if area_cells <= 0.4999 * bins * bins or area_cells > max_share * bins * bins + 1e-9:
+                        continue
+                    ratio = (c2 - c1) * step_w / ((r2 - r1) * step_h)
+                    if not 0.5 < ratio < 2.0:
+                        continue
+                    boxes.append((step_w * c1, step_h * r1, step_w * c2, step_h * r2))
+    if not boxes:  # extreme panoramas: as gaic_anchors
+        return gaic_anchors(width, height, bins)
+    return np.asarray(boxes, dtype=np.float32)
+
+
+def free_anchors(width: int, height: int, grid: str = FREE_GRID) -> np.ndarray:
+    """The free-ratio candidates: :func:`border_anchors` (``grid="border"``) or :func:`gaic_anchors` (``"gaic"``)."""
+    if grid == "border":
+        return border_anchors(width, height)
+    if grid == "gaic":
+        return gaic_anchors(width, height)
+    raise ValueError(f"free grid must be one of {', '.join(FREE_GRIDS)}, not {grid!r}")
+
+
 #: :func:`refine_anchors` moves each edge of a crop by this fraction of the image's side (half a grid cell)
 REFINE_STEP = 1 / (2 * GRID_BINS)
 
@@ -227,10 +274,11 @@ def is_free(ratio: str | float | Fraction | None) -> bool:
     return ratio is None or (isinstance(ratio, str) and ratio.strip().lower() == "any")
 
 
-def anchors_for(width: int, height: int, ratio: str | float | Fraction | None) -> np.ndarray:
-    """Free GAIC anchors for ``ratio`` ``None``/``"any"``, otherwise :func:`ratio_anchors`."""
+def anchors_for(width: int, height: int, ratio: str | float | Fraction | None, grid: str = FREE_GRID
+                ) -> np.ndarray:
+    """:func:`free_anchors` of ``grid`` for ``ratio`` ``None``/``"any"``, otherwise :func:`ratio_anchors`."""
     if is_free(ratio):
-        return gaic_anchors(width, height)
+        return free_anchors(width, height, grid)
     return ratio_anchors(width, height, ratio)
 
 

@@ -82,6 +82,17 @@ def _cropper(weights: Optional[Path], model: Optional[str], device: str):
 WEIGHTS_OPT = typer.Option(None, "--weights", "-w", help="Model file (.safetensors); default: the shipped model.")
 MODEL_OPT = typer.Option(None, "--model", "-m", help="Name of one of your models (see `smartcrop models`).")
 DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
+FREE_GRID_OPT = typer.Option("gaic", "--free-grid", help="The candidates of a free-ratio crop: gaic (the paper's "
+                             "grid, corners at the cells' centres) or border (corners on the grid's lines, so an "
+                             "edge can lie on the photo's border; none over 90% of the photo).")
+
+
+def _check_free_grid(grid: str) -> None:
+    from .anchors import FREE_GRIDS
+    from .errors import UsageError
+
+    if grid not in FREE_GRIDS:
+        raise UsageError(f"--free-grid must be one of {', '.join(FREE_GRIDS)}, not {grid!r}")
 
 
 def _print_table(title: str, metrics: dict, percent_keys: set) -> None:
@@ -141,6 +152,7 @@ def eval_fcdb(
                              "mean of all of them (1: the best anchor itself)."),
     refine: bool = typer.Option(False, "--refine/--no-refine", help="With --ratio any, also choose among the best "
                                 "anchor's neighbours, as `run --refine` does."),
+    free_grid: str = FREE_GRID_OPT,
     faces: bool = typer.Option(False, "--faces/--no-faces", help="Avoid crops that cut a detected face, as "
                                "`run --faces` does."),
 ):
@@ -155,8 +167,9 @@ def eval_fcdb(
 
         require()
     items = benchmark_items("fcdb", root, split)
+    _check_free_grid(free_grid)
     cropper = _cropper(weights, model, device)
-    cropper.fuse, cropper.refine, cropper.faces = fuse, refine, faces
+    cropper.fuse, cropper.refine, cropper.faces, cropper.free_grid = fuse, refine, faces, free_grid
     errors: list[str] = []
     m = evaluate_fcdb(cropper, items, ratio, on_error=lambda s: (errors.append(s), err(s)))
     if as_json:
@@ -241,6 +254,7 @@ def run(
                                 "best anchor's neighbours, which can reach the photo's border: larger, more "
                                 "conservative free crops (closer to FCDB's expert crops by IoU), ~1.5× the "
                                 "free-ratio scoring time."),
+    free_grid: str = FREE_GRID_OPT,
     faces: bool = typer.Option(False, "--faces/--no-faces", help="Avoid crops that cut a detected face (frontal "
                                "faces, OpenCV's Haar cascade: pip install 'smartcrop[faces]'); ~18 ms more a "
                                "photo on one core."),
@@ -261,6 +275,7 @@ def run(
     from .plan import plan_run
     from .runner import crop_photos
 
+    _check_free_grid(free_grid)
     if engine != "local":  # smartcrop.distributed plans, crops and reports like the code below
         from .distributed import run_command
 
@@ -270,12 +285,13 @@ def run(
             recursive=recursive, ratios=ratio, size=size, out_format=out_format, overwrite=overwrite,
             skip_existing=skip_existing, name_template=name, max_side=max_side, top_k=top_k, quality=quality,
             reencode=reencode, strip=strip, workers=jobs, batch=batch, upscale=upscale, fuse=fuse, refine=refine,
-            faces=faces))
+            faces=faces, free_grid=free_grid))
     plan = plan_run(inputs or [], from_file=from_file, recursive=recursive, ratios=ratio, size=size, output=output,
                     out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
                     skip_existing=skip_existing, on_error=err, name_template=name, max_side=max_side, top_k=top_k,
                     quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch,
-                    upscale=upscale, scoring=scoring.lower(), fuse=fuse, refine=refine, faces=faces)
+                    upscale=upscale, scoring=scoring.lower(), fuse=fuse, refine=refine, faces=faces,
+                    free_grid=free_grid)
     if not plan.items:  # every input failed to collect (reported): nothing to load a model for
         raise typer.Exit(1)
 

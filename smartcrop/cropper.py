@@ -14,7 +14,7 @@ from typing import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .anchors import anchors_for, box_iou_matrix, is_free, ratio_box, refine_anchors, scale_boxes
+from .anchors import FREE_GRID, FREE_GRIDS, anchors_for, box_iou_matrix, is_free, ratio_box, refine_anchors, scale_boxes
 from .transforms import image_tensor, network_size
 
 
@@ -122,15 +122,20 @@ class Cropper:
     overlapping top anchors (:func:`fuse_box`, default 3), each crop of a given ratio the score-weighted mean of
     all the anchors overlapping the best (:data:`VOTE_T`); 1: the best anchor itself.  ``refine``: a free-ratio
     crop is also chosen among the best GAIC anchor's neighbours (:func:`~smartcrop.anchors.refine_anchors`;
-    off by default: larger free crops, 1.9× the anchors, ~1.5× the free-ratio scoring time).  ``faces``: crops
+    off by default: larger free crops, 1.9× the anchors, ~1.5× the free-ratio scoring time).  ``free_grid``: the
+    free-ratio candidates, ``gaic`` (the paper's grid; the default) or ``border``
+    (:func:`~smartcrop.anchors.border_anchors`: edges can reach the photo's border).  ``faces``: crops
     that cut a detected face lose score before the choice (:mod:`smartcrop.faces`; needs the ``faces`` extra,
     off by default).
     """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "auto", model: str | None = None,
                  net=None, tta: bool = False, amp: bool = False, fuse: int = FUSE_K, refine: bool = False,
-                 faces: bool = False):
+                 faces: bool = False, free_grid: str = FREE_GRID):
         from .weights import load_model, resolve_model
+
+        if free_grid not in FREE_GRIDS:
+            raise ValueError(f"free_grid must be one of {', '.join(FREE_GRIDS)}, not {free_grid!r}")
 
         if faces:  # fail before the model loads, with the extra to install
             from .faces import require
@@ -151,6 +156,7 @@ class Cropper:
         self.fuse = fuse  # a free crop averages this many overlapping top anchors, a ratio crop votes (fuse_box)
         self.refine = refine  # a free crop is also chosen among the best GAIC anchor's neighbours (refine_anchors)
         self.faces = faces  # crops cutting a detected face lose score before the choice (smartcrop.faces)
+        self.free_grid = free_grid  # the free-ratio candidates (anchors.free_anchors)
         self._scorer = None  # net with BatchNorm folded, made at the first scoring (see scorer)
         self._channels_last = self.device == "cpu"  # measured faster on a CPU (model.fold_batchnorm)
         # On a GPU the first use of an input shape costs far more than its arithmetic (an H200 took 0.34 s for
@@ -259,7 +265,7 @@ class Cropper:
         box_sets = []
         for img, full in images:
             fw, fh = full or img.size
-            box_sets.append({r: anchors_for(fw, fh, r) for r in ratios})
+            box_sets.append({r: anchors_for(fw, fh, r, self.free_grid) for r in ratios})
         if not self.faces:
             faces = [None] * len(images)
         elif faces is None:

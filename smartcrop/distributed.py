@@ -45,6 +45,7 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
+from .anchors import FREE_GRID
 from .cropper import FUSE_K
 from .errors import SmartcropError, UsageError, one_line
 
@@ -488,7 +489,7 @@ class _Scorer:
     """Stage 2 (Ray actor): the model, loaded once per actor, scores batches of prepared photos."""
 
     def __init__(self, model, device: str, ratios, top_k: int, faults: dict, return_bytes: bool,
-                 fuse: int = FUSE_K, refine: bool = False, faces: bool = False):
+                 fuse: int = FUSE_K, refine: bool = False, faces: bool = False, free_grid: str = FREE_GRID):
         import tempfile
 
         import ray
@@ -507,7 +508,8 @@ class _Scorer:
         with tempfile.TemporaryDirectory(prefix="smartcrop-model-") as d:
             path = Path(d) / "model.safetensors"
             path.write_bytes(blob)
-            self.cropper = Cropper(weights=path, device=device, fuse=fuse, refine=refine, faces=faces)
+            self.cropper = Cropper(weights=path, device=device, fuse=fuse, refine=refine, faces=faces,
+                                   free_grid=free_grid)
         self.ratios, self.top_k = list(ratios), top_k
         self.faults = faults
         self.schema = _schemas(return_bytes)[1]
@@ -656,7 +658,8 @@ def build(ds, opts, *, model: tuple, out_root: str | None, device: str = "auto",
                         fn_constructor_kwargs=dict(model=[ref], device="cuda" if num_gpus and device == "auto"
                                                    else device, ratios=opts.ratios, top_k=opts.top_k,
                                                    faults=faults, return_bytes=return_bytes, fuse=opts.fuse,
-                                                   refine=opts.refine, faces=opts.faces))
+                                                   refine=opts.refine, faces=opts.faces,
+                                                   free_grid=opts.free_grid))
     return ds.map_batches(_finish_batch, batch_format="pyarrow", batch_size=TASK_BATCH, num_cpus=1,
                           memory=FINISH_MEMORY, fn_kwargs=common)
 
@@ -667,7 +670,7 @@ def crop(ds, ratios: Sequence[str] = ("any",), *, output: str | os.PathLike | No
          upscale: bool = False, out_format: str | None = None, strip: bool = False, overwrite: bool = False,
          skip_existing: bool = False, return_bytes: bool = False, batch_size: int = 8, scorers=None,
          num_gpus: float | None = None, cpus_per_scorer: float = 1.0, fuse: int = FUSE_K, refine: bool = False,
-         faces: bool = False):
+         faces: bool = False, free_grid: str = FREE_GRID):
     """Crop every photo of a Ray dataset: a lazy :class:`ray.data.Dataset` of one row per crop.
 
     ``ds`` has a ``path`` column (local paths or URIs), optionally ``rel_dir`` (a sub-folder mirrored under
@@ -696,7 +699,7 @@ def crop(ds, ratios: Sequence[str] = ("any",), *, output: str | os.PathLike | No
                       name_template=name_template, max_side=max_side, top_k=top_k, quality=quality,
                       reencode=reencode, upscale=upscale, strip=strip, overwrite=overwrite,
                       skip_existing=skip_existing, dry_run=output is None and not return_bytes, batch=batch_size,
-                      fuse=fuse, refine=refine, faces=faces)
+                      fuse=fuse, refine=refine, faces=faces, free_grid=free_grid)
     check_template(opts.template(), opts.ratios, opts.top_k)
     out_root = None if output is None else (restore_uri(str(output)) if is_uri(restore_uri(str(output)))
                                             else str(output))

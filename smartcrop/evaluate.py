@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .anchors import gaic_anchors, ratio_anchors
+from .anchors import FREE_GRID, free_anchors, ratio_anchors
 from .data import FcdbItem, GaicdItem
 from .imageio import ImageError, load_image
 from .metrics import fcdb_metrics, gaicd_metrics
@@ -57,19 +57,19 @@ def write_predictions(preds, path: str | Path) -> None:
     write_atomic(path, "".join(lines).encode())
 
 
-def fcdb_eval_candidates(width: int, height: int, box, ratio: str) -> np.ndarray:
+def fcdb_eval_candidates(width: int, height: int, box, ratio: str, grid: str = FREE_GRID) -> np.ndarray:
     """The crops FCDB evaluation chooses among on a ``width`` × ``height`` photo whose expert crop is ``box``:
-    the free GAIC anchors (``ratio="any"``; with ``cropper.refine`` :func:`fcdb_choices` adds the best one's
-    neighbours, as ``run --refine`` does) or the anchors of the expert crop's aspect ratio (``"gt"``)."""
+    the free anchors of ``grid`` (``ratio="any"``; with ``cropper.refine`` :func:`fcdb_choices` adds the best
+    one's neighbours, as ``run --refine`` does) or the anchors of the expert crop's aspect ratio (``"gt"``)."""
     if ratio == "any":
-        return gaic_anchors(width, height)
+        return free_anchors(width, height, grid)
     x1, y1, x2, y2 = box
     return ratio_anchors(width, height, max(x2 - x1, 1e-6) / max(y2 - y1, 1e-6))
 
 
 def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progress: bool | None = None,
                  on_error=None) -> list[tuple[FcdbItem, np.ndarray, tuple[int, int]]]:
-    """The model's best box for each photo: among free anchors (``any``; refined around the best one when
+    """The model's best box for each photo: among free anchors (``any``: of ``cropper.free_grid``; refined around the best one when
     ``cropper.refine``) or anchors of the expert's ratio (``gt``), chosen and fused with its neighbours as
     :class:`~smartcrop.cropper.Cropper` does (``cropper.fuse``; ``cropper.faces``)."""
     if ratio not in {"any", "gt"}:
@@ -77,7 +77,7 @@ def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progres
     out = []
     for item, li in _decoded(cropper, items, f"FCDB ({ratio})", progress, on_error):
         w, h = li.full_size
-        sets = {"a": fcdb_eval_candidates(w, h, item.box, ratio)}
+        sets = {"a": fcdb_eval_candidates(w, h, item.box, ratio, cropper.free_grid)}
         refine = ["a"] if ratio == "any" and cropper.refine else []
         faces = cropper.find_faces(li.image, (w, h))
         s = cropper.score_boxes_batch([(li.image, (w, h))], [sets], refine=refine, faces=[faces])[0]["a"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .anchors import parse_ratio
+from .anchors import FREE_GRID, parse_ratio
 from .cropper import FUSE_K
 from .errors import UsageError
 from .imageio import OUTPUT_FORMATS, safe_name
@@ -46,6 +46,7 @@ class RunOptions:
     fuse: int = FUSE_K  # each chosen crop is the mean of this many overlapping top anchors (cropper.fuse_box)
     refine: bool = False  # a free crop is also chosen among the best GAIC anchor's neighbours (Cropper.refine)
     faces: bool = False  # crops cutting a detected face lose score before the choice (Cropper.faces)
+    free_grid: str = FREE_GRID  # the free-ratio candidates (Cropper.free_grid)
     preview: Path | None = None
 
     def __post_init__(self) -> None:

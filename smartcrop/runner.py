@@ -299,7 +299,7 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         # once (smartcrop.preload), so they share it instead of each holding a copy
         with _preload_model(path), WorkerPool(opts.workers, **_SCORING_POOL) as pool:
             wm = WorkerModel(str(path), tuple(opts.ratios), opts.top_k, *size, fuse=opts.fuse, refine=opts.refine,
-                             faces=opts.faces)
+                             faces=opts.faces, free_grid=opts.free_grid)
             runner = Runner(None, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool,
                             worker_model=wm)
             return runner.run(plan.items)
@@ -322,7 +322,8 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         # are mapped afresh and faulted in depends on glibc's moving threshold (one version of the heads measured
         # 554,000 page faults and 0.9 s of kernel time in 120 scorings, 32 instead of 38 ms a photo with it)
         keep_freed_memory()
-        cropper = Cropper(weights=path, device=device, fuse=opts.fuse, refine=opts.refine, faces=opts.faces)
+        cropper = Cropper(weights=path, device=device, fuse=opts.fuse, refine=opts.refine, faces=opts.faces,
+                          free_grid=opts.free_grid)
         if (cropper.config.short_side, cropper.config.max_long_side) != size:
             early = {}  # decoded for another input size
         if adapt_epochs:

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .anchors import FREE_GRID
 from .cropper import FUSE_K
 from .errors import SmartcropError
 
@@ -193,6 +194,7 @@ class WorkerModel:
     fuse: int = FUSE_K
     refine: bool = False
     faces: bool = False
+    free_grid: str = FREE_GRID
 
 
 _worker_croppers: dict = {}  # model path -> Cropper, in a worker process
@@ -241,7 +243,7 @@ def prepare_and_score(source, model: WorkerModel) -> tuple:
     CPU, where one scoring process would cap the run (~30 ms a photo)."""
     p = prepare(source, model.short_side, model.max_long_side, model.faces)
     cropper = worker_cropper(model.path)
-    cropper.fuse, cropper.refine, cropper.faces = model.fuse, model.refine, model.faces
+    cropper.fuse, cropper.refine, cropper.faces, cropper.free_grid = model.fuse, model.refine, model.faces, model.free_grid
     try:
         crops = cropper.best_crops_batch([(p.image, p.full_size)], list(model.ratios), model.top_k,
                                          faces=[p.faces] if model.faces else None)[0]

@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from smartcrop.anchors import anchors_for, box_iou_matrix, gaic_anchors, parse_ratio, ratio_anchors, ratio_label
+from smartcrop.anchors import (
+    anchors_for, border_anchors, box_iou_matrix, free_anchors, gaic_anchors, parse_ratio, ratio_anchors, ratio_label,
+)
 
 
 @pytest.mark.parametrize("w,h,count", [(1024, 683, 83), (683, 1024, 83), (1024, 1024, 90), (1024, 556, 52)])
@@ -84,8 +86,11 @@ def test_parse_ratio_forms_and_labels():
 
 
 def test_anchors_for_dispatch_and_iou():
-    assert len(anchors_for(1024, 683, "any")) == 83
-    assert len(anchors_for(1024, 683, None)) == 83
+    assert len(anchors_for(1024, 683, "any")) == len(anchors_for(1024, 683, None)) == 83  # the default grid
+    assert len(anchors_for(1024, 683, "any", "border")) == 153
+    assert np.array_equal(anchors_for(1024, 683, "any", "border"), border_anchors(1024, 683))
+    with pytest.raises(ValueError, match="free grid"):
+        free_anchors(1024, 683, "dense")
     b = anchors_for(1024, 683, "1:1")
     assert box_iou_matrix(b[:1], b[:1])[0, 0] == pytest.approx(1.0)
     iou = box_iou_matrix(np.array([[0, 0, 2, 2]]), np.array([[1, 0, 3, 2], [5, 5, 6, 6]]))
@@ -173,3 +178,28 @@ def test_refine_anchors_move_each_edge_by_half_a_cell_within_gaics_rules(w, h):
     # a centred box of 80 % of each side has all 80 neighbours
     box = np.array([0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h])
     assert len(refine_anchors(box, w, h)) == 80
+
+
+@pytest.mark.parametrize("w,h", [(1024, 683), (683, 1024), (1000, 1000), (1600, 900), (997, 661)])
+def test_border_anchors_reach_the_border_on_the_grid_lines(w, h):
+    b = border_anchors(w, h).astype(np.float64)
+    g = gaic_anchors(w, h).astype(np.float64)
+    sw, sh = w / 12, h / 12
+    # every edge on a grid line: 0..3 cells from its border
+    for k, (step, side) in enumerate([(sw, 0), (sh, 0), (sw, w), (sh, h)]):
+        cells = np.abs(b[:, k] - side) / step
+        assert np.allclose(cells, np.round(cells), atol=1e-3)
+        assert set(np.round(cells).astype(int)) == {0, 1, 2, 3}
+        assert np.min(np.abs(g[:, k] - side)) >= step / 2 - 1e-3  # GAIC's never nearer than half a cell
+    share = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) / (w * h)
+    assert share.min() >= 0.5 - 1e-6 and share.max() <= 0.9
+    ratio = (b[:, 2] - b[:, 0]) / (b[:, 3] - b[:, 1])
+    assert ratio.min() > 0.5 and ratio.max() < 2.0
+    assert len(np.unique(b.round(3), axis=0)) == len(b)
+    # the whole frame and anything over 90 % left out, unless asked for
+    whole = border_anchors(w, h, max_share=1.0)
+    assert len(whole) > len(b) and [0, 0, w, h] in np.round(whole).astype(int).tolist()
+
+
+def test_border_anchors_extreme_panorama_falls_back_to_gaic():
+    assert np.array_equal(border_anchors(5000, 500), gaic_anchors(5000, 500))

@@ -122,22 +122,27 @@ def test_eval_gaicd_and_fcdb_json(tiny_gaicd, tiny_fcdb, small_model_file):
     import numpy as np
 
     from smartcrop import Cropper
-    from smartcrop.anchors import gaic_anchors
+    from smartcrop.anchors import border_anchors, gaic_anchors
     from smartcrop.cropper import fuse_box
     from smartcrop.data import read_fcdb
     from smartcrop.evaluate import fcdb_metrics
     from smartcrop.imageio import load_image
 
     c = Cropper(small_model_file, device="cpu")
-    rows = []
+    rows, rows_border = [], []
     for item in read_fcdb(tiny_fcdb, "test"):
         li = load_image(item.image_path, target_short_side=c.config.short_side)
-        boxes = gaic_anchors(*li.full_size)
-        s = c.score_boxes(li.image, li.full_size, {"a": boxes})["a"]
-        rows.append((tuple(fuse_box(boxes, s, int(np.argmax(s)), c.fuse)), item.box, *li.full_size))
+        for grid, out_rows in ((gaic_anchors, rows), (border_anchors, rows_border)):
+            boxes = grid(*li.full_size)
+            s = c.score_boxes(li.image, li.full_size, {"a": boxes})["a"]
+            out_rows.append((tuple(fuse_box(boxes, s, int(np.argmax(s)), c.fuse)), item.box, *li.full_size))
     code, out, err = cli("eval", "fcdb", tiny_fcdb, "--split", "test", "--weights", small_model_file, "--json")
     assert code == 0, err
     assert json.loads(out)["iou"] == pytest.approx(fcdb_metrics(rows)["iou"], abs=1e-9)
+    code, out, err = cli("eval", "fcdb", tiny_fcdb, "--split", "test", "--free-grid", "border", "--weights",
+                         small_model_file, "--json")
+    assert code == 0, err
+    assert json.loads(out)["iou"] == pytest.approx(fcdb_metrics(rows_border)["iou"], abs=1e-9)
     code, out, err = cli("eval", "fcdb", tiny_fcdb, "--split", "test", "--refine", "--weights", small_model_file,
                          "--json")
     assert code == 0, err

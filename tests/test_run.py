@@ -714,3 +714,28 @@ print(sum(during), gc.get_freeze_count())
     collections, frozen = int(out[0]), int(out[1])
     assert collections == 0
     assert (frozen > 50_000) if freeze else frozen == 0
+
+
+def test_free_grid_chooses_among_its_own_candidates_in_every_scoring_path(tmp_path, small_model_file):
+    """--free-grid border: the free crop (the best anchor, --fuse 1) is one of anchors.border_anchors, in the main
+    process and in the workers; gaic (the default): one of GAIC's; a grid that does not exist: a usage error."""
+    from smartcrop.anchors import border_anchors, gaic_anchors
+
+    src = tmp_path / "in"
+    for k in range(3):
+        draw_photo(src / f"p{k}.jpg", size=(360 + 24 * k, 240), seed=k)
+    for grid, make in (("border", border_anchors), ("gaic", gaic_anchors), (None, gaic_anchors)):
+        for scoring in ("main", "workers"):
+            extra = ["--free-grid", grid] if grid else []
+            code, out, err = run([src, "--ratio", "any", "--fuse", "1", "--json", "--dry-run", "-j", "2",
+                                  "--scoring", scoring, "--weights", small_model_file, *extra])
+            assert code == 0, err
+            recs = jsonl(out)
+            assert len(recs) == 3
+            for r in recs:
+                w, h = Image.open(r["input"]).size
+                cands = np.round(make(w, h)).astype(int).tolist()
+                assert r["box"] in cands, (grid, scoring, r["box"])
+    code, out, err = run([src, "--free-grid", "dense", "--weights", small_model_file])
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "--free-grid" in lines[0] and not out
