@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .anchors import box_iou_matrix, flip_boxes, gaic_anchors, ratio_anchors, scale_boxes
+from .anchors import border_anchors, box_iou_matrix, flip_boxes, gaic_anchors, ratio_anchors, scale_boxes
 
 
 @dataclass
@@ -48,6 +48,7 @@ class TrainConfig:
     fcdb_margin: float = 0.25  # margin of the FCDB ranking loss, in normalised MOS units
     fcdb_crops: int = 32
     fcdb_loss: str = "rank"  # "rank" (the method); "iou": smooth-L1 to IoU z-scored per image (ablation only)
+    fcdb_border: bool = False  # FCDB's candidates also include border_anchors (fcdb_candidates)
     rc_weight: float = 1.0
     rc_anchors: int = 16  # N
     rc_delta: float = 0.1
@@ -159,13 +160,17 @@ class Sample:
     alternates: list = field(default_factory=list)  # the same image at TrainConfig.scales (Samples)
 
 
-def fcdb_candidates(width: float, height: float, box) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate crops of an FCDB photo and their IoU with the expert box (the expert box is included)."""
+def fcdb_candidates(width: float, height: float, box, border: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate crops of an FCDB photo and their IoU with the expert box (the expert box is included): the GAIC
+    anchors, with ``border`` also :func:`~smartcrop.anchors.border_anchors`, and the anchors of the expert
+    box's aspect ratio."""
     x1, y1, x2, y2 = box
     r = max(x2 - x1, 1e-3) / max(y2 - y1, 1e-3)
+    w, h = int(round(width)), int(round(height))
     cands = np.concatenate([
-        gaic_anchors(int(round(width)), int(round(height))),
-        ratio_anchors(int(round(width)), int(round(height)), r) if 0.1 < r < 10 else np.zeros((0, 4), np.float32),
+        gaic_anchors(w, h),
+        border_anchors(w, h) if border else np.zeros((0, 4), np.float32),
+        ratio_anchors(w, h, r) if 0.1 < r < 10 else np.zeros((0, 4), np.float32),
         np.asarray([box], dtype=np.float32),
     ])
     return cands, box_iou_matrix(cands, np.asarray([box]))[:, 0].astype(np.float32)
@@ -790,7 +795,7 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
                     mos = normalize_mos(it.mos, trainer.cfg.mos_mean, trainer.cfg.mos_std)
                     s = trainer.prepare(kind, it.name, image, full_size, it.boxes, mos)
                 elif kind == "fcdb":
-                    boxes, ious = fcdb_candidates(full_size[0], full_size[1], it.box)
+                    boxes, ious = fcdb_candidates(full_size[0], full_size[1], it.box, trainer.cfg.fcdb_border)
                     s = trainer.prepare(kind, it.name, image, full_size, boxes, ious)
                 else:
                     s = trainer.prepare(kind, Path(path).name, image, full_size, teachers=teachers)

@@ -128,6 +128,19 @@ def test_fcdb_candidates_include_the_expert_box():
     assert ((ious >= 0) & (ious <= 1)).all() and (ious[:-1] < 1).any()
 
 
+def test_fcdb_candidates_with_the_border_grid():
+    from smartcrop.anchors import border_anchors, box_iou_matrix, gaic_anchors
+
+    box = (0, 10, 150, 100)  # the expert's crop on the left and bottom borders
+    plain, _ = fcdb_candidates(240, 120, box)
+    cands, ious = fcdb_candidates(240, 120, box, border=True)
+    g, b = gaic_anchors(240, 120), border_anchors(240, 120)
+    assert len(cands) == len(plain) + len(b)
+    assert np.array_equal(cands[: len(g)], g) and np.array_equal(cands[len(g) : len(g) + len(b)], b)
+    assert np.allclose(ious, box_iou_matrix(cands, np.asarray([box], np.float32))[:, 0])
+    assert ious[len(g) : len(g) + len(b)].max() > ious[: len(g)].max()  # the border grid reaches the expert
+
+
 def test_config_for_device_freezes_the_prefix_on_cpu_only():
     assert TrainConfig.for_device("cpu").frozen_layers == 14
     assert TrainConfig.for_device("cpu", "efficientnet_lite0").frozen_layers == 12  # through its stride-16 stage
