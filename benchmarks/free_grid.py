@@ -8,7 +8,8 @@ overlapping two, as ``run``; and the best anchor alone) among
 * ``border``: :func:`~smartcrop.anchors.border_anchors`, corners on the grid's lines so that an edge can lie on
   the photo's border, none over 90 % of the photo;
 * ``border_all``: the same without the 90 % cap (up to the whole frame);
-* ``union``: ``gaic`` and ``border`` together,
+* ``union``: ``gaic`` and ``border`` together;
+* ``border_refined``: ``border`` and the best one's neighbours (``refine_anchors``, as ``run --refine``),
 
 and the mean IoU with the expert's crop, each set's change against ``gaic``, the anchors a photo, the chosen
 crops' mean share of the photo and how often an edge lies on the border (the experts' too) are reported::
@@ -32,7 +33,7 @@ import numpy as np
 
 from box_fusion import fcdb_sets  # benchmarks/ is on the path when run as a script
 
-SETS = ("gaic", "border", "border_all", "union")
+SETS = ("gaic", "border", "border_all", "union", "border_refined")
 
 
 def on_border(box, w: float, h: float, tol: float = 0.01) -> float:
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     import torch
 
     from smartcrop import Cropper
-    from smartcrop.anchors import border_anchors, gaic_anchors
+    from smartcrop.anchors import border_anchors, gaic_anchors, refine_anchors
     from smartcrop.cropper import FUSE_K, fuse_box
     from smartcrop.evaluate import _decoded
     from smartcrop.metrics import iou
@@ -79,6 +80,9 @@ def main(argv=None) -> int:
                         "border_all": (ba, sc["ba"]),
                         "union": (np.concatenate([g, ba[capped]]), np.concatenate([sc["g"], sc["ba"][capped]]))}
                 assert len(cand["border"][0]) == len(b)
+                nb = refine_anchors(b[int(np.argmax(cand["border"][1]))], w, h)
+                cand["border_refined"] = (np.concatenate([b, nb]), np.concatenate(
+                    [cand["border"][1], c.score_boxes(li.image, (w, h), {"n": nb})["n"]]))
                 for k, (boxes, s) in cand.items():
                     n[k].append(len(boxes))
                     for f in (FUSE_K, 1):

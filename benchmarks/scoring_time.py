@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1, help="photos per scoring call")
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     ap.add_argument("--parts", action="store_true", help="also time the parts of a scoring")
+    ap.add_argument("--free-grid", default="gaic", help="free-ratio candidates with --ratio any (gaic, border)")
     args = ap.parse_args(argv)
 
     import torch
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
 
         for name in PARTS:
             setattr(model, name, _timed(spent, name, getattr(model, name)))
-    cropper = Cropper(weights=args.weights, device=args.device, amp=args.amp)
+    cropper = Cropper(weights=args.weights, device=args.device, amp=args.amp, free_grid=args.free_grid)
     if args.parts:
         net = cropper.scorer
         for name in MODULES:
