@@ -17,6 +17,7 @@ crops' mean share of the photo and how often an edge lies on the border (the exp
     python benchmarks/free_grid.py --fcdb heldout=runs/validate/data/fcdb_heldout:test \\
         --fcdb dev=../shared/data/fcdb:test --out docs/validation/inference/free_grid.json \\
         runs/validate/runs/ref11/fold*_seed0/model.safetensors
+    python benchmarks/free_grid.py --summary A.json B.json     # the summary over several --out files
 
 A set is NAME=ROOT:SPLIT (an FCDB layout).  All sets of a photo are scored from one backbone pass.
 """
@@ -44,10 +45,16 @@ def on_border(box, w: float, h: float, tol: float = 0.01) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("models", nargs="+", type=Path)
-    ap.add_argument("--fcdb", action="append", required=True, help="NAME=ROOT:SPLIT")
+    ap.add_argument("models", nargs="*", type=Path)
+    ap.add_argument("--fcdb", action="append", default=[], help="NAME=ROOT:SPLIT")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--summary", type=Path, nargs="+", help="print the summary of these --out files and exit")
     args = ap.parse_args(argv)
+    if args.summary:
+        summary([r for f in args.summary for r in json.loads(f.read_text())])
+        return 0
+    if not args.models or not args.fcdb:
+        ap.error("models and --fcdb are needed (or --summary)")
 
     import torch
 
@@ -100,21 +107,28 @@ def main(argv=None) -> int:
                             "on_border": round(statistics.mean(edge[key]), 4)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\nmean change against gaic (same fuse), sd over models, models won:")
-    for name in sets:
-        sel = [r for r in rows if r["set"] == name]
-        for key in res:
-            if key.startswith("gaic/"):
-                continue
-            ref = "gaic/" + key.split("/")[1]
-            d = [r[key]["iou"] - r[ref]["iou"] for r in sel]
-            sd = statistics.stdev(d) if len(d) > 1 else 0.0
-            print(f"{name:10s} {key:14s} {statistics.mean(d):+.4f} ± {sd:.4f} ({sum(x > 0 for x in d)}/{len(d)})"
-                  f"  area {statistics.mean(r[key]['area'] for r in sel):.3f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    summary(rows)
     return 0
+
+
+def summary(rows: list[dict]) -> None:
+    """Each candidate set's mean change against ``gaic`` (same fuse) over the models, per photo set."""
+    print("\nmean change against gaic (same fuse), sd over models, models won; mean IoU; chosen crops' share of the photo:")
+    for name in dict.fromkeys(r["set"] for r in rows):
+        sel = [r for r in rows if r["set"] == name]
+        print(f"{name:10s} experts' crops: area {statistics.mean(r['expert_area'] for r in sel):.3f}"
+              f"  on border {statistics.mean(r['expert_on_border'] for r in sel):.3f}  ({len(sel)} models)")
+        for key in (k for k in sel[0] if "/" in k):
+            ref = "gaic/" + key.split("/")[1]
+            d = [r[key]["iou"] - r[ref]["iou"] for r in sel]
+            sd = statistics.stdev(d) if len(d) > 1 else 0.0
+            print(f"{name:10s} {key:18s} {statistics.mean(d):+.4f} ± {sd:.4f} ({sum(x > 0 for x in d)}/{len(d)})"
+                  f"  IoU {statistics.mean(r[key]['iou'] for r in sel):.4f}"
+                  f"  area {statistics.mean(r[key]['area'] for r in sel):.3f}"
+                  f"  on border {statistics.mean(r[key]['on_border'] for r in sel):.3f}")
 
 
 if __name__ == "__main__":

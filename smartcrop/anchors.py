@@ -61,9 +61,9 @@ def gaic_anchors(width: int, height: int, bins: int = GRID_BINS) -> np.ndarray:
 #: of the photo, up to the whole frame, is not what a free crop is asked for)
 BORDER_MAX_SHARE = 0.9
 
-#: the free-ratio candidate sets: ``border`` or ``gaic`` (the paper's; the default)
+#: the free-ratio candidate sets: ``border`` (the default since the eleventh session) or ``gaic`` (the paper's)
 FREE_GRIDS = ("border", "gaic")
-FREE_GRID = "gaic"
+FREE_GRID = "border"
 
 
 def border_anchors(width: int, height: int, bins: int = GRID_BINS, max_share: float = BORDER_MAX_SHARE

@@ -82,9 +82,10 @@ def _cropper(weights: Optional[Path], model: Optional[str], device: str):
 WEIGHTS_OPT = typer.Option(None, "--weights", "-w", help="Model file (.safetensors); default: the shipped model.")
 MODEL_OPT = typer.Option(None, "--model", "-m", help="Name of one of your models (see `smartcrop models`).")
 DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
-FREE_GRID_OPT = typer.Option("gaic", "--free-grid", help="The candidates of a free-ratio crop: gaic (the paper's "
-                             "grid, corners at the cells' centres) or border (corners on the grid's lines, so an "
-                             "edge can lie on the photo's border; none over 90% of the photo).")
+FREE_GRID_OPT = typer.Option("border", "--free-grid", help="The candidates of a free-ratio crop: border (GAIC's "
+                             "grid with corners on its lines, so an edge can lie on the photo's border; none over "
+                             "90% of the photo) or gaic (the paper's grid, corners at the cells' centres: tighter "
+                             "crops, never reaching the border).")
 
 
 def _check_free_grid(grid: str) -> None:

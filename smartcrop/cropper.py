@@ -123,8 +123,8 @@ class Cropper:
     all the anchors overlapping the best (:data:`VOTE_T`); 1: the best anchor itself.  ``refine``: a free-ratio
     crop is also chosen among the best GAIC anchor's neighbours (:func:`~smartcrop.anchors.refine_anchors`;
     off by default: larger free crops, 1.9× the anchors, ~1.5× the free-ratio scoring time).  ``free_grid``: the
-    free-ratio candidates, ``gaic`` (the paper's grid; the default) or ``border``
-    (:func:`~smartcrop.anchors.border_anchors`: edges can reach the photo's border).  ``faces``: crops
+    free-ratio candidates, ``border`` (:func:`~smartcrop.anchors.border_anchors`: edges can reach the photo's
+    border; the default) or ``gaic`` (the paper's grid).  ``faces``: crops
     that cut a detected face lose score before the choice (:mod:`smartcrop.faces`; needs the ``faces`` extra,
     off by default).
     """

@@ -86,9 +86,10 @@ def test_parse_ratio_forms_and_labels():
 
 
 def test_anchors_for_dispatch_and_iou():
-    assert len(anchors_for(1024, 683, "any")) == len(anchors_for(1024, 683, None)) == 83  # the default grid
-    assert len(anchors_for(1024, 683, "any", "border")) == 153
-    assert np.array_equal(anchors_for(1024, 683, "any", "border"), border_anchors(1024, 683))
+    assert len(anchors_for(1024, 683, "any")) == len(anchors_for(1024, 683, None)) == 153  # the default grid
+    assert np.array_equal(anchors_for(1024, 683, "any"), border_anchors(1024, 683))
+    assert np.array_equal(anchors_for(1024, 683, "any", "gaic"), gaic_anchors(1024, 683))
+    assert len(gaic_anchors(1024, 683)) == 83
     with pytest.raises(ValueError, match="free grid"):
         free_anchors(1024, 683, "dense")
     b = anchors_for(1024, 683, "1:1")

@@ -118,7 +118,8 @@ def test_eval_gaicd_and_fcdb_json(tiny_gaicd, tiny_fcdb, small_model_file):
         assert code == 0, err
         m = json.loads(out)
         assert m["n_images"] == 2 and 0 < m["iou"] <= 1 and m["disp"] >= 0
-    # by default the free crop is chosen among the GAIC anchors alone; --refine adds the best one's neighbours
+    # by default the free crop is chosen among the border grid's anchors alone (--free-grid gaic: GAIC's);
+    # --refine adds the best one's neighbours
     import numpy as np
 
     from smartcrop import Cropper
@@ -136,17 +137,17 @@ def test_eval_gaicd_and_fcdb_json(tiny_gaicd, tiny_fcdb, small_model_file):
             boxes = grid(*li.full_size)
             s = c.score_boxes(li.image, li.full_size, {"a": boxes})["a"]
             out_rows.append((tuple(fuse_box(boxes, s, int(np.argmax(s)), c.fuse)), item.box, *li.full_size))
-    code, out, err = cli("eval", "fcdb", tiny_fcdb, "--split", "test", "--weights", small_model_file, "--json")
+    code, out, err = cli("eval", "fcdb", tiny_fcdb, "--split", "test", "--free-grid", "gaic", "--weights",
+                         small_model_file, "--json")
     assert code == 0, err
     assert json.loads(out)["iou"] == pytest.approx(fcdb_metrics(rows)["iou"], abs=1e-9)
-    code, out, err = cli("eval", "fcdb", tiny_fcdb, "--split", "test", "--free-grid", "border", "--weights",
-                         small_model_file, "--json")
+    code, out, err = cli("eval", "fcdb", tiny_fcdb, "--split", "test", "--weights", small_model_file, "--json")
     assert code == 0, err
     assert json.loads(out)["iou"] == pytest.approx(fcdb_metrics(rows_border)["iou"], abs=1e-9)
     code, out, err = cli("eval", "fcdb", tiny_fcdb, "--split", "test", "--refine", "--weights", small_model_file,
                          "--json")
     assert code == 0, err
-    assert json.loads(out)["iou"] != pytest.approx(fcdb_metrics(rows)["iou"], abs=1e-6)
+    assert json.loads(out)["iou"] != pytest.approx(fcdb_metrics(rows_border)["iou"], abs=1e-6)
 
 
 def test_eval_table_and_usage_errors(tmp_path, tiny_gaicd, tiny_fcdb, small_model_file):

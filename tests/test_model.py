@@ -334,11 +334,11 @@ def test_power_of_two_batch_padding_scores_the_same(small_model):
 
 
 def test_a_free_crop_is_refined_around_the_best_anchor(small_model):
-    """With ``refine`` a free ratio's best GAIC anchor's neighbours (``refine_anchors``) are scored on the same
+    """With ``refine`` a free ratio's best anchor's neighbours (``refine_anchors``) are scored on the same
     backbone pass and the crop is chosen among both sets; ratio crops are not refined."""
     from PIL import Image
 
-    from smartcrop.anchors import gaic_anchors, ratio_anchors, refine_anchors
+    from smartcrop.anchors import free_anchors, ratio_anchors, refine_anchors
     from smartcrop.cropper import Cropper, fuse_box
 
     rng = np.random.default_rng(1)
@@ -351,7 +351,7 @@ def test_a_free_crop_is_refined_around_the_best_anchor(small_model):
     passes = []
     real = c.scorer.image_features
     c.scorer.image_features = lambda x: passes.append(x.shape[0]) or real(x)
-    grid = gaic_anchors(*full)
+    grid = free_anchors(*full)  # the default grid (Cropper.free_grid)
     sets = {"any": grid, "16:9": ratio_anchors(*full, "16:9")}
     plain = c.score_boxes(photo, full, dict(sets))
     refined = c.score_boxes_batch([(photo, full)], [sets], refine=["any"])[0]
@@ -389,7 +389,7 @@ def test_ratio_crops_vote_by_score_and_free_crops_average_the_best_three(small_m
             box = tuple(int(round(v)) for v in want) if t is None else ratio_box(want, r, *full)
             assert crops[r].box == box, (fuse, r)
             if fuse == 1:
-                assert np.array_equal(box, sets[r][int(np.argmax(s))])
+                assert np.array_equal(box, np.round(sets[r][int(np.argmax(s))]))  # the anchor, in whole pixels
     vote = fuse_box(sets["16:9"], s, int(np.argmax(s)), 3, temperature=VOTE_T)
     assert not np.allclose(vote, fuse_box(sets["16:9"], s, int(np.argmax(s)), 3))  # not the plain mean of three
 

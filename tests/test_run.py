@@ -718,13 +718,14 @@ print(sum(during), gc.get_freeze_count())
 
 def test_free_grid_chooses_among_its_own_candidates_in_every_scoring_path(tmp_path, small_model_file):
     """--free-grid border: the free crop (the best anchor, --fuse 1) is one of anchors.border_anchors, in the main
-    process and in the workers; gaic (the default): one of GAIC's; a grid that does not exist: a usage error."""
+    process and in the workers, and by default; gaic: one of GAIC's; a grid that does not exist: a usage
+    error."""
     from smartcrop.anchors import border_anchors, gaic_anchors
 
     src = tmp_path / "in"
     for k in range(3):
         draw_photo(src / f"p{k}.jpg", size=(360 + 24 * k, 240), seed=k)
-    for grid, make in (("border", border_anchors), ("gaic", gaic_anchors), (None, gaic_anchors)):
+    for grid, make in (("border", border_anchors), ("gaic", gaic_anchors), (None, border_anchors)):
         for scoring in ("main", "workers"):
             extra = ["--free-grid", grid] if grid else []
             code, out, err = run([src, "--ratio", "any", "--fuse", "1", "--json", "--dry-run", "-j", "2",
