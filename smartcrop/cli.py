@@ -88,12 +88,14 @@ FREE_GRID_OPT = typer.Option("border", "--free-grid", help="The candidates of a 
                              "crops, never reaching the border).")
 
 
-def _check_free_grid(grid: str) -> None:
+def _free_grid(grid: str) -> str:
+    """``--free-grid``'s value, lower-cased; anything else than a known grid is a usage error."""
     from .anchors import FREE_GRIDS
     from .errors import UsageError
 
-    if grid not in FREE_GRIDS:
+    if grid.strip().lower() not in FREE_GRIDS:
         raise UsageError(f"--free-grid must be one of {', '.join(FREE_GRIDS)}, not {grid!r}")
+    return grid.strip().lower()
 
 
 def _print_table(title: str, metrics: dict, percent_keys: set) -> None:
@@ -168,7 +170,7 @@ def eval_fcdb(
 
         require()
     items = benchmark_items("fcdb", root, split)
-    _check_free_grid(free_grid)
+    free_grid = _free_grid(free_grid)
     cropper = _cropper(weights, model, device)
     cropper.fuse, cropper.refine, cropper.faces, cropper.free_grid = fuse, refine, faces, free_grid
     errors: list[str] = []
@@ -276,7 +278,7 @@ def run(
     from .plan import plan_run
     from .runner import crop_photos
 
-    _check_free_grid(free_grid)
+    free_grid = _free_grid(free_grid)
     if engine != "local":  # smartcrop.distributed plans, crops and reports like the code below
         from .distributed import run_command
 

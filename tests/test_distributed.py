@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -131,6 +132,16 @@ def test_python_entry_point_on_a_from_items_dataset(tmp_path, small_model_file, 
         assert x2 - x1 == y2 - y1 and 0 <= x1 < x2 <= 300 and 0 <= y1 < y2 <= 200
         with Image.open(tmp_path / "out" / f"{p.stem}_1x1.jpg") as im:
             assert list(im.size) == r["size"]
+
+    # the free-ratio candidates as `run --free-grid` (the best anchor itself with fuse=1); a bad grid: before any work
+    from smartcrop.anchors import gaic_anchors
+    from smartcrop.errors import UsageError
+
+    rows = crop(ray_2cpu.data.from_items([{"path": str(p)} for p in photos]), ["any"], weights=small_model_file,
+                free_grid="gaic", fuse=1).take_all()
+    assert len(rows) == 3 and all(r["box"] in np.round(gaic_anchors(300, 200)).astype(int).tolist() for r in rows)
+    with pytest.raises(UsageError, match="free_grid"):
+        crop(ray_2cpu.data.from_items(items), ["any"], weights=small_model_file, free_grid="dense")
 
     # no output folder: the encoded crops come back in the rows
     rows = crop(ray_2cpu.data.from_items([{"path": str(p)} for p in photos]), ["16:9"], return_bytes=True,

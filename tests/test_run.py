@@ -740,3 +740,8 @@ def test_free_grid_chooses_among_its_own_candidates_in_every_scoring_path(tmp_pa
     code, out, err = run([src, "--free-grid", "dense", "--weights", small_model_file])
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "--free-grid" in lines[0] and not out
+    code, out, err = run([src / "p0.jpg", "--ratio", "any", "--fuse", "1", "--json", "--dry-run", "--free-grid",
+                          "GAIC", "--weights", small_model_file])  # any case, as --scoring
+    assert code == 0, err
+    w, h = Image.open(src / "p0.jpg").size
+    assert jsonl(out)[0]["box"] in np.round(gaic_anchors(w, h)).astype(int).tolist()
