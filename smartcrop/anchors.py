@@ -95,13 +95,18 @@ def border_anchors(width: int, height: int, bins: int = GRID_BINS, max_share: fl
     return np.asarray(boxes, dtype=np.float32)
 
 
+def check_free_grid(grid: str) -> str:
+    """``grid`` if it names a free-ratio candidate set (:data:`FREE_GRIDS`), else ValueError."""
+    if grid not in FREE_GRIDS:
+        raise ValueError(f"free grid must be one of {', '.join(FREE_GRIDS)}, not {grid!r}")
+    return grid
+
+
 def free_anchors(width: int, height: int, grid: str = FREE_GRID) -> np.ndarray:
     """The free-ratio candidates: :func:`border_anchors` (``grid="border"``) or :func:`gaic_anchors` (``"gaic"``)."""
-    if grid == "border":
+    if check_free_grid(grid) == "border":
         return border_anchors(width, height)
-    if grid == "gaic":
-        return gaic_anchors(width, height)
-    raise ValueError(f"free grid must be one of {', '.join(FREE_GRIDS)}, not {grid!r}")
+    return gaic_anchors(width, height)
 
 
 #: :func:`refine_anchors` moves each edge of a crop by this fraction of the image's side (half a grid cell)

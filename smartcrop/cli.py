@@ -90,12 +90,13 @@ FREE_GRID_OPT = typer.Option("border", "--free-grid", help="The candidates of a 
 
 def _free_grid(grid: str) -> str:
     """``--free-grid``'s value, lower-cased; anything else than a known grid is a usage error."""
-    from .anchors import FREE_GRIDS
+    from .anchors import check_free_grid
     from .errors import UsageError
 
-    if grid.strip().lower() not in FREE_GRIDS:
-        raise UsageError(f"--free-grid must be one of {', '.join(FREE_GRIDS)}, not {grid!r}")
-    return grid.strip().lower()
+    try:
+        return check_free_grid(grid.strip().lower())
+    except ValueError as e:
+        raise UsageError(f"--free-grid: {e}") from None
 
 
 def _print_table(title: str, metrics: dict, percent_keys: set) -> None:

@@ -14,7 +14,9 @@ from typing import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .anchors import FREE_GRID, FREE_GRIDS, anchors_for, box_iou_matrix, is_free, ratio_box, refine_anchors, scale_boxes
+from .anchors import (
+    FREE_GRID, anchors_for, box_iou_matrix, check_free_grid, is_free, ratio_box, refine_anchors, scale_boxes,
+)
 from .transforms import image_tensor, network_size
 
 
@@ -121,8 +123,8 @@ class Cropper:
     measured within noise, see docs/results.md).  ``fuse``: each chosen free crop is the mean of this many
     overlapping top anchors (:func:`fuse_box`, default 3), each crop of a given ratio the score-weighted mean of
     all the anchors overlapping the best (:data:`VOTE_T`); 1: the best anchor itself.  ``refine``: a free-ratio
-    crop is also chosen among the best GAIC anchor's neighbours (:func:`~smartcrop.anchors.refine_anchors`;
-    off by default: larger free crops, 1.9× the anchors, ~1.5× the free-ratio scoring time).  ``free_grid``: the
+    crop is also chosen among the best free anchor's neighbours (:func:`~smartcrop.anchors.refine_anchors`;
+    off by default: larger free crops; on the border grid no steady gain, docs/results.md).  ``free_grid``: the
     free-ratio candidates, ``border`` (:func:`~smartcrop.anchors.border_anchors`: edges can reach the photo's
     border; the default) or ``gaic`` (the paper's grid).  ``faces``: crops
     that cut a detected face lose score before the choice (:mod:`smartcrop.faces`; needs the ``faces`` extra,
@@ -134,9 +136,7 @@ class Cropper:
                  faces: bool = False, free_grid: str = FREE_GRID):
         from .weights import load_model, resolve_model
 
-        if free_grid not in FREE_GRIDS:
-            raise ValueError(f"free_grid must be one of {', '.join(FREE_GRIDS)}, not {free_grid!r}")
-
+        check_free_grid(free_grid)
         if faces:  # fail before the model loads, with the extra to install
             from .faces import require
 
@@ -154,7 +154,7 @@ class Cropper:
         self.tta = tta  # also score the mirrored image and average (two backbone passes)
         self.amp = amp  # bfloat16 autocast while scoring (see docs/performance.md for its effect on the crops)
         self.fuse = fuse  # a free crop averages this many overlapping top anchors, a ratio crop votes (fuse_box)
-        self.refine = refine  # a free crop is also chosen among the best GAIC anchor's neighbours (refine_anchors)
+        self.refine = refine  # a free crop is also chosen among the best free anchor's neighbours (refine_anchors)
         self.faces = faces  # crops cutting a detected face lose score before the choice (smartcrop.faces)
         self.free_grid = free_grid  # the free-ratio candidates (anchors.free_anchors)
         self._scorer = None  # net with BatchNorm folded, made at the first scoring (see scorer)

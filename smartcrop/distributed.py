@@ -45,7 +45,7 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
-from .anchors import FREE_GRID, FREE_GRIDS
+from .anchors import FREE_GRID, check_free_grid
 from .cropper import FUSE_K
 from .errors import SmartcropError, UsageError, one_line
 
@@ -694,8 +694,10 @@ def crop(ds, ratios: Sequence[str] = ("any",), *, output: str | os.PathLike | No
 
     if overwrite and skip_existing:
         raise UsageError("overwriting and skipping existing outputs exclude each other")
-    if free_grid not in FREE_GRIDS:  # before any actor is made
-        raise UsageError(f"free_grid must be one of {', '.join(FREE_GRIDS)}, not {free_grid!r}")
+    try:  # before any actor is made
+        check_free_grid(free_grid)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     sz = parse_size(size) if isinstance(size, str) else (tuple(size) if size else None)
     opts = RunOptions(ratios=normalize_ratios(list(ratios), sz), size=sz, out_format=parse_format(out_format),
                       name_template=name_template, max_side=max_side, top_k=top_k, quality=quality,

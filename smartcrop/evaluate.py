@@ -69,8 +69,8 @@ def fcdb_eval_candidates(width: int, height: int, box, ratio: str, grid: str = F
 
 def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progress: bool | None = None,
                  on_error=None) -> list[tuple[FcdbItem, np.ndarray, tuple[int, int]]]:
-    """The model's best box for each photo: among free anchors (``any``: of ``cropper.free_grid``; refined around the best one when
-    ``cropper.refine``) or anchors of the expert's ratio (``gt``), chosen and fused with its neighbours as
+    """The model's best box for each photo: among free anchors (``any``: of ``cropper.free_grid``; refined
+    around the best one when ``cropper.refine``) or anchors of the expert's ratio (``gt``), chosen and fused with its neighbours as
     :class:`~smartcrop.cropper.Cropper` does (``cropper.fuse``; ``cropper.faces``)."""
     if ratio not in {"any", "gt"}:
         raise ValueError(f"ratio must be 'any' or 'gt', not {ratio!r}")

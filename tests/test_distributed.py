@@ -140,7 +140,7 @@ def test_python_entry_point_on_a_from_items_dataset(tmp_path, small_model_file, 
     rows = crop(ray_2cpu.data.from_items([{"path": str(p)} for p in photos]), ["any"], weights=small_model_file,
                 free_grid="gaic", fuse=1).take_all()
     assert len(rows) == 3 and all(r["box"] in np.round(gaic_anchors(300, 200)).astype(int).tolist() for r in rows)
-    with pytest.raises(UsageError, match="free_grid"):
+    with pytest.raises(UsageError, match="free grid"):
         crop(ray_2cpu.data.from_items(items), ["any"], weights=small_model_file, free_grid="dense")
 
     # no output folder: the encoded crops come back in the rows

@@ -345,7 +345,7 @@ def test_a_free_crop_is_refined_around_the_best_anchor(small_model):
     photo = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
     full = (640, 480)
     assert not Cropper(net=small_model, device="cpu").refine  # opt-in (`run --refine`)
-    with pytest.raises(ValueError, match="free_grid"):
+    with pytest.raises(ValueError, match="free grid"):
         Cropper(net=small_model, device="cpu", free_grid="dense")
     c = Cropper(net=small_model, device="cpu", refine=True)
     passes = []
