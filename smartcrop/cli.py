@@ -146,7 +146,8 @@ def eval_gaicd(
 def eval_fcdb(
     root: Path = typer.Argument(..., help="FCDB root (images/, cropping_{training,testing}_set.json)."),
     split: str = typer.Option("test", "--split", help="test or train."),
-    ratio: str = typer.Option("any", "--ratio", help="any: free GAIC anchors; gt: anchors of the expert's ratio."),
+    ratio: str = typer.Option("any", "--ratio", help="any: free anchors (--free-grid); gt: anchors of the expert's "
+                              "ratio."),
     weights: Optional[Path] = WEIGHTS_OPT,
     model: Optional[str] = MODEL_OPT,
     device: str = DEVICE_OPT,
@@ -255,9 +256,9 @@ def run(
                              "top anchors overlapping it, a crop of a given ratio the score-weighted mean of all "
                              "of them; 1: the best anchor itself."),
     refine: bool = typer.Option(False, "--refine/--no-refine", help="A free-ratio crop is also chosen among the "
-                                "best anchor's neighbours, which can reach the photo's border: larger, more "
-                                "conservative free crops (closer to FCDB's expert crops by IoU), ~1.5× the "
-                                "free-ratio scoring time."),
+                                "best anchor's neighbours (each edge moved by half a grid cell): slightly larger "
+                                "free crops, ~1.5× the free-ratio scoring time; on the border grid no steady "
+                                "gain in IoU with FCDB's expert crops (docs/results.md)."),
     free_grid: str = FREE_GRID_OPT,
     faces: bool = typer.Option(False, "--faces/--no-faces", help="Avoid crops that cut a detected face (frontal "
                                "faces, OpenCV's Haar cascade: pip install 'smartcrop[faces]'); ~18 ms more a "
