@@ -29,12 +29,11 @@ import numpy as np
 GRID_BINS = 12
 
 
-def gaic_anchors(width: int, height: int, bins: int = GRID_BINS) -> np.ndarray:
-    """GAIC's free-ratio grid anchors for a ``width`` × ``height`` image, in GAICD's annotation order.
-
-    The order (x1, y1, x2, y2 indices nested as in the GAIC reference code, rows first) matches the line
-    order of GAICD's annotation files.
-    """
+def _grid_anchors(width: int, height: int, bins: int, inset: float, max_share: float = 1.0) -> list[tuple]:
+    """The free anchors of a ``bins`` × ``bins`` grid: left/top edges ``inset`` + 0..corner-1 cells in from the
+    border and right/bottom edges as far in from theirs (``corner`` = ``bins // 3``; ``inset`` ½: the cells'
+    centres, GAIC's; 0: the grid's lines), kept when they cover at least half the image and at most
+    ``max_share`` of it with an aspect ratio within (0.5, 2), in GAICD's annotation order."""
     step_w = width / bins
     step_h = height / bins
     corner = bins // 3  # 4 cells for a 12 grid
@@ -43,16 +42,27 @@ def gaic_anchors(width: int, height: int, bins: int = GRID_BINS) -> np.ndarray:
         for c1 in range(corner):  # left column index
             for r2 in range(bins - corner, bins):
                 for c2 in range(bins - corner, bins):
-                    area_cells = (r2 - r1) * (c2 - c1)
-                    if area_cells <= 0.4999 * bins * bins:
+                    rows, cols = r2 + 1 - 2 * inset - r1, c2 + 1 - 2 * inset - c1  # the crop's size in cells
+                    area_cells = rows * cols
+                    if area_cells <= 0.4999 * bins * bins or area_cells > max_share * bins * bins + 1e-9:
                         continue
-                    ratio = (c2 - c1) * step_w / ((r2 - r1) * step_h)  # width / height in pixels
+                    ratio = cols * step_w / (rows * step_h)  # width / height in pixels
                     if not 0.5 < ratio < 2.0:
                         continue
-                    boxes.append(
-                        (step_w * (c1 + 0.5), step_h * (r1 + 0.5), step_w * (c2 + 0.5), step_h * (r2 + 0.5))
-                    )
+                    boxes.append((step_w * (c1 + inset), step_h * (r1 + inset), step_w * (c2 + 1 - inset),
+                                  step_h * (r2 + 1 - inset)))
+    return boxes
+
+
+def gaic_anchors(width: int, height: int, bins: int = GRID_BINS) -> np.ndarray:
+    """GAIC's free-ratio grid anchors for a ``width`` × ``height`` image, in GAICD's annotation order.
+
+    The order (x1, y1, x2, y2 indices nested as in the GAIC reference code, rows first) matches the line
+    order of GAICD's annotation files.
+    """
+    boxes = _grid_anchors(width, height, bins, 0.5)
     if not boxes:  # extreme panoramas: no grid crop has a ratio in (0.5, 2); fall back to the grid's extent
+        step_w, step_h = width / bins, height / bins
         boxes.append((step_w * 0.5, step_h * 0.5, step_w * (bins - 0.5), step_h * (bins - 0.5)))
     return np.asarray(boxes, dtype=np.float32)
 
@@ -75,21 +85,7 @@ def border_anchors(width: int, height: int, bins: int = GRID_BINS, max_share: fl
 
     FCDB's experts crop to the photo's border on 43-52 % of their photos for the left and right edges (25-27 %
     top and bottom), where no GAIC anchor reaches (docs/results.md, eleventh session)."""
-    step_w = width / bins
-    step_h = height / bins
-    corner = bins // 3
-    boxes = []
-    for r1 in range(corner):
-        for c1 in range(corner):
-            for r2 in range(bins - corner + 1, bins + 1):
-                for c2 in range(bins - corner + 1, bins + 1):
-                    area_cells = (r2 - r1) * (c2 - c1)
-                    if area_cells <= 0.4999 * bins * bins or area_cells > max_share * bins * bins + 1e-9:
-                        continue
-                    ratio = (c2 - c1) * step_w / ((r2 - r1) * step_h)
-                    if not 0.5 < ratio < 2.0:
-                        continue
-                    boxes.append((step_w * c1, step_h * r1, step_w * c2, step_h * r2))
+    boxes = _grid_anchors(width, height, bins, 0.0, max_share)
     if not boxes:  # extreme panoramas: as gaic_anchors
         return gaic_anchors(width, height, bins)
     return np.asarray(boxes, dtype=np.float32)
