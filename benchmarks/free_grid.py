@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     import torch
 
     from smartcrop import Cropper
-    from smartcrop.anchors import border_anchors, gaic_anchors, refine_anchors
+    from smartcrop.anchors import BORDER_MAX_SHARE, border_anchors, gaic_anchors
     from smartcrop.cropper import FUSE_K, fuse_box
     from smartcrop.evaluate import _decoded
     from smartcrop.metrics import iou
@@ -80,16 +80,16 @@ def main(argv=None) -> int:
                 expert_area.append((item.box[2] - item.box[0]) * (item.box[3] - item.box[1]) / (w * h))
                 expert_edge.append(on_border(item.box, w, h))
                 g, b, ba = gaic_anchors(w, h), border_anchors(w, h), border_anchors(w, h, max_share=1.0)
-                sc = c.score_boxes(li.image, (w, h), {"g": g, "ba": ba})
-                capped = np.isin(np.arange(len(ba)), np.flatnonzero(
-                    (ba[:, 2] - ba[:, 0]) * (ba[:, 3] - ba[:, 1]) <= 0.9 * w * h + 1e-3))
-                cand = {"gaic": (g, sc["g"]), "border": (ba[capped], sc["ba"][capped]),
-                        "border_all": (ba, sc["ba"]),
-                        "union": (np.concatenate([g, ba[capped]]), np.concatenate([sc["g"], sc["ba"][capped]]))}
-                assert len(cand["border"][0]) == len(b)
-                nb = refine_anchors(b[int(np.argmax(cand["border"][1]))], w, h)
-                cand["border_refined"] = (np.concatenate([b, nb]), np.concatenate(
-                    [cand["border"][1], c.score_boxes(li.image, (w, h), {"n": nb})["n"]]))
+                over = ba[(ba[:, 2] - ba[:, 0]) * (ba[:, 3] - ba[:, 1]) > BORDER_MAX_SHARE * w * h * (1 + 1e-6)]
+                assert len(b) + len(over) == len(ba)
+                # one backbone pass; "b" is extended in place by the best border anchor's neighbours (--refine)
+                sets = {"g": g, "b": b, "x": over}
+                sc = c.score_boxes_batch([(li.image, (w, h))], [sets], refine=["b"])[0]
+                sb = sc["b"][: len(b)]
+                cand = {"gaic": (g, sc["g"]), "border": (b, sb),
+                        "border_all": (np.concatenate([b, over]), np.concatenate([sb, sc["x"]])),
+                        "union": (np.concatenate([g, b]), np.concatenate([sc["g"], sb])),
+                        "border_refined": (sets["b"], sc["b"])}
                 for k, (boxes, s) in cand.items():
                     n[k].append(len(boxes))
                     for f in (FUSE_K, 1):
