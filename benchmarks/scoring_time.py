@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1, help="photos per scoring call")
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     ap.add_argument("--parts", action="store_true", help="also time the parts of a scoring")
-    ap.add_argument("--free-grid", default="gaic", help="free-ratio candidates with --ratio any (gaic, border)")
+    ap.add_argument("--free-grid", default=None, help="free-ratio candidates with --ratio any (border, gaic; default: "
+                    "the library's, Cropper's)")
     args = ap.parse_args(argv)
 
     import torch
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
 
         for name in PARTS:
             setattr(model, name, _timed(spent, name, getattr(model, name)))
-    cropper = Cropper(weights=args.weights, device=args.device, amp=args.amp, free_grid=args.free_grid)
+    grid = {} if args.free_grid is None else {"free_grid": args.free_grid}
+    cropper = Cropper(weights=args.weights, device=args.device, amp=args.amp, **grid)
     if args.parts:
         net = cropper.scorer
         for name in MODULES:
