@@ -88,13 +88,14 @@ FREE_GRID_OPT = typer.Option("border", "--free-grid", help="The candidates of a 
                              "crops, never reaching the border).")
 
 
-def _free_grid(grid: str) -> str:
-    """``--free-grid``'s value, lower-cased; anything else than a known grid is a usage error."""
-    from .anchors import check_free_grid
+def _choice(fuse: int, refine: bool, faces: bool, free_grid: str):
+    """The :class:`~smartcrop.cropper.Choice` of ``--fuse``, ``--refine``, ``--faces`` and ``--free-grid`` (any
+    case); an unknown grid is a usage error."""
+    from .cropper import Choice
     from .errors import UsageError
 
     try:
-        return check_free_grid(grid.strip().lower())
+        return Choice(fuse, refine, faces, free_grid.strip().lower())
     except ValueError as e:
         raise UsageError(f"--free-grid: {e}") from None
 
@@ -172,9 +173,9 @@ def eval_fcdb(
 
         require()
     items = benchmark_items("fcdb", root, split)
-    free_grid = _free_grid(free_grid)
+    choice = _choice(fuse, refine, faces, free_grid)
     cropper = _cropper(weights, model, device)
-    cropper.fuse, cropper.refine, cropper.faces, cropper.free_grid = fuse, refine, faces, free_grid
+    cropper.choice = choice
     errors: list[str] = []
     m = evaluate_fcdb(cropper, items, ratio, on_error=lambda s: (errors.append(s), err(s)))
     if as_json:
@@ -280,7 +281,7 @@ def run(
     from .plan import plan_run
     from .runner import crop_photos
 
-    free_grid = _free_grid(free_grid)
+    choice = _choice(fuse, refine, faces, free_grid)
     if engine != "local":  # smartcrop.distributed plans, crops and reports like the code below
         from .distributed import run_command
 
@@ -289,14 +290,12 @@ def run(
             adapt=adapt, weights=weights, model=model, device=device, as_json=as_json, dry_run=dry_run, on_error=err,
             recursive=recursive, ratios=ratio, size=size, out_format=out_format, overwrite=overwrite,
             skip_existing=skip_existing, name_template=name, max_side=max_side, top_k=top_k, quality=quality,
-            reencode=reencode, strip=strip, workers=jobs, batch=batch, upscale=upscale, fuse=fuse, refine=refine,
-            faces=faces, free_grid=free_grid))
+            reencode=reencode, strip=strip, workers=jobs, batch=batch, upscale=upscale, choice=choice))
     plan = plan_run(inputs or [], from_file=from_file, recursive=recursive, ratios=ratio, size=size, output=output,
                     out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
                     skip_existing=skip_existing, on_error=err, name_template=name, max_side=max_side, top_k=top_k,
                     quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch,
-                    upscale=upscale, scoring=scoring.lower(), fuse=fuse, refine=refine, faces=faces,
-                    free_grid=free_grid)
+                    upscale=upscale, scoring=scoring.lower(), choice=choice)
     if not plan.items:  # every input failed to collect (reported): nothing to load a model for
         raise typer.Exit(1)
 

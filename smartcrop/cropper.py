@@ -113,6 +113,21 @@ def fuse_box(boxes: np.ndarray, scores: np.ndarray, i: int, k: int = FUSE_K, min
     return (w[:, None] * b[keep]).sum(axis=0) / w.sum()
 
 
+@dataclass(frozen=True)
+class Choice:
+    """How a crop is chosen among the scored anchors: ``run``'s ``--fuse``, ``--refine``, ``--faces`` and
+    ``--free-grid`` (each described at :class:`Cropper`), as one value that the run's options, its scoring
+    workers, the Ray scorers and an adapted model's cropper pass on (:attr:`Cropper.choice`)."""
+
+    fuse: int = FUSE_K
+    refine: bool = False
+    faces: bool = False
+    free_grid: str = FREE_GRID
+
+    def __post_init__(self) -> None:
+        check_free_grid(self.free_grid)
+
+
 class Cropper:
     """Score crops with a SAC-Net model.
 
@@ -163,6 +178,16 @@ class Cropper:
         # each of a `run`'s first batches, ~0.05 s warmed: docs/performance.md), and a batch's photos split into
         # network sizes in any proportion: each backbone pass is padded to a power of two (few shapes a size).
         self._pad_pow2 = self.device.startswith("cuda")
+
+    @property
+    def choice(self) -> Choice:
+        """:attr:`fuse`, :attr:`refine`, :attr:`faces` and :attr:`free_grid` as one :class:`Choice`; setting it
+        sets the four."""
+        return Choice(self.fuse, self.refine, self.faces, self.free_grid)
+
+    @choice.setter
+    def choice(self, choice: Choice) -> None:
+        self.fuse, self.refine, self.faces, self.free_grid = choice.fuse, choice.refine, choice.faces, choice.free_grid
 
     @property
     def scorer(self):

@@ -45,8 +45,8 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
-from .anchors import FREE_GRID, check_free_grid
-from .cropper import FUSE_K
+from .anchors import FREE_GRID
+from .cropper import FUSE_K, Choice
 from .errors import SmartcropError, UsageError, one_line
 
 INSTALL_HINT = "the Ray engine needs Ray Data: pip install 'smartcrop[ray]' (or: pip install 'ray[data]')"
@@ -489,7 +489,7 @@ class _Scorer:
     """Stage 2 (Ray actor): the model, loaded once per actor, scores batches of prepared photos."""
 
     def __init__(self, model, device: str, ratios, top_k: int, faults: dict, return_bytes: bool,
-                 fuse: int = FUSE_K, refine: bool = False, faces: bool = False, free_grid: str = FREE_GRID):
+                 choice: Choice = Choice()):
         import tempfile
 
         import ray
@@ -508,8 +508,8 @@ class _Scorer:
         with tempfile.TemporaryDirectory(prefix="smartcrop-model-") as d:
             path = Path(d) / "model.safetensors"
             path.write_bytes(blob)
-            self.cropper = Cropper(weights=path, device=device, fuse=fuse, refine=refine, faces=faces,
-                                   free_grid=free_grid)
+            self.cropper = Cropper(weights=path, device=device)
+        self.cropper.choice = choice
         self.ratios, self.top_k = list(ratios), top_k
         self.faults = faults
         self.schema = _schemas(return_bytes)[1]
@@ -657,9 +657,8 @@ def build(ds, opts, *, model: tuple, out_root: str | None, device: str = "auto",
                         num_gpus=num_gpus or None,
                         fn_constructor_kwargs=dict(model=[ref], device="cuda" if num_gpus and device == "auto"
                                                    else device, ratios=opts.ratios, top_k=opts.top_k,
-                                                   faults=faults, return_bytes=return_bytes, fuse=opts.fuse,
-                                                   refine=opts.refine, faces=opts.faces,
-                                                   free_grid=opts.free_grid))
+                                                   faults=faults, return_bytes=return_bytes,
+                                                   choice=opts.choice))
     return ds.map_batches(_finish_batch, batch_format="pyarrow", batch_size=TASK_BATCH, num_cpus=1,
                           memory=FINISH_MEMORY, fn_kwargs=common)
 
@@ -695,7 +694,7 @@ def crop(ds, ratios: Sequence[str] = ("any",), *, output: str | os.PathLike | No
     if overwrite and skip_existing:
         raise UsageError("overwriting and skipping existing outputs exclude each other")
     try:  # before any actor is made
-        check_free_grid(free_grid)
+        choice = Choice(fuse, refine, faces, free_grid)
     except ValueError as e:
         raise UsageError(str(e)) from None
     sz = parse_size(size) if isinstance(size, str) else (tuple(size) if size else None)
@@ -703,7 +702,7 @@ def crop(ds, ratios: Sequence[str] = ("any",), *, output: str | os.PathLike | No
                       name_template=name_template, max_side=max_side, top_k=top_k, quality=quality,
                       reencode=reencode, upscale=upscale, strip=strip, overwrite=overwrite,
                       skip_existing=skip_existing, dry_run=output is None and not return_bytes, batch=batch_size,
-                      fuse=fuse, refine=refine, faces=faces, free_grid=free_grid)
+                      choice=choice)
     check_template(opts.template(), opts.ratios, opts.top_k)
     out_root = None if output is None else (restore_uri(str(output)) if is_uri(restore_uri(str(output)))
                                             else str(output))

@@ -308,5 +308,6 @@ def adapt_cropper(cropper, photos: Sequence[Path], epochs: int = 2, log: Callabl
     net = copy.deepcopy(cropper.net)
     log(f"adapting the model to {len(photos)} photos ({epochs} epochs)…")
     finetune(net, photos, FinetuneConfig(epochs=epochs), device=cropper.device, log=log)
-    return Cropper(net=net, device=cropper.device, fuse=cropper.fuse, refine=cropper.refine, faces=cropper.faces,
-                   free_grid=cropper.free_grid)
+    adapted = Cropper(net=net, device=cropper.device)
+    adapted.choice = cropper.choice
+    return adapted

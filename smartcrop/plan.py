@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .anchors import FREE_GRID, parse_ratio
-from .cropper import FUSE_K
+from .anchors import parse_ratio
+from .cropper import Choice
 from .errors import UsageError
 from .imageio import OUTPUT_FORMATS, safe_name
 from .inputs import collect_inputs
@@ -43,14 +43,11 @@ class RunOptions:
     workers: int = 0  # worker processes; 0: one per usable core
     batch: int = 0  # photos scored per model pass; 0: 1 on a CPU (batching only delays the workers), 16 on a GPU
     scoring: str = "auto"  # where photos are scored: main, workers, auto (runner.scoring_in_workers)
-    fuse: int = FUSE_K  # each chosen crop is the mean of this many overlapping top anchors (cropper.fuse_box)
-    refine: bool = False  # a free crop is also chosen among the best GAIC anchor's neighbours (Cropper.refine)
-    faces: bool = False  # crops cutting a detected face lose score before the choice (Cropper.faces)
-    free_grid: str = FREE_GRID  # the free-ratio candidates (Cropper.free_grid)
+    choice: Choice = Choice()  # how each crop is chosen among the scored anchors (--fuse, --refine, --faces, --free-grid)
     preview: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.faces:  # a missing extra is the request's error (exit 2), not every photo's
+        if self.choice.faces:  # a missing extra is the request's error (exit 2), not every photo's
             from .faces import require
 
             require()

@@ -144,7 +144,7 @@ class Runner:
         def submit_prep(i: int):
             if wm is not None:
                 return pool.submit(prepare_and_score, _source(items[i]), wm)
-            return pool.submit(prepare, _source(items[i]), *size, opts.faces)
+            return pool.submit(prepare, _source(items[i]), *size, opts.choice.faces)
 
         def fill() -> None:
             while len(preps) + len(writes) < window:
@@ -235,7 +235,7 @@ class Runner:
         opts = self.opts
         try:
             return self.cropper.best_crops_batch([(p.image, p.full_size) for _, p in batch], opts.ratios, opts.top_k,
-                                                 faces=[p.faces for _, p in batch] if opts.faces else None)
+                                                 faces=[p.faces for _, p in batch] if opts.choice.faces else None)
         except (RuntimeError, MemoryError) as e:  # e.g. an allocation failure: retry alone, fail alone
             if len(batch) == 1:
                 summary.failed += 1
@@ -298,8 +298,7 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         # every worker scores; on Linux they are forked from a server that imported torch and loaded the model
         # once (smartcrop.preload), so they share it instead of each holding a copy
         with _preload_model(path), WorkerPool(opts.workers, **_SCORING_POOL) as pool:
-            wm = WorkerModel(str(path), tuple(opts.ratios), opts.top_k, *size, fuse=opts.fuse, refine=opts.refine,
-                             faces=opts.faces, free_grid=opts.free_grid)
+            wm = WorkerModel(str(path), tuple(opts.ratios), opts.top_k, *size, choice=opts.choice)
             runner = Runner(None, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool,
                             worker_model=wm)
             return runner.run(plan.items)
@@ -308,7 +307,7 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         if size is not None and not adapt_epochs:
             n = min(len(plan.items), max(_window(pool.workers, opts.batch or 1),
                                          min(EARLY_MAX, EARLY_PER_WORKER * pool.workers)))
-            early = {i: pool.submit(prepare, _source(plan.items[i]), *size, opts.faces) for i in range(n)}
+            early = {i: pool.submit(prepare, _source(plan.items[i]), *size, opts.choice.faces) for i in range(n)}
         import_torch(freeze=own_process)
         from .cropper import Cropper, resolve_device
 
@@ -322,8 +321,8 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
         # are mapped afresh and faulted in depends on glibc's moving threshold (one version of the heads measured
         # 554,000 page faults and 0.9 s of kernel time in 120 scorings, 32 instead of 38 ms a photo with it)
         keep_freed_memory()
-        cropper = Cropper(weights=path, device=device, fuse=opts.fuse, refine=opts.refine, faces=opts.faces,
-                          free_grid=opts.free_grid)
+        cropper = Cropper(weights=path, device=device)
+        cropper.choice = opts.choice
         if (cropper.config.short_side, cropper.config.max_long_side) != size:
             early = {}  # decoded for another input size
         if adapt_epochs:

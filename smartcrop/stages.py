@@ -20,8 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .anchors import FREE_GRID
-from .cropper import FUSE_K
+from .cropper import Choice
 from .errors import SmartcropError
 
 #: Smallest crop side written (pixels): anything smaller is a failed file, not a thumbnail of nothing.
@@ -191,10 +190,7 @@ class WorkerModel:
     top_k: int
     short_side: int
     max_long_side: int
-    fuse: int = FUSE_K
-    refine: bool = False
-    faces: bool = False
-    free_grid: str = FREE_GRID
+    choice: Choice = Choice()
 
 
 _worker_croppers: dict = {}  # model path -> Cropper, in a worker process
@@ -241,12 +237,12 @@ def prepare_and_score(source, model: WorkerModel) -> tuple:
     """Stages 1 and 2 in one worker: :func:`prepare`, then score with the worker's own copy of the model (loaded
     at its first photo, one CPU thread) → ``(Prepared, crops)``.  Spreads scoring over every core of a many-core
     CPU, where one scoring process would cap the run (~30 ms a photo)."""
-    p = prepare(source, model.short_side, model.max_long_side, model.faces)
+    p = prepare(source, model.short_side, model.max_long_side, model.choice.faces)
     cropper = worker_cropper(model.path)
-    cropper.fuse, cropper.refine, cropper.faces, cropper.free_grid = model.fuse, model.refine, model.faces, model.free_grid
+    cropper.choice = model.choice
     try:
         crops = cropper.best_crops_batch([(p.image, p.full_size)], list(model.ratios), model.top_k,
-                                         faces=[p.faces] if model.faces else None)[0]
+                                         faces=[p.faces] if model.choice.faces else None)[0]
     except (RuntimeError, MemoryError) as e:
         raise ScoringError(f"cannot score this photo ({str(e) or type(e).__name__})") from None
     return p, crops

@@ -366,6 +366,24 @@ def test_a_free_crop_is_refined_around_the_best_anchor(small_model):
     assert crop.score == pytest.approx(float(s.max()), abs=1e-6)
 
 
+def test_the_crop_choice_is_one_value_that_an_adapted_cropper_keeps(small_model, monkeypatch):
+    """``Cropper.choice`` gathers fuse, refine, faces and free_grid: read and set as one value, checked when made,
+    and copied to the cropper of a model adapted to the photos (``run --adapt``)."""
+    import smartcrop.finetune as ft
+    from smartcrop.anchors import FREE_GRID
+    from smartcrop.cropper import FUSE_K, Choice, Cropper
+
+    with pytest.raises(ValueError, match="free grid"):
+        Choice(free_grid="dense")
+    c = Cropper(net=small_model, device="cpu", fuse=1, refine=True, free_grid="gaic")
+    assert c.choice == Choice(fuse=1, refine=True, faces=False, free_grid="gaic")
+    monkeypatch.setattr(ft, "finetune", lambda net, *a, **k: None)  # the copy of the choice is what is tested
+    adapted = ft.adapt_cropper(c, [], log=lambda s: None)
+    assert adapted is not c and adapted.choice == c.choice
+    c.choice = Choice()
+    assert (c.fuse, c.refine, c.faces, c.free_grid) == (FUSE_K, False, False, FREE_GRID)
+
+
 def test_ratio_crops_vote_by_score_and_free_crops_average_the_best_three(small_model):
     """Box voting: a crop of a given ratio is the score-weighted mean of every anchor overlapping the best one
     (``VOTE_T``) given that ratio in whole pixels (``ratio_box``), a free crop the mean of the ``fuse`` best;
