@@ -83,13 +83,13 @@ def main(argv=None) -> int:
                 over = ba[(ba[:, 2] - ba[:, 0]) * (ba[:, 3] - ba[:, 1]) > BORDER_MAX_SHARE * w * h * (1 + 1e-6)]
                 assert len(b) + len(over) == len(ba)
                 # one backbone pass; "b" is extended in place by the best border anchor's neighbours (--refine)
-                sets = {"g": g, "b": b, "x": over}
-                sc = c.score_boxes_batch([(li.image, (w, h))], [sets], refine=["b"])[0]
+                boxes_of = {"g": g, "b": b, "x": over}
+                sc = c.score_boxes_batch([(li.image, (w, h))], [boxes_of], refine=["b"])[0]
                 sb = sc["b"][: len(b)]
                 cand = {"gaic": (g, sc["g"]), "border": (b, sb),
                         "border_all": (np.concatenate([b, over]), np.concatenate([sb, sc["x"]])),
                         "union": (np.concatenate([g, b]), np.concatenate([sc["g"], sb])),
-                        "border_refined": (sets["b"], sc["b"])}
+                        "border_refined": (boxes_of["b"], sc["b"])}
                 for k, (boxes, s) in cand.items():
                     n[k].append(len(boxes))
                     for f in (FUSE_K, 1):
