@@ -43,7 +43,7 @@ class RunOptions:
     workers: int = 0  # worker processes; 0: one per usable core
     batch: int = 0  # photos scored per model pass; 0: 1 on a CPU (batching only delays the workers), 16 on a GPU
     scoring: str = "auto"  # where photos are scored: main, workers, auto (runner.scoring_in_workers)
-    choice: Choice = Choice()  # how each crop is chosen among the scored anchors (--fuse, --refine, --faces, --free-grid)
+    choice: Choice = Choice()  # how a crop is chosen among the scored anchors (--fuse, --refine, --faces, --free-grid)
     preview: Path | None = None
 
     def __post_init__(self) -> None:
