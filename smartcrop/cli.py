@@ -421,6 +421,8 @@ def train(
                                              "photo compared pairwise by rank consistency per step (default 16: "
                                              "120 pairs)."),
     fcdb_weight: float = typer.Option(0.5, "--fcdb-weight", help="Weight of the FCDB ranking losses."),
+    fcdb_tau: float = typer.Option(0.2, "--fcdb-tau", min=0.0, max=1.0, help="An FCDB pair's least gap in IoU with "
+                                   "the expert's crop."),
     fcdb_border: bool = typer.Option(False, "--fcdb-border/--no-fcdb-border", help="FCDB's candidate crops also "
                                      "include the border grid (free crops' candidates, `run --free-grid border`)."),
     dropout: Optional[float] = typer.Option(None, "--dropout", min=0.0, max=0.9, help="Dropout on the region and "
@@ -517,7 +519,8 @@ def train(
                                  backbone_lr_mult=backbone_lr_mult, scales=scales,
                                  gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight,
                                  distill_anchors=distill_anchors, jitter_views=jitter_views, rc_anchors=rc_anchors,
-                                 centred_mos=centred_mos, top_weight=top_weight, fcdb_border=fcdb_border)
+                                 centred_mos=centred_mos, top_weight=top_weight, fcdb_border=fcdb_border,
+                                 fcdb_tau=fcdb_tau)
     if jitter_views and cfg.frozen_layers == 0:
         err("note: --jitter-views has no effect when the whole backbone is trained (every use is jittered then)")
     info = {

@@ -22,13 +22,14 @@ def test_train_from_init_writes_a_model_with_its_card(tmp_path, tiny_gaicd, tiny
     out.parent.mkdir()
     code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--unlabeled", tiny_album,
                        "--init", small_model_file, "--epochs", "1", "--val-fraction", "0.34", "--device", "cpu",
-                       "--out", out)
+                       "--fcdb-tau", "0.1", "--fcdb-border", "--out", out)
     assert code == 0, err
     assert "broken.jpg" in err  # the unreadable unlabeled photo is named and skipped
     card = read_card(out)
     tr = card["training"]
     assert tr["n_gaicd"] == 2 and tr["n_fcdb"] == 3 and tr["n_unlabeled"] == 5  # one GAICD image held out
     assert tr["config"]["frozen_layers"] == 14  # the CPU recipe
+    assert tr["config"]["fcdb_tau"] == 0.1 and tr["config"]["fcdb_border"] is True  # FCDB pair options as given
     assert card["command"].startswith("smartcrop train") and card["validation"]["gaicd"]["n_images"] == 1
     assert load_model(out).config.short_side == 64  # the --init model's architecture
     lines = [json.loads(x) for x in out.with_suffix(".log.jsonl").read_text().splitlines()]
