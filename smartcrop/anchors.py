@@ -29,14 +29,15 @@ import numpy as np
 GRID_BINS = 12
 
 
-def _grid_anchors(width: int, height: int, bins: int, inset: float, max_share: float = 1.0) -> list[tuple]:
+def _grid_anchors(width: int, height: int, bins: int, inset: float, max_share: float = 1.0,
+                  corner: int | None = None, min_share: float = 0.5) -> list[tuple]:
     """The free anchors of a ``bins`` × ``bins`` grid: left/top edges ``inset`` + 0..corner-1 cells in from the
-    border and right/bottom edges as far in from theirs (``corner`` = ``bins // 3``; ``inset`` ½: the cells'
-    centres, GAIC's; 0: the grid's lines), kept when they cover at least half the image and at most
-    ``max_share`` of it with an aspect ratio within (0.5, 2), in GAICD's annotation order."""
+    border and right/bottom edges as far in from theirs (``corner`` default ``bins // 3``; ``inset`` ½: the
+    cells' centres, GAIC's; 0: the grid's lines), kept when they cover at least ``min_share`` of the image (GAIC:
+    half) and at most ``max_share`` of it with an aspect ratio within (0.5, 2), in GAICD's annotation order."""
     step_w = width / bins
     step_h = height / bins
-    corner = bins // 3  # 4 cells for a 12 grid
+    corner = bins // 3 if corner is None else corner  # 4 cells for a 12 grid
     boxes = []
     for r1 in range(corner):  # top row index
         for c1 in range(corner):  # left column index
@@ -44,7 +45,7 @@ def _grid_anchors(width: int, height: int, bins: int, inset: float, max_share: f
                 for c2 in range(bins - corner, bins):
                     rows, cols = r2 + 1 - 2 * inset - r1, c2 + 1 - 2 * inset - c1  # the crop's size in cells
                     area_cells = rows * cols
-                    if area_cells <= 0.4999 * bins * bins or area_cells > max_share * bins * bins + 1e-9:
+                    if area_cells <= (min_share - 1e-4) * bins * bins or area_cells > max_share * bins * bins + 1e-9:
                         continue
                     ratio = cols * step_w / (rows * step_h)  # width / height in pixels
                     if not 0.5 < ratio < 2.0:
