@@ -151,7 +151,7 @@ class Cropper:
                  faces: bool = False, free_grid: str = FREE_GRID):
         from .weights import load_model, resolve_model
 
-        check_free_grid(free_grid)
+        choice = Choice(fuse, refine, faces, free_grid)  # checks the grid before the model loads
         if faces:  # fail before the model loads, with the extra to install
             from .faces import require
 
@@ -168,10 +168,11 @@ class Cropper:
         self.config = net.config
         self.tta = tta  # also score the mirrored image and average (two backbone passes)
         self.amp = amp  # bfloat16 autocast while scoring (see docs/performance.md for its effect on the crops)
-        self.fuse = fuse  # a free crop averages this many overlapping top anchors, a ratio crop votes (fuse_box)
-        self.refine = refine  # a free crop is also chosen among the best free anchor's neighbours (refine_anchors)
-        self.faces = faces  # crops cutting a detected face lose score before the choice (smartcrop.faces)
-        self.free_grid = free_grid  # the free-ratio candidates (anchors.free_anchors)
+        # fuse: a free crop averages this many overlapping top anchors, a ratio crop votes (fuse_box); refine: a
+        # free crop is also chosen among the best free anchor's neighbours (refine_anchors); faces: crops cutting
+        # a detected face lose score before the choice (smartcrop.faces); free_grid: the free-ratio candidates
+        # (anchors.free_anchors)
+        self.choice = choice
         self._scorer = None  # net with BatchNorm folded, made at the first scoring (see scorer)
         self._channels_last = self.device == "cpu"  # measured faster on a CPU (model.fold_batchnorm)
         # On a GPU the first use of an input shape costs far more than its arithmetic (an H200 took 0.34 s for
