@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     from smartcrop.cropper import Cropper
     from smartcrop.data import read_fcdb, read_gaicd
-    from smartcrop.evaluate import _decoded, evaluate_fcdb
+    from smartcrop.evaluate import decoded_items, evaluate_fcdb
     from smartcrop.metrics import gaicd_metrics
 
     rows = []
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         cropper = Cropper(weights=model, device="cpu", faces=True)
         items = read_gaicd(args.work / "data" / f"gaicd_fold{fold}", "val")
         plain, chosen, with_face = [], [], 0
-        for item, li in _decoded(cropper, items, "GAICD", False, print):
+        for item, li in decoded_items(cropper, items, "GAICD", False, print):
             s = cropper.score_boxes(li.image, li.full_size, {"gt": item.boxes})["gt"]
             faces = cropper.find_faces(li.image, li.full_size)
             with_face += bool(len(faces))

@@ -48,7 +48,7 @@ def score(args) -> None:
     import torch
 
     from smartcrop import Cropper
-    from smartcrop.evaluate import _decoded
+    from smartcrop.evaluate import decoded_items
 
     torch.set_num_threads(1)
     sets = fcdb_sets(args.fcdb)
@@ -61,7 +61,7 @@ def score(args) -> None:
             c.config = dataclasses.replace(c.config, short_side=side, max_long_side=3 * side)
         for name, items in sets.items():
             boxes, scores, n, gt, size, photos = [], [], [], [], [], []
-            for item, li in _decoded(c, items, name, False, None):
+            for item, li in decoded_items(c, items, name, False, None):
                 w, h = li.full_size
                 b = wide_grid(w, h)
                 boxes.append(b)

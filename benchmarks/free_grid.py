@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from smartcrop import Cropper
     from smartcrop.anchors import BORDER_MAX_SHARE, border_anchors, gaic_anchors
     from smartcrop.cropper import FUSE_K, fuse_box
-    from smartcrop.evaluate import _decoded
+    from smartcrop.evaluate import decoded_items
     from smartcrop.metrics import iou
 
     torch.set_num_threads(1)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
             edge = {k: [] for k in res}
             n = {k: [] for k in SETS}
             expert_area, expert_edge = [], []
-            for item, li in _decoded(c, items, name, False, None):
+            for item, li in decoded_items(c, items, name, False, None):
                 w, h = li.full_size
                 expert_area.append((item.box[2] - item.box[0]) * (item.box[3] - item.box[1]) / (w * h))
                 expert_edge.append(on_border(item.box, w, h))

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from smartcrop import Cropper
     from smartcrop.anchors import REFINE_STEP, gaic_anchors, refine_anchors
     from smartcrop.cropper import fuse_box
-    from smartcrop.evaluate import _decoded, fcdb_choices
+    from smartcrop.evaluate import decoded_items, fcdb_choices
     from smartcrop.metrics import iou
 
     torch.set_num_threads(1)
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
             n = {k: [] for k in res}
             area = {k: [] for k in res}  # the chosen box's share of the photo
             expert = []  # the expert box's
-            for item, li in _decoded(c, items, name, False, None):
+            for item, li in decoded_items(c, items, name, False, None):
                 w, h = li.full_size
                 expert.append((item.box[2] - item.box[0]) * (item.box[3] - item.box[1]) / (w * h))
                 cands = [("gaic", gaic_anchors(w, h))] + [(g, gaic_anchors(w, h, bins)) for g, bins in grids.items()]

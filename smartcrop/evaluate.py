@@ -21,8 +21,10 @@ from .metrics import fcdb_metrics, gaicd_metrics
 from .progress import track
 
 
-def _decoded(cropper, items: Sequence, what: str, progress: bool | None, on_error) -> Iterator[tuple]:
-    """``(item, loaded image)`` for every item whose image decodes; the others are reported through ``on_error``."""
+def decoded_items(cropper, items: Sequence, what: str, progress: bool | None, on_error) -> Iterator[tuple]:
+    """``(item, loaded image)`` for every item whose image decodes at the model's input size; the others are
+    reported through ``on_error`` (with ``progress``: a progress bar titled ``what``).  Public for benchmarks
+    that score the same photos their own way (benchmarks/free_grid.py and others)."""
     for item in track(items, len(items), what, progress):
         try:
             yield item, load_image(item.image_path, target_short_side=cropper.config.short_side)
@@ -35,7 +37,7 @@ def gaicd_predictions(cropper, items: Sequence[GaicdItem], progress: bool | None
                       on_error: Callable[[str], None] | None = None) -> list[tuple[GaicdItem, np.ndarray]]:
     """Model scores of every annotated crop of every image, in annotation order."""
     out = []
-    for item, li in _decoded(cropper, items, "GAICD", progress, on_error):
+    for item, li in decoded_items(cropper, items, "GAICD", progress, on_error):
         s = cropper.score_boxes(li.image, li.full_size, {"gt": item.boxes})["gt"]
         out.append((item, s))
     return out
@@ -75,7 +77,7 @@ def fcdb_choices(cropper, items: Sequence[FcdbItem], ratio: str = "any", progres
     if ratio not in {"any", "gt"}:
         raise ValueError(f"ratio must be 'any' or 'gt', not {ratio!r}")
     out = []
-    for item, li in _decoded(cropper, items, f"FCDB ({ratio})", progress, on_error):
+    for item, li in decoded_items(cropper, items, f"FCDB ({ratio})", progress, on_error):
         w, h = li.full_size
         sets = {"a": fcdb_eval_candidates(w, h, item.box, ratio, cropper.free_grid)}
         refine = ["a"] if ratio == "any" and cropper.refine else []
