@@ -10,20 +10,19 @@ pytest.importorskip("torch")
 
 from conftest import draw_photo  # noqa: E402
 
-# ratio → (box, score) from weights/sacnet_mobilenetv2.safetensors on draw_photo(size=(640, 427), seed=7):
-# a gradient sky, a green ground band and a red disc centred near (490, 239), radius 53
-# (box voting, Cropper.fuse: the free crop is the mean of the 3 best overlapping anchors, each ratio crop the
-# score-weighted mean of all of them, cropper.VOTE_T, in whole pixels of that ratio, anchors.ratio_box, since the
-# tenth session; the best anchors alone, fuse=1, were
-# any (133, 89, 613, 374), 16:9 (0, 34, 640, 394), 1:1 (270, 57, 640, 427), 4:5 (334, 45, 640, 427)).  Free crops
-# are chosen among the border grid since the eleventh session (anchors.border_anchors; the best anchor alone is
-# (0, 71, 640, 391), which is also the crop with Cropper(refine=True)); among GAIC's grid (`--free-grid gaic`) "any" is
-# (133, 89, 613, 385), score 0.7246 (with refine=True, (116, 107, 640, 385), 0.9089).
+# ratio → (box, score) from weights/sacnet_mobilenetv2.safetensors (sha256 7b4567d3…, thirteenth session) on
+# draw_photo(size=(640, 427), seed=7): a gradient sky, a green ground band and a red disc centred near (490, 239),
+# radius 53.  Box voting (Cropper.fuse): the free crop is the mean of the 3 best overlapping anchors, each ratio
+# crop the score-weighted mean of all of them (cropper.VOTE_T), in whole pixels of that ratio (anchors.ratio_box);
+# free crops are chosen among the border grid (anchors.border_anchors).  The best anchors alone (fuse=1) are
+# any (0, 71, 640, 391) (also the crop with Cropper(refine=True)), 16:9 (0, 34, 640, 394), 1:1 (270, 28, 640, 398),
+# 4:5 (334, 45, 640, 427); among GAIC's grid (`--free-grid gaic`) "any" is (80, 77, 613, 374), score 0.3676 (with
+# refine=True, (62, 83, 640, 380), 0.5746).
 GOLDEN = {
-    "any": ((36, 71, 640, 391), 0.9542),
-    "16:9": ((67, 74, 639, 396), 0.9004),
-    "1:1": ((256, 32, 639, 415), 0.7944),
-    "4:5": ((324, 26, 639, 420), 0.965),
+    "any": ((0, 47, 640, 380), 0.6659),
+    "16:9": ((52, 59, 639, 389), 0.5845),
+    "1:1": ((263, 30, 640, 407), 0.2991),
+    "4:5": ((327, 23, 640, 414), 0.5169),
 }
 SUBJECT = (437, 186, 543, 292)
 
