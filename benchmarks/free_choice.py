@@ -29,9 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from box_fusion import fcdb_sets  # benchmarks/ is on the path when run as a script
+from smartcrop.anchors import BORDER_MAX_SHARE, GRID_BINS as BINS
+from smartcrop.cropper import FUSE_K
 
-BINS = 12
-REF = dict(depth=4, amin=0.5, cap=0.9, k=3)  # the border grid and box voting as `run` does
+# the border grid (edges 0..BINS//3 - 1 twelfths in, at least half the photo, the cap) and box voting as `run` does
+REF = dict(depth=BINS // 3, amin=0.5, cap=BORDER_MAX_SHARE, k=FUSE_K)
 
 
 def wide_grid(w: int, h: int, depth: int = 5) -> np.ndarray:
@@ -107,7 +109,7 @@ def subset(row: dict, depth: int, amin: float, cap: float, scores=None):
     return b[m], s[m], m
 
 
-def chosen_iou(row: dict, depth=4, amin=0.5, cap=0.9, k=3, scores=None) -> float:
+def chosen_iou(row: dict, depth=REF["depth"], amin=REF["amin"], cap=REF["cap"], k=REF["k"], scores=None) -> float:
     from smartcrop.cropper import fuse_box
     from smartcrop.metrics import iou
 
@@ -124,7 +126,7 @@ def prior_features(row: dict) -> tuple:
     expert's crop."""
     from smartcrop.anchors import box_iou_matrix
 
-    b, s, _ = subset(row, 4, 0.5, 0.9)
+    b, s, _ = subset(row, REF["depth"], REF["amin"], REF["cap"])
     w, h = row["w"], row["h"]
     e = edges_in(b, w, h)
     cw, ch = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
@@ -183,7 +185,7 @@ def report(args) -> None:
     models = list(dict.fromkeys(m for m, _ in data))
 
     def mean_iou(key, **kw):
-        return statistics.mean(chosen_iou(r, **{**REF, **kw}) for r in data[key])
+        return statistics.mean(chosen_iou(r, **kw) for r in data[key])
 
     ref = {key: mean_iou(key) for key in data}
     out: list = []
