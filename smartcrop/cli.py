@@ -425,6 +425,9 @@ def train(
                                    "the expert's crop."),
     fcdb_border: bool = typer.Option(False, "--fcdb-border/--no-fcdb-border", help="FCDB's candidate crops also "
                                      "include the border grid (free crops' candidates, `run --free-grid border`)."),
+    fcdb_listwise: float = typer.Option(0.0, "--fcdb-listwise", min=0.0, help="Weight (times --fcdb-weight) of a "
+                                        "listwise FCDB term: cross-entropy between the candidates' softmax of "
+                                        "scores and of their IoU with the expert's crop (0: off, the recipe)."),
     dropout: Optional[float] = typer.Option(None, "--dropout", min=0.0, max=0.9, help="Dropout on the region and "
                                             "spatial-aware features of a new model (default 0.3; saved in it)."),
     gaicd_rank_weight: float = typer.Option(0.0, "--gaicd-rank-weight", min=0.0, help="Weight of a margin "
@@ -520,7 +523,7 @@ def train(
                                  gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight,
                                  distill_anchors=distill_anchors, jitter_views=jitter_views, rc_anchors=rc_anchors,
                                  centred_mos=centred_mos, top_weight=top_weight, fcdb_border=fcdb_border,
-                                 fcdb_tau=fcdb_tau)
+                                 fcdb_tau=fcdb_tau, fcdb_listwise=fcdb_listwise)
     if jitter_views and cfg.frozen_layers == 0:
         err("note: --jitter-views has no effect when the whole backbone is trained (every use is jittered then)")
     info = {

@@ -6,7 +6,9 @@
 * :func:`fcdb_loss` — one expert box per photo (FCDB layout): candidate crops carry their IoU with the expert
   box.  IoU is not a MOS, so it is never regressed: pairs whose IoU differ by more than ``τ`` give a margin
   ranking loss on the score head and BCE on the ranking head, weighted by ``λ_fcdb``.  (``mode="iou"``: the
-  alternative we measured against, a smooth-L1 to the per-image z-score of IoU; ablation only.)
+  alternative we measured against, a smooth-L1 to the per-image z-score of IoU; ablation only.)  With
+  ``listwise`` > 0 also a listwise term (:func:`listwise_targets`): the cross-entropy between the candidates'
+  softmax of scores and a softmax of their IoU, which weighs the crops the model now ranks highest.
 * :func:`rank_consistency` — unlabeled photos: the hinge ``max(0, δ + sign(p_ij − 0.5)(ŷ_j − ŷ_i))`` over all
   pairs of the sampled anchors, the ranking head's verdict acting as the score head's label (no gradient
   through the verdict).
@@ -98,21 +100,41 @@ def gaicd_loss(model, cf: torch.Tensor, scores: torch.Tensor, targets: np.ndarra
     return parts
 
 
+#: the listwise FCDB term's temperatures: of the scores (normalised-MOS units) and of the IoU targets
+LIST_TEMP = 0.5
+LIST_SIGMA = 0.1
+
+
+def listwise_targets(ious: np.ndarray, sigma: float = LIST_SIGMA) -> np.ndarray:
+    """The listwise FCDB term's target distribution over candidates: ``softmax(IoU / sigma)``."""
+    z = (np.asarray(ious, np.float64) - np.max(ious)) / sigma
+    q = np.exp(z)
+    return (q / q.sum()).astype(np.float32)
+
+
+def listwise_loss(scores: torch.Tensor, q: np.ndarray, temp: float = LIST_TEMP) -> torch.Tensor:
+    """``−Σ q · log softmax(scores / temp)``: one image's candidates, ``q`` from :func:`listwise_targets`."""
+    return -(torch.from_numpy(q).to(scores.device) * F.log_softmax(scores / temp, 0)).sum()
+
+
 def fcdb_loss(model, cf: torch.Tensor, scores: torch.Tensor, ious: np.ndarray, rng: np.random.Generator, *,
               tau: float, max_pairs: int, margin: float, weight: float, lambda_cls: float, mode: str = "rank",
-              image_ious: np.ndarray | None = None) -> dict:
+              image_ious: np.ndarray | None = None, listwise: float = 0.0) -> dict:
     """Ranking losses for candidate crops whose IoU with the expert box is ``ious``.
 
     ``mode="iou"`` regresses the per-image z-score of IoU instead (``image_ious``: the IoU of every candidate
-    of the image, for the z-score's mean and spread).
+    of the image, for the z-score's mean and spread).  ``listwise`` > 0 adds ``weight · listwise`` times
+    :func:`listwise_loss` over all the candidates (``fcdb_list``).
     """
     dev = scores.device
+    parts = {}
+    if listwise > 0 and len(ious) > 1:
+        parts["fcdb_list"] = weight * listwise * listwise_loss(scores, listwise_targets(ious))
     pairs = pair_indices(ious, tau, max_pairs, rng)
     if not len(pairs):
-        return {}
+        return parts
     pi, pj = _split(pairs, dev)
     better = torch.from_numpy(np.where(ious[pairs[:, 0]] > ious[pairs[:, 1]], 1.0, -1.0).astype(np.float32)).to(dev)
-    parts = {}
     if mode == "iou":
         ref = ious if image_ious is None else image_ious
         z = ((ious - ref.mean()) / max(float(ref.std()), 1e-6)).astype(np.float32)
@@ -167,6 +189,7 @@ class StepLosses:
         self.hinge: dict = {}  # name → (head, i, j, sign or None, margin, weights)
         self.bce: dict = {}  # name → (i, j, labels, weights)
         self.centred: dict = {}  # name → (head, rows, targets, group, level weights, weights)
+        self.listwise: dict = {}  # name → (head, rows, target probabilities, group, weights)
         self.n_rows = 0
         self.n_groups = 0
 
@@ -200,6 +223,15 @@ class StepLosses:
         self._add(self.centred, name, (np.full(n, head == "fcdb"), rows, np.asarray(targets, np.float32),
                                        np.full(n, self.n_groups), np.full(n, level_weight, np.float32)), weight)
         self.n_groups += bool(n)
+
+    def add_listwise(self, name: str, head: str, rows: np.ndarray, q: np.ndarray, weight: float) -> None:
+        """``weight · listwise_loss(s[rows], q)``: a softmax over the rows, as one group."""
+        n = len(rows)
+        if n < 2:
+            return
+        self._add(self.listwise, name, (np.full(n, head == "fcdb"), rows, np.asarray(q, np.float32),
+                                        np.full(n, self.n_groups)), weight, np.full(n, n, np.float32))
+        self.n_groups += 1
 
     def add_hinge(self, name: str, head: str, i: np.ndarray, j: np.ndarray, sign: np.ndarray | None,
                   margin: float, weight: float) -> None:
@@ -249,6 +281,12 @@ class StepLosses:
             # each group's level term, carried by its entries: w·n_group = the group's weight
             loss = loss + level * w * F.smooth_l1_loss(m[group], tm[group], reduction="none")
             parts.update(sums(names, counts, loss))
+        if self.listwise:
+            names, counts, (is_f, rows, q, group, w) = columns(self.listwise)
+            z = scores(is_f, rows).float() / LIST_TEMP
+            top = z.detach().max()  # one shift for every group: scores lie within a few units of each other
+            lse = torch.zeros(self.n_groups, device=dev).index_add_(0, group, torch.exp(z - top)).log() + top
+            parts.update(sums(names, counts, -q * (z - lse[group]) * w))
         if self.hinge:
             names, counts, (is_f, verdict, i, j, sign, margin, w) = columns(self.hinge)
             if verdict.any():  # rank consistency's labels: one pass of the ranking head, without gradient

@@ -49,6 +49,7 @@ class TrainConfig:
     fcdb_crops: int = 32
     fcdb_loss: str = "rank"  # "rank" (the method); "iou": smooth-L1 to IoU z-scored per image (ablation only)
     fcdb_border: bool = False  # FCDB's candidates also include border_anchors (fcdb_candidates)
+    fcdb_listwise: float = 0.0  # weight (times fcdb_weight) of the listwise FCDB term (losses.listwise_loss); 0: off
     rc_weight: float = 1.0
     rc_anchors: int = 16  # N
     rc_delta: float = 0.1
@@ -423,7 +424,8 @@ class Trainer:
         own = self.model.config.fcdb_head
         return fcdb_loss(self.model, cf, self.model.fcdb_scores(cf), t, self.rng, tau=cfg.fcdb_tau,
                          max_pairs=cfg.pairs_per_image, margin=cfg.fcdb_margin, weight=cfg.fcdb_weight,
-                         lambda_cls=0.0 if own else cfg.lambda_cls, mode=cfg.fcdb_loss, image_ious=s.targets)
+                         lambda_cls=0.0 if own else cfg.lambda_cls, mode=cfg.fcdb_loss, image_ious=s.targets,
+                         listwise=cfg.fcdb_listwise)
 
     def consistency_loss(self, s: Sample):
         s = self._at_scale(s)
@@ -527,7 +529,7 @@ class Trainer:
     def _labeled_terms(self, acc, s: Sample, flip: bool, n: int) -> np.ndarray:
         """Add a labeled image's terms (what :meth:`_labeled_loss` computes, weighted 1/``n``) to the step's
         :class:`~smartcrop.losses.StepLosses`; return its crops' boxes (their rows come next)."""
-        from .losses import pair_indices, top_weights
+        from .losses import listwise_targets, pair_indices, top_weights
 
         cfg = self.cfg
         boxes, t = self._labeled_draw(s, flip)
@@ -547,12 +549,14 @@ class Trainer:
                     acc.add_hinge("rank", "mos", i, j, np.where(first_better, 1.0, -1.0), 0.25,
                                   cfg.gaicd_rank_weight / n)
             return boxes
+        w = cfg.fcdb_weight / n
+        if cfg.fcdb_listwise > 0:
+            acc.add_listwise("fcdb_list", "fcdb", rows, listwise_targets(t), w * cfg.fcdb_listwise)
         pairs = pair_indices(t, cfg.fcdb_tau, cfg.pairs_per_image, self.rng)
         if not len(pairs):
             return boxes
         better = np.where(t[pairs[:, 0]] > t[pairs[:, 1]], 1.0, -1.0)
         i, j = rows[pairs[:, 0]], rows[pairs[:, 1]]
-        w = cfg.fcdb_weight / n
         if cfg.fcdb_loss == "iou":
             z = (t - s.targets.mean()) / max(float(s.targets.std()), 1e-6)
             acc.add_smooth_l1("fcdb_reg", "fcdb", rows, z, w)

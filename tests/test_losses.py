@@ -3,8 +3,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from smartcrop.losses import (fcdb_loss, gaicd_loss, pair_indices, rank_consistency,  # noqa: E402
-                              rank_consistency_loss, top_weights)
+from smartcrop.losses import (LIST_SIGMA, LIST_TEMP, StepLosses, fcdb_loss, gaicd_loss,  # noqa: E402
+                              listwise_targets, pair_indices, rank_consistency, rank_consistency_loss, top_weights)
 
 
 class Heads:
@@ -115,6 +115,51 @@ def test_fcdb_iou_mode_regresses_the_per_image_zscore():
         pytest.approx(0.5, abs=1e-5)
     with pytest.raises(ValueError, match="unknown FCDB loss"):
         fcdb_loss(Heads(), cf, z, ious, np.random.default_rng(0), **{**kw, "mode": "l2"})
+
+
+def test_fcdb_listwise_term_is_the_cross_entropy_of_score_and_iou_softmaxes():
+    ious = np.array([1.0, 0.9, 0.5, 0.1], np.float32)
+    q = listwise_targets(ious)
+    assert q.sum() == pytest.approx(1.0) and list(np.argsort(-q)) == [0, 1, 2, 3]
+    assert q[0] / q[1] == pytest.approx(np.exp(0.1 / LIST_SIGMA), rel=1e-5)
+    kw = dict(tau=0.2, max_pairs=10, margin=0.25, weight=2.0, lambda_cls=0.0, listwise=0.5)
+    cf = torch.zeros(4, 1)
+    s = torch.tensor([0.3, -0.2, 0.8, 0.1])
+    got = fcdb_loss(Heads(), cf, s, ious, np.random.default_rng(0), **kw)
+    want = -(torch.from_numpy(q) * torch.log_softmax(s / LIST_TEMP, 0)).sum() * 2.0 * 0.5
+    assert set(got) == {"fcdb_rank", "fcdb_list"} and got["fcdb_list"].item() == pytest.approx(want.item(), rel=1e-5)
+    # scores ordered as IoU, and spread wider, lower it; it needs no pair beyond tau, and is off by default
+    ordered = fcdb_loss(Heads(), cf, torch.from_numpy(ious * 4), ious, np.random.default_rng(0), **kw)
+    assert ordered["fcdb_list"].item() < got["fcdb_list"].item()
+    assert set(fcdb_loss(Heads(), cf, s, np.full(4, 0.5, np.float32), np.random.default_rng(0), **kw)) == {"fcdb_list"}
+    assert "fcdb_list" not in fcdb_loss(Heads(), cf, s, ious, np.random.default_rng(0), **{**kw, "listwise": 0.0})
+
+
+def test_step_losses_listwise_groups_are_each_images_own_softmax():
+    class Net:
+        config = None
+
+        def mos_scores(self, cf):
+            return cf[:, 0]
+
+    cf = torch.tensor([[0.3], [-0.2], [0.8], [1.5], [0.0], [0.4], [-1.0]], requires_grad=True)
+    acc = StepLosses()
+    acc.add_centred_smooth_l1("c", "mos", acc.rows(2), np.zeros(2, np.float32), 0.0, 0.0)  # another group first
+    a, b = acc.rows(3), acc.rows(2)
+    qa, qb = listwise_targets(np.array([0.2, 0.9, 0.5])), listwise_targets(np.array([0.7, 0.1]))
+    acc.add_listwise("l", "mos", a, qa, 0.5)
+    acc.add_listwise("l", "mos", b, qb, 0.25)
+    acc.add_listwise("l", "mos", np.array([0]), np.ones(1, np.float32), 1.0)  # one candidate: nothing to rank
+    got = acc.evaluate(Net(), cf)["l"]
+
+    def one(rows, q):
+        return -(torch.from_numpy(q) * torch.log_softmax(cf[rows, 0] / LIST_TEMP, 0)).sum()
+
+    want = 0.5 * one(a, qa) + 0.25 * one(b, qb)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    g_got, = torch.autograd.grad(got, cf, retain_graph=True)
+    g_want, = torch.autograd.grad(want, cf)
+    assert torch.allclose(g_got, g_want, atol=1e-6)
 
 
 def test_rank_consistency_loss_follows_the_ranking_head():

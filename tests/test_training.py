@@ -322,6 +322,7 @@ def _per_image_batch_loss(tr, labeled, unlabeled, fixed):
     (True, False, {}), (False, False, {}), (True, True, {"gaicd_rank_weight": 0.5}),
     (False, False, {"fcdb_loss": "iou", "rc_anchors": 6}), (True, False, {"jitter": 0.0, "lambda_cls": 0.0}),
     (False, False, {"centred_mos": 0.1}), (True, False, {"top_weight": 2.0}),
+    (False, False, {"fcdb_listwise": 0.5}), (True, True, {"fcdb_listwise": 1.0, "fcdb_loss": "iou"}),
 ])
 def test_a_batched_steps_losses_are_the_mean_of_the_per_image_losses(tiny_gaicd, tiny_fcdb, tiny_album, one_thread,
                                                                      fixed, fcdb_head, extra):
