@@ -258,8 +258,8 @@ def run(
                              "of them; 1: the best anchor itself."),
     refine: bool = typer.Option(False, "--refine/--no-refine", help="A free-ratio crop is also chosen among the "
                                 "best anchor's neighbours (each edge moved by half a grid cell): slightly larger "
-                                "free crops, ~1.5× the free-ratio scoring time; on the border grid no steady "
-                                "gain in IoU with FCDB's expert crops (docs/results.md)."),
+                                "free crops, ~1.5× the free-ratio scoring time; on the border grid (the default) "
+                                "lower IoU with FCDB's expert crops on fold models (docs/results.md)."),
     free_grid: str = FREE_GRID_OPT,
     faces: bool = typer.Option(False, "--faces/--no-faces", help="Avoid crops that cut a detected face (frontal "
                                "faces, OpenCV's Haar cascade: pip install 'smartcrop[faces]'); ~18 ms more a "
