@@ -43,7 +43,7 @@ def figures(res: dict, free: dict | None, fold: int, seed: int) -> dict:
 
 
 def read_free(path: Path) -> dict:
-    """(fold, seed, set) → the border grid's free IoU, from free_grid.py's JSON (model paths ``…/foldK_seedS/…``)."""
+    """(fold, seed, set) → the border grid's free IoU, from free_grid.py's JSON (models ``…/foldK_seedS/…``)."""
     out = {}
     for row in json.loads(path.read_text()):
         run = Path(row["model"]).parent.name  # foldK_seedS

@@ -139,11 +139,10 @@ class Cropper:
     overlapping top anchors (:func:`fuse_box`, default 3), each crop of a given ratio the score-weighted mean of
     all the anchors overlapping the best (:data:`VOTE_T`); 1: the best anchor itself.  ``refine``: a free-ratio
     crop is also chosen among the best free anchor's neighbours (:func:`~smartcrop.anchors.refine_anchors`;
-    off by default: larger free crops; on the border grid lower IoU on fold models, docs/results.md).  ``free_grid``: the
-    free-ratio candidates, ``border`` (:func:`~smartcrop.anchors.border_anchors`: edges can reach the photo's
-    border; the default) or ``gaic`` (the paper's grid).  ``faces``: crops
-    that cut a detected face lose score before the choice (:mod:`smartcrop.faces`; needs the ``faces`` extra,
-    off by default).
+    off by default: larger free crops; on the border grid lower IoU on fold models, docs/results.md).
+    ``free_grid``: the free-ratio candidates, ``border`` (:func:`~smartcrop.anchors.border_anchors`: edges can
+    reach the photo's border; the default) or ``gaic`` (the paper's grid).  ``faces``: crops that cut a detected
+    face lose score before the choice (:mod:`smartcrop.faces`; needs the ``faces`` extra, off by default).
     """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "auto", model: str | None = None,
