@@ -57,11 +57,12 @@ def main(argv=None) -> int:
     ap.add_argument("variant")
     ap.add_argument("--reference", default="ref11")
     ap.add_argument("--seed", type=int, default=0, help="the variant's seed, paired with the reference's same seed")
-    ap.add_argument("--free-ref", type=Path, help="free_grid.py JSON of the reference's models (border/3 column)")
+    ap.add_argument("--free-ref", type=Path, action="append", help="free_grid.py JSON of the reference's models "
+                    "(border/3 column); repeatable")
     ap.add_argument("--results", action="append", default=None)
     args = ap.parse_args(argv)
     roots = args.results or ["runs/validate/results", "runs/validate2/results", "docs/validation/results"]
-    free = read_free(args.free_ref) if args.free_ref else None
+    free = {k: v for p in args.free_ref for k, v in read_free(p).items()} if args.free_ref else None
     diffs = {k: [] for k in KEYS}
     print("fold  " + "  ".join(f"{k:>12}" for k in KEYS) + "   (variant; below each: variant − reference)")
     for fold in range(5):
