@@ -12,26 +12,19 @@ variant's figures and the differences, then mean ± sd over the folds (pairs won
     python benchmarks/paired.py listwise --reference ref11 --seed 0 \\
         --free-ref docs/validation/inference/free_grid_ref11.json
 
-Result files are looked up in ``--results`` folders (default: ``runs/validate/results``,
-``runs/validate2/results``, ``docs/validation/results``), the first that has ``VARIANT/foldK_seedS.json``.
+Result files are read as ``validate.py --summary`` reads them (``validate.load_results``) from the ``--work``
+folders (default: ``runs/validate``, ``runs/validate2``, ``docs/validation``); the first that has a run wins.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
+from validate import N_FOLDS, fmt, load_results, mean_sd  # benchmarks/ is on the path when run as a script
+
 KEYS = ("srcc", "acc5", "acc10", "dev_free", "heldout_free", "dev_gt", "heldout_gt")
-
-
-def find(roots, variant: str, fold: int, seed: int) -> dict | None:
-    for root in roots:
-        p = Path(root) / variant / f"fold{fold}_seed{seed}.json"
-        if p.exists():
-            return json.loads(p.read_text())
-    return None
 
 
 def figures(res: dict, free: dict | None, fold: int, seed: int) -> dict:
@@ -59,14 +52,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the variant's seed, paired with the reference's same seed")
     ap.add_argument("--free-ref", type=Path, action="append", help="free_grid.py JSON of the reference's models "
                     "(border/3 column); repeatable")
-    ap.add_argument("--results", action="append", default=None)
+    ap.add_argument("--work", type=Path, action="append", default=None,
+                    help="validate.py work folder (repeatable; default runs/validate, runs/validate2, docs/validation)")
     args = ap.parse_args(argv)
-    roots = args.results or ["runs/validate/results", "runs/validate2/results", "docs/validation/results"]
+    runs: dict = {}  # variant → (fold, seed) → result, the first work folder's run kept
+    for work in reversed(args.work or [Path("runs/validate"), Path("runs/validate2"), Path("docs/validation")]):
+        for variant, by_run in load_results(work).items():
+            runs.setdefault(variant, {}).update(by_run)
     free = {k: v for p in args.free_ref for k, v in read_free(p).items()} if args.free_ref else None
     diffs = {k: [] for k in KEYS}
     print("fold  " + "  ".join(f"{k:>12}" for k in KEYS) + "   (variant; below each: variant − reference)")
-    for fold in range(5):
-        a, b = find(roots, args.variant, fold, args.seed), find(roots, args.reference, fold, args.seed)
+    for fold in range(N_FOLDS):
+        a = runs.get(args.variant, {}).get((fold, args.seed))
+        b = runs.get(args.reference, {}).get((fold, args.seed))
         if a is None or b is None:
             continue
         fa, fb = figures(a, None, fold, args.seed), figures(b, free, fold, args.seed)
@@ -80,8 +78,7 @@ def main(argv=None) -> int:
         return 1
     for k in KEYS:
         d = diffs[k]
-        sd = statistics.stdev(d) if n > 1 else float("nan")
-        print(f"{k}: {statistics.mean(d):+.4f} ± {sd:.4f} ({sum(x > 0 for x in d)}/{n})")
+        print(f"{k}: {fmt(*mean_sd(d), 4, signed=True)} ({sum(x > 0 for x in d)}/{n})")
     return 0
 
 
