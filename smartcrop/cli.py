@@ -480,6 +480,9 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (OUT.ckpt) to resume from."),
     device: str = DEVICE_OPT,
     seed: int = typer.Option(0, "--seed", help="Random seed (data order, initialisation)."),
+    init_seed: Optional[int] = typer.Option(None, "--init-seed", help="Seed of the new heads' random "
+                                            "initialisation alone (default: --seed); runs that share it and "
+                                            "differ in --seed start from the same weights."),
 ):
     """Train a crop scorer: human scores, expert crops and rank consistency on unlabeled photos."""
     import shlex
@@ -504,6 +507,8 @@ def train(
     for t in teacher:
         if not t.is_file():
             raise UsageError(f"{t}: no such teacher model")
+    if init_seed is not None and init is not None:
+        raise UsageError("--init-seed applies to a new model, not to --init")
     dev = resolve_device(device)
     if dev.startswith("cuda"):
         err("note: the GPU recipe (end to end, 8 images a step) was measured on one fold only, below the CPU "
@@ -513,7 +518,8 @@ def train(
         raise UsageError("--fcdb-mix needs --fcdb-head")
     if top_weight > 0 and centred_mos is not None:
         raise UsageError("--top-weight and --centred-mos do not combine: choose one")
-    net, source = build_model(init, backbone, not no_saf, backbone_weights, seed, fcdb_head, dropout)
+    init_seed = seed if init_seed is None else init_seed
+    net, source = build_model(init, backbone, not no_saf, backbone_weights, init_seed, fcdb_head, dropout)
     if fcdb_mix is not None:
         net.config.fcdb_mix = fcdb_mix
     cfg = TrainConfig.for_device(dev, net.config.backbone, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf,
@@ -528,7 +534,7 @@ def train(
         err("note: --jitter-views has no effect when the whole backbone is trained (every use is jittered then)")
     info = {
         "command": "smartcrop train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
-        "training": {"backbone_init": source, "gaicd": list(gaicd), "fcdb": [str(p) for p in fcdb],
+        "training": {"backbone_init": source, "init_seed": None if init is not None else init_seed, "gaicd": list(gaicd), "fcdb": [str(p) for p in fcdb],
                      "unlabeled": [str(p) for p in unlabeled],
                      **({"teachers": [{"file": str(t), "sha256": sha256_file(t)} for t in teacher]} if teacher else {}),
                      "val_gaicd": [it.name for it in data.val_gaicd], "n_val_fcdb": len(data.val_fcdb)},

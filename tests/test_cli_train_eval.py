@@ -76,6 +76,8 @@ def test_train_jitter_views_and_rc_anchors_are_recorded_and_a_useless_flag_noted
     (["--out", "m.safetensors", "--gaicd", "x", "--scale-aug", "0.9;1.1"], ["--scale-aug", "0.9;1.1"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--scale-aug", "0,1.1"], ["--scale-aug", "between"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--fcdb-mix", "0.5"], ["--fcdb-mix needs --fcdb-head"]),
+    (["--out", "m.safetensors", "--gaicd", "x", "--init", "m0.safetensors", "--init-seed", "1"],
+     ["--init-seed", "--init"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--top-weight", "2", "--centred-mos", "0.1"],
      ["--top-weight", "--centred-mos"]),
 ])
@@ -106,6 +108,33 @@ def test_train_architecture_options_make_a_new_model_with_them(tmp_path, tiny_ga
     code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--dropout", "0.5",
                        "--out", tmp_path / "n.safetensors")
     assert code == 2 and "--dropout" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_init_seed_sets_the_heads_initialisation_apart_from_the_data_seed(tmp_path, tiny_gaicd, tiny_fcdb,
+                                                                                 monkeypatch):
+    """--init-seed alone decides a new model's starting weights (so runs differing in --seed can start alike);
+    without it --seed does, as before; the card records it."""
+    from smartcrop import training, weights
+    from smartcrop.weights import read_card
+
+    monkeypatch.setattr(weights, "load_backbone_weights", lambda net, path: "untrained (test)")
+    a, _ = training.build_model(seed=7)
+    b, _ = training.build_model(seed=7)
+    c, _ = training.build_model(seed=8)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["region_fc.0.weight"], sc["region_fc.0.weight"])
+    seen = []
+    real = training.build_model
+    monkeypatch.setattr(training, "build_model", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    for extra, init_seed in ((["--seed", "1", "--init-seed", "7"], 7), (["--seed", "3"], 3)):
+        out = tmp_path / f"m{init_seed}.safetensors"
+        code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--epochs", "1",
+                           "--val-fraction", "0", "--device", "cpu", *extra, "--out", out)
+        assert code == 0, err
+        assert seen[-1] == init_seed
+        tr = read_card(out)["training"]
+        assert tr["init_seed"] == init_seed and tr["config"]["seed"] == int(extra[1])
 
 
 def test_eval_gaicd_and_fcdb_json(tiny_gaicd, tiny_fcdb, small_model_file):
