@@ -393,6 +393,35 @@ def models(as_json: bool = typer.Option(False, "--json", help="JSON lines instea
 
 
 @app.command()
+def average(
+    files: List[Path] = typer.Argument(..., help="Two or more model files of one architecture."),
+    out: Path = typer.Option(..., "--out", help="The averaged model (.safetensors; its card beside it)."),
+):
+    """Average the weights of models trained from the same start (train --init-seed, different --seed)."""
+    import shlex
+
+    from .errors import UsageError
+    from .weights import average_models, save_model
+
+    if out.suffix != ".safetensors":
+        raise UsageError("--out must end in .safetensors")
+    for f in files:
+        if not f.is_file():
+            raise UsageError(f"{f}: no such model file")
+        if out.resolve() == f.resolve():
+            raise UsageError(f"--out {out} is one of the models averaged; inputs are never overwritten")
+    net, info = average_models(files)
+    seeds = [m["init_seed"] for m in info["average_of"]]
+    if None in seeds or len(set(seeds)) > 1:
+        err("note: the models' cards do not show one shared initialisation seed "
+            f"({', '.join('?' if s is None else str(s) for s in seeds)}); averaging models that started apart "
+            "can score worse than any of them (docs/results.md)")
+    info["command"] = "smartcrop average " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    card = save_model(net, out, info)
+    err(f"saved {out} (sha256 {card['sha256'][:12]}…), the average of {len(files)} models")
+
+
+@app.command()
 def train(
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (.safetensors); OUT.ckpt and "
                              "OUT.log.jsonl are written beside it."),
@@ -480,6 +509,9 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (OUT.ckpt) to resume from."),
     device: str = DEVICE_OPT,
     seed: int = typer.Option(0, "--seed", help="Random seed (data order, initialisation)."),
+    branch_seed: Optional[int] = typer.Option(None, "--branch-seed", help="With --resume: draw the remaining "
+                                              "epochs from this seed instead of the checkpoint's random state "
+                                              "(runs branched from one checkpoint share their first epochs)."),
     init_seed: Optional[int] = typer.Option(None, "--init-seed", help="Seed of the new heads' random "
                                             "initialisation alone (default: --seed); runs that share it and "
                                             "differ in --seed start from the same weights."),
@@ -509,6 +541,8 @@ def train(
             raise UsageError(f"{t}: no such teacher model")
     if init_seed is not None and init is not None:
         raise UsageError("--init-seed applies to a new model, not to --init")
+    if branch_seed is not None and resume is None:
+        raise UsageError("--branch-seed needs --resume (the checkpoint the branch starts from)")
     dev = resolve_device(device)
     if dev.startswith("cuda"):
         err("note: the GPU recipe (end to end, 8 images a step) was measured on one fold only, below the CPU "
@@ -534,12 +568,16 @@ def train(
         err("note: --jitter-views has no effect when the whole backbone is trained (every use is jittered then)")
     info = {
         "command": "smartcrop train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
-        "training": {"backbone_init": source, "init_seed": None if init is not None else init_seed, "gaicd": list(gaicd), "fcdb": [str(p) for p in fcdb],
+        "training": {"backbone_init": source, "init_seed": None if init is not None else init_seed,
+                     "gaicd": list(gaicd), "fcdb": [str(p) for p in fcdb],
                      "unlabeled": [str(p) for p in unlabeled],
                      **({"teachers": [{"file": str(t), "sha256": sha256_file(t)} for t in teacher]} if teacher else {}),
                      "val_gaicd": [it.name for it in data.val_gaicd], "n_val_fcdb": len(data.val_fcdb)},
     }
-    run_training(net, data, cfg, out, dev, resume, info, log=err, workers=workers, teachers=teacher)
+    if branch_seed is not None:
+        info["training"]["branch"] = {"from": str(resume), "seed": branch_seed}
+    run_training(net, data, cfg, out, dev, resume, info, log=err, workers=workers, teachers=teacher,
+                 branch_seed=branch_seed)
 
 
 def main() -> None:

@@ -892,13 +892,16 @@ def validate(model, data: TrainData, device: str) -> dict:
 
 def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: str = "cpu",
                  resume: Path | None = None, info: dict | None = None, log: Callable[[str], None] = print,
-                 progress: bool | None = None, workers: int = 0, teachers: Sequence = ()) -> dict:
+                 progress: bool | None = None, workers: int = 0, teachers: Sequence = (),
+                 branch_seed: int | None = None) -> dict:
     """Train ``model`` on ``data``; checkpoint every epoch to ``OUT.ckpt``, log to ``OUT.log.jsonl``, save ``OUT``.
 
     ``workers``: processes decoding the training images (0: one per usable core, at most 8; 1: none).
     ``teachers``: smartcrop model files whose combined scores of the unlabeled photos' anchors
     (:func:`teacher_targets`, computed once while the photos are prepared) the score head is also trained to
     match, with weight ``cfg.distill_weight`` (knowledge distillation from an ensemble).
+    ``branch_seed`` (with ``resume``): the rest of the run draws from this seed instead of the checkpoint's
+    random state, so runs resumed from one checkpoint with different branch seeds share their first epochs.
 
     The global RNGs are seeded here (from ``cfg.seed``), and the model's train/eval mode is switched here only:
     eval while images are prepared and during validation, train for each epoch, eval when done.
@@ -915,6 +918,11 @@ def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: st
     if resume is not None:
         trainer.load_checkpoint(resume)
         log(f"resumed from {resume} after epoch {trainer.epoch}")
+        if branch_seed is not None:
+            seed_everything(branch_seed)
+            trainer.rng = np.random.default_rng(branch_seed)
+    elif branch_seed is not None:
+        raise UsageError("a branch seed needs a checkpoint to resume from")
     t0 = time.time()
     model.eval()
     if workers <= 0:

@@ -25,6 +25,7 @@ import os
 import re
 import threading
 from pathlib import Path
+from typing import Sequence
 
 from .errors import SmartcropError
 
@@ -167,6 +168,36 @@ def save_model(model, path: str | os.PathLike, info: dict | None = None, half: b
     card["file"] = path.name
     write_atomic(card_path(path), (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
     return card
+
+
+def average_models(paths: Sequence[str | os.PathLike]) -> tuple:
+    """``(model, info)``: the weight average (a "model soup") of two or more model files of one architecture.
+
+    Every floating tensor (BatchNorm running statistics included) is the mean of the files' tensors, integer
+    ones (BatchNorm step counts) are the first file's.  Averaging only makes sense for runs that started from the
+    same weights (``smartcrop train --init-seed``); ``info`` lists each file's sha256 and the initialisation seed
+    its card records (None where it records none), for the caller to check and to store in the new card.
+    Different architectures are a :class:`WeightsError`."""
+    import torch
+
+    if len(paths) < 2:
+        raise WeightsError("averaging needs two or more model files")
+    nets = [load_model(p) for p in paths]
+    first = nets[0].config.to_dict()
+    for p, net in zip(paths[1:], nets[1:]):
+        if net.config.to_dict() != first:
+            raise WeightsError(f"{p}: another architecture than {paths[0]}'s; only like models can be averaged")
+    states = [net.state_dict() for net in nets]
+    avg = {k: torch.stack([st[k] for st in states]).mean(0) if v.is_floating_point() else v.clone()
+           for k, v in states[0].items()}
+    model = nets[0]
+    model.load_state_dict(avg)
+    members = []
+    for p in paths:
+        card = read_card(p) or read_header(p)
+        members.append({"file": str(p), "sha256": sha256_file(p),
+                        "init_seed": (card.get("training") or {}).get("init_seed")})
+    return model.eval(), {"average_of": members}
 
 
 def input_size(path) -> tuple[int, int] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -75,14 +76,22 @@ def tiny_album(tmp_path):
     return d
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread: on a machine whose cores are busy, more threads make tiny models ~15x slower."""
-    torch = pytest.importorskip("torch")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with _torch_threads(1):
+        yield
 
 
 @pytest.fixture
@@ -116,3 +125,10 @@ def input_size_model_file(tmp_path):
     p = tmp_path / "models" / "untrained256.safetensors"
     save_model(SACNet(ModelConfig()).eval(), p, {"training": {"note": "untrained test model"}})
     return p
+
+
+@pytest.fixture
+def one_thread():
+    """Threaded CPU reductions sum in varying order (runs differ by ~1e-4 after Adam); one thread is exact."""
+    with _torch_threads(1):
+        yield

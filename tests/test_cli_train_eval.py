@@ -78,6 +78,7 @@ def test_train_jitter_views_and_rc_anchors_are_recorded_and_a_useless_flag_noted
     (["--out", "m.safetensors", "--gaicd", "x", "--fcdb-mix", "0.5"], ["--fcdb-mix needs --fcdb-head"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--init", "m0.safetensors", "--init-seed", "1"],
      ["--init-seed", "--init"]),
+    (["--out", "m.safetensors", "--gaicd", "x", "--branch-seed", "1"], ["--branch-seed needs --resume"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--top-weight", "2", "--centred-mos", "0.1"],
      ["--top-weight", "--centred-mos"]),
 ])
@@ -135,6 +136,31 @@ def test_train_init_seed_sets_the_heads_initialisation_apart_from_the_data_seed(
         assert seen[-1] == init_seed
         tr = read_card(out)["training"]
         assert tr["init_seed"] == init_seed and tr["config"]["seed"] == int(extra[1])
+
+
+def test_train_branches_resumed_with_their_own_seeds_share_the_checkpoint_and_then_differ(
+        tmp_path, tiny_gaicd, tiny_fcdb, tiny_album, small_model_file, one_thread):
+    from smartcrop.weights import load_model, read_card
+
+    common = ["train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--unlabeled", tiny_album,
+              "--init", small_model_file, "--val-fraction", "0", "--device", "cpu", "-j", "1"]
+    base = tmp_path / "base.safetensors"
+    code, _, err = cli(*common, "--epochs", "1", "--out", base)
+    assert code == 0, err
+    outs = {}
+    for name, extra in (("a", ["--branch-seed", "5"]), ("a2", ["--branch-seed", "5"]), ("b", ["--branch-seed", "6"]),
+                        ("plain", [])):
+        outs[name] = tmp_path / f"{name}.safetensors"
+        code, _, err = cli(*common, "--epochs", "2", "--resume", base.with_suffix(".ckpt"), *extra,
+                           "--out", outs[name])
+        assert code == 0, err
+    st = {k: load_model(p).state_dict() for k, p in outs.items()}
+    key = "score_head.0.weight"
+    assert torch.equal(st["a"][key], st["a2"][key])  # a branch is reproducible from its seed
+    assert not torch.equal(st["a"][key], st["b"][key])  # and another seed makes another branch
+    assert not torch.equal(st["a"][key], st["plain"][key])  # unlike the checkpoint's own continuation
+    assert read_card(outs["b"])["training"]["branch"] == {"from": str(base.with_suffix(".ckpt")), "seed": 6}
+    assert "branch" not in read_card(outs["plain"])["training"]
 
 
 def test_eval_gaicd_and_fcdb_json(tiny_gaicd, tiny_fcdb, small_model_file):
@@ -264,3 +290,34 @@ def test_train_teacher_errors_are_one_line_and_exit_2(tmp_path, tiny_gaicd, tiny
     for w in words:
         assert w in err
     assert not list(tmp_path.glob("m.*"))
+
+
+def test_average_writes_the_mean_model_with_its_card_and_never_overwrites_an_input(tmp_path, small_model,
+                                                                                  small_model_file):
+    from smartcrop.weights import load_model, read_card, save_model, sha256_file
+
+    with torch.no_grad():
+        for p in small_model.parameters():
+            p.add_(1.0)
+    other = tmp_path / "other.safetensors"
+    save_model(small_model, other, {"training": {"init_seed": 0}})
+    before = sha256_file(small_model_file), sha256_file(other)
+    out = tmp_path / "avg.safetensors"
+    code, _, err = cli("average", small_model_file, other, "--out", out)
+    assert code == 0, err
+    assert "do not show one shared initialisation seed" in err  # the first card records none
+    a, b, m = (load_model(p).state_dict() for p in (small_model_file, other, out))
+    for k in ("score_head.0.weight", "region_fc.0.weight", "backbone.features.18.1.running_var"):
+        assert torch.allclose(m[k], (a[k] + b[k]) / 2, atol=2e-3), k  # float16 storage
+    card = read_card(out)
+    assert card["command"].startswith("smartcrop average") and len(card["average_of"]) == 2
+    assert (sha256_file(small_model_file), sha256_file(other)) == before
+    for args, words in ((["--out", small_model_file], "never overwritten"),
+                        (["--out", tmp_path / "x.pt"], ".safetensors"),
+                        (["--out", tmp_path / "y.safetensors"], "no such model file")):
+        extra = [tmp_path / "missing.safetensors"] if words == "no such model file" else []
+        code, _, err = cli("average", small_model_file, other, *extra, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    code, _, err = cli("average", small_model_file, "--out", tmp_path / "z.safetensors")
+    assert code == 2 and "two or more" in err and not (tmp_path / "z.safetensors").exists()
+    assert sha256_file(small_model_file) == before[0]

@@ -77,15 +77,6 @@ def test_a_separate_fcdb_head_keeps_fcdb_off_the_mos_and_ranking_heads(tiny_gaic
         assert torch.equal(tr.model.score_features(cf), mos)
 
 
-@pytest.fixture
-def one_thread():
-    """Threaded CPU reductions sum in varying order (runs differ by ~1e-4 after Adam); one thread is exact."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_resume_reproduces_an_uninterrupted_run(tiny_gaicd, tiny_fcdb, tiny_album, tmp_path, one_thread):
     tr = make_trainer()
     g, f, u = samples(tr, tiny_gaicd, tiny_fcdb, tiny_album)

@@ -599,3 +599,42 @@ def test_unreadable_backbone_weights_are_one_line_errors(tmp_path):
     torch.save([torch.zeros(3)], lst)
     with pytest.raises(WeightsError, match="not a state dict"):
         load_backbone_weights(net, lst)
+
+
+def test_average_models_means_every_float_tensor_and_records_its_members(tmp_path, small_model):
+    from smartcrop.model import ModelConfig, SACNet
+    from smartcrop.weights import average_models
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_model(small_model, a, {"training": {"init_seed": 3}}, half=False)
+    other = SACNet(ModelConfig(short_side=64, max_long_side=128)).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p))
+        other.backbone.features[18][1].running_var.mul_(3.0)  # BatchNorm statistics are averaged too
+    save_model(other, b, {"training": {"init_seed": 3}}, half=False)
+    net, info = average_models([a, b])
+    sa, sb, avg = small_model.state_dict(), other.state_dict(), net.state_dict()
+    for k, v in avg.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, (sa[k] + sb[k]) / 2, atol=1e-6), k
+        else:
+            assert torch.equal(v, sa[k]), k
+    assert [m["init_seed"] for m in info["average_of"]] == [3, 3]
+    assert info["average_of"][1]["sha256"] == sha256_file(b)
+    # the average of a model with itself is that model
+    same, _ = average_models([a, a])
+    assert all(torch.equal(v, sa[k]) for k, v in same.state_dict().items())
+
+
+def test_average_models_refuses_one_file_and_unlike_architectures(tmp_path, small_model):
+    from smartcrop.model import ModelConfig, SACNet
+    from smartcrop.weights import average_models
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_model(small_model, a)
+    save_model(SACNet(ModelConfig(short_side=64, max_long_side=128, saf=False)), b)
+    with pytest.raises(WeightsError, match="two or more"):
+        average_models([a])
+    with pytest.raises(WeightsError, match="another architecture"):
+        average_models([a, b])
