@@ -397,7 +397,7 @@ def average(
     files: List[Path] = typer.Argument(..., help="Two or more model files of one architecture."),
     out: Path = typer.Option(..., "--out", help="The averaged model (.safetensors; its card beside it)."),
 ):
-    """Average the weights of models trained from the same start (train --init-seed, different --seed)."""
+    """Average the weights of runs that share their start (branches: train --resume CKPT --branch-seed S)."""
     import shlex
 
     from .errors import UsageError

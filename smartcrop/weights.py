@@ -174,9 +174,11 @@ def average_models(paths: Sequence[str | os.PathLike]) -> tuple:
     """``(model, info)``: the weight average (a "model soup") of two or more model files of one architecture.
 
     Every floating tensor (BatchNorm running statistics included) is the mean of the files' tensors, integer
-    ones (BatchNorm step counts) are the first file's.  Averaging only makes sense for runs that started from the
-    same weights (``smartcrop train --init-seed``); ``info`` lists each file's sha256 and the initialisation seed
-    its card records (None where it records none), for the caller to check and to store in the new card.
+    ones (BatchNorm step counts) are the first file's.  Averaging only makes sense for runs that share their start
+    (measured: branches of one checkpoint, ``smartcrop train --resume CKPT --branch-seed S``, average well; runs
+    from one head initialisation, ``--init-seed``, less well; from different ones, not at all).  ``info`` lists
+    each file's sha256 and the initialisation seed its card records (None where it records none), for the caller
+    to check and to store in the new card.
     Different architectures are a :class:`WeightsError`."""
     import torch
 
