@@ -45,38 +45,6 @@ def _paired(d) -> str:
     return f"{d.mean():+.4f} ± {sd:.4f} ({int((d > 0).sum())}/{len(d)})"
 
 
-def _spread(cropper, photos) -> float:
-    """Mean over photos of the standard deviation of the model's scores of the photo's free anchors."""
-    from smartcrop.anchors import free_anchors
-    from smartcrop.imageio import load_image
-
-    out = []
-    for p in photos:
-        li = load_image(p, target_short_side=cropper.config.short_side)
-        out.append(float(np.std(cropper.score_boxes(li.image, li.full_size, {"a": free_anchors(*li.full_size)})["a"])))
-    return float(np.mean(out))
-
-
-def _match_spread(net, members: list[Path], folder: Path, count: int) -> float:
-    """Scale ``net``'s last score layer so that its score spread on ``count`` photos of ``folder`` is the
-    members' mean spread; returns the factor."""
-    import torch
-
-    from smartcrop import Cropper
-    from smartcrop.imageio import IMAGE_EXTENSIONS
-
-    photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[:count]
-    target = np.mean([_spread(Cropper(weights=m, device="cpu"), photos) for m in members])
-    c = target / _spread(Cropper(net=net, device="cpu"), photos)
-    with torch.no_grad():
-        for head in ("score_head", "fcdb_head"):
-            last = getattr(net, head, None)
-            if last is not None:
-                last[-1].weight.mul_(c)
-                last[-1].bias.mul_(c)
-    return float(c)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, action="append", default=None,
@@ -86,9 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fcdb-dev", type=Path, default=REPO.parent / "shared" / "data" / "fcdb")
     ap.add_argument("--soups", type=Path, required=True, help="folder for the averaged models")
     ap.add_argument("--out", type=Path, required=True, help="JSON of every evaluation (read first if present)")
-    ap.add_argument("--calibrate", type=Path, default=None, help="photos (a folder) on which the soup's score "
-                    "spread is matched to the members' mean: its last score layer is scaled by that ratio")
-    ap.add_argument("--calibrate-count", type=int, default=100, help="photos of --calibrate used (sorted by name)")
+    ap.add_argument("--gaicd-only", action="store_true", help="score the GAICD fold only (no FCDB)")
     args = ap.parse_args(argv)
     works = args.work or [REPO / "runs" / "validate"]
     members = args.members.split("+")
@@ -108,13 +74,13 @@ def main(argv=None) -> int:
 
     def evaluate(path: Path, fold: int) -> dict:
         key = f"{sha256_file(path)}:fold{fold}"
-        if key not in store:
+        if key not in store or (not args.gaicd_only and "dev_any" not in store[key]):
             cropper = Cropper(weights=path, device="cpu")
             items = read_gaicd(works[0] / "data" / f"gaicd_fold{fold}", "val")
             preds = gaicd_predictions(cropper, items)
             rec = {"file": str(path), "gaicd": gaicd_metrics((s, it.mos) for it, s in preds),
                    "gaicd_scores": {it.name: [round(float(v), 6) for v in s] for it, s in preds}}
-            for name, its in fcdb.items():
+            for name, its in ({} if args.gaicd_only else fcdb).items():
                 for mode in ("any", "gt"):
                     rec[f"{name}_{mode}"] = evaluate_fcdb(cropper, its, mode)["iou"]
             store[key] = rec
@@ -130,9 +96,6 @@ def main(argv=None) -> int:
         seeds = {m["init_seed"] for m in info["average_of"]}
         if len(seeds - {None}) > 1:
             print(f"fold {fold}: the members' initialisation seeds differ ({sorted(seeds - {None})})", file=sys.stderr)
-        if args.calibrate is not None:
-            info["spread_scale"] = _match_spread(net, paths, args.calibrate, args.calibrate_count)
-            print(f"fold {fold}: soup scores scaled by {info['spread_scale']:.3f}", file=sys.stderr)
         args.soups.mkdir(parents=True, exist_ok=True)
         save_model(net, soup_path, {"command": "benchmarks/soup.py --members " + args.members, **info})
         got = {m: evaluate(p, fold) for m, p in zip(members, paths)}
@@ -156,6 +119,9 @@ def main(argv=None) -> int:
         group, k = col
         return rec[group][k] if group else rec.get(k)
 
+    if args.gaicd_only:
+        cols = cols[:len(GAICD_KEYS)]
+
     print(f"\nsoup of {args.members}, folds {args.folds}: means over folds")
     for who in members + ["soup", "ensemble"]:
         vals = []
@@ -167,8 +133,8 @@ def main(argv=None) -> int:
     for who in ["soup", "ensemble"] + members:
         parts = []
         for col in cols:
-            if value(rows[0][1][who], col) is None:
-                continue
+            if any(value(got[w], col) is None for _, got in rows for w in members + [who]):
+                continue  # not scored on every fold
             d = [value(got[who], col) - np.mean([value(got[m], col) for m in members]) for _, got in rows]
             parts.append(f"{col[1]} {_paired(d)}")
         print(f"  {who}: " + "; ".join(parts))
