@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from validate import fmt, mean_sd  # benchmarks/ is on the path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 GAICD_KEYS = ("srcc", "pcc", "acc5", "acc10")
@@ -37,12 +38,6 @@ def _model(works: list[Path], member: str, fold: int) -> Path:
         if p.is_file():
             return p
     raise SystemExit(f"{member}: no kept model for fold {fold} in {', '.join(map(str, works))}")
-
-
-def _paired(d) -> str:
-    d = np.asarray(d, dtype=float)
-    sd = d.std(ddof=1) if len(d) > 1 else float("nan")
-    return f"{d.mean():+.4f} ± {sd:.4f} ({int((d > 0).sum())}/{len(d)})"
 
 
 def main(argv=None) -> int:
@@ -72,11 +67,10 @@ def main(argv=None) -> int:
     store = json.loads(args.out.read_text()) if args.out.is_file() else {}
     fcdb = {"dev": read_fcdb(args.fcdb_dev, "test"), "heldout": read_fcdb(works[0] / "data" / "fcdb_heldout", "test")}
 
-    def evaluate(path: Path, fold: int) -> dict:
+    def evaluate(path: Path, fold: int, items) -> dict:
         key = f"{sha256_file(path)}:fold{fold}"
         if key not in store or (not args.gaicd_only and "dev_any" not in store[key]):
             cropper = Cropper(weights=path, device="cpu")
-            items = read_gaicd(works[0] / "data" / f"gaicd_fold{fold}", "val")
             preds = gaicd_predictions(cropper, items)
             rec = {"file": str(path), "gaicd": gaicd_metrics((s, it.mos) for it, s in preds),
                    "gaicd_scores": {it.name: [round(float(v), 6) for v in s] for it, s in preds}}
@@ -98,14 +92,14 @@ def main(argv=None) -> int:
             print(f"fold {fold}: the members' initialisation seeds differ ({sorted(seeds - {None})})", file=sys.stderr)
         args.soups.mkdir(parents=True, exist_ok=True)
         save_model(net, soup_path, {"command": "benchmarks/soup.py --members " + args.members, **info})
-        got = {m: evaluate(p, fold) for m, p in zip(members, paths)}
-        got["soup"] = evaluate(soup_path, fold)
+        items = read_gaicd(works[0] / "data" / f"gaicd_fold{fold}", "val")
+        got = {m: evaluate(p, fold, items) for m, p in zip(members, paths)}
+        got["soup"] = evaluate(soup_path, fold, items)
         # the prediction ensemble: each member's scores z-scored per image, averaged
-        gt = {it.name: it.mos for it in read_gaicd(works[0] / "data" / f"gaicd_fold{fold}", "val")}
         ens = []
-        for name, mos in gt.items():
-            zs = [np.asarray(got[m]["gaicd_scores"][name]) for m in members]
-            ens.append((np.mean([(z - z.mean()) / (z.std() + 1e-9) for z in zs], axis=0), mos))
+        for it in items:
+            zs = [np.asarray(got[m]["gaicd_scores"][it.name]) for m in members]
+            ens.append((np.mean([(z - z.mean()) / (z.std() + 1e-9) for z in zs], axis=0), it.mos))
         got["ensemble"] = {"gaicd": gaicd_metrics(ens)}
         rows.append((fold, got))
         print(f"fold {fold}: " + " | ".join(
@@ -136,7 +130,7 @@ def main(argv=None) -> int:
             if any(value(got[w], col) is None for _, got in rows for w in members + [who]):
                 continue  # not scored on every fold
             d = [value(got[who], col) - np.mean([value(got[m], col) for m in members]) for _, got in rows]
-            parts.append(f"{col[1]} {_paired(d)}")
+            parts.append(f"{col[1]} {fmt(*mean_sd(d), 4, signed=True)} ({sum(x > 0 for x in d)}/{len(d)})")
         print(f"  {who}: " + "; ".join(parts))
     return 0
 
