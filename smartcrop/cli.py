@@ -405,12 +405,9 @@ def average(
 
     if out.suffix != ".safetensors":
         raise UsageError("--out must end in .safetensors")
-    for f in files:
-        if not f.is_file():
-            raise UsageError(f"{f}: no such model file")
-        if out.resolve() == f.resolve():
-            raise UsageError(f"--out {out} is one of the models averaged; inputs are never overwritten")
-    net, info = average_models(files)
+    if any(out.resolve() == f.resolve() for f in files):
+        raise UsageError(f"--out {out} is one of the models averaged; inputs are never overwritten")
+    net, info = average_models(files)  # a missing or invalid file: a one-line WeightsError naming it
     seeds = [m["init_seed"] for m in info["average_of"]]
     if None in seeds or len(set(seeds)) > 1:
         err("note: the models' cards do not show one shared initialisation seed "
