@@ -143,6 +143,7 @@ def refine_anchors(box, width: int, height: int, step: float = REFINE_STEP) -> n
 MAX_RATIO = 10
 
 _RATIO_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[:xX/]\s*(\d+(?:\.\d+)?)\s*$")
+_NUMBER_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*$")  # a plain ratio such as 1.5 (no sign, exponent or "_")
 
 
 def parse_ratio(text: str) -> Fraction:
@@ -156,8 +157,10 @@ def parse_ratio(text: str) -> Fraction:
     try:
         if m:
             w, h = Fraction(m.group(1)), Fraction(m.group(2))
-        else:
+        elif _NUMBER_RE.match(s):
             w, h = Fraction(s), Fraction(1)
+        else:
+            raise ValueError
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"bad aspect ratio {text!r}: expected W:H such as 16:9") from None
     if w <= 0 or h <= 0:

@@ -5,6 +5,8 @@ Heavy modules (torch, the model) are imported inside the commands so that ``smar
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import sys
 from pathlib import Path
@@ -35,14 +37,15 @@ if _option_type is not None:  # typer >= 0.28 (older ones have no such hook: the
 
 
 class _Commands(TyperGroup):
-    """Every :class:`SmartcropError` that escapes a command is one line on stderr and exit code 2."""
+    """Every :class:`SmartcropError` that escapes a command is one line on stderr and its ``exit_code`` (2 for a
+    refused request)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except SmartcropError as e:
             err(str(e))
-            raise typer.Exit(2) from None
+            raise typer.Exit(e.exit_code) from None
 
 
 app = typer.Typer(
@@ -100,6 +103,20 @@ def _choice(fuse: int, refine: bool, faces: bool, free_grid: str):
         raise UsageError(f"--free-grid: {e}") from None
 
 
+def _finite(lr: float, **values) -> None:
+    """Click's number ranges let nan and inf through: ``--lr`` must be a positive number and every other float
+    option given (by parameter name) a finite one."""
+    import math
+
+    from .errors import UsageError
+
+    if not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr must be a positive number, not {lr}")
+    for name, v in values.items():
+        if v is not None and not math.isfinite(v):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, not {v}")
+
+
 def _print_table(title: str, metrics: dict, percent_keys: set) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -129,9 +146,11 @@ def eval_gaicd(
         None, "--predictions", help="Write per-image scores (JSON lines, annotation order) to this file."),
 ):
     """SRCC, PCC and Acc K/N of the model's scores against GAICD's human scores."""
-    from .evaluate import benchmark_items, evaluate_gaicd
+    from .evaluate import benchmark_items, check_predictions_path, evaluate_gaicd
 
     items = benchmark_items("gaicd", root, split)
+    if predictions is not None:
+        check_predictions_path(predictions, root)
     cropper = _cropper(weights, model, device)
     errors: list[str] = []
     m = evaluate_gaicd(cropper, items, predictions, on_error=lambda s: (errors.append(s), err(s)))
@@ -262,7 +281,7 @@ def run(
                                 "lower IoU with FCDB's expert crops on fold models (docs/results.md)."),
     free_grid: str = FREE_GRID_OPT,
     faces: bool = typer.Option(False, "--faces/--no-faces", help="Avoid crops that cut a detected face (frontal "
-                               "faces, OpenCV's Haar cascade: pip install 'smartcrop[faces]'); ~18 ms more a "
+                               "faces, OpenCV's Haar cascade: pip install 'smartcrop\\[faces]'); ~18 ms more a "
                                "photo on one core."),
     scoring: str = typer.Option("auto", "--scoring", help="Where photos are scored: main (this process; "
                                 "batched, the GPU), workers (each worker loads the model: a many-core CPU), "
@@ -272,7 +291,7 @@ def run(
     adapt_epochs: int = typer.Option(2, "--adapt-epochs", min=1, help="Epochs of the --adapt fine-tune."),
     engine: str = typer.Option("local", "--engine", help="local: this machine's cores; ray: Ray Data (a local Ray, "
                                "or a cluster with --ray-address); inputs and -o may then be URIs (s3://, gs://, "
-                               "hdfs://). Needs pip install 'smartcrop[ray]'."),
+                               "hdfs://). Needs pip install 'smartcrop\\[ray]'."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join with --engine ray "
                                               "('auto', or HOST:PORT); default: start a local Ray."),
 ):
@@ -339,6 +358,7 @@ def finetune(
     from .finetune import FinetuneConfig, finetune, output_path, save_finetuned
     from .weights import user_models_dir
 
+    _finite(lr, distill=distill)
     out_path = output_path(out)
     if resume is not None and not resume.is_file():
         raise UsageError(f"{resume}: no such checkpoint")
@@ -521,6 +541,9 @@ def train(
     from .training import TrainConfig, build_model, load_train_data, run_training
     from .weights import sha256_file
 
+    _finite(lr, fcdb_weight=fcdb_weight, fcdb_tau=fcdb_tau, fcdb_listwise=fcdb_listwise, dropout=dropout,
+            gaicd_rank_weight=gaicd_rank_weight, centred_mos=centred_mos, top_weight=top_weight, fcdb_mix=fcdb_mix,
+            ema=ema, backbone_lr_mult=backbone_lr_mult, distill_weight=distill_weight, val_fraction=val_fraction)
     if out.suffix != ".safetensors":
         raise UsageError("--out must end in .safetensors")
     if resume is not None and not resume.is_file():
@@ -577,7 +600,38 @@ def train(
                  branch_seed=branch_seed)
 
 
+class _ClosedStdout(io.TextIOBase):
+    """Stands in for a standard output the process was started without (``>&-``): writing to it fails as a
+    closed pipe does, so a command says so in its one line instead of a traceback."""
+
+    closed = True
+
+    @property
+    def buffer(self):
+        return self
+
+    def write(self, data):
+        raise OSError(errno.EBADF, "closed")
+
+    def flush(self) -> None:
+        pass
+
+
+def _standard_streams() -> None:
+    """Python leaves ``sys.stdin``/``sys.stdout``/``sys.stderr`` None when the process starts with that file
+    descriptor closed: stdin then reads as empty, stdout fails every write (one line), stderr discards."""
+    import os
+
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull)  # noqa: SIM115 (for the process's lifetime)
+    if sys.stdout is None:
+        sys.stdout = _ClosedStdout()
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+
+
 def main() -> None:
+    _standard_streams()
     try:
         app()
     except SystemExit as e:

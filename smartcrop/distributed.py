@@ -395,7 +395,7 @@ def _schemas(return_bytes: bool):
     ident = [("path", pa.string()), ("display", pa.string()), ("rel_dir", pa.string()), ("stem", pa.string()),
              ("suffix", pa.string()), ("group", pa.string()), ("gpos", pa.int32())]
     photo = pa.schema(ident + [
-        ("format", pa.string()), ("full_w", pa.int32()), ("full_h", pa.int32()), ("reduced_depth", pa.bool_()),
+        ("format", pa.string()), ("full_w", pa.int32()), ("full_h", pa.int32()), ("reduced_depth", pa.int32()),
         ("has_alpha", pa.bool_()),
         ("done", pa.list_(pa.string())), ("error", pa.string()), ("data", pa.binary())])
     prepared = photo.append(pa.field("image", pa.binary())).append(pa.field("width", pa.int32())) \
@@ -477,7 +477,7 @@ def _prepare_batch(table, *, short_side: int, max_long_side: int, opts, out_root
                 p = prepare(_source(row), short_side, max_long_side)
                 img = p.image if p.image.mode == "RGB" else p.image.convert("RGB")
                 row.update(image=img.tobytes(), width=img.width, height=img.height, full_w=p.full_size[0],
-                           full_h=p.full_size[1], format=p.format, reduced_depth=bool(p.reduced_depth),
+                           full_h=p.full_size[1], format=p.format, reduced_depth=int(p.reduced_depth),
                            has_alpha=bool(p.has_alpha))
         except per_file as e:
             row["error"] = _describe(e)
@@ -590,7 +590,9 @@ def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes:
     if job is None:
         return recs
     if r["reduced_depth"]:
-        recs[0]["note"] = "note: 16-bit colour reduced to 8 bits in the crops"
+        from .imageio import depth_note
+
+        recs[0]["note"] = depth_note(r["reduced_depth"])
     targets = [s.target for s in job.crops]
     if remote:  # finish returns the bytes; they go to the URI from here
         for s in job.crops:

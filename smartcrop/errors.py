@@ -2,7 +2,7 @@
 
 Library messages describe the problem in the library's own terms (a file, a value); the command line adds
 the flag it came from and maps :class:`UsageError` (and any other :class:`SmartcropError` raised before work
-starts) to exit code 2.  Errors about one input photo (:class:`smartcrop.imageio.ImageError`) fail that photo
+starts) to exit code 2, a failed standard output (:class:`StreamError`) to 1.  Errors about one input photo (:class:`smartcrop.imageio.ImageError`) fail that photo
 only.
 """
 
@@ -16,7 +16,10 @@ def one_line(text: object, limit: int = 300) -> str:
 
 
 class SmartcropError(Exception):
-    """Base of every error smartcrop raises on purpose; ``str(err)`` is one line."""
+    """Base of every error smartcrop raises on purpose; ``str(err)`` is one line; ``exit_code`` is the command
+    line's exit status when it stops a command."""
+
+    exit_code = 2
 
     def __init__(self, message: object = "") -> None:
         super().__init__(one_line(message))
@@ -31,7 +34,11 @@ class DeviceError(UsageError):
 
 
 class StreamError(SmartcropError):
-    """Standard output cannot take what smartcrop writes there (a closed pipe, a full disk): the run stops."""
+    """Standard output cannot take what smartcrop writes there (a closed pipe, a full disk): the run stops,
+    with exit status 1 as a failed write gives in other command-line tools (2 is for requests refused before
+    any work)."""
+
+    exit_code = 1
 
     def __init__(self, err: OSError) -> None:
         super().__init__(f"cannot write to standard output ({err.strerror or err}): stopped; the files already "

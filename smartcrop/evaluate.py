@@ -51,6 +51,27 @@ def evaluate_gaicd(cropper, items: Sequence[GaicdItem], predictions_path: str | 
     return gaicd_metrics((s, item.mos) for item, s in preds)
 
 
+def check_predictions_path(path: str | Path, root: str | Path) -> None:
+    """Refuse, before any scoring, a predictions file that cannot be written where asked (a folder, a missing
+    folder) or that would land among the benchmark's own files (under ``ROOT/images`` or
+    ``ROOT/annotations``, where it would replace an annotation or become one): a
+    :class:`~smartcrop.errors.UsageError` naming it."""
+    from .errors import UsageError
+    from .imageio import safe_name
+
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{safe_name(p)}: is a folder: give the predictions a file name")
+    if not p.parent.is_dir():
+        raise UsageError(f"{safe_name(p.parent)}: no such folder for the predictions file")
+    target = p.parent.resolve() / p.name
+    for sub in ("images", "annotations"):
+        folder = (Path(root) / sub).resolve()
+        if folder in target.parents:
+            raise UsageError(f"{safe_name(p)}: inside the benchmark's {sub} folder, where it would replace or "
+                             "join its files: write the predictions elsewhere")
+
+
 def write_predictions(preds, path: str | Path) -> None:
     """One JSON line per image: ``{"image": NAME, "scores": [...]}`` in annotation order (atomic write)."""
     from .imageio import write_atomic

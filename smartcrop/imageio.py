@@ -512,6 +512,11 @@ def _to_raw_profile(name: str, data: bytes) -> str:
     return f"\n{name}\n{len(data):8d}\n{lines}\n"
 
 
+def depth_note(bits: int) -> str:
+    """The one note a run gives for a source of ``bits`` bits per sample whose crops hold 8."""
+    return f"note: {bits}-bit samples reduced to 8 bits in the crops"
+
+
 def _source_bits(im: Image.Image) -> int:
     """Bits per sample stored in the file (before Pillow's own reduction of 16-bit RGB/RGBA/LA to 8 bits)."""
     if im.mode in _SIXTEEN_BIT_MODES:

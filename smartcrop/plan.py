@@ -7,6 +7,7 @@ the inputs and returns a :class:`RunPlan` for :class:`smartcrop.runner.Runner`.
 from __future__ import annotations
 
 import os
+import stat
 import string
 import sys
 from dataclasses import dataclass, field
@@ -75,6 +76,10 @@ def normalize_ratios(ratios: Sequence[str] | None, size: tuple | None) -> list[s
         want = size[0] / size[1]
         if not out:
             out = [f"{size[0]}:{size[1]}"]
+            try:
+                parse_ratio(out[0])
+            except ValueError as e:
+                raise UsageError(f"output size {size[0]}x{size[1]}: {e}") from None
         for r in out:
             if r == "any" or abs(float(parse_ratio(r)) - want) / want > 0.01:
                 raise UsageError(f"output size {size[0]}x{size[1]} does not have the aspect ratio {r}")
@@ -138,6 +143,29 @@ def _isatty(stream) -> bool:
         return False
 
 
+def _same_file(a, b) -> bool:
+    """Whether two streams are one regular file (``smartcrop run - < a.jpg 1<> a.jpg``)."""
+    try:
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (AttributeError, ValueError, OSError):  # no file descriptor (in-memory streams), or a closed one
+        return False
+    return stat.S_ISREG(sa.st_mode) and os.path.samestat(sa, sb)
+
+
+def _check_image_stdout(stdin, stdout) -> None:
+    """The crop of an image read from stdin goes to stdout: refuse a terminal, a closed stdout (it would be
+    lost) and a stdout that is the input file itself (it would be written over the original)."""
+    out = stdout if stdout is not None else sys.stdout
+    if out is None or getattr(out, "closed", False):
+        raise UsageError("standard output is closed: give an output folder (-o DIR) for the crop")
+    if _isatty(out):
+        raise UsageError("refusing to write image data to a terminal: redirect stdout (> out.jpg) or give "
+                         "an output folder (-o DIR)")
+    if _same_file(stdin if stdin is not None else sys.stdin, out):
+        raise InputCollision("standard output is the input image itself: the crop would be written over the "
+                             "original; redirect stdout to another file or give an output folder (-o DIR)")
+
+
 def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: bool = False,
              ratios: Sequence[str] = (), size: str | None = None, output: Path | None = None,
              out_format: str | None = None, preview: Path | None = None, dry_run: bool = False,
@@ -166,6 +194,8 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
     if preview is not None and preview.suffix.lower() not in OUTPUT_FORMATS:
         raise UsageError("the preview must be a .jpg, .png, .webp or .tif file")
     check_template(opts.template(), opts.ratios, opts.top_k)
+    if list(inputs).count("-") > 1:
+        raise UsageError("'-' (stdin) can be given once")
     uses_stdin = "-" in inputs or from_file == "-"
     if uses_stdin and stdin is None and _isatty(sys.stdin):
         raise UsageError("'-' reads stdin, which is a terminal: pipe an image or a list of paths into smartcrop")
@@ -192,9 +222,7 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
             if len(opts.ratios) * opts.top_k != 1:
                 raise UsageError("writing to stdout needs exactly one crop (one --ratio, --top-k 1): give an "
                                  "output folder (-o DIR) for more")
-            if _isatty(stdout if stdout is not None else sys.stdout):
-                raise UsageError("refusing to write image data to a terminal: redirect stdout (> out.jpg) or give "
-                                 "an output folder (-o DIR)")
+            _check_image_stdout(stdin, stdout)
     else:
         opts.out_dir = output or Path("cropped")
     namer = OutputNamer(opts.out_dir or Path("."), opts.template(), overwrite, skip_existing, items,

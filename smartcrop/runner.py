@@ -260,7 +260,9 @@ class Runner:
         recs = [CropRecord(item.display, d.output if d.skipped else None, d.ratio, list(d.box), d.score,
                            list(d.size), d.skipped) for d in decisions]
         if p.reduced_depth and job is not None:
-            self.on_error(f"{item.display}: note: 16-bit colour reduced to 8 bits in the crops")
+            from .imageio import depth_note
+
+            self.on_error(f"{item.display}: {depth_note(p.reduced_depth)}")
         return index, recs, None if job is None else pool.submit(finish, job), job
 
     def _write_preview(self, summary: RunSummary) -> None:

@@ -39,7 +39,7 @@ class Prepared:
     full_size: tuple[int, int]  # upright full-resolution (w, h)
     format: str  # Pillow format name of the source ("JPEG", "PNG", ...)
     has_alpha: bool = False
-    reduced_depth: bool = False  # a 16-bit colour source whose crops will be 8-bit
+    reduced_depth: int = 0  # bits per sample of a deeper source whose crops will be 8-bit (0: none)
     faces: object = None  # with --faces: the faces found on ``image`` (full-size pixels, faces.detect_faces)
 
 
@@ -174,7 +174,8 @@ def prepare(source, short_side: int, max_long_side: int, faces: bool = False) ->
 
         one_thread()  # one photo per worker and core, as for torch
         found = detect_for_model(img, li.full_size, size)
-    return Prepared(img, li.full_size, li.format, li.has_alpha, li.reduced_depth, found)
+    return Prepared(img, li.full_size, li.format, li.has_alpha,
+                    li.bit_depth if li.reduced_depth else 0, found)
 
 
 class ScoringError(SmartcropError):

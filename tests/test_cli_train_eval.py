@@ -81,6 +81,9 @@ def test_train_jitter_views_and_rc_anchors_are_recorded_and_a_useless_flag_noted
     (["--out", "m.safetensors", "--gaicd", "x", "--branch-seed", "1"], ["--branch-seed needs --resume"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--top-weight", "2", "--centred-mos", "0.1"],
      ["--top-weight", "--centred-mos"]),
+    (["--out", "m.safetensors", "--gaicd", "x", "--lr", "nan"], ["--lr must be a positive number"]),
+    (["--out", "m.safetensors", "--gaicd", "x", "--lr", "0"], ["--lr must be a positive number"]),
+    (["--out", "m.safetensors", "--gaicd", "x", "--fcdb-weight", "inf"], ["--fcdb-weight must be a finite"]),
 ])
 def test_train_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_gaicd, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)
@@ -215,6 +218,27 @@ def test_eval_table_and_usage_errors(tmp_path, tiny_gaicd, tiny_fcdb, small_mode
                        (["gaicd", tmp_path / "nothing", "--split", "test"], "nothing")):
         code, _, err = cli("eval", *args, "--weights", small_model_file)
         assert code == 2 and word in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_predictions_never_land_among_the_benchmarks_files(tmp_path, tiny_gaicd, small_model_file, monkeypatch):
+    """--predictions onto an annotation (or anywhere under images/ or annotations/), onto a folder or into a
+    missing folder is refused in one line before any image is scored; the benchmark is left as it was."""
+    from smartcrop import evaluate
+
+    monkeypatch.setattr(evaluate, "gaicd_predictions", lambda *a, **k: pytest.fail("scored before the check"))
+    ann = tiny_gaicd / "annotations" / "train" / "img0.txt"
+    before = ann.read_bytes()
+    for target, word in ((ann, "annotations folder"), (tiny_gaicd / "images" / "train" / "p.jsonl", "images folder"),
+                         (tmp_path, "is a folder"), (tmp_path / "nosuch" / "p.jsonl", "no such folder")):
+        code, out, err = cli("eval", "gaicd", tiny_gaicd, "--split", "train", "--weights", small_model_file,
+                             "--json", "--predictions", target)
+        assert code == 2 and word in err and len(err.strip().splitlines()) == 1 and out == "", (target, err)
+    assert ann.read_bytes() == before
+    monkeypatch.undo()
+    code, _, err = cli("eval", "gaicd", tiny_gaicd, "--split", "train", "--weights", small_model_file, "--json",
+                       "--predictions", tiny_gaicd / "pred.jsonl")  # beside the benchmark's folders: fine
+    assert code == 0, err
+    assert len((tiny_gaicd / "pred.jsonl").read_text().splitlines()) == 3
 
 
 def test_train_on_a_gpu_says_its_recipe_is_not_measured(tmp_path, monkeypatch):

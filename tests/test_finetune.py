@@ -130,6 +130,16 @@ def test_too_few_photos_is_a_clear_error(tmp_path, small_model_file):
     assert not (tmp_path / "m.safetensors").exists()
 
 
+@pytest.mark.parametrize("args, words", [(["--lr", "nan"], "--lr must be a positive number"),
+                                         (["--lr", "-1e-4"], "--lr must be a positive number"),
+                                         (["--distill", "inf"], "--distill must be a finite number")])
+def test_finetune_numbers_that_cannot_train_are_refused(tmp_path, tiny_album, small_model_file, args, words):
+    code, _, err = cli("finetune", tiny_album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file,
+                       *args)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_run_adapt_crops_with_an_adapted_copy_and_leaves_the_model_untouched(tmp_path, tiny_album,
                                                                               small_model_file):
     before = sha(small_model_file)

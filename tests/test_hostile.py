@@ -953,8 +953,9 @@ def test_the_real_command_exits_at_once_with_every_byte_and_its_exit_code(sw):
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a stdout whose disk is full)")
 @pytest.mark.parametrize("args", [["--json"], ["--dry-run"], ["-"]])
 def test_stdout_that_cannot_be_written_stops_the_run_with_one_line(sw, args):
-    """JSON lines, dry-run lines or an image to a full stdout: one line naming standard output, exit 2, no
-    traceback, every file written is complete and no temporary file is left."""
+    """JSON lines, dry-run lines or an image to a full stdout: one line naming standard output, exit 1 (as a
+    failed write gives elsewhere; 2 is for refused requests), no traceback, every file written is complete and
+    no temporary file is left."""
     a, *_ = three(sw)
     out = sw.root / "o"
     cmd = ["run", *(["-"] if args == ["-"] else [str(sw.src), *args, "-o", str(out)]), "--ratio", "16:9",
@@ -962,7 +963,7 @@ def test_stdout_that_cannot_be_written_stops_the_run_with_one_line(sw, args):
     with open("/dev/full", "wb") as full, open(a, "rb") as stdin:
         r = subprocess.run([sys.executable, "-c", "from smartcrop.cli import main; main()", *cmd], stdout=full,
                            stdin=stdin, stderr=subprocess.PIPE, cwd=ROOT, timeout=120)
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == 1, r.stderr
     assert r.stderr.decode().splitlines() == [
         "smartcrop: cannot write to standard output (No space left on device): stopped; the files already "
         "written are complete"]
@@ -970,6 +971,65 @@ def test_stdout_that_cannot_be_written_stops_the_run_with_one_line(sw, args):
         assert not f.name.startswith(".smartcrop-")
         with Image.open(f) as im:
             im.load()
+
+
+def test_stdout_that_is_the_input_file_is_refused(sw):
+    """``smartcrop run - < a.jpg 1<> a.jpg`` (stdout opened on the input without truncating it) would write the
+    crop over the original: refused in one line, exit 2, the photo unchanged."""
+    a, *_ = three(sw)
+    before = sha(a)
+    with open(a, "rb") as stdin, open(a, "r+b") as stdout:
+        r = subprocess.run([sys.executable, "-c", "from smartcrop.cli import main; main()", "run", "-", "--ratio",
+                            "1:1", "--weights", str(sw.model)], stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+                           cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and b"input image itself" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert sha(a) == before
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["-"], 2, "standard output is closed: give an output folder"),
+    (["IN", "--json", "-o", "OUT"], 1, "cannot write to standard output (closed): stopped"),
+])
+def test_closed_stdout_is_one_line_not_a_traceback(sw, args, code, words):
+    """Started with file descriptor 1 closed (``>&-``): an image for stdout is refused before any work, JSON lines
+    stop the run at the first line; one line either way, and every file written is complete."""
+    a, *_ = three(sw)
+    cmd = [str(sw.src) if x == "IN" else str(sw.out) if x == "OUT" else x for x in args]
+    with open(a, "rb") as stdin:
+        r = subprocess.run([sys.executable, "-c", "from smartcrop.cli import main; main()", "run", *cmd, "--ratio",
+                            "1:1", "--weights", str(sw.model)], stdin=stdin, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, cwd=ROOT, timeout=120, preexec_fn=lambda: os.close(1))
+    lines = r.stderr.decode().splitlines()
+    assert r.returncode == code and len(lines) == 1 and words in lines[0], lines
+    for f in sw.out.rglob("*") if sw.out.exists() else []:
+        with Image.open(f) as im:
+            im.load()
+
+
+def test_bad_sizes_ratios_and_repeated_stdin_are_usage_errors(sw):
+    """A --size whose ratio is out of range, a ratio with '_' or '/' in a plain number (it would become a sub-folder
+    in the output name) and '-' twice: exit 2, one line each, nothing written."""
+    three(sw)
+    for args, words in ((["--size", "11x1"], "output size 11x1"), (["--size", "1x65535"], "between 1:10"),
+                        (["--ratio", "2_0/1_0"], "bad aspect ratio"), (["--ratio", "1e3"], "bad aspect ratio")):
+        res = sw.run(sw.src, *args, "-o", sw.out)
+        sw.check(res, 2, lines=1)
+        assert words in res.err and sw.outputs() == [], res.err
+    res = sw.run("-", "-", stdin=b"")
+    assert res.code == 2 and "'-' (stdin) can be given once" in res.err
+    res = sw.run(sw.src, "--ratio", "1.5", "--json", "-o", sw.out)  # a plain decimal number stays a ratio
+    sw.check(res, 0)
+    assert {r["ratio"] for r in res.records} == {"1.5"}
+    assert {Path(r["output"]).parent for r in res.records} == {sw.out}
+
+
+def test_deep_sources_get_a_note_with_their_own_depth(sw):
+    """A 32-bit float TIFF is cropped in 8 bits and the note says 32-bit (not '16-bit colour')."""
+    Image.fromarray((np.random.default_rng(0).random((64, 96)) * 0.8).astype(np.float32), "F").save(
+        sw.src / "deep.tif")
+    res = sw.run(sw.src, "--ratio", "1:1", "-o", sw.out)
+    sw.check(res, 0, lines=1)
+    assert res.lines == [f"smartcrop: {sw.src / 'deep.tif'}: note: 32-bit samples reduced to 8 bits in the crops"]
 
 
 def test_image_to_a_terminal_is_refused(sw):
