@@ -637,6 +637,15 @@ def main() -> None:
     except SystemExit as e:
         _exit(e.code)
         raise
+    except OSError as e:
+        if e.filename is not None or e.errno not in (errno.EPIPE, errno.EBADF, errno.ENOSPC, errno.EIO):
+            raise
+        # help or a table (`models`, `eval`) written to a closed pipe, a closed or a full standard output
+        # (`run`'s own lines stop the run with their own message, StreamError)
+        err(f"cannot write to standard output ({e.strerror or e})")
+        sys.stdout = _ClosedStdout()  # nothing more is flushed there at exit
+        _exit(1)
+        raise SystemExit(1) from None
     _exit(0)
 
 

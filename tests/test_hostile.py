@@ -1006,6 +1006,21 @@ def test_closed_stdout_is_one_line_not_a_traceback(sw, args, code, words):
             im.load()
 
 
+@pytest.mark.parametrize("args", [["--help"], ["models"]])
+def test_help_and_tables_to_a_closed_or_full_stdout_are_one_line(args):
+    """Not only `run`'s lines: help or a table that standard output cannot take is one line and exit 1."""
+    cmd = [sys.executable, "-c", "from smartcrop.cli import main; main()", *args]
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, timeout=120,
+                       preexec_fn=lambda: os.close(1))
+    assert r.returncode == 1 and r.stderr.decode().splitlines() == [
+        "smartcrop: cannot write to standard output (closed)"], r.stderr
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "wb") as full:
+            r = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, cwd=ROOT, timeout=120)
+        assert r.returncode == 1 and r.stderr.decode().splitlines() == [
+            "smartcrop: cannot write to standard output (No space left on device)"], r.stderr
+
+
 def test_bad_sizes_ratios_and_repeated_stdin_are_usage_errors(sw):
     """A --size whose ratio is out of range, a ratio with '_' or '/' in a plain number (it would become a sub-folder
     in the output name) and '-' twice: exit 2, one line each, nothing written."""
