@@ -638,11 +638,13 @@ def main() -> None:
         _exit(e.code)
         raise
     except OSError as e:
-        if e.filename is not None or e.errno not in (errno.EPIPE, errno.EBADF, errno.ENOSPC, errno.EIO):
+        if e.filename is not None or e.errno not in (errno.EPIPE, errno.EBADF, errno.ENOSPC):
             raise
         # help or a table (`models`, `eval`) written to a closed pipe, a closed or a full standard output
-        # (`run`'s own lines stop the run with their own message, StreamError)
-        err(f"cannot write to standard output ({e.strerror or e})")
+        # (`run`'s own lines stop the run with their own message, StreamError); a full disk may be another
+        # file's, so that message does not guess which
+        where = "" if e.errno == errno.ENOSPC else " to standard output"
+        err(f"cannot write{where} ({e.strerror or e})")
         sys.stdout = _ClosedStdout()  # nothing more is flushed there at exit
         _exit(1)
         raise SystemExit(1) from None

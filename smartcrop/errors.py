@@ -2,8 +2,8 @@
 
 Library messages describe the problem in the library's own terms (a file, a value); the command line adds
 the flag it came from and maps :class:`UsageError` (and any other :class:`SmartcropError` raised before work
-starts) to exit code 2, a failed standard output (:class:`StreamError`) to 1.  Errors about one input photo (:class:`smartcrop.imageio.ImageError`) fail that photo
-only.
+starts) to exit code 2, a failed standard output (:class:`StreamError`) to 1.  Errors about one input photo
+(:class:`smartcrop.imageio.ImageError`) fail that photo only.
 """
 
 from __future__ import annotations
