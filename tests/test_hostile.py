@@ -1021,6 +1021,12 @@ def test_help_and_tables_to_a_closed_or_full_stdout_are_one_line(args):
             "smartcrop: cannot write (No space left on device)"], r.stderr
 
 
+def test_help_shows_the_extras_to_install():
+    """Rich markup must not swallow the extras' names in brackets."""
+    r = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0 and "pip install 'smartcrop[faces]'" in r.stdout and "'smartcrop[ray]'" in r.stdout
+
+
 def test_bad_sizes_ratios_and_repeated_stdin_are_usage_errors(sw):
     """A --size whose ratio is out of range, a ratio with '_' or '/' in a plain number (it would become a sub-folder
     in the output name) and '-' twice: exit 2, one line each, nothing written."""
