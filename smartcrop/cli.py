@@ -103,17 +103,18 @@ def _choice(fuse: int, refine: bool, faces: bool, free_grid: str):
         raise UsageError(f"--free-grid: {e}") from None
 
 
-def _finite(lr: float, **values) -> None:
+def _finite(ctx: typer.Context) -> None:
     """Click's number ranges let nan and inf through: ``--lr`` must be a positive number and every other float
-    option given (by parameter name) a finite one."""
+    option of the command a finite one."""
     import math
 
     from .errors import UsageError
 
+    lr = ctx.params["lr"]
     if not (math.isfinite(lr) and lr > 0):
         raise UsageError(f"--lr must be a positive number, not {lr}")
-    for name, v in values.items():
-        if v is not None and not math.isfinite(v):
+    for name, v in ctx.params.items():
+        if isinstance(v, float) and not math.isfinite(v):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, not {v}")
 
 
@@ -337,6 +338,7 @@ def run(
 
 @app.command()
 def finetune(
+    ctx: typer.Context,
     albums: List[Path] = typer.Argument(..., help="Folders (recursive) or files of your own photos."),
     out: str = typer.Option(..., "--out", "-o", help="Output model: a .safetensors path, or a bare name to keep it "
                             "in your models folder (then usable as --model NAME)."),
@@ -358,7 +360,7 @@ def finetune(
     from .finetune import FinetuneConfig, finetune, output_path, save_finetuned
     from .weights import user_models_dir
 
-    _finite(lr, distill=distill)
+    _finite(ctx)
     out_path = output_path(out)
     if resume is not None and not resume.is_file():
         raise UsageError(f"{resume}: no such checkpoint")
@@ -440,6 +442,7 @@ def average(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (.safetensors); OUT.ckpt and "
                              "OUT.log.jsonl are written beside it."),
     gaicd: List[str] = typer.Option([], "--gaicd", help="GAICD-layout data with human scores: ROOT[:SPLIT] "
@@ -541,9 +544,7 @@ def train(
     from .training import TrainConfig, build_model, load_train_data, run_training
     from .weights import sha256_file
 
-    _finite(lr, fcdb_weight=fcdb_weight, fcdb_tau=fcdb_tau, fcdb_listwise=fcdb_listwise, dropout=dropout,
-            gaicd_rank_weight=gaicd_rank_weight, centred_mos=centred_mos, top_weight=top_weight, fcdb_mix=fcdb_mix,
-            ema=ema, backbone_lr_mult=backbone_lr_mult, distill_weight=distill_weight, val_fraction=val_fraction)
+    _finite(ctx)
     if out.suffix != ".safetensors":
         raise UsageError("--out must end in .safetensors")
     if resume is not None and not resume.is_file():
