@@ -517,6 +517,12 @@ def train(
     jitter_views: int = typer.Option(0, "--jitter-views", min=0, max=8, help="With a frozen backbone prefix: "
                                      "also cache N photometrically jittered copies of each labeled image and "
                                      "draw one per use (0: off; memory and preparation grow with N)."),
+    crop_views: int = typer.Option(0, "--crop-views", min=0, max=8, help="Crop augmentation: also prepare N "
+                                   "views of each GAICD image with some of its sides moved in (up to "
+                                   "--crop-margin), keeping the scored crops wholly inside, and draw one view "
+                                   "per use (one image per step only; 0: off)."),
+    crop_margin: float = typer.Option(0.125, "--crop-margin", min=0.01, max=0.4, help="With --crop-views: the "
+                                      "most a side moves in, as a share of the photo's width or height."),
     teacher: List[Path] = typer.Option([], "--teacher", help="A trained smartcrop model whose scores of the "
                                        "unlabeled photos' crops the new model also learns (distillation; "
                                        "several: their per-photo z-scored average). Repeatable."),
@@ -584,7 +590,11 @@ def train(
                                  gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight,
                                  distill_anchors=distill_anchors, jitter_views=jitter_views, rc_anchors=rc_anchors,
                                  centred_mos=centred_mos, top_weight=top_weight, fcdb_border=fcdb_border,
-                                 fcdb_tau=fcdb_tau, fcdb_listwise=fcdb_listwise)
+                                 fcdb_tau=fcdb_tau, fcdb_listwise=fcdb_listwise,
+                                 crop_views=crop_views, crop_margin=crop_margin)
+    if (scales or crop_views) and cfg.batch_size > 1:
+        err("note: --scale-aug and --crop-views apply to one image per step only; they have no effect with "
+            f"--batch-size {cfg.batch_size}")
     if jitter_views and cfg.frozen_layers == 0:
         err("note: --jitter-views has no effect when the whole backbone is trained (every use is jittered then)")
     info = {

@@ -84,6 +84,12 @@ class TrainConfig:
     # multiples of it (e.g. (0.875, 1.125); a frozen prefix is cached for each) and every use draws one of the
     # sizes uniformly; () = off, and then no random number is drawn for it
     scales: tuple = ()
+    # crop augmentation (GAICD images, one-image steps only): also prepare this many views of each GAICD image
+    # cut down to a sub-rectangle — each side, with probability ½, moved in by up to ``crop_margin`` of the
+    # photo's width or height — keeping the annotated crops that lie wholly inside it (with their MOS), drawn
+    # from the image's own generator; drawn among with the scales (``Sample.alternates``). 0 = off.
+    crop_views: int = 0
+    crop_margin: float = 0.125
 
     def __post_init__(self) -> None:
         if self.top_weight > 0 and self.centred_mos is not None:
@@ -159,6 +165,28 @@ class Sample:
     image: object = None  # uint8 tensor (3, h, w) when training end to end
     prefix: list = field(default_factory=list)  # cached backbone prefixes [plain, flipped] (× views) when frozen
     alternates: list = field(default_factory=list)  # the same image at TrainConfig.scales (Samples)
+
+
+#: a crop view (:meth:`Trainer._crop_views`) keeping fewer of the image's annotated crops is not used
+MIN_CROP_VIEW_BOXES = 16
+
+
+def crop_view(pixels: tuple[int, int], full_size, boxes: np.ndarray, margin: float, rng: np.random.Generator
+              ) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """A sub-rectangle of an image decoded at ``pixels`` (w, h) whose annotation is at ``full_size``: each side,
+    with probability ½, moves in by a uniform share in [0, ``margin``) of the image's width or height (whole
+    decoded pixels).  Returns the rectangle (x0, y0, x1, y1) in decoded pixels and the mask of ``boxes``
+    (full-size coordinates) lying wholly inside it.  Always draws 8 numbers."""
+    pw, ph = pixels
+    cut = np.where(rng.random(4) < 0.5, rng.random(4) * margin, 0.0)
+    x0, y0 = int(np.floor(cut[0] * pw)), int(np.floor(cut[1] * ph))
+    x1, y1 = pw - int(np.floor(cut[2] * pw)), ph - int(np.floor(cut[3] * ph))
+    fx, fy = full_size[0] / pw, full_size[1] / ph
+    eps = 1e-3
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    keep = ((b[:, 0] >= x0 * fx - eps) & (b[:, 1] >= y0 * fy - eps)
+            & (b[:, 2] <= x1 * fx + eps) & (b[:, 3] <= y1 * fy + eps))
+    return (x0, y0, x1, y1), keep
 
 
 def fcdb_candidates(width: float, height: float, box, border: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -315,7 +343,31 @@ class Trainer:
             for f in self.cfg.scales:
                 size = (max(32, int(round(w * f))), max(32, int(round(h * f))))
                 s.alternates.append(self._prepared(kind, name, pil_image, full_size, size, boxes, targets))
+            if kind == "gaicd" and self.cfg.crop_views > 0:
+                s.alternates += self._crop_views(name, pil_image, full_size, boxes, targets)
         return s
+
+    def _crop_views(self, name, pil_image, full_size, boxes, targets) -> list[Sample]:
+        """``TrainConfig.crop_views`` samples of the image cut down by :func:`crop_view` (from the image's own
+        generator, so the same whatever the order or a resume); a view keeping fewer than
+        :data:`MIN_CROP_VIEW_BOXES` annotated crops is left out."""
+        from .transforms import network_size
+
+        cfg_m = self.model.config
+        own = np.random.default_rng([self.cfg.seed, zlib.crc32(f"crop:{name}".encode())])
+        views = []
+        for _ in range(self.cfg.crop_views):
+            rect, keep = crop_view(pil_image.size, full_size, boxes, self.cfg.crop_margin, own)
+            if keep.sum() < MIN_CROP_VIEW_BOXES:
+                continue
+            fx, fy = full_size[0] / pil_image.size[0], full_size[1] / pil_image.size[1]
+            x0, y0, x1, y1 = rect
+            sub_full = ((x1 - x0) * fx, (y1 - y0) * fy)
+            sub_boxes = boxes[keep] - np.array([x0 * fx, y0 * fy, x0 * fx, y0 * fy], np.float32)
+            size = network_size(sub_full[0], sub_full[1], cfg_m.short_side, cfg_m.max_long_side)
+            views.append(self._prepared("gaicd", name, pil_image.crop(rect), sub_full, size, sub_boxes,
+                                        targets[keep]))
+        return views
 
     def _prepared(self, kind, name, pil_image, full_size, size, boxes, targets) -> Sample:
         """One :class:`Sample` of the image at network size ``size`` (boxes scaled to it, prefix cached)."""

@@ -53,18 +53,21 @@ def test_train_partial_unfreezing_with_a_lower_backbone_learning_rate(tmp_path, 
     assert changed and min(int(i) for i in changed) == 10  # layers 0-9 frozen, 10 on trained
 
 
-def test_train_jitter_views_and_rc_anchors_are_recorded_and_a_useless_flag_noted(tmp_path, tiny_gaicd, small_model_file):
+def test_train_augmentations_and_rc_anchors_are_recorded_and_useless_flags_noted(tmp_path, tiny_gaicd, small_model_file):
     from smartcrop.weights import read_card
 
-    for frozen, noted in (("14", False), ("0", True)):
-        out = tmp_path / f"m{frozen}.safetensors"
+    for frozen, batch, noted in (("14", "1", ""), ("0", "1", "--jitter-views has no effect"),
+                                 ("14", "2", "--crop-views apply to one image per step only")):
+        out = tmp_path / f"m{frozen}_{batch}.safetensors"
         code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--epochs", "1",
                            "--val-fraction", "0", "--device", "cpu", "--frozen-layers", frozen, "--jitter-views",
-                           "2", "--no-rc", "--rc-anchors", "24", "--out", out)
+                           "2", "--no-rc", "--rc-anchors", "24", "--crop-views", "2", "--crop-margin", "0.2",
+                           "--batch-size", batch, "--out", out)
         assert code == 0, err
-        assert read_card(out)["training"]["config"]["jitter_views"] == 2
-        assert read_card(out)["training"]["config"]["rc_anchors"] == 24
-        assert ("--jitter-views has no effect" in err) == noted
+        config = read_card(out)["training"]["config"]
+        assert (config["jitter_views"], config["rc_anchors"], config["crop_views"], config["crop_margin"]) == \
+            (2, 24, 2, 0.2)
+        assert ("note:" in err) == bool(noted) and noted in err
 
 
 @pytest.mark.parametrize("args, words", [

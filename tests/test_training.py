@@ -412,6 +412,69 @@ def test_scale_augmentation_prepares_each_scale_and_draws_among_them(tiny_gaicd,
     assert plain.rng.bit_generator.state == state != after_one
 
 
+def test_crop_view_keeps_exactly_the_boxes_inside_its_rectangle():
+    from smartcrop.anchors import gaic_anchors
+    from smartcrop.training import crop_view
+
+    full, pixels = (1200, 800), (300, 200)  # annotated at full size, decoded at a quarter
+    boxes = gaic_anchors(*full)
+    rng = np.random.default_rng(5)
+    cuts, kept = set(), []
+    for _ in range(200):
+        (x0, y0, x1, y1), keep = crop_view(pixels, full, boxes, 0.125, rng)
+        assert 0 <= x0 <= 0.125 * 300 and 0 <= y0 <= 0.125 * 200 and x1 >= 300 * 0.875 and y1 >= 200 * 0.875
+        assert x1 <= 300 and y1 <= 200
+        inside = [(b[0] >= x0 * 4 - 1e-3) and (b[1] >= y0 * 4 - 1e-3) and (b[2] <= x1 * 4 + 1e-3)
+                  and (b[3] <= y1 * 4 + 1e-3) for b in boxes]
+        assert keep.tolist() == inside
+        cuts.add((x0 > 0, y0 > 0, x1 < 300, y1 < 200))
+        kept.append(keep.mean())
+    assert len(cuts) == 16  # every side is sometimes moved in, sometimes not
+    assert min(kept) < 0.6 < 0.9 < max(kept) == 1.0
+    state = rng.bit_generator.state
+    assert crop_view(pixels, full, boxes, 0.0, rng)[0] == (0, 0, 300, 200)  # no margin: the whole image
+    rng.bit_generator.state = state
+    rng.random(8)
+    after = rng.bit_generator.state
+    rng.bit_generator.state = state
+    crop_view(pixels, full, boxes[:0], 0.3, rng)
+    assert rng.bit_generator.state == after  # always eight draws, whatever the boxes
+
+
+def test_crop_views_are_gaicd_sub_images_with_their_scored_crops_moved(tiny_gaicd, tiny_fcdb, tiny_album):
+    import zlib
+
+    from PIL import Image
+
+    from smartcrop.training import crop_view
+
+    tr = make_trainer(crop_views=3, crop_margin=0.3)
+    state = tr.rng.bit_generator.state
+    g, f, u = samples(tr, tiny_gaicd, tiny_fcdb, tiny_album)
+    assert tr.rng.bit_generator.state == state  # drawn from each image's own generator
+    assert all(not s.alternates for s in f + u)  # GAICD images only
+    assert all(1 <= len(s.alternates) <= 3 for s in g) and sum(len(s.alternates) for s in g) >= 4
+    for s in g:
+        image = Image.open(tiny_gaicd / "images" / "train" / f"{s.name}.jpg")
+        full = s.boxes * np.array([image.width / s.size[0], image.height / s.size[1]] * 2)  # annotation pixels
+        own = np.random.default_rng([0, zlib.crc32(f"crop:{s.name}".encode())])
+        views = [crop_view(image.size, image.size, full, 0.3, own) for _ in range(3)]
+        views = [(r, keep) for r, keep in views if keep.sum() >= 16]
+        assert len(views) == len(s.alternates)
+        for a, ((x0, y0, x1, y1), keep) in zip(s.alternates, views):
+            assert len(a.prefix) == 2
+            assert len(a.boxes) == keep.sum() <= len(s.boxes) and np.array_equal(a.targets, s.targets[keep])
+            # the image's own scored crops, moved by the view's corner and scaled to its network size
+            want = (full[keep] - [x0, y0, x0, y0]) * np.array([a.size[0] / (x1 - x0), a.size[1] / (y1 - y0)] * 2)
+            assert np.allclose(a.boxes, want, atol=1e-2)
+            assert (a.boxes >= -1e-3).all() and (a.boxes[:, 2:] <= np.array(a.size) + 1e-3).all()
+    again = make_trainer(crop_views=3, crop_margin=0.3)
+    g2, _, _ = samples(again, tiny_gaicd, tiny_fcdb, tiny_album)
+    for s, s2 in zip(g, g2):  # the same views when prepared again (a resumed run)
+        assert [a.size for a in s.alternates] == [a.size for a in s2.alternates]
+        assert all(np.array_equal(a.boxes, b.boxes) for a, b in zip(s.alternates, s2.alternates))
+
+
 def test_jitter_views_cache_jittered_copies_of_labeled_images_and_draw_among_them(tiny_gaicd, tiny_fcdb,
                                                                                    tiny_album, monkeypatch):
     import smartcrop.training as training
