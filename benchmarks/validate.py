@@ -335,8 +335,9 @@ def do_run(args, work: Path, variant: str, vargs: list[str], code: str, fold: in
             resumed = True
             cmd = train_cmd + ["--resume", str(ckpt.resolve())]
             log(f"{variant} {tag}: resuming training from {ckpt}")
-        else:
+        else:  # a fresh start: this folder's leftovers of an unfinished run go (`train` refuses to replace them)
             train_log_jsonl.unlink(missing_ok=True)
+            model.unlink(missing_ok=True)
             cmd = train_cmd
             log(f"{variant} {tag}: training")
         t0 = time.time()

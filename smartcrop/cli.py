@@ -352,20 +352,21 @@ def finetune(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (OUT.ckpt) to resume from."),
     device: str = DEVICE_OPT,
     seed: int = typer.Option(0, "--seed", help="Random seed (data order, initialisation)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output model."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output model and its checkpoint "
+                               "(files not made by smartcrop are never replaced)."),
 ):
     """Adapt a model to your own photos with rank consistency (no labels needed)."""
     from .data import list_images
     from .errors import UsageError
     from .finetune import FinetuneConfig, finetune, output_path, save_finetuned
+    from .training import check_outputs
     from .weights import user_models_dir
 
     _finite(ctx)
     out_path = output_path(out)
     if resume is not None and not resume.is_file():
         raise UsageError(f"{resume}: no such checkpoint")
-    if out_path.exists() and not force and resume is None:
-        raise UsageError(f"{out_path} exists: choose another name or pass --force")
+    check_outputs(out_path, resume, force, log_file=False)
     try:
         photos = list_images(albums, recursive=True)
     except OSError as e:
@@ -533,6 +534,8 @@ def train(
     val_fraction: float = typer.Option(0.2, "--val-fraction", min=0.0, max=0.5, help="Share of the GAICD images "
                                        "(and half that of FCDB) held out for per-epoch validation."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (OUT.ckpt) to resume from."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output model and its checkpoint "
+                               "(files not made by smartcrop are never replaced)."),
     device: str = DEVICE_OPT,
     seed: int = typer.Option(0, "--seed", help="Random seed (data order, initialisation)."),
     branch_seed: Optional[int] = typer.Option(None, "--branch-seed", help="With --resume: draw the remaining "
@@ -547,7 +550,7 @@ def train(
 
     from .cropper import resolve_device
     from .errors import UsageError
-    from .training import TrainConfig, build_model, load_train_data, run_training
+    from .training import TrainConfig, build_model, check_outputs, load_train_data, run_training
     from .weights import sha256_file
 
     _finite(ctx)
@@ -555,6 +558,7 @@ def train(
         raise UsageError("--out must end in .safetensors")
     if resume is not None and not resume.is_file():
         raise UsageError(f"{resume}: no such checkpoint")
+    check_outputs(out, resume, force)
     try:
         scales = tuple(float(v) for v in scale_aug.split(",") if v.strip())
     except ValueError:

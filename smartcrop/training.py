@@ -942,6 +942,58 @@ def validate(model, data: TrainData, device: str) -> dict:
     return res
 
 
+#: what a smartcrop checkpoint (``Trainer.save_checkpoint``, ``finetune.Finetuner.save_checkpoint``) holds
+CHECKPOINT_KEYS = frozenset({"model", "optimizer", "epoch", "history", "rng"})
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a smartcrop training or fine-tuning checkpoint.  Read with ``weights_only`` (nothing
+    but plain containers and tensors is unpickled) and memory-mapped (its tensors are not read)."""
+    import torch
+
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format torch file, or one holding anything beyond tensors and containers
+        return False
+    return isinstance(st, dict) and CHECKPOINT_KEYS <= st.keys()
+
+
+def _is_training_log(path: Path) -> bool:
+    """Whether ``path`` starts as :func:`run_training`'s ``OUT.log.jsonl`` does (a ``start`` record)."""
+    try:
+        with open(path, "rb") as f:
+            first = json.loads(f.readline(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and first.get("event") == "start" and "config" in first
+
+
+def check_outputs(out: Path, resume: Path | None, force: bool, log_file: bool = True) -> None:
+    """Refuse (:class:`~smartcrop.errors.UsageError`) a training or fine-tuning run that would overwrite or
+    remove a file it was not asked to: ``out`` when it exists (unless ``force``, or ``resume``), and the run's
+    sidecars ``OUT.ckpt`` (rewritten every epoch) and, with ``log_file``, ``OUT.log.jsonl`` (appended to).  A
+    sidecar that is not smartcrop's own is never touched, ``force`` or not; one of an earlier run needs
+    ``force`` (or, for the checkpoint, ``--resume`` from it)."""
+    from .errors import UsageError
+
+    out = Path(out)
+    ckpt = out.with_suffix(".ckpt")
+    if out.exists() and resume is None and not force:
+        raise UsageError(f"{out} exists: choose another --out or pass --force")
+    resuming = resume is not None and ckpt.exists() and os.path.samefile(resume, ckpt)
+    if (ckpt.exists() or ckpt.is_symlink()) and not resuming:
+        if not ckpt.is_file() or not is_checkpoint(ckpt):
+            raise UsageError(f"{ckpt} exists and is not a smartcrop checkpoint; this run would write its "
+                             "checkpoints there: move it away or choose another --out")
+        if not force:
+            raise UsageError(f"{ckpt} holds an earlier run's checkpoint: continue that run with --resume {ckpt}, "
+                             "or pass --force to start over")
+    log_path = out.with_suffix(".log.jsonl")
+    if log_file and (log_path.exists() or log_path.is_symlink()) and not _is_training_log(log_path):
+        raise UsageError(f"{log_path} exists and is not a smartcrop training log; this run would append to it: "
+                         "move it away or choose another --out")
+
+
 def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: str = "cpu",
                  resume: Path | None = None, info: dict | None = None, log: Callable[[str], None] = print,
                  progress: bool | None = None, workers: int = 0, teachers: Sequence = (),

@@ -348,3 +348,42 @@ def test_average_writes_the_mean_model_with_its_card_and_never_overwrites_an_inp
     code, _, err = cli("average", small_model_file, "--out", tmp_path / "z.safetensors")
     assert code == 2 and "two or more" in err and not (tmp_path / "z.safetensors").exists()
     assert sha256_file(small_model_file) == before[0]
+
+
+def test_train_never_replaces_files_it_did_not_make_and_asks_before_replacing_its_own(tmp_path, tiny_gaicd,
+                                                                                      small_model_file):
+    from smartcrop.training import is_checkpoint
+
+    out = tmp_path / "m.safetensors"
+    common = ["train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--epochs", "1",
+              "--val-fraction", "0", "--device", "cpu", "-j", "1", "--out", out]
+    ckpt, log = out.with_suffix(".ckpt"), out.with_suffix(".log.jsonl")
+    # someone else's files where the run's checkpoint and log would go: refused, whatever the flags
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, ckpt)  # e.g. another trainer's checkpoint
+    before = ckpt.read_bytes()
+    for extra in ([], ["--force"]):
+        code, _, err = cli(*common, *extra)
+        assert code == 2 and str(ckpt) in err and "not a smartcrop checkpoint" in err and len(err.splitlines()) == 1
+        assert ckpt.read_bytes() == before and not out.exists() and not log.exists()
+    ckpt.write_text("notes\n")
+    assert cli(*common, "--force")[0] == 2 and ckpt.read_text() == "notes\n"
+    ckpt.unlink()
+    log.write_text("my own log\n")
+    code, _, err = cli(*common, "--force")
+    assert code == 2 and "not a smartcrop training log" in err and log.read_text() == "my own log\n"
+    log.unlink()
+    # its own files: a finished run is replaced only with --force; a checkpoint can be resumed
+    code, _, err = cli(*common)
+    assert code == 0, err
+    assert is_checkpoint(ckpt) and not is_checkpoint(log) and not is_checkpoint(out)
+    model = out.read_bytes()
+    code, _, err = cli(*common)
+    assert code == 2 and f"{out} exists" in err and "--force" in err and out.read_bytes() == model
+    out.unlink()  # an unfinished run: its checkpoint alone
+    code, _, err = cli(*common)
+    assert code == 2 and f"--resume {ckpt}" in err and not out.exists()
+    code, _, err = cli(*common[:6], "2", *common[7:], "--resume", ckpt)
+    assert code == 0, err
+    code, _, err = cli(*common, "--force")
+    assert code == 0, err
+    assert json.loads(log.read_text().splitlines()[0])["event"] == "start"

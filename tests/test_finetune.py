@@ -154,3 +154,18 @@ def test_run_adapt_crops_with_an_adapted_copy_and_leaves_the_model_untouched(tmp
     assert new == files  # nothing written besides the crops
     x1, y1, x2, y2 = recs[0]["box"]
     assert abs((x2 - x1) * 5 - (y2 - y1) * 4) <= 5 and np.isfinite(recs[0]["score"])
+
+
+def test_finetune_never_replaces_or_removes_a_checkpoint_it_did_not_write(tmp_path, tiny_album, small_model_file):
+    out = tmp_path / "m.safetensors"
+    ckpt = out.with_suffix(".ckpt")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, ckpt)  # e.g. a Lightning checkpoint beside it
+    before = ckpt.read_bytes()
+    for extra in ([], ["--force"]):
+        code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1", *extra)
+        assert code == 2 and "not a smartcrop checkpoint" in err and ckpt.read_bytes() == before
+        assert not out.exists()
+    ckpt.unlink()
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
+    assert code == 0, err
+    assert out.is_file() and not ckpt.exists()  # its own checkpoint is removed once the model is saved
