@@ -29,6 +29,9 @@ Python entry point::
     ds = ray.data.from_items([{"path": "s3://bucket/a.jpg"}, ...])
     out = sd.crop(ds, ["16:9", "1:1"], output="s3://bucket/cropped")   # lazy ray.data.Dataset
     for row in out.iter_rows(): ...   # {path, ratio, box, score, size, output, skipped, lossless, error, note}
+
+A local file name that is not valid UTF-8 crosses Arrow escaped (:func:`wire`); the CLI undoes it, and
+:func:`unwire` gives a row's ``path``, ``input`` or ``output`` back as Python's ``os`` functions take it.
 """
 
 from __future__ import annotations
@@ -443,6 +446,56 @@ def _per_file_errors() -> tuple:
     return _PER_FILE
 
 
+# Arrow strings must be valid UTF-8, and a local file name need not be: Python holds its undecodable bytes as
+# lone surrogates (U+DC80..U+DCFF), which Arrow refuses (one such photo failed the whole Ray job).  Rows cross
+# every Arrow table boundary "wired": each NUL or lone surrogate escaped behind a NUL, which no path and no
+# valid UTF-8 name holds otherwise, so every other string crosses unchanged and the escape is undone exactly.
+_WIRE_RE = re.compile("[\x00\ud800-\udfff]")
+_UNWIRE_RE = re.compile("\x00(\x00|u[0-9a-f]{4}|[\x80-\xff])")
+
+
+def _wire_char(m) -> str:
+    o = ord(m.group())
+    if o == 0:
+        return "\x00\x00"
+    return "\x00" + (chr(o - 0xDC00) if 0xDC80 <= o <= 0xDCFF else f"u{o:04x}")
+
+
+def _unwire_char(m) -> str:
+    g = m.group(1)
+    if g == "\x00":
+        return g
+    return chr(int(g[1:], 16)) if g[0] == "u" else chr(0xDC00 + ord(g))
+
+
+def wire(text: str) -> str:
+    """``text`` as an Arrow string can hold it (see :func:`unwire`); unchanged unless it holds a NUL or a lone
+    surrogate (a name that is not UTF-8, as Python decodes it)."""
+    return _WIRE_RE.sub(_wire_char, text)
+
+
+def unwire(text: str) -> str:
+    """The inverse of :func:`wire`: the name as Python's ``os`` functions take it (``os.fsencode`` gives its
+    bytes).  Output rows of :func:`crop` hold wired names."""
+    return _UNWIRE_RE.sub(_unwire_char, text)
+
+
+def _wired(row: dict, f=wire) -> dict:
+    """``row`` with :func:`wire` (or ``f``) applied to each string and each list of strings in it."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, str):
+            v = f(v)
+        elif isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+            v = [f(x) for x in v]
+        out[k] = v
+    return out
+
+
+def _unwired(row: dict) -> dict:
+    return _wired(row, unwire)
+
+
 def _source(row: dict):
     """What the stages decode: the row's bytes, the bytes behind an URI, or a local path."""
     if row.get("data") is not None:
@@ -461,7 +514,7 @@ def _prepare_batch(table, *, short_side: int, max_long_side: int, opts, out_root
     schema = _schemas(return_bytes)[0]
     per_file = _per_file_errors()
     rows = []
-    for r in table.to_pylist():
+    for r in map(_unwired, table.to_pylist()):
         row = {k: r.get(k) for k in _ID_COLUMNS}
         if row["display"] is None:
             row["display"] = row["path"]
@@ -481,7 +534,7 @@ def _prepare_batch(table, *, short_side: int, max_long_side: int, opts, out_root
                            has_alpha=bool(p.has_alpha))
         except per_file as e:
             row["error"] = _describe(e)
-        rows.append(row)
+        rows.append(_wired(row))
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -552,7 +605,7 @@ def _finish_batch(table, *, opts, out_root, faults, return_bytes):
     schema = _schemas(return_bytes)[2]
     per_file = _per_file_errors()
     out = []
-    for r in table.to_pylist():
+    for r in map(_unwired, table.to_pylist()):
         base = {"path": r["path"], "input": r["display"]}
         if r["error"] is not None:
             out.append({**base, "error": r["error"]})
@@ -566,7 +619,7 @@ def _finish_batch(table, *, opts, out_root, faults, return_bytes):
             out += _finish_photo(r, base, opts, out_root, return_bytes)
         except per_file as e:
             out.append({**base, "error": _describe(e)})
-    return pa.Table.from_pylist(out, schema=schema)
+    return pa.Table.from_pylist([_wired(r) for r in out], schema=schema)
 
 
 def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes: bool) -> list[dict]:
@@ -948,9 +1001,10 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
 
         try:
             _quiet_ray_data(progress)
-            ds = build(ray.data.from_items(rows), opts, model=blob, out_root=None if opts.dry_run else out_root,
+            ds = build(ray.data.from_items([_wired(r) for r in rows]), opts, model=blob,
+                       out_root=None if opts.dry_run else out_root,
                        device=device)
-            for row in ds.iter_rows():
+            for row in map(_unwired, ds.iter_rows()):
                 if row["error"] is not None:
                     summary.failed += 1
                     on_error(f"{row['input']}: {row['error']}")

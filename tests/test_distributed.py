@@ -99,6 +99,44 @@ def test_a_corrupt_photo_is_one_error_line_and_exit_1_the_rest_done(tmp_path, sm
     assert all(Path(r["output"]).is_file() for r in recs)
 
 
+def test_wire_round_trips_every_string_and_leaves_valid_names_alone():
+    from smartcrop.distributed import unwire, wire
+
+    rng = np.random.default_rng(0)
+    pool = ["a", "é", "漢", "\U0001F600", "\x00", "\udce9", "\udcff", "\udc80", "\ud800", "\udfff", "u", "/"]
+    for _ in range(300):
+        text = "".join(rng.choice(pool, int(rng.integers(0, 12))))
+        w = wire(text)
+        w.encode("utf-8")  # valid UTF-8: Arrow takes it
+        assert unwire(w) == text
+    for name in ("photos/IMG_0001.jpg", "s3://bucket/été/漢.png", "u0041", "C:\\x\\y.jpg"):
+        assert wire(name) == name == unwire(name)
+
+
+def test_names_that_are_not_utf8_are_cropped_and_reported_as_the_local_engine_does(tmp_path, small_model_file,
+                                                                                  ray_2cpu):
+    import os
+
+    src = tmp_path / "in"
+    good = os.fsdecode(b"caf\xe9.jpg")
+    draw_photo(src / good, size=(200, 150), seed=3)
+    draw_photo(src / "plain.jpg", size=(150, 200), seed=4)
+    (src / os.fsdecode(b"bad\xff.jpg")).write_bytes(b"not an image")
+    args = [src, "--ratio", "1:1", "--json", "--weights", small_model_file]
+    out = {}
+    for engine in ("local", "ray"):
+        code, text, err = run([*args, "-o", tmp_path / engine, "--engine", engine])
+        assert code == 1 and err.count("\n") == 1 and "bad\\xff.jpg: not an image file" in err, err
+        out[engine] = sorted(jsonl(text), key=lambda r: r["input"])
+        assert [Path(r["input"]).name for r in out[engine]] == [good, "plain.jpg"]
+        assert sorted(os.fsencode(p.name) for p in (tmp_path / engine).iterdir()) == [b"caf\xe9_1x1.jpg",
+                                                                                     b"plain_1x1.jpg"]
+    strip = [{k: v for k, v in r.items() if k != "output"} for r in out["local"]]
+    assert [{k: v for k, v in r.items() if k != "output"} for r in out["ray"]] == strip
+    code, text, err = run([*args, "-o", tmp_path / "ray", "--engine", "ray", "--skip-existing"])
+    assert code == 1 and [r.get("skipped") for r in jsonl(text)] == ["exists", "exists"]
+
+
 def test_a_worker_dying_mid_batch_is_retried_and_the_run_completes(tmp_path, small_model_file, ray_2cpu,
                                                                    monkeypatch):
     died = {stage: tmp_path / f"{stage}.died" for stage in ("score", "finish")}
