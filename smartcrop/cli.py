@@ -360,13 +360,13 @@ def finetune(
     from .errors import UsageError
     from .finetune import FinetuneConfig, finetune, output_path, save_finetuned
     from .training import check_outputs
-    from .weights import user_models_dir
+    from .weights import resolve_model, user_models_dir
 
     _finite(ctx)
     out_path = output_path(out)
     if resume is not None and not resume.is_file():
         raise UsageError(f"{resume}: no such checkpoint")
-    check_outputs(out_path, resume, force, log_file=False)
+    check_outputs(out_path, resume, force, log_file=False, inputs=[resolve_model(weights, model)])
     try:
         photos = list_images(albums, recursive=True)
     except OSError as e:
@@ -419,17 +419,15 @@ def models(as_json: bool = typer.Option(False, "--json", help="JSON lines instea
 def average(
     files: List[Path] = typer.Argument(..., help="Two or more model files of one architecture."),
     out: Path = typer.Option(..., "--out", help="The averaged model (.safetensors; its card beside it)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output model (files not made by "
+                               "smartcrop are never replaced)."),
 ):
     """Average the weights of runs that share their start (branches: train --resume CKPT --branch-seed S)."""
     import shlex
 
-    from .errors import UsageError
-    from .weights import average_models, save_model
+    from .weights import average_models, check_model_path, save_model
 
-    if out.suffix != ".safetensors":
-        raise UsageError("--out must end in .safetensors")
-    if any(out.resolve() == f.resolve() for f in files):
-        raise UsageError(f"--out {out} is one of the models averaged; inputs are never overwritten")
+    check_model_path(out, files, force)
     net, info = average_models(files)  # a missing or invalid file: a one-line WeightsError naming it
     seeds = [m["init_seed"] for m in info["average_of"]]
     if None in seeds or len(set(seeds)) > 1:
@@ -554,11 +552,9 @@ def train(
     from .weights import sha256_file
 
     _finite(ctx)
-    if out.suffix != ".safetensors":
-        raise UsageError("--out must end in .safetensors")
     if resume is not None and not resume.is_file():
         raise UsageError(f"{resume}: no such checkpoint")
-    check_outputs(out, resume, force)
+    check_outputs(out, resume, force, inputs=[*([init] if init is not None else []), *teacher])
     try:
         scales = tuple(float(v) for v in scale_aug.split(",") if v.strip())
     except ValueError:

@@ -968,30 +968,31 @@ def _is_training_log(path: Path) -> bool:
     return isinstance(first, dict) and first.get("event") == "start" and "config" in first
 
 
-def check_outputs(out: Path, resume: Path | None, force: bool, log_file: bool = True) -> None:
+def check_outputs(out: Path, resume: Path | None, force: bool, log_file: bool = True,
+                  inputs: Sequence[Path] = ()) -> None:
     """Refuse (:class:`~smartcrop.errors.UsageError`) a training or fine-tuning run that would overwrite or
-    remove a file it was not asked to: ``out`` when it exists (unless ``force``, or ``resume``), and the run's
-    sidecars ``OUT.ckpt`` (rewritten every epoch) and, with ``log_file``, ``OUT.log.jsonl`` (appended to).  A
-    sidecar that is not smartcrop's own is never touched, ``force`` or not; one of an earlier run needs
-    ``force`` (or, for the checkpoint, ``--resume`` from it)."""
+    remove a file it was not asked to: ``out`` and its card as :func:`~smartcrop.weights.check_model_path` says
+    (``inputs``: the model files it reads; ``resume``: ``out`` may be replaced), and the run's sidecars
+    ``OUT.ckpt`` (rewritten every epoch) and, with ``log_file``, ``OUT.log.jsonl`` (appended to).  A sidecar
+    that is not smartcrop's own is never touched, ``force`` or not; one of an earlier run needs ``force`` (or,
+    for the checkpoint, ``--resume`` from it)."""
     from .errors import UsageError
+    from .weights import check_model_path
 
-    out = Path(out)
+    out = check_model_path(out, inputs, force, replace=resume is not None)
     ckpt = out.with_suffix(".ckpt")
-    if out.exists() and resume is None and not force:
-        raise UsageError(f"{out} exists: choose another --out or pass --force")
     resuming = resume is not None and ckpt.exists() and os.path.samefile(resume, ckpt)
     if (ckpt.exists() or ckpt.is_symlink()) and not resuming:
         if not ckpt.is_file() or not is_checkpoint(ckpt):
             raise UsageError(f"{ckpt} exists and is not a smartcrop checkpoint; this run would write its "
-                             "checkpoints there: move it away or choose another --out")
+                             "checkpoints there: move it away or choose another output")
         if not force:
             raise UsageError(f"{ckpt} holds an earlier run's checkpoint: continue that run with --resume {ckpt}, "
                              "or pass --force to start over")
     log_path = out.with_suffix(".log.jsonl")
     if log_file and (log_path.exists() or log_path.is_symlink()) and not _is_training_log(log_path):
         raise UsageError(f"{log_path} exists and is not a smartcrop training log; this run would append to it: "
-                         "move it away or choose another --out")
+                         "move it away or choose another output")
 
 
 def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: str = "cpu",
@@ -1050,6 +1051,7 @@ def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: st
         raise UsageError("no labeled training image could be read")
     if cfg.rc and not unl:
         log("note: no unlabeled photos given: training without the rank-consistency loss")
+    out.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as lf:
         lf.write(json.dumps({"event": "start", "config": asdict(cfg), "model": model.config.to_dict(),
                              "n_gaicd": len(gaicd), "n_fcdb": len(fcdb), "n_unlabeled": len(unl),

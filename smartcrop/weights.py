@@ -136,6 +136,55 @@ def read_card(path: str | os.PathLike) -> dict | None:
     return card if isinstance(card, dict) else None
 
 
+def _is_smartcrop_model(path: Path) -> bool:
+    try:
+        read_header(path)
+    except WeightsError:
+        return False
+    return True
+
+
+def _is_smartcrop_card(path: Path) -> bool:
+    try:
+        card = json.loads(path.read_bytes()[: 1 << 24])
+    except (OSError, ValueError):
+        return False
+    return isinstance(card, dict) and card.get("format") == FORMAT
+
+
+def check_model_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), force: bool = False,
+                     replace: bool = False) -> Path:
+    """Refuse (:class:`~smartcrop.errors.UsageError`, before any work) a model output ``out`` that
+    :func:`save_model` could not or should not write: not ``.safetensors``; a folder, or under something that
+    is not one; the file or its card (``OUT.json``) one of ``inputs`` (model files read, and their cards);
+    an existing ``out`` unless ``force`` or ``replace`` (a resumed run's own output); and, whatever the flags, an
+    ``out`` or card that smartcrop did not write (another program's file is never replaced).  Returns ``out``."""
+    from .errors import UsageError
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out {out}: a model file must end in .safetensors")
+    card = card_path(out)
+    for p in (out, card):
+        if p.is_dir():
+            raise UsageError(f"{p} is a folder")
+    parent = next((a for a in out.absolute().parents if a.exists() or a.is_symlink()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"cannot write {out}: {parent} is not a folder")
+    for f in inputs:
+        for p, q in ((out, Path(f)), (card, card_path(f))):
+            if p.exists() and q.exists() and os.path.samefile(p, q) or p.absolute() == q.absolute():
+                raise UsageError(f"{p} would replace an input ({f}); inputs are never overwritten")
+    if (out.exists() or out.is_symlink()) and not _is_smartcrop_model(out):
+        raise UsageError(f"{out} exists and is not a smartcrop model: move it away or choose another output")
+    if (card.exists() or card.is_symlink()) and not _is_smartcrop_card(card):
+        raise UsageError(f"{card} exists and is not a smartcrop model card (the model's card goes there): move "
+                         "it away or choose another output")
+    if out.exists() and not (force or replace):
+        raise UsageError(f"{out} exists: choose another output or pass --force")
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # save / load
 

@@ -372,6 +372,11 @@ def test_train_never_replaces_files_it_did_not_make_and_asks_before_replacing_it
     code, _, err = cli(*common, "--force")
     assert code == 2 and "not a smartcrop training log" in err and log.read_text() == "my own log\n"
     log.unlink()
+    card = out.with_suffix(".json")
+    card.write_text('{"experiment": "mine"}\n')  # where the model's card would go
+    code, _, err = cli(*common, "--force")
+    assert code == 2 and "not a smartcrop model card" in err and card.read_text() == '{"experiment": "mine"}\n'
+    card.unlink()
     # its own files: a finished run is replaced only with --force; a checkpoint can be resumed
     code, _, err = cli(*common)
     assert code == 0, err
@@ -387,3 +392,40 @@ def test_train_never_replaces_files_it_did_not_make_and_asks_before_replacing_it
     code, _, err = cli(*common, "--force")
     assert code == 0, err
     assert json.loads(log.read_text().splitlines()[0])["event"] == "start"
+
+
+def test_average_replaces_only_its_own_model_with_force_and_refuses_bad_outputs_before_any_work(
+        tmp_path, small_model_file, monkeypatch):
+    import shutil
+
+    import smartcrop.weights as weights
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.json"  # any name loads: b's card would be b.json itself
+    shutil.copy(small_model_file, a)
+    shutil.copy(small_model_file, b)
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("my notes\n")
+    (tmp_path / "mine.json").write_text('{"mine": 1}\n')
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir.safetensors").mkdir()
+    calls = []
+    monkeypatch.setattr(weights, "average_models", lambda paths: calls.append(paths))  # nothing may get that far
+    files = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    for out, words in ((notes, "not a smartcrop model"), (tmp_path / "mine.safetensors", "not a smartcrop model card"),
+                       (tmp_path / "b.safetensors", "would replace an input"),
+                       (tmp_path / "dir.safetensors", "is a folder"),
+                       (tmp_path / "file" / "m.safetensors", "is not a folder"), (a, "would replace an input")):
+        for extra in ([], ["--force"]):
+            code, _, err = cli("average", a, b, "--out", out, *extra)
+            assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, (out, err)
+    assert not calls and {p: p.read_bytes() for p in files} == files
+    monkeypatch.undo()
+    out = tmp_path / "sub" / "avg.safetensors"
+    assert cli("average", a, b, "--out", out)[0] == 0
+    first = out.read_bytes()
+    code, _, err = cli("average", a, b, "--out", out)
+    assert code == 2 and "exists" in err and "--force" in err and out.read_bytes() == first
+    code, _, err = cli("average", a, a, "--out", out, "--force")
+    assert code == 0, err
+    assert out.read_bytes() != first and json.loads(out.with_suffix(".json").read_text())["file"] == out.name
+

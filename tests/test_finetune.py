@@ -169,3 +169,13 @@ def test_finetune_never_replaces_or_removes_a_checkpoint_it_did_not_write(tmp_pa
     code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
     assert code == 0, err
     assert out.is_file() and not ckpt.exists()  # its own checkpoint is removed once the model is saved
+
+
+def test_finetune_never_writes_over_the_model_it_adapts(tmp_path, tiny_album, small_model_file):
+    import shutil
+
+    base = tmp_path / "base.safetensors"
+    shutil.copy(small_model_file, base)
+    before = base.read_bytes()
+    code, _, err = cli("finetune", tiny_album, "-o", base, "--weights", base, "--epochs", "1", "--force")
+    assert code == 2 and "would replace an input" in err and base.read_bytes() == before
