@@ -263,7 +263,8 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (never an input)."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip crops whose output file exists."),
     as_json: bool = typer.Option(False, "--json", help="One JSON line per crop on stdout."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print the boxes; write no image."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print the boxes; write no crop (a --preview "
+                                 "sheet is still drawn: a look before cropping)."),
     preview: Optional[Path] = typer.Option(None, "--preview", help="Write a contact sheet of every photo with its "
                                            "crops drawn to this image file."),
     weights: Optional[Path] = WEIGHTS_OPT,
@@ -300,8 +301,11 @@ def run(
     from .progress import stderr_is_tty
     from .plan import plan_run
     from .runner import crop_photos
+    from .weights import checked_model_path
 
     choice = _choice(fuse, refine, faces, free_grid)
+    # a missing, unknown or foreign model is a usage error before any folder is made (its header alone is read)
+    checked_model_path(weights, model)
     if engine != "local":  # smartcrop.distributed plans, crops and reports like the code below
         from .distributed import run_command
 

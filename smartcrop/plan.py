@@ -261,13 +261,17 @@ def _check_outputs(namer: OutputNamer, items: list, opts: RunOptions, report) ->
 
 def _check_preview(preview: Path, namer: OutputNamer, planned: set, overwrite: bool) -> None:
     """The contact sheet never replaces an input or an output of this run, nor an existing file unless
-    ``overwrite``."""
+    ``overwrite``, and can be written where asked (missing folders are made then)."""
     it = namer.input_at(preview)
     if it is not None:
         raise InputCollision(f"the preview {safe_name(preview)} would replace the input {safe_name(it.display)}: "
                              "originals are never written")
     if preview.is_dir():
         raise UsageError(f"the preview {safe_name(preview)} is a folder: give an image file name")
+    # its folder is made when the sheet is written; something in the way that is not a folder is refused now
+    above = next((a for a in preview.absolute().parents if os.path.lexists(a)), None)
+    if above is not None and not above.is_dir():
+        raise UsageError(f"cannot write the preview {safe_name(preview)}: {safe_name(above)} is not a folder")
     if os.path.lexists(preview) and not overwrite:
         raise UsageError(f"the preview {safe_name(preview)} exists: choose another name or pass --overwrite")
     resolved = {p.parent.resolve() / p.name for p in planned}

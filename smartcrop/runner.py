@@ -273,6 +273,7 @@ class Runner:
         from .preview import contact_sheet
 
         try:
+            opts.preview.parent.mkdir(parents=True, exist_ok=True)
             save_image(contact_sheet(self.thumbs), opts.preview, overwrite=opts.overwrite)
         except _PER_FILE as e:
             summary.failed += 1

@@ -30,6 +30,8 @@ from typing import Sequence
 from .errors import SmartcropError
 
 FORMAT = "smartcrop-sacnet"
+#: model files read as a torch state dict (``weights_only``) rather than as safetensors
+_TORCH_SUFFIXES = frozenset({".pt", ".pth", ".ckpt"})
 FORMAT_VERSION = 1
 SHIPPED_NAME = "sacnet_mobilenetv2"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -123,6 +125,15 @@ def resolve_model(weights: str | os.PathLike | None = None, model: str | None = 
             "no shipped model in weights/ yet: train one (`smartcrop train`) and give its file"
         )
     return p
+
+
+def checked_model_path(weights: str | os.PathLike | None = None, model: str | None = None) -> Path:
+    """:func:`resolve_model`, and a ``.safetensors`` file's smartcrop header read (:func:`read_header`, no tensor,
+    no torch import): a missing, unknown or foreign model is a :class:`WeightsError` before any work."""
+    path = resolve_model(weights, model)
+    if path.suffix not in _TORCH_SUFFIXES:
+        read_header(path)
+    return path
 
 
 def read_card(path: str | os.PathLike) -> dict | None:
@@ -273,7 +284,7 @@ def read_header(path: str | os.PathLike) -> dict:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # "pt" would import torch for the metadata alone
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types
         raise WeightsError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
@@ -306,7 +317,7 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verif
     path = Path(path) if path is not None else resolve_model()
     if not path.is_file():
         raise WeightsError(f"{path}: no such model file")
-    if path.suffix in {".pt", ".pth", ".ckpt"}:
+    if path.suffix in _TORCH_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:

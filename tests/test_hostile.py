@@ -276,6 +276,42 @@ def test_preview_onto_one_of_the_runs_crops_is_refused(sw):
     sw.check(res, 2, failed=["p1_16x9.jpg"])
 
 
+def test_preview_in_a_missing_folder_is_made_and_under_a_file_refused_before_any_work(sw):
+    three(sw)
+    (sw.root / "notes").write_text("x")
+    res = sw.run(sw.src, "-o", sw.out, "--preview", sw.root / "notes" / "sheet.jpg")
+    sw.check(res, 2, failed=["notes"])
+    assert not sw.out.exists()
+    res = sw.run(sw.src, "-o", sw.out, "--preview", sw.root / "sheets" / "new" / "sheet.jpg", "--json")
+    sw.check(res, 0, done=["p0.jpg", "p1.jpg", "p2.jpg"], outside=["sheets/new/sheet.jpg"])
+    assert imageio.written_by_smartcrop(sw.root / "sheets" / "new" / "sheet.jpg")
+
+
+def test_dry_run_with_a_preview_draws_the_sheet_and_writes_no_crop(sw):
+    three(sw)
+    res = sw.run(sw.src, "-o", sw.out, "--dry-run", "--preview", sw.root / "look.jpg")
+    sw.check(res, 0, outside=["look.jpg"])
+    assert not sw.out.exists() and len(res.out.decode().splitlines()) == 3
+
+
+@pytest.mark.parametrize("how", ["missing", "garbage", "not ours", "name"])
+def test_a_bad_model_is_refused_before_the_output_folder_is_made(sw, how, monkeypatch):
+    three(sw)
+    monkeypatch.setenv("SMARTCROP_HOME", str(sw.root / "home"))
+    bad = sw.root / "m.safetensors"
+    if how == "garbage":
+        bad.write_bytes(b"not a model")
+    elif how == "not ours":  # a valid safetensors file without smartcrop's header
+        from safetensors.numpy import save_file
+
+        save_file({"w": np.zeros(3, np.float32)}, str(bad))
+    args = ["--model", "nosuch"] if how == "name" else ["--weights", str(bad)]
+    r = CliRunner().invoke(app, ["run", str(sw.src), "-o", str(sw.out), *args])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert ("nosuch" if how == "name" else "m.safetensors") in r.stderr
+    assert not sw.out.exists()
+
+
 # --------------------------------------------------------------------------- every write complete or absent
 
 
