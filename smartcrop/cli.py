@@ -389,9 +389,12 @@ def finetune(
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table.")):
     """List the shipped model and your fine-tuned models."""
-    from .weights import list_models, user_models_dir
+    from .weights import list_models, unselectable_models, user_models_dir
 
     rows = list_models()
+    for p in unselectable_models():
+        err(f"note: {p} cannot be chosen with --model (its name is not a model name, or is the shipped model's): "
+            "rename it, or use --weights PATH")
     if as_json:
         for m in rows:
             card = m["card"] or {}
@@ -407,16 +410,24 @@ def models(as_json: bool = typer.Option(False, "--json", help="JSON lines instea
     for m in rows:
         card = m["card"] or {}
         what = "fine-tuned" if "finetune" in card else "trained"
-        if "finetune" in card:
-            src = f"{card['finetune'].get('photos', '?')} album photos"
-        else:
-            tr = card.get("training", {})
-            src = ", ".join(f"{tr[k]} {label}" for k, label in (("n_gaicd", "scored"), ("n_fcdb", "expert crops"),
-                                                                ("n_unlabeled", "unlabeled")) if tr.get(k))
-        t.add_row(m["name"], "shipped" if m["shipped"] else what, str(m["path"]), src or "?")
+        t.add_row(m["name"], "shipped" if m["shipped"] else what, str(m["path"]), _trained_on(card))
     Console().print(t)
     if not rows:
         err("no model found: the shipped model is missing from weights/")
+
+
+def _trained_on(card: dict) -> str:
+    """What a model card says the model learnt from, in a few words; "?" where the card does not say (or is
+    malformed: cards are files anyone can edit)."""
+    ft, tr = card.get("finetune"), card.get("training")
+    if ft is not None:
+        photos = ft.get("photos") if isinstance(ft, dict) else None
+        return f"{photos if isinstance(photos, int) else '?'} album photos"
+    if not isinstance(tr, dict):
+        return "?"
+    return ", ".join(f"{tr[k]} {label}" for k, label in (("n_gaicd", "scored"), ("n_fcdb", "expert crops"),
+                                                        ("n_unlabeled", "unlabeled"))
+                     if isinstance(tr.get(k), int) and tr[k]) or "?"
 
 
 @app.command()

@@ -89,17 +89,31 @@ def valid_model_name(name: str) -> bool:
     return bool(_NAME_RE.match(name)) and name not in {".", ".."}
 
 
+#: the name ``--model`` gives the shipped model; a user model cannot take it
+SHIPPED_NAME = "default"
+
+
 def list_models() -> list[dict]:
-    """The shipped model and the user's models: ``{"name", "path", "shipped", "card"}`` each."""
+    """The shipped model and the user's models ``--model NAME`` can choose: ``{"name", "path", "shipped",
+    "card"}`` each (a file of the models folder that it cannot choose: :func:`unselectable_models`)."""
     out = []
     shipped = shipped_model_path()
     if shipped:
-        out.append({"name": "default", "path": shipped, "shipped": True, "card": read_card(shipped)})
-    d = user_models_dir()
-    if d.is_dir():
-        for p in sorted(d.glob("*.safetensors")):
+        out.append({"name": SHIPPED_NAME, "path": shipped, "shipped": True, "card": read_card(shipped)})
+    for p in _user_model_files():
+        if valid_model_name(p.stem) and p.stem != SHIPPED_NAME:
             out.append({"name": p.stem, "path": p, "shipped": False, "card": read_card(p)})
     return out
+
+
+def unselectable_models() -> list[Path]:
+    """Model files of the models folder whose name ``--model`` cannot take (``default``, spaces …)."""
+    return [p for p in _user_model_files() if not valid_model_name(p.stem) or p.stem == SHIPPED_NAME]
+
+
+def _user_model_files() -> list[Path]:
+    d = user_models_dir()
+    return sorted(p for p in d.glob("*.safetensors") if p.is_file()) if d.is_dir() else []
 
 
 def resolve_model(weights: str | os.PathLike | None = None, model: str | None = None) -> Path:
@@ -111,7 +125,7 @@ def resolve_model(weights: str | os.PathLike | None = None, model: str | None = 
         if not p.is_file():
             raise WeightsError(f"{p}: no such model file")
         return p
-    if model is not None and model != "default":
+    if model is not None and model != SHIPPED_NAME:
         if not valid_model_name(model):
             raise WeightsError(f"bad model name {model!r}")
         p = user_models_dir() / f"{model}.safetensors"

@@ -179,3 +179,30 @@ def test_finetune_never_writes_over_the_model_it_adapts(tmp_path, tiny_album, sm
     before = base.read_bytes()
     code, _, err = cli("finetune", tiny_album, "-o", base, "--weights", base, "--epochs", "1", "--force")
     assert code == 2 and "would replace an input" in err and base.read_bytes() == before
+
+
+def test_models_lists_what_model_can_choose_whatever_the_models_folder_holds(tmp_path, small_model_file,
+                                                                             tiny_album, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("SMARTCROP_HOME", str(tmp_path / "home"))
+    d = tmp_path / "home" / "models"
+    d.mkdir(parents=True)
+    for name, card in (("a", '{"finetune": "x"}'), ("b", '{"training": [1]}'), ("c", '{"training": {"n_gaicd": "many"}}'),
+                       ("default", None), ("my model", None)):
+        shutil.copy(small_model_file, d / f"{name}.safetensors")
+        if card is not None:
+            (d / f"{name}.json").write_text(card)
+    (d / "adir.safetensors").mkdir()
+    (d / "gone.safetensors").symlink_to(tmp_path / "nowhere")
+    for args in (["models"], ["models", "--json"]):
+        code, out, err = cli(*args)
+        assert code == 0, err
+        assert "a" in out and "b" in out and "adir" not in out and "gone" not in out and "my model" not in out
+        notes = err.strip().splitlines()
+        assert len(notes) == 2 and all("cannot be chosen with --model" in n for n in notes), notes
+        assert "default.safetensors" in err and "my model.safetensors" in err
+    names = [json.loads(line)["name"] for line in out.splitlines()]
+    assert names.count("default") <= 1 and [n for n in names if n != "default"] == ["a", "b", "c"]
+    code, _, err = cli("finetune", tiny_album, "-o", "default", "--weights", small_model_file, "--epochs", "1")
+    assert code == 2 and "shipped model's name" in err
