@@ -69,13 +69,24 @@ def _kind(mode: int) -> str:
 
 
 def _read_lines(data: bytes) -> list[str]:
-    """Paths of a file list, one per line (bytes decoded like the OS decodes file names)."""
+    """Paths of a file list, one per line (bytes decoded like the OS decodes file names; a leading UTF-8 byte
+    order mark dropped; blank lines skipped).  A name is taken as written, spaces at either end included, when
+    such a file exists; otherwise with those spaces trimmed (a hand-edited list's stray blanks)."""
     out = []
-    for line in data.splitlines():
-        line = line.strip()
-        if line:
-            out.append(os.fsdecode(line))
+    for line in data.removeprefix(b"\xef\xbb\xbf").splitlines():
+        trimmed = line.strip()
+        if not trimmed:
+            continue
+        name = os.fsdecode(line)
+        out.append(name if trimmed != line and _lexists(name) else os.fsdecode(trimmed))
     return out
+
+
+def _lexists(path: str) -> bool:
+    try:
+        return os.path.lexists(path)
+    except ValueError:  # a NUL byte: reported when the path is used
+        return False
 
 
 def _ident(path: str | os.PathLike) -> tuple | None:
@@ -141,6 +152,9 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
     if list_file is not None:
         if list_file == "-":
             data = (stdin or sys.stdin.buffer).read()
+            if looks_like_image(data):
+                raise UsageError("--from-file -: standard input holds an image, not a list of paths (crop it with "
+                                 "`smartcrop run -`)")
         else:
             try:
                 with open(list_file, "rb") as f:  # may be a pipe: --from-file <(find ...)

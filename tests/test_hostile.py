@@ -696,6 +696,25 @@ def test_list_line_with_a_nul_byte(sw):
     sw.check(res, 1, failed=["bad\\x00name.jpg"], done=["p0.jpg"])
 
 
+def test_list_with_a_byte_order_mark_and_names_ending_in_spaces(sw):
+    three(sw)
+    sw.photo("q.jpg", seed=3).rename(sw.src / "p3.jpg ")  # a real name ending in a space; no p3.jpg
+    sw.photo("p4.jpg", seed=4)
+    lst = sw.root / "list.txt"
+    lst.write_bytes(b"\xef\xbb\xbf" + os.fsencode(f"{sw.src / 'p0.jpg'}\r\n{sw.src / 'p3.jpg '}\n"
+                                                     f"  {sw.src / 'p4.jpg'}  \n   \n"))
+    res = sw.run("--from-file", lst, "-o", sw.out, "--json")
+    sw.check(res, 0, done=["p0.jpg", "p3.jpg ", "p4.jpg"])
+    assert sorted(Path(r["input"]).name for r in res.records) == ["p0.jpg", "p3.jpg ", "p4.jpg"]
+
+
+def test_an_image_on_stdin_as_the_file_list_is_refused(sw):
+    a, *_ = three(sw)
+    res = sw.run("--from-file", "-", "-o", sw.out, stdin=a.read_bytes())
+    sw.check(res, 2, failed=["holds an image"])
+    assert not sw.out.exists()
+
+
 def test_list_from_a_pipe_works(sw):
     three(sw)
     res = sw.run("-", "-o", sw.out, "--json", stdin=f"{sw.src / 'p0.jpg'}\n{sw.src / 'p2.jpg'}\n".encode())
