@@ -848,13 +848,14 @@ def _ray_output_to(log_path: str):
         log.close()
 
 
-def _read_list(from_file: str, stdin=None) -> str:
+def _read_list(from_file: str, stdin=None) -> bytes:
+    """The file list's bytes (its lines: :func:`smartcrop.inputs.list_lines`, names that are not UTF-8 kept)."""
     try:
         if from_file == "-":
-            return (stdin or sys.stdin.buffer).read().decode("utf-8", "replace")
+            return (stdin or sys.stdin.buffer).read()
         if is_uri(from_file):
-            return read_uri(from_file).decode("utf-8", "replace")
-        return Path(from_file).read_text(encoding="utf-8", errors="replace")
+            return read_uri(from_file)
+        return Path(from_file).read_bytes()
     except OSError as e:
         raise UsageError(f"{from_file}: cannot read file list ({getattr(e, 'strerror', None) or e})") from None
 
@@ -865,11 +866,12 @@ def plan_rows(inputs: Sequence[str], *, from_file: str | None, output, stdin=Non
     paths (the same checks and inputs), the same checks on a listing for URIs."""
     import io
 
+    from .inputs import list_lines
     from .plan import plan_run
 
     out = restore_uri(str(output)) if output is not None else None
     listed = _read_list(from_file, stdin) if from_file is not None else None
-    names = list(inputs) + ([ln.strip() for ln in listed.splitlines() if ln.strip()] if listed else [])
+    names = list(inputs) + (list_lines(listed) if listed else [])
     errors: list[str] = []
 
     def report(line: str) -> None:
@@ -878,7 +880,7 @@ def plan_rows(inputs: Sequence[str], *, from_file: str | None, output, stdin=Non
 
     if not (is_uri(out) or any(is_uri(n) for n in names)):
         plan = plan_run(list(inputs), from_file=None if from_file is None else "-", output=output,
-                        stdin=io.BytesIO(listed.encode()) if listed is not None else None, on_error=report,
+                        stdin=io.BytesIO(listed) if listed is not None else None, on_error=report,
                         **plan_kwargs)
         if any(it.path is None for it in plan.items):
             raise UsageError("--engine ray reads files, folders and URIs, not an image on stdin")

@@ -68,7 +68,7 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _read_lines(data: bytes) -> list[str]:
+def list_lines(data: bytes) -> list[str]:
     """Paths of a file list, one per line (bytes decoded like the OS decodes file names; a leading UTF-8 byte
     order mark dropped; blank lines skipped).  A name is taken as written, spaces at either end included, when
     such a file exists; otherwise with those spaces trimmed (a hand-edited list's stray blanks)."""
@@ -162,7 +162,7 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
             except (OSError, ValueError) as e:
                 raise UsageError(f"{safe_name(list_file)}: cannot read file list "
                                  f"({_stat_problem(e, list_file)})") from None
-        names += _read_lines(data)
+        names += list_lines(data)
     if "-" in names and list_file == "-":
         raise UsageError("stdin cannot be both a file list and an input")
     expanded: list[str] = []
@@ -174,7 +174,7 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
         if looks_like_image(data) or not data.strip():
             items.append(InputItem("<stdin>", None, Path(), "stdin", "", data))
         else:  # a list of paths
-            expanded += _read_lines(data)
+            expanded += list_lines(data)
     exclude_id = _ident(exclude) if exclude is not None else None
     seen: set = set()
 

@@ -135,6 +135,13 @@ def test_names_that_are_not_utf8_are_cropped_and_reported_as_the_local_engine_do
     assert [{k: v for k, v in r.items() if k != "output"} for r in out["ray"]] == strip
     code, text, err = run([*args, "-o", tmp_path / "ray", "--engine", "ray", "--skip-existing"])
     assert code == 1 and [r.get("skipped") for r in jsonl(text)] == ["exists", "exists"]
+    # the same names in a file list (a byte order mark and CRLF line ends too): read as bytes, as the OS names them
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(os.fsencode(src / n) for n in (good, "plain.jpg")) + b"\r\n")
+    code, text, err = run(["--from-file", lst, *args[1:], "-o", tmp_path / "listed", "--engine", "ray"])
+    assert code == 0, err
+    assert sorted(os.fsencode(p.name) for p in (tmp_path / "listed").iterdir()) == [b"caf\xe9_1x1.jpg",
+                                                                                    b"plain_1x1.jpg"]
 
 
 def test_a_worker_dying_mid_batch_is_retried_and_the_run_completes(tmp_path, small_model_file, ray_2cpu,
