@@ -277,11 +277,11 @@ def finetune(net, photos: Sequence[Path], cfg: FinetuneConfig, labeled_root: Pat
 def output_path(out: str) -> Path:
     """Where ``finetune --out OUT`` writes: a ``.safetensors`` path as given, or a bare model name in the user's
     models folder (then usable as ``--model NAME``)."""
-    from .weights import SHIPPED_NAME, user_models_dir, valid_model_name
+    from .weights import DEFAULT_MODEL, user_models_dir, valid_model_name
 
     if out.endswith(".safetensors"):
         return Path(out)
-    if out == SHIPPED_NAME:
+    if out == DEFAULT_MODEL:
         raise UsageError(f"{out!r} is the shipped model's name (--model {out}): choose another")
     if valid_model_name(out) and "/" not in out:
         return user_models_dir() / f"{out}.safetensors"

@@ -90,7 +90,7 @@ def valid_model_name(name: str) -> bool:
 
 
 #: the name ``--model`` gives the shipped model; a user model cannot take it
-SHIPPED_NAME = "default"
+DEFAULT_MODEL = "default"
 
 
 def list_models() -> list[dict]:
@@ -99,16 +99,16 @@ def list_models() -> list[dict]:
     out = []
     shipped = shipped_model_path()
     if shipped:
-        out.append({"name": SHIPPED_NAME, "path": shipped, "shipped": True, "card": read_card(shipped)})
+        out.append({"name": DEFAULT_MODEL, "path": shipped, "shipped": True, "card": read_card(shipped)})
     for p in _user_model_files():
-        if valid_model_name(p.stem) and p.stem != SHIPPED_NAME:
+        if valid_model_name(p.stem) and p.stem != DEFAULT_MODEL:
             out.append({"name": p.stem, "path": p, "shipped": False, "card": read_card(p)})
     return out
 
 
 def unselectable_models() -> list[Path]:
     """Model files of the models folder whose name ``--model`` cannot take (``default``, spaces …)."""
-    return [p for p in _user_model_files() if not valid_model_name(p.stem) or p.stem == SHIPPED_NAME]
+    return [p for p in _user_model_files() if not valid_model_name(p.stem) or p.stem == DEFAULT_MODEL]
 
 
 def _user_model_files() -> list[Path]:
@@ -125,7 +125,7 @@ def resolve_model(weights: str | os.PathLike | None = None, model: str | None = 
         if not p.is_file():
             raise WeightsError(f"{p}: no such model file")
         return p
-    if model is not None and model != SHIPPED_NAME:
+    if model is not None and model != DEFAULT_MODEL:
         if not valid_model_name(model):
             raise WeightsError(f"bad model name {model!r}")
         p = user_models_dir() / f"{model}.safetensors"

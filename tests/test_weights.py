@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import draw_photo, sha  # noqa: E402
 from smartcrop.weights import (WeightsError, load_backbone_weights, load_model, read_card, read_header,  # noqa: E402
-                               resolve_model, save_model, sha256_file, shipped_model_path)
+                               list_models, resolve_model, save_model, sha256_file, shipped_model_path)
 
 
 def scores(net, seed=1):
@@ -129,6 +129,18 @@ def test_named_user_models(tmp_path, small_model, monkeypatch):
         resolve_model(weights=p, model="holiday-2026")
     with pytest.raises(WeightsError, match="bad model name"):
         resolve_model(model="../x")
+
+
+def test_a_checkout_with_weights_finds_its_shipped_model():
+    """Tests that need the shipped model skip without it; in a checkout that has it, not finding it is a bug
+    (a renamed constant once made every one of them skip)."""
+    import smartcrop
+
+    files = list((Path(smartcrop.__file__).resolve().parent.parent / "weights").glob("*.safetensors"))
+    if not files:
+        pytest.skip("not a source checkout with weights/ (an installed wheel finds its packaged copy)")
+    assert shipped_model_path() in files and resolve_model() == shipped_model_path()
+    assert [m["name"] for m in list_models()][0] == "default"
 
 
 @pytest.mark.skipif(shipped_model_path() is None, reason="no shipped model in weights/")
