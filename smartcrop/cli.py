@@ -257,8 +257,8 @@ def run(
                                           "re-encoded crops (default 92); giving it re-encodes JPEG crops too."),
     reencode: bool = typer.Option(False, "--reencode", help="Re-encode JPEG crops instead of cutting them "
                                   "losslessly from the original's DCT blocks."),
-    out_format: Optional[str] = typer.Option(None, "--format", help="Output format: jpg, png, webp or tif "
-                                             "(default: the input's)."),
+    out_format: Optional[str] = typer.Option(None, "--format", help="Output format: jpg, png, webp, tif or "
+                                             "avif (default: the input's)."),
     strip: bool = typer.Option(False, "--strip", help="Drop EXIF and ICC profile from the outputs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (never an input)."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip crops whose output file exists."),

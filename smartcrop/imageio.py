@@ -58,6 +58,7 @@ __all__ = [
     "encode_image",
     "format_for_path",
     "heif_decoder",
+    "pillow_output_format",
     "is_image_path",
     "load_full",
     "load_image",
@@ -785,7 +786,7 @@ def save_image(img: Image.Image, path: str | os.PathLike[str], *, format: str | 
     ``mark=False``); with ``overwrite=False`` an existing ``path`` raises FileExistsError.
     """
     path = Path(path)
-    fmt = _output_format(format if format is not None else path.suffix, path)
+    fmt = pillow_output_format(format if format is not None else path.suffix, path)
     if not overwrite and os.path.lexists(path):
         raise FileExistsError(errno.EEXIST, "file exists", str(path))
     buf = io.BytesIO()  # in memory first: Pillow ignores short writes to a file descriptor
@@ -800,7 +801,7 @@ def encode_image(img: Image.Image, format: str, *, quality: int = 95, exif: byte
     ``format`` is a format or extension name: "JPEG", "jpg", ".png", "webp", "tiff", "avif", ...
     """
     buf = io.BytesIO()
-    _encode(img, buf, _output_format(format), quality=quality, exif=exif, icc=icc, xmp=xmp, iptc=iptc)
+    _encode(img, buf, pillow_output_format(format), quality=quality, exif=exif, icc=icc, xmp=xmp, iptc=iptc)
     return buf.getvalue()
 
 
@@ -1000,7 +1001,7 @@ def format_for_path(path: str | os.PathLike[str]) -> str:
     """Pillow output format name ("JPEG", "PNG", "WEBP", "TIFF", "AVIF") for ``path``'s extension
     (case-insensitive); :class:`ImageError` if the extension is not a writable format."""
     p = Path(path)
-    return _output_format(p.suffix, p)
+    return pillow_output_format(p.suffix, p)
 
 
 def default_output_format(input_suffix: str | None, decoded_format: str | None = None, *,
@@ -1030,7 +1031,7 @@ def _writable(fmt: str) -> bool:
     return fmt != "AVIF" or _pillow_has_avif()
 
 
-def _output_format(name: str, path: Path | None = None) -> str:
+def pillow_output_format(name: str, path: Path | None = None) -> str:
     """Pillow format name for a format/extension name; :class:`ImageError` if not writable."""
     fmt = OUTPUT_FORMATS.get("." + name.lower().lstrip(".")) if name else None
     if fmt is None:

@@ -22,7 +22,8 @@ from .inputs import collect_inputs
 from .naming import InputCollision, OutputError, OutputNamer, check_template, output_ext
 
 #: ``--format`` names and their aliases → output extension
-FORMAT_NAMES = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp", "tif": "tif", "tiff": "tif"}
+FORMAT_NAMES = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp", "tif": "tif", "tiff": "tif",
+                "avif": "avif"}
 
 
 @dataclass
@@ -106,12 +107,19 @@ class RunPlan:
 
 
 def parse_format(name: str | None) -> str | None:
-    """An output format name (``jpg``, ``jpeg``, ``png``, ``webp``, ``tif``, ``tiff``, any case) → extension."""
+    """An output format name (``jpg``, ``jpeg``, ``png``, ``webp``, ``tif``, ``tiff``, ``avif``, any case) →
+    extension; AVIF only where this Pillow writes it."""
+    from .imageio import ImageError, pillow_output_format
+
     if not name:
         return None
     fmt = FORMAT_NAMES.get(name.lower().lstrip("."))
     if fmt is None:
-        raise UsageError(f"output format must be jpg, png, webp or tif, not {name!r}")
+        raise UsageError(f"output format must be jpg, png, webp, tif or avif, not {name!r}")
+    try:
+        pillow_output_format(fmt)
+    except ImageError as e:
+        raise UsageError(str(e)) from None
     return fmt
 
 

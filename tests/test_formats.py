@@ -3,6 +3,7 @@ and ICC), camera fields for --json, and file names that cannot mess up a termina
 
 import base64
 import functools
+import json
 import importlib
 import io
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,12 +278,32 @@ def test_avif_is_a_writable_output(tmp_path):
     assert default_output_format(".avif", "AVIF") == "avif"
 
 
+@needs_avif
+def test_format_avif_is_accepted_by_run(tmp_path, small_model_file):
+    from typer.testing import CliRunner
+
+    from smartcrop.cli import app
+
+    src = tagged_jpeg(tmp_path / "src.jpg")
+    r = CliRunner().invoke(app, ["run", str(src), "--format", "AVIF", "--ratio", "1:1", "-o", str(tmp_path / "o"),
+                                 "--json", "--weights", str(small_model_file)])
+    assert r.exit_code == 0, r.stderr
+    out = Path(json.loads(r.stdout)["output"])
+    assert out.suffix == ".avif" and load_full(out).format == "AVIF"
+
+
 def test_avif_output_refused_cleanly_without_codec(tmp_path, monkeypatch):
     monkeypatch.setattr(imageio, "_pillow_has_avif", lambda: False)
     with pytest.raises(ImageError, match="AVIF output needs Pillow"):
         save_image(Image.new("RGB", (4, 4)), tmp_path / "x.avif")
     assert list(tmp_path.iterdir()) == []
     assert default_output_format(".avif", "AVIF") == "jpg"
+    from smartcrop.errors import UsageError
+    from smartcrop.plan import parse_format
+
+    with pytest.raises(UsageError, match="AVIF output needs Pillow"):
+        parse_format("avif")
+    assert parse_format("TIFF") == "tif"
 
 
 @pytest.mark.parametrize("suffix,decoded,kw,expected", [
