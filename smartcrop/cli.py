@@ -149,7 +149,7 @@ def eval_gaicd(
     """SRCC, PCC and Acc K/N of the model's scores against GAICD's human scores."""
     from .evaluate import benchmark_items, check_predictions_path, evaluate_gaicd
 
-    items = benchmark_items("gaicd", root, split)
+    items = benchmark_items("gaicd", root, split, on_note=err)
     if predictions is not None:
         check_predictions_path(predictions, root)
     cropper = _cropper(weights, model, device)
@@ -192,7 +192,7 @@ def eval_fcdb(
         from .faces import require
 
         require()
-    items = benchmark_items("fcdb", root, split)
+    items = benchmark_items("fcdb", root, split, on_note=err)
     choice = _choice(fuse, refine, faces, free_grid)
     cropper = _cropper(weights, model, device)
     cropper.choice = choice

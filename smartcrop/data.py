@@ -61,8 +61,12 @@ def parse_gaicd_annotation(path: Path) -> tuple[np.ndarray, np.ndarray]:
     naming the file and line number.
     """
     boxes, mos = [], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{lineno}: not text: {raw.strip()[:60]!r}") from None
             parts = line.split()
             if not parts:
                 continue
@@ -72,8 +76,8 @@ def parse_gaicd_annotation(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 y1, x1, y2, x2, m = (float(v) for v in parts)
             except ValueError:
                 raise ValueError(f"{path}:{lineno}: not numbers: {line.strip()!r}") from None
-            if not all(np.isfinite((y1, x1, y2, x2, m))):
-                raise ValueError(f"{path}:{lineno}: not finite: {line.strip()!r}")
+            if not all(np.isfinite((y1, x1, y2, x2, m))) or max(abs(y1), abs(x1), abs(y2), abs(x2), abs(m)) > 1e9:
+                raise ValueError(f"{path}:{lineno}: not finite or out of range: {line.strip()!r}")
             if m == UNRATED:
                 continue
             if not (x2 > x1 and y2 > y1):
@@ -100,13 +104,20 @@ def read_gaicd(root: str | os.PathLike, split: str) -> list[GaicdItem]:
     items = []
     images = [p for p in img_dir.iterdir()
               if p.suffix.lower() in GAICD_IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()]
+    by_stem: dict[str, Path] = {}
     for img in sorted(images, key=lambda p: (p.stem, p.name)):
         ann = ann_dir / f"{img.stem}.txt"
         if not ann.is_file():
             continue
+        if img.stem in by_stem:
+            raise ValueError(f"{ann}: annotates both {by_stem[img.stem].name} and {img.name}: keep one")
+        by_stem[img.stem] = img
         boxes, mos = parse_gaicd_annotation(ann)
         if len(mos):
             items.append(GaicdItem(img.stem, img, boxes, mos))
+    orphans = sum(1 for a in ann_dir.glob("*.txt") if a.stem not in by_stem and not a.name.startswith("."))
+    if orphans:
+        warnings.warn(f"{ann_dir}: {orphans} annotation files have no image in {img_dir}; skipped", stacklevel=2)
     return items
 
 
@@ -136,6 +147,10 @@ def read_fcdb(root: str | os.PathLike, split: str = "test") -> list[FcdbItem]:
             x, y, w, h = (float(v) for v in e["crop"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{js}: entry {k} lacks a url or a crop [x, y, w, h]") from None
+        except OverflowError:  # an integer beyond any float
+            x = y = w = h = float("nan")
+        if not (np.isfinite((x, y, w, h)).all() and max(abs(x), abs(y), w, h) < 1e9 and w > 0 and h > 0):
+            raise ValueError(f"{js}: entry {k}: crop {_short(e['crop'])} is not a box [x, y, w, h] with w, h > 0")
         path = root / "images" / fname
         if not path.is_file():
             missing += 1
@@ -144,6 +159,11 @@ def read_fcdb(root: str | os.PathLike, split: str = "test") -> list[FcdbItem]:
     if missing:
         warnings.warn(f"{js}: {missing} listed photos are not in {root / 'images'}; skipped", stacklevel=2)
     return items
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def list_images(paths: Iterable[str | os.PathLike], recursive: bool = True,

@@ -429,3 +429,14 @@ def test_average_replaces_only_its_own_model_with_force_and_refuses_bad_outputs_
     assert code == 0, err
     assert out.read_bytes() != first and json.loads(out.with_suffix(".json").read_text())["file"] == out.name
 
+
+
+def test_eval_notes_photos_missing_from_a_benchmark_in_one_line(tmp_path, tiny_fcdb, small_model_file):
+    js = tiny_fcdb / "cropping_testing_set.json"
+    entries = json.loads(js.read_text())
+    js.write_text(json.dumps(entries + [{"url": "https://example.invalid/gone.jpg", "crop": [1, 1, 20, 20]}]))
+    code, out, err = cli("eval", "fcdb", tiny_fcdb, "--weights", small_model_file, "--json", "--device", "cpu")
+    assert code == 0, err
+    assert err.strip().splitlines() == [f"smartcrop: note: {js}: 1 listed photos are not in {tiny_fcdb / 'images'}; "
+                                        "skipped"]
+    assert json.loads(out)["n_images"] == 2

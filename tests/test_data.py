@@ -44,7 +44,8 @@ def test_read_gaicd_any_split_name_and_suffixes(tmp_path, split):
     (img_dir / "notes.txt").write_text("x")
     for stem in ("d", "e", "f", "notes"):
         (tmp_path / "annotations" / split / f"{stem}.txt").write_text("0 0 10 10 3\n")
-    items = read_gaicd(tmp_path, split)
+    with pytest.warns(UserWarning, match="2 annotation files have no image"):  # f.gif and notes.txt are not
+        items = read_gaicd(tmp_path, split)
     assert [it.name for it in items] == ["a", "b", "d", "e"]
     assert [it.image_path.name for it in items][2:] == ["d.PNG", "e.jpeg"]
 
@@ -66,6 +67,20 @@ def test_read_gaicd_errors(tmp_path):
     ann.write_text("0 0 30 40 nan\n")
     with pytest.raises(ValueError, match=r"b\.txt:1"):
         read_gaicd(tmp_path, "train")
+    ann.write_bytes(b"0 0 30 40 4\n\xff\xfe\n")  # not text: the file and line named
+    with pytest.raises(ValueError, match=r"b\.txt:2: not text"):
+        read_gaicd(tmp_path, "train")
+    ann.write_text("0 0 1e39 1e39 4\n")  # finite as a float, infinite once float32
+    with pytest.raises(ValueError, match=r"b\.txt:1: not finite or out of range"):
+        read_gaicd(tmp_path, "train")
+    ann.write_text("0 0 30 40 4\n")
+    Image.new("RGB", (40, 30)).save(tmp_path / "images" / "train" / "b.png")  # b.jpg and b.png: one b.txt
+    with pytest.raises(ValueError, match=r"b\.txt: annotates both b\.jpg and b\.png"):
+        read_gaicd(tmp_path, "train")
+    (tmp_path / "images" / "train" / "b.png").unlink()
+    (tmp_path / "annotations" / "train" / "z.txt").write_text("0 0 30 40 4\n")  # no z image
+    with pytest.warns(UserWarning, match="1 annotation files have no image"):
+        assert [it.name for it in read_gaicd(tmp_path, "train")] == ["a", "b"]
     # images but no annotations folder for that split
     (tmp_path / "images" / "holdout").mkdir()
     with pytest.raises(FileNotFoundError, match="annotations/holdout"):
@@ -125,6 +140,11 @@ def test_read_fcdb_malformed(tmp_path):
     (tmp_path / "cropping_testing_set.json").write_text("[{")
     with pytest.raises(ValueError, match="JSON"):
         read_fcdb(tmp_path)
+    for crop in ("[NaN, 10, 150, 100]", "[10, 10, 1e400, 100]", "[10, 10, 1" + "0" * 400 + ", 100]",
+                 "[10, 10, 0, 100]", "[10, 10, -5, 100]"):
+        (tmp_path / "cropping_testing_set.json").write_text(f'[{{"url": "https://x/a.jpg", "crop": {crop}}}]')
+        with pytest.raises(ValueError, match=r"entry 0: crop .* is not a box"):
+            read_fcdb(tmp_path)
 
 
 def test_list_images(tmp_path):
