@@ -1,8 +1,8 @@
 """Worker processes for the CPU stages of a run, and the pixel budget that keeps their memory bounded.
 
 :class:`WorkerPool` is a process pool (``fork`` on Linux, so workers start in milliseconds; ``spawn``
-elsewhere) whose workers ignore SIGINT — the main process decides how a run stops — or, with one worker, a
-stand-in that runs each task at once in the calling process.  Create it before torch is imported so the workers
+elsewhere) whose workers ignore SIGINT — the main process decides how a run stops — and exit when that process
+is gone (killed outright), or, with one worker, a stand-in that runs each task at once in the calling process.  Create it before torch is imported so the workers
 never carry torch's threads.
 
 The pixel budget is shared by all workers: a decode of ``n`` pixels waits while other decodes hold more than
@@ -16,6 +16,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -41,9 +43,31 @@ def usable_cores() -> int:
 KEEP_FREED_MAX_WORKERS = 8
 
 
+#: seconds between a worker's checks that the process that started it is still there
+PARENT_CHECK_S = 0.5
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker's watch: once the process that started it is gone (SIGKILLed, killed for memory), exit — else
+    the orphan would wait forever on its task queue, holding the run's stdout and stderr open (a pipeline
+    reading them would hang).  A file it was writing stays a temporary file, removed by the next run."""
+    while True:
+        time.sleep(PARENT_CHECK_S)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
 def _init_worker(budget, warm=None, keep: bool = True) -> None:
     global _budget
+    # the main process decides how a run stops: Ctrl-C (SIGINT to the whole process group) is ignored here and
+    # the main process finishes or cancels the tasks.  SIGTERM keeps its default, so that the pool can still
+    # stop a worker, and a worker reached by one (timeout, docker stop, systemd signal the whole group) ends
+    # quietly — not with the main process's handler, which printed a traceback per worker.  A file it was
+    # writing stays a temporary file, which the main process removes (runner.remove_dead_temps).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
+                     name="smartcrop-parent-watch").start()
     _budget = budget
     if keep:
         keep_freed_memory()

@@ -290,7 +290,23 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
     the plan's photos (``--adapt``).  ``own_process``: the caller owns this process and leaves it after the run
     (the command line), so the objects made by importing torch are frozen out of the garbage collector's view
     (:func:`~smartcrop.pool.import_torch`).
+
+    Interrupted (KeyboardInterrupt, which the command line also raises for SIGTERM), it removes, once its
+    workers are stopped, the temporary files that dead processes left in the output folder — a worker that the
+    same signal reached (a whole process group is signalled by timeout, docker stop …) ends mid-write.
     """
+    try:
+        return _crop_photos(plan, weights, model, device, adapt_epochs, on_record, on_error, progress, own_process)
+    except KeyboardInterrupt:
+        if plan.opts.out_dir is not None and not plan.opts.dry_run:
+            from .imageio import remove_stale_temps
+
+            remove_stale_temps(plan.opts.out_dir)
+        raise
+
+
+def _crop_photos(plan, weights, model, device, adapt_epochs, on_record, on_error, progress, own_process
+                 ) -> RunSummary:
     from .weights import input_size, resolve_model
 
     opts = plan.opts

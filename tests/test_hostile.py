@@ -22,6 +22,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -516,6 +517,73 @@ def test_sigterm_stops_like_ctrl_c(sw, monkeypatch, at):
     sw.check(res, 143, failed=["terminated"])
     assert "nothing partial" in res.err
     assert len(sw.outputs()) == (1 if at == "between photos" else 0)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Process ids under ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat_line = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat_line.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _busy_run(sw, n: int = 120) -> subprocess.Popen:
+    """A two-worker run over ``n`` photos, started in its own process group and caught once its first crop is
+    written (plenty of work left)."""
+    for k in range(n):
+        sw.photo(f"p{k:03d}.jpg", size=(320, 240), seed=k)
+    p = subprocess.Popen([sys.executable, "-m", "smartcrop.cli", "run", str(sw.src), "-o", str(sw.out), "-j", "2",
+                          "--ratio", "16:9", "--json", "--weights", str(sw.model)], cwd=ROOT, start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (sw.out.is_dir() and any(n.endswith(".jpg") for n in os.listdir(sw.out))):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.02)
+    return p
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_workers_exit_when_the_run_is_killed_outright(sw):
+    p = _busy_run(sw)
+    under = _descendants(p.pid)
+    assert under, "the run has worker processes"
+    p.kill()  # SIGKILL (or the kernel's OOM killer): no handler runs
+    p.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(c) for c in under) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(c) for c in under), "orphaned workers still running"
+    p.stdout.read(), p.stderr.read()  # every writer of the pipes is gone: this returns (it hung before)
+
+
+def test_sigterm_to_the_whole_process_group_stops_in_one_line(sw):
+    p = _busy_run(sw)
+    os.killpg(p.pid, signal.SIGTERM)  # as timeout, docker stop or systemd do
+    out, err = p.communicate(timeout=60)
+    lines = err.decode().strip().splitlines()
+    assert p.returncode == 143 and len(lines) == 1 and lines[0].startswith("smartcrop: terminated"), lines
+    assert not [n for n in os.listdir(sw.out) if n.startswith(".smartcrop-")]  # a worker's unfinished file too
+    for n in os.listdir(sw.out):
+        with Image.open(sw.out / n) as im:
+            im.load()
 
 
 @pytest.mark.parametrize("stem_bytes,ok", [(246, True), (250, False)])
