@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from .anchors import parse_ratio
 from .cropper import Choice
-from .errors import UsageError
+from .errors import UsageError, one_line
 from .imageio import OUTPUT_FORMATS, safe_name
 from .inputs import collect_inputs
 from .naming import InputCollision, OutputError, OutputNamer, check_template, output_ext
@@ -233,6 +233,11 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
             _check_image_stdout(stdin, stdout)
     else:
         opts.out_dir = output or Path("cropped")
+        try:
+            opts.out_dir.resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+            raise UsageError(f"{safe_name(opts.out_dir)}: the output folder cannot be resolved ({one_line(e)})") \
+                from None
     namer = OutputNamer(opts.out_dir or Path("."), opts.template(), overwrite, skip_existing, items,
                         out_format=opts.out_format)
     planned: set[Path] = set()

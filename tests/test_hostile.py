@@ -277,6 +277,15 @@ def test_preview_onto_one_of_the_runs_crops_is_refused(sw):
     sw.check(res, 2, failed=["p1_16x9.jpg"])
 
 
+@pytest.mark.parametrize("flags", [[], ["--dry-run"]])
+def test_an_output_folder_in_a_symlink_loop_is_refused(sw, flags):
+    three(sw)
+    (sw.root / "la").symlink_to(sw.root / "lb")
+    (sw.root / "lb").symlink_to(sw.root / "la")
+    res = sw.run(sw.src, "-o", sw.root / "la", *flags)
+    sw.check(res, 2, failed=["cannot be resolved"])
+
+
 def test_preview_in_a_missing_folder_is_made_and_under_a_file_refused_before_any_work(sw):
     three(sw)
     (sw.root / "notes").write_text("x")
