@@ -664,7 +664,9 @@ def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes:
         elif w.data is not None:
             rec["data"] = w.data
         else:
-            rec["output"] = w.output
+            rec["output"], rec["skipped"] = w.output, w.skipped
+            if w.skipped:
+                rec["lossless"] = None
     return recs
 
 

@@ -170,7 +170,8 @@ class Runner:
                     fail(i, e, bar)
                     continue
                 for rec, w in zip([r for r in recs if r.skipped is None], done):
-                    rec.box, rec.output, rec.lossless = list(w.box), w.output, w.lossless
+                    rec.box, rec.output, rec.skipped = list(w.box), w.output, w.skipped
+                    rec.lossless = None if w.skipped else w.lossless
                     if w.data is not None:
                         try:
                             sys.stdout.buffer.write(w.data)

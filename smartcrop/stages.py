@@ -16,6 +16,8 @@ process or in the pool; a distributed engine can run the same functions as remot
 
 from __future__ import annotations
 
+import errno
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,7 @@ class FinishJob:
     overwrite: bool = False
     lossless: bool = True  # allow DCT-domain JPEG crops
     retried: bool = False  # resubmitted after the worker running it died
+    skip_existing: bool = False  # a name another process took since it was claimed: skipped, not renamed
 
 
 @dataclass
@@ -81,6 +84,7 @@ class Written:
     output: str | None
     lossless: bool
     data: bytes | None = None  # the encoded image when the target was None
+    skipped: str | None = None  # "exists": with skip_existing, another process wrote the name first
 
 
 DEFAULT_QUALITY = 92
@@ -140,7 +144,7 @@ def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: boo
     job = None
     if specs:
         job = FinishJob(source, exts.pop(), specs, quality=opts.quality, strip=opts.strip, overwrite=opts.overwrite,
-                        lossless=not opts.reencode)
+                        lossless=not opts.reencode, skip_existing=opts.skip_existing)
     return decisions, job
 
 
@@ -307,9 +311,34 @@ def finish(job: FinishJob) -> list[Written]:
             continue
         target = Path(spec.target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_file(target, data, overwrite=job.overwrite)
+        try:
+            write_file(target, data, overwrite=job.overwrite)
+        except FileExistsError:  # another process (a second run into this folder) wrote that name since it was
+            if job.skip_existing:  # claimed: never replaced; skipped, or written under the next free suffix
+                out.append(Written(box, str(target), was_lossless, skipped="exists"))
+                continue
+            target = _write_under_free_name(target, data)
         out.append(Written(box, str(target), was_lossless))
     return out
+
+
+#: at most this many suffixes are tried for a name another process took (:func:`_write_under_free_name`)
+MAX_RACE_SUFFIX = 999
+
+
+def _write_under_free_name(target: Path, data: bytes) -> Path:
+    """Write ``data`` as ``target``'s stem with the first free ``-1``, ``-2`` … suffix (each claimed atomically,
+    never replacing a file) and return that path."""
+    from .imageio import write_file
+
+    for k in range(1, MAX_RACE_SUFFIX + 1):
+        path = target.with_name(f"{target.stem}-{k}{target.suffix}")
+        try:
+            write_file(path, data, overwrite=False)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"{MAX_RACE_SUFFIX} names taken", str(target))
 
 
 def _read_bytes(source) -> bytes:

@@ -595,6 +595,32 @@ def test_sigterm_to_the_whole_process_group_stops_in_one_line(sw):
             im.load()
 
 
+@pytest.mark.parametrize("flags", [[], ["--skip-existing"]])
+def test_a_name_another_run_takes_meanwhile_is_never_replaced(sw, monkeypatch, flags):
+    """Two runs into one folder: a name this run claimed is written by the other before this one commits."""
+    three(sw)
+    theirs = imageio.encode_image(Image.new("RGB", (8, 8), (0, 200, 0)), "jpg")
+    real = imageio.write_file
+
+    def racing(path, data, *, overwrite=False, mark=True):
+        p = Path(path)
+        if p.name == "p1_16x9.jpg" and not p.exists():
+            real(p, theirs)  # the other run, just before this one
+        return real(path, data, overwrite=overwrite, mark=mark)
+
+    monkeypatch.setattr(imageio, "write_file", racing)
+    res = sw.run(sw.src, "-o", sw.out, "--ratio", "16:9", "--json", *flags)
+    sw.check(res, 0, done=["p0.jpg", "p2.jpg"])
+    assert (sw.out / "p1_16x9.jpg").read_bytes() == imageio.mark_output(theirs)  # theirs, untouched
+    p1 = next(r for r in res.records if Path(r["input"]).name == "p1.jpg")
+    if flags:
+        assert p1["skipped"] == "exists" and p1["output"] == str(sw.out / "p1_16x9.jpg") and "lossless" not in p1
+        assert sorted(sw.outputs()) == ["p0_16x9.jpg", "p1_16x9.jpg", "p2_16x9.jpg"]
+    else:
+        assert p1["output"] == str(sw.out / "p1_16x9-1.jpg") and "skipped" not in p1
+        assert sorted(sw.outputs()) == ["p0_16x9.jpg", "p1_16x9-1.jpg", "p1_16x9.jpg", "p2_16x9.jpg"]
+
+
 @pytest.mark.parametrize("stem_bytes,ok", [(246, True), (250, False)])
 def test_long_stems_fit_or_fail_alone(sw, stem_bytes, ok):
     three(sw)
