@@ -5,6 +5,7 @@ Heavy modules (torch, the model) are imported inside the commands so that ``smar
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -378,10 +379,11 @@ def finetune(
     cropper = _cropper(weights, model, device)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     cfg = FinetuneConfig(epochs=epochs, lr=lr, distill=distill, seed=seed)
-    history = finetune(cropper.net, photos, cfg, labeled, out_path.with_suffix(".ckpt"), resume, cropper.device,
-                       log=err)
-    card = save_finetuned(cropper.net, out_path, base_path=cropper.path, albums=albums, photos=len(photos),
-                          labeled=labeled, cfg=cfg, history=history, argv=sys.argv[2:])
+    with _training_interrupts(out_path.with_suffix(".ckpt")):
+        history = finetune(cropper.net, photos, cfg, labeled, out_path.with_suffix(".ckpt"), resume,
+                           cropper.device, log=err)
+        card = save_finetuned(cropper.net, out_path, base_path=cropper.path, albums=albums, photos=len(photos),
+                              labeled=labeled, cfg=cfg, history=history, argv=sys.argv[2:])
     err(f"saved {out_path} (sha256 {card['sha256'][:12]}…)"
         + (f"; use it with --model {out_path.stem}" if out_path.parent == user_models_dir() else ""))
 
@@ -622,8 +624,23 @@ def train(
     }
     if branch_seed is not None:
         info["training"]["branch"] = {"from": str(resume), "seed": branch_seed}
-    run_training(net, data, cfg, out, dev, resume, info, log=err, workers=workers, teachers=teacher,
-                 branch_seed=branch_seed)
+    with _training_interrupts(out.with_suffix(".ckpt")):
+        run_training(net, data, cfg, out, dev, resume, info, log=err, workers=workers, teachers=teacher,
+                     branch_seed=branch_seed)
+
+
+@contextlib.contextmanager
+def _training_interrupts(ckpt: Path):
+    """Ctrl-C or SIGTERM during `train` or `finetune`: one line naming the checkpoint to go on from, exit 130
+    or 143 (a checkpoint or model being written is removed, never left partial)."""
+    with _sigterm_as_interrupt() as term:
+        try:
+            yield
+        except KeyboardInterrupt:
+            done = (f"the last finished epoch is in {ckpt}: go on with --resume {ckpt}" if ckpt.is_file()
+                    else "no epoch had finished")
+            err(f"{'terminated' if term.received else 'interrupted'}: {done}")
+            raise typer.Exit(143 if term.received else 130) from None
 
 
 class _ClosedStdout(io.TextIOBase):

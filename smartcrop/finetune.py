@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shlex
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +27,7 @@ import numpy as np
 
 from .anchors import flip_boxes, gaic_anchors, scale_boxes
 from .errors import UsageError
-from .training import TrainConfig
+from .training import TrainConfig, write_checkpoint
 
 
 class AlbumError(UsageError):
@@ -197,10 +196,9 @@ class Finetuner:
         return rec
 
     def save_checkpoint(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        self.torch.save({"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch,
-                         "history": json.dumps(self.history), "rng": json.dumps(self.rng.bit_generator.state)}, tmp)
-        os.replace(tmp, path)
+        write_checkpoint({"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch,
+                          "history": json.dumps(self.history), "rng": json.dumps(self.rng.bit_generator.state)},
+                         path)
 
     def load_checkpoint(self, path: Path) -> None:
         st = self.torch.load(path, map_location="cpu", weights_only=True)

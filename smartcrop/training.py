@@ -707,10 +707,7 @@ class Trainer:
         }
 
     def save_checkpoint(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        self.torch.save(self.state(), tmp)
-        os.replace(tmp, path)
+        write_checkpoint(self.state(), path)
 
     def load_checkpoint(self, path: str | Path) -> None:
         torch = self.torch
@@ -940,6 +937,22 @@ def validate(model, data: TrainData, device: str) -> dict:
         m = evaluate_fcdb(cropper, data.val_fcdb, "any", progress=False)
         res["fcdb_any"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
     return res
+
+
+def write_checkpoint(state: dict, path: str | Path) -> None:
+    """``torch.save`` ``state`` to ``path`` through a temporary file beside it, renamed over ``path`` once
+    complete: an interrupted save (Ctrl-C, SIGTERM, a full disk) removes the temporary file and leaves the last
+    checkpoint as it was."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 #: what a smartcrop checkpoint (``Trainer.save_checkpoint``, ``finetune.Finetuner.save_checkpoint``) holds

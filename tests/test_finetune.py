@@ -206,3 +206,37 @@ def test_models_lists_what_model_can_choose_whatever_the_models_folder_holds(tmp
     assert names.count("default") <= 1 and [n for n in names if n != "default"] == ["a", "b", "c"]
     code, _, err = cli("finetune", tiny_album, "-o", "default", "--weights", small_model_file, "--epochs", "1")
     assert code == 2 and "shipped model's name" in err
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_finetune_names_its_checkpoint_and_leaves_no_partial_file(tmp_path, tiny_album,
+                                                                                 small_model_file, monkeypatch,
+                                                                                 signal_name):
+    import os
+    import signal
+
+    out = tmp_path / "m.safetensors"
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *a, **kw):  # the second epoch's checkpoint is cut off halfway
+        saves.append(f)
+        if len(saves) == 2:
+            Path(f).write_bytes(b"half a checkpoint")
+            if signal_name == "SIGTERM":
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise KeyboardInterrupt
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "3")
+    assert code == (143 if signal_name == "SIGTERM" else 130)
+    ckpt = out.with_suffix(".ckpt")
+    assert err.strip().splitlines()[-1] == (f"smartcrop: {'terminated' if signal_name == 'SIGTERM' else 'interrupted'}"
+                                            f": the last finished epoch is in {ckpt}: go on with --resume {ckpt}")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file
+    assert not out.exists() and torch.load(ckpt, weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "3",
+                       "--resume", ckpt)
+    assert code == 0, err
+    assert out.is_file() and not ckpt.exists()
