@@ -302,6 +302,7 @@ def run(
     from .progress import stderr_is_tty
     from .plan import plan_run
     from .runner import crop_photos
+    from .finetune import FinetuneConfig
     from .weights import checked_model_path
 
     choice = _choice(fuse, refine, faces, free_grid)
@@ -320,7 +321,8 @@ def run(
                     out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
                     skip_existing=skip_existing, on_error=err, name_template=name, max_side=max_side, top_k=top_k,
                     quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch,
-                    upscale=upscale, scoring=scoring.lower(), choice=choice)
+                    upscale=upscale, scoring=scoring.lower(), choice=choice,
+                    adapt_min=FinetuneConfig.min_photos if adapt else 0)
     if not plan.items:  # every input failed to collect (reported): nothing to load a model for
         raise typer.Exit(1)
 

@@ -307,7 +307,9 @@ def adapt_cropper(cropper, photos: Sequence[Path], epochs: int = 2, log: Callabl
 
     net = copy.deepcopy(cropper.net)
     log(f"adapting the model to {len(photos)} photos ({epochs} epochs)…")
-    finetune(net, photos, FinetuneConfig(epochs=epochs), device=cropper.device, log=log)
+    # a photo that cannot be read is reported by the run that crops it: not a second time here
+    finetune(net, photos, FinetuneConfig(epochs=epochs), device=cropper.device,
+             log=lambda line: None if line.startswith("warning: skipping ") else log(line))
     adapted = Cropper(net=net, device=cropper.device)
     adapted.choice = cropper.choice
     return adapted

@@ -178,7 +178,7 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
              ratios: Sequence[str] = (), size: str | None = None, output: Path | None = None,
              out_format: str | None = None, preview: Path | None = None, dry_run: bool = False,
              as_json: bool = False, overwrite: bool = False, skip_existing: bool = False, stdin=None, stdout=None,
-             on_error: Callable[[str], None] | None = None, **options) -> RunPlan:
+             on_error: Callable[[str], None] | None = None, adapt_min: int = 0, **options) -> RunPlan:
     """Validate a ``run`` request, collect its inputs and prepare the output folder.
 
     Raises :class:`UsageError` for anything wrong with the request itself — before any input is read where it
@@ -187,7 +187,8 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
     ``overwrite``.  Inputs that cannot be collected, or for which no output name can be made, are reported
     through ``on_error`` (one line each) and listed in the plan; the others go on.  ``options`` are further
     :class:`RunOptions` fields (``name_template``, ``max_side``, ``top_k``, ``quality``, ``strip``, ``upscale``,
-    ``workers``, ``batch`` …).  ``stdin``/``stdout`` default to the process's.
+    ``workers``, ``batch`` …).  ``stdin``/``stdout`` default to the process's.  ``adapt_min``: the run first
+    fine-tunes on its photos (``--adapt``), which needs at least that many photo files.
     """
     if overwrite and skip_existing:
         raise UsageError("overwriting and skipping existing outputs exclude each other")
@@ -221,6 +222,12 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
         raise UsageError("a single image on stdin cannot be mixed with other inputs")
     if not items and not errors:
         raise UsageError("no image files found in the inputs" + ("" if recursive else " (use -r for sub-folders)"))
+    if adapt_min:
+        if stdin_image:
+            raise UsageError("--adapt fine-tunes on photo files: it cannot adapt to an image on stdin")
+        if items and len(items) < adapt_min:
+            raise UsageError(f"--adapt fine-tunes on the photos being cropped and needs at least {adapt_min}; "
+                             f"{'only ' if len(items) > 1 else ''}{len(items)} given")
     if stdin_image and output is None:
         opts.out_dir = None
         if as_json and not dry_run:

@@ -146,7 +146,7 @@ def test_run_adapt_crops_with_an_adapted_copy_and_leaves_the_model_untouched(tmp
     files = sorted(p.name for p in (tmp_path).rglob("*"))
     code, out, err = cli("run", tiny_album, "-r", "--ratio", "4:5", "--adapt", "--adapt-epochs", "1", "--json",
                          "-o", tmp_path / "out", "--weights", small_model_file)
-    assert code == 1 and "broken.jpg" in err  # one bad file, the rest cropped
+    assert code == 1 and err.count("broken.jpg") == 1  # one bad file, named once, the rest cropped
     recs = [json.loads(line) for line in out.splitlines()]
     assert len(recs) == 5 and all(Path(r["output"]).is_file() for r in recs)
     assert sha(small_model_file) == before
@@ -240,3 +240,13 @@ def test_an_interrupted_finetune_names_its_checkpoint_and_leaves_no_partial_file
                        "--resume", ckpt)
     assert code == 0, err
     assert out.is_file() and not ckpt.exists()
+
+
+def test_run_adapt_without_enough_photo_files_is_refused_before_any_folder_is_made(tmp_path, tiny_album,
+                                                                                   small_model_file):
+    one = tiny_album / "p0.jpg"
+    code, _, err = cli("run", one, "--adapt", "-o", tmp_path / "o1", "--weights", small_model_file)
+    assert code == 2 and "needs at least 4; 1 given" in err and not (tmp_path / "o1").exists()
+    r = CliRunner().invoke(app, ["run", "-", "--ratio", "1:1", "--adapt", "--weights", str(small_model_file)],
+                           input=one.read_bytes())
+    assert r.exit_code == 2 and "cannot adapt to an image on stdin" in r.stderr and r.stdout_bytes == b""
