@@ -30,6 +30,13 @@ from .stages import (PER_FILE_ERRORS, PRELOAD_ENV, WorkerModel, crop_job, finish
                      may_crop_losslessly, warm_lossless)
 
 
+class _NoBar:
+    """A progress bar that shows nothing (after the real one has closed)."""
+
+    def advance(self) -> None:
+        pass
+
+
 @dataclass
 class CropRecord:
     input: str
@@ -169,24 +176,42 @@ class Runner:
                 except _PER_FILE as e:
                     fail(i, e, bar)
                     continue
-                for rec, w in zip([r for r in recs if r.skipped is None], done):
-                    rec.box, rec.output, rec.skipped = list(w.box), w.output, w.skipped
-                    rec.lossless = None if w.skipped else w.lossless
-                    if w.data is not None:
-                        try:
-                            sys.stdout.buffer.write(w.data)
-                            sys.stdout.buffer.flush()
-                        except OSError as e:
-                            raise StreamError(e) from None
-                        rec.output = "-"
-                for rec in recs:
-                    if rec.skipped:
-                        summary.skipped += 1
-                    elif not opts.dry_run:
-                        summary.written += 1
-                    summary.records.append(rec)
-                    self.on_record(rec)
-                bar.advance()
+                report(recs, done, bar)
+
+        def report(recs: list, done: list, bar) -> None:
+            """The records of one photo whose crops were written (``done``: :func:`finish`'s results)."""
+            for rec, w in zip([r for r in recs if r.skipped is None], done):
+                rec.box, rec.output, rec.skipped = list(w.box), w.output, w.skipped
+                rec.lossless = None if w.skipped else w.lossless
+                if w.data is not None:
+                    try:
+                        sys.stdout.buffer.write(w.data)
+                        sys.stdout.buffer.flush()
+                    except OSError as e:
+                        raise StreamError(e) from None
+                    rec.output = "-"
+            for rec in recs:
+                if rec.skipped:
+                    summary.skipped += 1
+                elif not opts.dry_run:
+                    summary.written += 1
+                summary.records.append(rec)
+                self.on_record(rec)
+            bar.advance()
+
+        def report_finished() -> None:
+            """Interrupted: the writes not started are cancelled and the running ones end (the pool waits for
+            them), so each of those photos' crops is on disk: report them too, or --json would miss files."""
+            for _i, _recs, fut, _job in writes:
+                if fut is not None:
+                    fut.cancel()
+            for _i, recs, fut, _job in writes:
+                if fut is not None and not fut.cancelled():
+                    try:
+                        done = fut.result()
+                    except Exception:  # noqa: BLE001 - a failed or dead write: nothing on disk to report
+                        continue
+                    report(recs, done, _NoBar())
 
         try:
             with progress_bar(len(items), "cropping", self.progress) as bar:
@@ -223,6 +248,9 @@ class Runner:
                     drain(False, bar)
                     fill()
                 drain(True, bar)
+        except KeyboardInterrupt:
+            report_finished()
+            raise
         finally:
             if own_pool:
                 pool.close()

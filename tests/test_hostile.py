@@ -583,6 +583,17 @@ def test_workers_exit_when_the_run_is_killed_outright(sw):
     p.stdout.read(), p.stderr.read()  # every writer of the pipes is gone: this returns (it hung before)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_every_crop_finished_at_an_interrupt_has_its_json_line(sw, sig):
+    p = _busy_run(sw)
+    p.send_signal(sig)  # the main process only: its workers finish the crops they are writing
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == (143 if sig == signal.SIGTERM else 130), err
+    reported = {Path(json.loads(line)["output"]).name for line in out.decode().splitlines()}
+    on_disk = {n for n in os.listdir(sw.out) if not n.startswith(".")}
+    assert reported == on_disk and len(on_disk) < 120
+
+
 def test_sigterm_to_the_whole_process_group_stops_in_one_line(sw):
     p = _busy_run(sw)
     os.killpg(p.pid, signal.SIGTERM)  # as timeout, docker stop or systemd do
