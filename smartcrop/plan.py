@@ -133,6 +133,9 @@ def prepare_output_dir(out_dir: Path) -> None:
 
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{safe_name(out_dir)}: the output folder is a file")
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise UsageError(f"{safe_name(out_dir)}: the output folder is a symlink to {safe_name(os.readlink(out_dir))}, "
+                         "which does not exist")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -292,6 +295,8 @@ def _check_preview(preview: Path, namer: OutputNamer, planned: set, overwrite: b
     above = next((a for a in preview.absolute().parents if os.path.lexists(a)), None)
     if above is not None and not above.is_dir():
         raise UsageError(f"cannot write the preview {safe_name(preview)}: {safe_name(above)} is not a folder")
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):  # a read-only file system, too
+        raise UsageError(f"cannot write the preview {safe_name(preview)}: {safe_name(above)} is not writable")
     if os.path.lexists(preview) and not overwrite:
         raise UsageError(f"the preview {safe_name(preview)} exists: choose another name or pass --overwrite")
     resolved = {p.parent.resolve() / p.name for p in planned}

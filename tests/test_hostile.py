@@ -297,6 +297,28 @@ def test_preview_in_a_missing_folder_is_made_and_under_a_file_refused_before_any
     assert imageio.written_by_smartcrop(sw.root / "sheets" / "new" / "sheet.jpg")
 
 
+def test_preview_on_a_read_only_file_system_is_refused_before_any_work(sw, tmp_path):
+    three(sw)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root and CAP_SYS_ADMIN)")
+    try:
+        res = sw.run(sw.src, "-o", sw.out, "--preview", ro / "sheet.jpg")
+        sw.check(res, 2, failed=["not writable"])
+        assert not sw.out.exists()
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
+def test_an_output_folder_that_is_a_dangling_symlink_is_named_so(sw):
+    three(sw)
+    (sw.root / "d").symlink_to(sw.root / "nowhere" / "x")
+    res = sw.run(sw.src, "-o", sw.root / "d")
+    sw.check(res, 2, failed=["is a symlink to", "does not exist"], lines=1)
+
+
 def test_dry_run_with_a_preview_draws_the_sheet_and_writes_no_crop(sw):
     three(sw)
     res = sw.run(sw.src, "-o", sw.out, "--dry-run", "--preview", sw.root / "look.jpg")
