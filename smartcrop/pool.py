@@ -2,8 +2,8 @@
 
 :class:`WorkerPool` is a process pool (``fork`` on Linux, so workers start in milliseconds; ``spawn``
 elsewhere) whose workers ignore SIGINT — the main process decides how a run stops — and exit when that process
-is gone (killed outright), or, with one worker, a stand-in that runs each task at once in the calling process.  Create it before torch is imported so the workers
-never carry torch's threads.
+is gone (killed outright), or, with one worker, a stand-in that runs each task at once in the calling process.
+Create it before torch is imported so the workers never carry torch's threads.
 
 The pixel budget is shared by all workers: a decode of ``n`` pixels waits while other decodes hold more than
 ``budget − n`` pixels (a decode larger than the whole budget runs alone), so a folder of huge images is
@@ -63,7 +63,7 @@ def _init_worker(budget, warm=None, keep: bool = True) -> None:
     # the main process finishes or cancels the tasks.  SIGTERM keeps its default, so that the pool can still
     # stop a worker, and a worker reached by one (timeout, docker stop, systemd signal the whole group) ends
     # quietly — not with the main process's handler, which printed a traceback per worker.  A file it was
-    # writing stays a temporary file, which the main process removes (runner.remove_dead_temps).
+    # writing stays a temporary file, which the main process removes (runner.crop_photos).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,

@@ -17,7 +17,6 @@ process or in the pool; a distributed engine can run the same functions as remot
 from __future__ import annotations
 
 import errno
-
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,8 +312,10 @@ def finish(job: FinishJob) -> list[Written]:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             write_file(target, data, overwrite=job.overwrite)
-        except FileExistsError:  # another process (a second run into this folder) wrote that name since it was
-            if job.skip_existing:  # claimed: never replaced; skipped, or written under the next free suffix
+        except FileExistsError:
+            # another process (a second run into this folder) wrote that name since it was claimed: it is never
+            # replaced; the crop is skipped (--skip-existing) or written under the next free suffix
+            if job.skip_existing:
                 out.append(Written(box, str(target), was_lossless, skipped="exists"))
                 continue
             target = _write_under_free_name(target, data)

@@ -30,9 +30,9 @@ from typing import Sequence
 from .errors import SmartcropError
 
 FORMAT = "smartcrop-sacnet"
+FORMAT_VERSION = 1
 #: model files read as a torch state dict (``weights_only``) rather than as safetensors
 _TORCH_SUFFIXES = frozenset({".pt", ".pth", ".ckpt"})
-FORMAT_VERSION = 1
 SHIPPED_NAME = "sacnet_mobilenetv2"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 

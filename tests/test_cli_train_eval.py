@@ -53,7 +53,8 @@ def test_train_partial_unfreezing_with_a_lower_backbone_learning_rate(tmp_path, 
     assert changed and min(int(i) for i in changed) == 10  # layers 0-9 frozen, 10 on trained
 
 
-def test_train_augmentations_and_rc_anchors_are_recorded_and_useless_flags_noted(tmp_path, tiny_gaicd, small_model_file):
+def test_train_augmentations_and_rc_anchors_are_recorded_and_useless_flags_noted(tmp_path, tiny_gaicd,
+                                                                                 small_model_file):
     from smartcrop.weights import read_card
 
     for frozen, batch, noted in (("14", "1", ""), ("0", "1", "--jitter-views has no effect"),

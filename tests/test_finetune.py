@@ -188,8 +188,8 @@ def test_models_lists_what_model_can_choose_whatever_the_models_folder_holds(tmp
     monkeypatch.setenv("SMARTCROP_HOME", str(tmp_path / "home"))
     d = tmp_path / "home" / "models"
     d.mkdir(parents=True)
-    for name, card in (("a", '{"finetune": "x"}'), ("b", '{"training": [1]}'), ("c", '{"training": {"n_gaicd": "many"}}'),
-                       ("default", None), ("my model", None)):
+    for name, card in (("a", '{"finetune": "x"}'), ("b", '{"training": [1]}'),
+                       ("c", '{"training": {"n_gaicd": "many"}}'), ("default", None), ("my model", None)):
         shutil.copy(small_model_file, d / f"{name}.safetensors")
         if card is not None:
             (d / f"{name}.json").write_text(card)
