@@ -583,7 +583,9 @@ def _busy_run(sw, n: int = 120) -> subprocess.Popen:
         sw.photo(f"p{k:03d}.jpg", size=(320, 240), seed=k)
     p = subprocess.Popen([sys.executable, "-m", "smartcrop.cli", "run", str(sw.src), "-o", str(sw.out), "-j", "2",
                           "--ratio", "16:9", "--json", "--weights", str(sw.model)], cwd=ROOT, start_new_session=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         # a suite started in the background inherits SIGINT ignored, and Python then keeps it so
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (sw.out.is_dir() and any(n.endswith(".jpg") for n in os.listdir(sw.out))):
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()
