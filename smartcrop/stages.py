@@ -309,7 +309,12 @@ def finish(job: FinishJob) -> list[Written]:
             out.append(Written(box, None, was_lossless, data))
             continue
         target = Path(spec.target)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # a sub-folder of the name template (`{stem}/…`)
+            from .naming import OutputError
+
+            raise OutputError(f"cannot write {target}: a file is in the way of its folder") from None
         try:
             write_file(target, data, overwrite=job.overwrite)
         except FileExistsError:

@@ -630,6 +630,16 @@ def test_sigterm_to_the_whole_process_group_stops_in_one_line(sw):
             im.load()
 
 
+def test_a_file_in_the_way_of_a_template_sub_folder_fails_that_photo_in_plain_words(sw):
+    three(sw)
+    sw.out.mkdir()
+    (sw.out / "p1").write_text("mine")
+    sw.snapshot()
+    res = sw.run(sw.src, "-o", sw.out, "--name", "{stem}/{ratio}.jpg", "--ratio", "1:1", "--json", snapshot=False)
+    sw.check(res, 1, failed=["a file is in the way of its folder"], done=["p0.jpg", "p2.jpg"])
+    assert "p1.jpg" in res.lines[0] and (sw.out / "p1").read_text() == "mine"
+
+
 @pytest.mark.parametrize("flags", [[], ["--skip-existing"]])
 def test_a_name_another_run_takes_meanwhile_is_never_replaced(sw, monkeypatch, flags):
     """Two runs into one folder: a name this run claimed is written by the other before this one commits."""
