@@ -101,14 +101,19 @@ def list_models() -> list[dict]:
     if shipped:
         out.append({"name": DEFAULT_MODEL, "path": shipped, "shipped": True, "card": read_card(shipped)})
     for p in _user_model_files():
-        if valid_model_name(p.stem) and p.stem != DEFAULT_MODEL:
+        if _selectable(p.stem):
             out.append({"name": p.stem, "path": p, "shipped": False, "card": read_card(p)})
     return out
 
 
 def unselectable_models() -> list[Path]:
     """Model files of the models folder whose name ``--model`` cannot take (``default``, spaces …)."""
-    return [p for p in _user_model_files() if not valid_model_name(p.stem) or p.stem == DEFAULT_MODEL]
+    return [p for p in _user_model_files() if not _selectable(p.stem)]
+
+
+def _selectable(name: str) -> bool:
+    """Whether ``--model NAME`` reaches a user model of that name."""
+    return valid_model_name(name) and name != DEFAULT_MODEL
 
 
 def _user_model_files() -> list[Path]:
@@ -169,14 +174,6 @@ def _is_smartcrop_model(path: Path) -> bool:
     return True
 
 
-def _is_smartcrop_card(path: Path) -> bool:
-    try:
-        card = json.loads(path.read_bytes()[: 1 << 24])
-    except (OSError, ValueError):
-        return False
-    return isinstance(card, dict) and card.get("format") == FORMAT
-
-
 def check_model_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), force: bool = False,
                      replace: bool = False) -> Path:
     """Refuse (:class:`~smartcrop.errors.UsageError`, before any work) a model output ``out`` that
@@ -202,7 +199,7 @@ def check_model_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]
                 raise UsageError(f"{p} would replace an input ({f}); inputs are never overwritten")
     if (out.exists() or out.is_symlink()) and not _is_smartcrop_model(out):
         raise UsageError(f"{out} exists and is not a smartcrop model: move it away or choose another output")
-    if (card.exists() or card.is_symlink()) and not _is_smartcrop_card(card):
+    if (card.exists() or card.is_symlink()) and (read_card(out) or {}).get("format") != FORMAT:
         raise UsageError(f"{card} exists and is not a smartcrop model card (the model's card goes there): move "
                          "it away or choose another output")
     if out.exists() and not (force or replace):
