@@ -56,13 +56,14 @@ __all__ = [
     "crop_image",
     "default_output_format",
     "encode_image",
+    "existing_parent",
     "format_for_path",
     "heif_decoder",
-    "pillow_output_format",
     "is_image_path",
     "load_full",
     "load_image",
     "mark_output",
+    "pillow_output_format",
     "remove_stale_temps",
     "reset_orientation",
     "reset_xmp_orientation",
@@ -1185,6 +1186,12 @@ def _create_temp(path: Path) -> tuple[int, str]:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:
             continue
+
+
+def existing_parent(path: str | os.PathLike) -> Path | None:
+    """The nearest folder above ``path`` that exists (as a link, too): where writing ``path`` would make its
+    missing folders, and so what must be a folder for that to work."""
+    return next((a for a in Path(path).absolute().parents if os.path.lexists(a)), None)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 from .anchors import parse_ratio
 from .cropper import Choice
 from .errors import UsageError, one_line
-from .imageio import OUTPUT_FORMATS, safe_name
+from .imageio import OUTPUT_FORMATS, existing_parent, safe_name
 from .inputs import collect_inputs
 from .naming import InputCollision, OutputError, OutputNamer, check_template, output_ext
 
@@ -292,7 +292,7 @@ def _check_preview(preview: Path, namer: OutputNamer, planned: set, overwrite: b
     if preview.is_dir():
         raise UsageError(f"the preview {safe_name(preview)} is a folder: give an image file name")
     # its folder is made when the sheet is written; something in the way that is not a folder is refused now
-    above = next((a for a in preview.absolute().parents if os.path.lexists(a)), None)
+    above = existing_parent(preview)
     if above is not None and not above.is_dir():
         raise UsageError(f"cannot write the preview {safe_name(preview)}: {safe_name(above)} is not a folder")
     if above is not None and not os.access(above, os.W_OK | os.X_OK):  # a read-only file system, too

@@ -182,6 +182,7 @@ def check_model_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     an existing ``out`` unless ``force`` or ``replace`` (a resumed run's own output); and, whatever the flags, an
     ``out`` or card that smartcrop did not write (another program's file is never replaced).  Returns ``out``."""
     from .errors import UsageError
+    from .imageio import existing_parent
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -190,7 +191,7 @@ def check_model_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     for p in (out, card):
         if p.is_dir():
             raise UsageError(f"{p} is a folder")
-    parent = next((a for a in out.absolute().parents if a.exists() or a.is_symlink()), None)
+    parent = existing_parent(out)
     if parent is not None and not parent.is_dir():
         raise UsageError(f"cannot write {out}: {parent} is not a folder")
     for f in inputs:
