@@ -302,7 +302,6 @@ def run(
     from .progress import stderr_is_tty
     from .plan import plan_run
     from .runner import crop_photos
-    from .finetune import FinetuneConfig
     from .weights import checked_model_path
 
     choice = _choice(fuse, refine, faces, free_grid)
@@ -322,7 +321,7 @@ def run(
                     skip_existing=skip_existing, on_error=err, name_template=name, max_side=max_side, top_k=top_k,
                     quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch,
                     upscale=upscale, scoring=scoring.lower(), choice=choice,
-                    adapt_min=FinetuneConfig.min_photos if adapt else 0)
+                    adapt_min=_adapt_min() if adapt else 0)
     if not plan.items:  # every input failed to collect (reported): nothing to load a model for
         raise typer.Exit(1)
 
@@ -341,6 +340,13 @@ def run(
     if stderr_is_tty():
         err(summary.describe(plan.opts, len(plan.input_errors)))
     raise typer.Exit(1 if summary.failed or plan.input_errors else 0)
+
+
+def _adapt_min() -> int:
+    """The fewest photos `run --adapt` can fine-tune on (imported only then: training code is not a plain run's)."""
+    from .finetune import FinetuneConfig
+
+    return FinetuneConfig.min_photos
 
 
 @app.command()
