@@ -161,6 +161,19 @@ def read_fcdb(root: str | os.PathLike, split: str = "test") -> list[FcdbItem]:
     return items
 
 
+def annotation_outside(item, width: int, height: int, slack: float = 1.0) -> str | None:
+    """Why the annotated crops of a :class:`GaicdItem` or :class:`FcdbItem` do not fit its ``width`` ×
+    ``height`` photo (the first crop reaching more than ``slack`` pixels beyond it), or None when they fit.
+    Annotations of another photo, or of a resized copy, show up this way."""
+    b = np.asarray(item.boxes if isinstance(item, GaicdItem) else [item.box], dtype=np.float64).reshape(-1, 4)
+    bad = (b[:, 0] < -slack) | (b[:, 1] < -slack) | (b[:, 2] > width + slack) | (b[:, 3] > height + slack)
+    if not bad.any():
+        return None
+    x1, y1, x2, y2 = b[int(np.argmax(bad))]
+    return (f"the annotated crop x {x1:g}-{x2:g}, y {y1:g}-{y2:g} lies outside the {width}x{height} photo "
+            "(the annotation of another photo or of a resized copy, or x and y swapped?)")
+
+
 def _short(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -15,22 +15,31 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .anchors import FREE_GRID, free_anchors, ratio_anchors
-from .data import FcdbItem, GaicdItem
+from .data import FcdbItem, GaicdItem, annotation_outside
 from .imageio import ImageError, load_image
 from .metrics import fcdb_metrics, gaicd_metrics
 from .progress import track
 
 
 def decoded_items(cropper, items: Sequence, what: str, progress: bool | None, on_error) -> Iterator[tuple]:
-    """``(item, loaded image)`` for every item whose image decodes at the model's input size; the others are
-    reported through ``on_error`` (with ``progress``: a progress bar titled ``what``).  Public for benchmarks
-    that score the same photos their own way (benchmarks/free_grid.py and others)."""
+    """``(item, loaded image)`` for every item whose image decodes at the model's input size and whose
+    annotated crops lie on the photo (:func:`~smartcrop.data.annotation_outside`); the others are reported through ``on_error`` (with
+    ``progress``: a progress bar titled ``what``).  Public for benchmarks that score the same photos their own
+    way (benchmarks/free_grid.py and others)."""
     for item in track(items, len(items), what, progress):
         try:
-            yield item, load_image(item.image_path, target_short_side=cropper.config.short_side)
+            li = load_image(item.image_path, target_short_side=cropper.config.short_side)
         except ImageError as e:
             if on_error:
                 on_error(f"{item.image_path}: {e}")
+            continue
+        outside = annotation_outside(item, *li.full_size)
+        if outside is not None:
+            if on_error:
+                on_error(f"{item.image_path}: {outside}; photo skipped")
+            continue
+        yield item, li
+
 
 
 def gaicd_predictions(cropper, items: Sequence[GaicdItem], progress: bool | None = None,

@@ -86,6 +86,7 @@ def cache_photos(net, sources: Sequence, log: Callable[[str], None], progress=No
     The caller puts ``net`` in eval mode.  ``recipe`` gives the MOS normalisation of GAICD-layout photos."""
     import torch
 
+    from .data import annotation_outside
     from .imageio import ImageError, load_image
     from .progress import progress_bar
     from .training import fcdb_candidates
@@ -104,6 +105,11 @@ def cache_photos(net, sources: Sequence, log: Callable[[str], None], progress=No
                 bar.advance()
                 continue
             fw, fh = li.full_size
+            outside = None if kind == "album" else annotation_outside(src, fw, fh)
+            if outside is not None:
+                log(f"warning: skipping {path}: {outside}")
+                bar.advance()
+                continue
             w, h = network_size(fw, fh, cfg.short_side, cfg.max_long_side)
             x = image_tensor(li.image, (w, h)).to(device)
             sx, sy = w / fw, h / fh

@@ -811,6 +811,7 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
     from collections import deque
     from concurrent.futures import BrokenExecutor
 
+    from .data import annotation_outside
     from .imageio import ImageError
     from .pool import WorkerPool
     from .progress import progress_bar
@@ -841,6 +842,12 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
                         image, full_size = _decode_for_training(path, short)
                 except ImageError as e:
                     log(f"warning: skipping {path}: {e}")
+                    skipped += 1
+                    bar.advance()
+                    continue
+                outside = None if kind == "unlabeled" else annotation_outside(it, *full_size)
+                if outside is not None:
+                    log(f"warning: skipping {path}: {outside}")
                     skipped += 1
                     bar.advance()
                     continue

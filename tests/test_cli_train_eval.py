@@ -441,3 +441,28 @@ def test_eval_notes_photos_missing_from_a_benchmark_in_one_line(tmp_path, tiny_f
     assert err.strip().splitlines() == [f"smartcrop: note: {js}: 1 listed photos are not in {tiny_fcdb / 'images'}; "
                                         "skipped"]
     assert json.loads(out)["n_images"] == 2
+
+
+def test_eval_skips_a_photo_whose_annotations_lie_outside_it_in_one_line(tmp_path, tiny_gaicd, tiny_fcdb,
+                                                                         small_model_file):
+    """Annotations of another photo (or of a resized copy, or with x and y swapped) are not scored as if they
+    fitted: the photo is named in one line, skipped, and the exit status says a photo was left out."""
+    ann = tiny_gaicd / "annotations" / "train" / "img1.txt"
+    ann.write_text(ann.read_text() + "0 0 120 400 3.00\n")  # x2 = 400 on a 160 px wide photo
+    code, out, err = cli("eval", "gaicd", tiny_gaicd, "--split", "train", "--weights", small_model_file, "--json")
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "img1.jpg" in lines[0] and "x 0-400" in lines[0] and "160x120" in lines[0], err
+    assert json.loads(out)["n_images"] == 2
+    ann.write_text(ann.read_text().replace("0 0 120 400", "0 0 120 161"))  # a pixel of rounding is allowed
+    code, out, err = cli("eval", "gaicd", tiny_gaicd, "--split", "train", "--weights", small_model_file, "--json")
+    assert code == 0 and json.loads(out)["n_images"] == 3, err
+
+    js = tiny_fcdb / "cropping_testing_set.json"
+    entries = json.loads(js.read_text())
+    entries[1]["crop"] = [100, 10, 100, 80]  # reaches x = 200
+    js.write_text(json.dumps(entries))
+    for ratio in ("any", "gt"):
+        code, out, err = cli("eval", "fcdb", tiny_fcdb, "--ratio", ratio, "--weights", small_model_file, "--json")
+        assert code == 1 and json.loads(out)["n_images"] == 1, err
+        assert len(err.strip().splitlines()) == 1 and "1_x_b.jpg" in err and "outside" in err, err

@@ -97,6 +97,20 @@ def test_finetune_with_labeled_data_and_resume(tmp_path, tiny_album, tiny_gaicd,
     assert [r["epoch"] for r in h] == [1, 2]
 
 
+
+def test_finetune_skips_labeled_photos_whose_annotations_lie_outside_them(tmp_path, tiny_album, tiny_gaicd,
+                                                                          small_model):
+    from smartcrop.data import read_gaicd
+    from smartcrop.finetune import cache_photos
+
+    ann = tiny_gaicd / "annotations" / "train" / "img0.txt"
+    ann.write_text(ann.read_text() + "0 0 500 100 4.00\n")  # y2 = 500 on a 120 px high photo
+    logged = []
+    cached = cache_photos(small_model, read_gaicd(tiny_gaicd, "train"), logged.append, progress=False,
+                          kind="gaicd")
+    assert [p.name for p in cached] == ["img1.jpg", "img2.jpg"]
+    assert len(logged) == 1 and "img0.jpg" in logged[0] and "y 0-500" in logged[0], logged
+
 def test_finetune_of_a_model_with_a_separate_fcdb_head_trains_each_head_on_its_own_data(tiny_gaicd, tiny_fcdb):
     """Expert crops adapt the FCDB head, human scores the MOS head; the album's rank consistency the score
     `run` ranks by (both heads)."""

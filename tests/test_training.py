@@ -603,3 +603,24 @@ def test_cuda_setup_turns_cudnn_off_for_training_and_on_for_scoring():
         assert (flags.enabled, flags.benchmark) == (True, False)
     finally:
         flags.enabled, flags.benchmark = before
+
+
+def test_training_skips_a_photo_whose_annotations_lie_outside_it(tiny_gaicd, tiny_fcdb, tiny_album):
+    """Crops that do not fit their photo (another photo's annotation, a resized copy) are not trained on as if
+    they did: the photo is skipped with a warning naming it."""
+    import json
+
+    ann = tiny_gaicd / "annotations" / "train" / "img2.txt"
+    ann.write_text(ann.read_text() + "-30 0 100 100 4.00\n")  # y1 = -30
+    js = tiny_fcdb / "cropping_training_set.json"
+    entries = json.loads(js.read_text())
+    entries[0]["crop"] = [0, 0, 300, 50]  # x2 = 300 on a 160 px wide photo
+    js.write_text(json.dumps(entries))
+    data = TrainData(gaicd=read_gaicd(tiny_gaicd, "train"), fcdb=read_fcdb(tiny_fcdb, "train"),
+                     unlabeled=list_images([tiny_album]))
+    logged = []
+    gaicd, fcdb, unl, skipped = prepare_samples(make_trainer(), data, logged.append, progress=False)
+    assert [s.name for s in gaicd] == ["img0", "img1"] and len(fcdb) == 2 and len(unl) == 5
+    assert skipped == 3  # the two above and broken.jpg
+    outside = [line for line in logged if "outside" in line]
+    assert len(outside) == 2 and "img2.jpg" in outside[0] and "0_x_b.jpg" in outside[1], logged
