@@ -244,7 +244,7 @@ def run(
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Walk folders recursively (sub-folders are "
                                    "mirrored in the output folder)."),
     from_file: Optional[str] = typer.Option(None, "--from-file", help="Read input paths from this file ('-': stdin)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default: ./cropped; "
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (default: ./cropped; "
                                           "stdout for a single image read from stdin)."),
     name: Optional[str] = typer.Option(None, "--name", help="Output name template; fields {stem} {ratio} {ext} "
                                        "{rank} {w} {h} {name}. Default '{stem}_{ratio}.{ext}'."),
@@ -305,6 +305,11 @@ def run(
     from .weights import checked_model_path
 
     choice = _choice(fuse, refine, faces, free_grid)
+    if output == "":  # `-o "$DIR"` with DIR unset: not the current folder, silently
+        from .errors import UsageError
+
+        raise UsageError("--output is empty (the current folder is -o .)")
+    output = Path(output) if output is not None else None
     # a missing, unknown or foreign model is a usage error before any folder is made (its header alone is read)
     checked_model_path(weights, model)
     if engine != "local":  # smartcrop.distributed plans, crops and reports like the code below

@@ -211,6 +211,19 @@ def test_missing_input_exit_1_and_unwritable_output_exit_2(tmp_path, small_model
     assert [Path(r["input"]).name for r in jsonl(out)] == ["a.jpg"]
 
 
+def test_an_empty_output_folder_is_refused_not_taken_as_the_current_one(tmp_path, small_model_file, monkeypatch):
+    """`-o "$DIR"` with DIR unset must not scatter crops into wherever the shell stands; `-o .` does that."""
+    p = draw_photo(tmp_path / "in" / "a.jpg")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, out, err = run([p, "--ratio", "1:1", "-o", "", "--weights", small_model_file])
+    assert code == 2 and "--output is empty" in err and len(err.strip().splitlines()) == 1, err
+    assert list(work.iterdir()) == [] and sorted(q.name for q in p.parent.iterdir()) == ["a.jpg"]
+    code, out, err = run([p, "--ratio", "1:1", "-o", ".", "--weights", small_model_file, "--json"])
+    assert code == 0 and [q.name for q in work.iterdir()] == ["a_1x1.jpg"], err
+
+
 def test_size_max_side_top_k_preview_dry_run(tmp_path, small_model_file):
     p = draw_photo(tmp_path / "a.jpg", size=(400, 300))
     code, out, _ = run([p, "--size", "64x36", "-o", tmp_path / "s", "--json", "--weights", small_model_file])
