@@ -34,6 +34,10 @@ class AlbumError(UsageError):
     """The album cannot be used (too few readable photos); one-line message."""
 
 
+class TooFewPhotos(AlbumError):
+    """Fewer of the album's photos decode than adaptation needs (:attr:`FinetuneConfig.min_photos`)."""
+
+
 @dataclass
 class FinetuneConfig:
     epochs: int = 3
@@ -247,7 +251,7 @@ def finetune(net, photos: Sequence[Path], cfg: FinetuneConfig, labeled_root: Pat
     net.eval()
     album = cache_photos(net, list(photos), log, progress, device, recipe=cfg.labeled)
     if len(album) < cfg.min_photos:
-        raise AlbumError(f"only {len(album)} usable photo(s) in the album: at least {cfg.min_photos} are needed "
+        raise TooFewPhotos(f"only {len(album)} usable photo(s) in the album: at least {cfg.min_photos} are needed "
                          f"(dozens or more give a useful adaptation)")
     labeled: list = []
     if labeled_root is not None:
@@ -308,14 +312,19 @@ def save_finetuned(net, out_path: Path, *, base_path, albums: Sequence[Path], ph
 
 
 def adapt_cropper(cropper, photos: Sequence[Path], epochs: int = 2, log: Callable[[str], None] = print):
-    """A new Cropper whose model is a copy of ``cropper``'s fine-tuned on ``photos`` (nothing is written)."""
+    """A new Cropper whose model is a copy of ``cropper``'s fine-tuned on ``photos`` (nothing is written); when
+    too few of them decode, ``cropper`` itself, said in one line (the run goes on and names the others)."""
     from .cropper import Cropper
 
     net = copy.deepcopy(cropper.net)
     log(f"adapting the model to {len(photos)} photos ({epochs} epochs)…")
     # a photo that cannot be read is reported by the run that crops it: not a second time here
-    finetune(net, photos, FinetuneConfig(epochs=epochs), device=cropper.device,
-             log=lambda line: None if line.startswith("warning: skipping ") else log(line))
+    try:
+        finetune(net, photos, FinetuneConfig(epochs=epochs), device=cropper.device,
+                 log=lambda line: None if line.startswith("warning: skipping ") else log(line))
+    except TooFewPhotos as e:  # the photos that do decode are still cropped, by the model as it is
+        log(f"not adapted: {e}; cropping with the model as it is")
+        return cropper
     adapted = Cropper(net=net, device=cropper.device)
     adapted.choice = cropper.choice
     return adapted

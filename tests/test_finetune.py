@@ -98,6 +98,28 @@ def test_finetune_with_labeled_data_and_resume(tmp_path, tiny_album, tiny_gaicd,
 
 
 
+
+def test_run_adapt_with_too_few_readable_photos_crops_them_unadapted_and_names_the_others(tmp_path, tiny_album,
+                                                                                         small_model_file):
+    """Four photos listed, two readable: the two unreadable ones are named, the readable ones are cropped by the
+    model as it is (said in one line), exit 1 — not a usage error that crops nothing and names nobody."""
+    album = tmp_path / "few"
+    album.mkdir()
+    for name in ("p0.jpg", "p2.jpg"):
+        (album / name).write_bytes((tiny_album / name).read_bytes())
+    for name in ("x1.jpg", "x2.jpg"):
+        (album / name).write_bytes(b"not a jpeg")
+    out = tmp_path / "o"
+    code, stdout, err = cli("run", album, "--ratio", "1:1", "--adapt", "--adapt-epochs", "1", "--json", "-o", out,
+                            "--weights", small_model_file)
+    assert code == 1, err
+    assert sorted(json.loads(line)["input"].rsplit("/", 1)[-1] for line in stdout.splitlines()) == \
+        ["p0.jpg", "p2.jpg"]
+    assert sorted(p.name for p in out.iterdir()) == ["p0_1x1.jpg", "p2_1x1.jpg"]
+    lines = err.strip().splitlines()
+    assert any("not adapted: only 2 usable photo(s)" in line for line in lines), err
+    assert sum("x1.jpg" in line for line in lines) == 1 and sum("x2.jpg" in line for line in lines) == 1, err
+
 def test_finetune_skips_labeled_photos_whose_annotations_lie_outside_them(tmp_path, tiny_album, tiny_gaicd,
                                                                           small_model):
     from smartcrop.data import read_gaicd
