@@ -533,6 +533,10 @@ def train(
                                    "decay per step (e.g. 0.998; 0: off)."),
     fcdb_per_epoch: int = typer.Option(400, "--fcdb-per-epoch", min=0, help="Random FCDB photos per epoch "
                                        "(0: all); GAICD photos are repeated to make up ~35% of the steps."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", min=0.0, help="Weight decay: Adam's L2 term (the "
+                                       "paper's 1e-4), or with --adamw decoupled, on weight matrices only."),
+    adamw: bool = typer.Option(False, "--adamw", help="AdamW: weight decay decoupled from the gradient, on "
+                               "convolution and linear weights (not biases or BatchNorm)."),
     backbone_lr_mult: float = typer.Option(1.0, "--backbone-lr-mult", min=0.0, help="Learning rate of the "
                                            "trained backbone layers, as a multiple of --lr (e.g. 0.1 with fewer "
                                            "--frozen-layers)."),
@@ -621,7 +625,8 @@ def train(
                                  distill_anchors=distill_anchors, jitter_views=jitter_views, rc_anchors=rc_anchors,
                                  centred_mos=centred_mos, top_weight=top_weight, fcdb_border=fcdb_border,
                                  fcdb_tau=fcdb_tau, fcdb_listwise=fcdb_listwise,
-                                 crop_views=crop_views, crop_margin=crop_margin)
+                                 crop_views=crop_views, crop_margin=crop_margin, weight_decay=weight_decay,
+                                 adamw=adamw)
     if (scales or crop_views) and cfg.batch_size > 1:
         err("note: --scale-aug and --crop-views apply to one image per step only; they have no effect with "
             f"--batch-size {cfg.batch_size}")

@@ -34,7 +34,8 @@ class TrainConfig:
     epochs: int = 5
     lr: float = 1e-4
     backbone_lr_mult: float = 1.0
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # Adam's L2 term (the paper's); with adamw: decoupled, on weight matrices only
+    adamw: bool = False  # AdamW: weight decay decoupled from the gradient, on conv/linear weights, not on biases/BN
     lr_step: int = 4  # multiply lr by 0.1 at this epoch (1-based count of finished epochs)
     crops_per_image: int = 64
     pairs_per_image: int = 256  # P
@@ -294,6 +295,20 @@ def size_batches(plan: Sequence, batch_size: int, fill_rng: np.random.Generator 
 # --------------------------------------------------------------------------------------------------------------
 
 
+def decay_groups(groups: list[dict], weight_decay: float) -> list[dict]:
+    """Each optimizer group split in two: its weight matrices and kernels (2 or more dimensions) with
+    ``weight_decay``, its biases and BatchNorm scales and shifts without (decaying those changes what the layers
+    compute rather than regularising; MobileNetV2's convolutions feed BatchNorm, so only their scale is learned
+    there).  Empty groups are dropped."""
+    out = []
+    for g in groups:
+        for decay in (True, False):
+            params = [p for p in g["params"] if (p.ndim >= 2) == decay]
+            if params:
+                out.append({**g, "params": params, "weight_decay": weight_decay if decay else 0.0})
+    return out
+
+
 class Trainer:
     def __init__(self, model, cfg: TrainConfig, device: str = "cpu", log: Callable[[str], None] = print):
         import torch
@@ -313,7 +328,11 @@ class Trainer:
         groups = [{"params": heads, "lr": cfg.lr}]
         if bb:
             groups.append({"params": bb, "lr": cfg.lr * cfg.backbone_lr_mult})
-        self.opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+        if cfg.adamw:
+            groups = decay_groups(groups, cfg.weight_decay)
+            self.opt = torch.optim.AdamW(groups)
+        else:
+            self.opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=max(1, cfg.lr_step), gamma=0.1)
         self.ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
         self.epoch = 0

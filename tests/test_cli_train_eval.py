@@ -63,11 +63,12 @@ def test_train_augmentations_and_rc_anchors_are_recorded_and_useless_flags_noted
         code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--epochs", "1",
                            "--val-fraction", "0", "--device", "cpu", "--frozen-layers", frozen, "--jitter-views",
                            "2", "--no-rc", "--rc-anchors", "24", "--crop-views", "2", "--crop-margin", "0.2",
-                           "--batch-size", batch, "--out", out)
+                           "--batch-size", batch, "--adamw", "--weight-decay", "0.5", "--out", out)
         assert code == 0, err
         config = read_card(out)["training"]["config"]
         assert (config["jitter_views"], config["rc_anchors"], config["crop_views"], config["crop_margin"]) == \
             (2, 24, 2, 0.2)
+        assert (config["adamw"], config["weight_decay"]) == (True, 0.5)
         assert ("note:" in err) == bool(noted) and noted in err
 
 
@@ -88,6 +89,7 @@ def test_train_augmentations_and_rc_anchors_are_recorded_and_useless_flags_noted
     (["--out", "m.safetensors", "--gaicd", "x", "--lr", "nan"], ["--lr must be a positive number"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--lr", "0"], ["--lr must be a positive number"]),
     (["--out", "m.safetensors", "--gaicd", "x", "--fcdb-weight", "inf"], ["--fcdb-weight must be a finite"]),
+    (["--out", "m.safetensors", "--gaicd", "x", "--weight-decay", "inf"], ["--weight-decay must be a finite"]),
 ])
 def test_train_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_gaicd, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)

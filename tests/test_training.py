@@ -624,3 +624,30 @@ def test_training_skips_a_photo_whose_annotations_lie_outside_it(tiny_gaicd, tin
     assert skipped == 3  # the two above and broken.jpg
     outside = [line for line in logged if "outside" in line]
     assert len(outside) == 2 and "img2.jpg" in outside[0] and "0_x_b.jpg" in outside[1], logged
+
+
+def test_adamw_decays_weight_matrices_apart_from_the_gradient_and_leaves_biases_and_batchnorm():
+    tr = make_trainer(frozen=14, adamw=True, weight_decay=0.5, backbone_lr_mult=0.1)
+    assert isinstance(tr.opt, torch.optim.AdamW)
+    trainable = [p for p in tr.model.parameters() if p.requires_grad]
+    grouped = [p for g in tr.opt.param_groups for p in g["params"]]
+    assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable}
+    for g in tr.opt.param_groups:
+        assert g["weight_decay"] == (0.5 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
+        assert all(p.ndim >= 2 for p in g["params"]) or all(p.ndim < 2 for p in g["params"])
+    assert sorted({g["lr"] for g in tr.opt.param_groups}) == pytest.approx([1e-5, 1e-4])
+    # a step with zero gradients: only the decay moves the weights, by lr * weight_decay, biases stay
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    before = {id(p): p.detach().clone() for p in trainable}
+    tr.opt.step()
+    for g in tr.opt.param_groups:
+        for p in g["params"]:
+            expect = before[id(p)] * (1 - g["lr"] * g["weight_decay"])
+            assert torch.allclose(p.detach(), expect, rtol=0, atol=1e-9)
+    w = tr.model.score_head[0].weight
+    assert w.requires_grad and not torch.equal(w.detach(), before[id(w)])
+    assert {g["weight_decay"] for g in tr.opt.param_groups} == {0.0, 0.5}
+    # the paper's Adam keeps its coupled L2 term on every parameter
+    plain = make_trainer(frozen=14)
+    assert type(plain.opt) is torch.optim.Adam and {g["weight_decay"] for g in plain.opt.param_groups} == {1e-4}
