@@ -23,9 +23,9 @@ from .progress import track
 
 def decoded_items(cropper, items: Sequence, what: str, progress: bool | None, on_error) -> Iterator[tuple]:
     """``(item, loaded image)`` for every item whose image decodes at the model's input size and whose
-    annotated crops lie on the photo (:func:`~smartcrop.data.annotation_outside`); the others are reported through ``on_error`` (with
-    ``progress``: a progress bar titled ``what``).  Public for benchmarks that score the same photos their own
-    way (benchmarks/free_grid.py and others)."""
+    annotated crops lie on the photo (:func:`~smartcrop.data.annotation_outside`); the others are reported
+    through ``on_error`` (with ``progress``: a progress bar titled ``what``).  Public for benchmarks that score
+    the same photos their own way (benchmarks/free_grid.py and others)."""
     for item in track(items, len(items), what, progress):
         try:
             li = load_image(item.image_path, target_short_side=cropper.config.short_side)
@@ -39,7 +39,6 @@ def decoded_items(cropper, items: Sequence, what: str, progress: bool | None, on
                 on_error(f"{item.image_path}: {outside}; photo skipped")
             continue
         yield item, li
-
 
 
 def gaicd_predictions(cropper, items: Sequence[GaicdItem], progress: bool | None = None,

@@ -251,8 +251,8 @@ def finetune(net, photos: Sequence[Path], cfg: FinetuneConfig, labeled_root: Pat
     net.eval()
     album = cache_photos(net, list(photos), log, progress, device, recipe=cfg.labeled)
     if len(album) < cfg.min_photos:
-        raise TooFewPhotos(f"only {len(album)} usable photo(s) in the album: at least {cfg.min_photos} are needed "
-                         f"(dozens or more give a useful adaptation)")
+        raise TooFewPhotos(f"only {len(album)} usable photo(s) in the album: at least {cfg.min_photos} are "
+                           "needed (dozens or more give a useful adaptation)")
     labeled: list = []
     if labeled_root is not None:
         kind, items = labeled_sources(labeled_root)

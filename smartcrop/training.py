@@ -297,9 +297,9 @@ def size_batches(plan: Sequence, batch_size: int, fill_rng: np.random.Generator 
 
 def decay_groups(groups: list[dict], weight_decay: float) -> list[dict]:
     """Each optimizer group split in two: its weight matrices and kernels (2 or more dimensions) with
-    ``weight_decay``, its biases and BatchNorm scales and shifts without (decaying those changes what the layers
-    compute rather than regularising; MobileNetV2's convolutions feed BatchNorm, so only their scale is learned
-    there).  Empty groups are dropped."""
+    ``weight_decay``, its biases and BatchNorm scales and shifts without (the usual AdamW practice: decaying
+    those shifts or rescales what a layer computes instead of shrinking a linear map).  Empty groups are
+    dropped."""
     out = []
     for g in groups:
         for decay in (True, False):
