@@ -729,10 +729,23 @@ class Trainer:
         write_checkpoint(self.state(), path)
 
     def load_checkpoint(self, path: str | Path) -> None:
+        """Continue the run saved in ``path``.  A checkpoint of another architecture or optimizer than this
+        trainer's (a run started with other options) is a one-line :class:`UsageError`, before any image is
+        prepared."""
+        from .errors import UsageError, one_line
+
         torch = self.torch
         st = torch.load(path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(st["model"])
-        self.opt.load_state_dict(st["optimizer"])
+        saved = json.loads(st.get("train_config") or "{}")
+        if bool(saved.get("adamw", False)) != self.cfg.adamw:
+            raise UsageError(f"{path}: its run trained with {'AdamW' if saved.get('adamw') else 'Adam'}: resume it "
+                             f"{'with' if saved.get('adamw') else 'without'} --adamw")
+        try:
+            self.model.load_state_dict(st["model"])
+            self.opt.load_state_dict(st["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise UsageError(f"{path}: the checkpoint does not fit the model and optimizer these options make "
+                             f"({one_line(e, 160)}); resume with the options its run started with") from None
         self.sched.load_state_dict(st["scheduler"])
         self.epoch = int(st["epoch"])
         self.history = json.loads(st["history"])

@@ -651,3 +651,24 @@ def test_adamw_decays_weight_matrices_apart_from_the_gradient_and_leaves_biases_
     # the paper's Adam keeps its coupled L2 term on every parameter
     plain = make_trainer(frozen=14)
     assert type(plain.opt) is torch.optim.Adam and {g["weight_decay"] for g in plain.opt.param_groups} == {1e-4}
+
+
+def test_resuming_with_another_optimizer_or_architecture_is_one_line(tmp_path):
+    """A checkpoint resumed with options that make another optimizer or model is refused in one line naming it
+    (it was a traceback from load_state_dict), before any image is prepared."""
+    from smartcrop.errors import UsageError
+
+    adam, adamw = tmp_path / "adam.ckpt", tmp_path / "adamw.ckpt"
+    make_trainer().save_checkpoint(adam)
+    make_trainer(adamw=True).save_checkpoint(adamw)
+    with pytest.raises(UsageError, match="adam.ckpt: its run trained with Adam: resume it without --adamw"):
+        make_trainer(adamw=True).load_checkpoint(adam)
+    with pytest.raises(UsageError, match="its run trained with AdamW: resume it with --adamw"):
+        make_trainer().load_checkpoint(adamw)
+    make_trainer(adamw=True).load_checkpoint(adamw)  # like for like resumes
+    torch.manual_seed(0)
+    basic = Trainer(SACNet(ModelConfig(short_side=64, max_long_side=128, saf=False)), TrainConfig(), "cpu",
+                    log=lambda s: None)
+    with pytest.raises(UsageError, match="does not fit the model and optimizer") as e:
+        basic.load_checkpoint(adam)
+    assert "\n" not in str(e.value)
