@@ -211,9 +211,17 @@ class Finetuner:
                          path)
 
     def load_checkpoint(self, path: Path) -> None:
+        """Continue the fine-tuning saved in ``path``; one of another model's architecture is a one-line
+        :class:`UsageError`."""
+        from .errors import one_line
+
         st = self.torch.load(path, map_location="cpu", weights_only=True)
-        self.net.load_state_dict(st["model"])
-        self.opt.load_state_dict(st["optimizer"])
+        try:
+            self.net.load_state_dict(st["model"])
+            self.opt.load_state_dict(st["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise UsageError(f"{path}: the checkpoint does not fit the model being fine-tuned ({one_line(e, 160)}); "
+                             "resume with the --weights or --model its run started from") from None
         self.epoch = int(st["epoch"])
         self.history = json.loads(st["history"])
         self.rng.bit_generator.state = json.loads(st["rng"])

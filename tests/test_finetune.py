@@ -95,6 +95,14 @@ def test_finetune_with_labeled_data_and_resume(tmp_path, tiny_album, tiny_gaicd,
     net2 = load_model(small_model_file)
     h = finetune(net2, photos, FinetuneConfig(epochs=2), resume=ck, log=lambda s: None, progress=False)
     assert [r["epoch"] for r in h] == [1, 2]
+    # the checkpoint of another architecture's fine-tuning: one line, no traceback
+    from smartcrop.errors import UsageError
+    from smartcrop.model import ModelConfig, SACNet
+
+    other = SACNet(ModelConfig(short_side=64, max_long_side=128, saf=False)).eval()
+    with pytest.raises(UsageError, match="f.ckpt: the checkpoint does not fit the model being fine-tuned") as e:
+        finetune(other, photos, FinetuneConfig(epochs=2), resume=ck, log=lambda s: None, progress=False)
+    assert "\n" not in str(e.value)
 
 
 
