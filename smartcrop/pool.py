@@ -183,6 +183,7 @@ class WorkerPool:
         self.workers = max(1, workers or usable_cores())
         self._warm = warm
         self._executor = None
+        self.restarts = 0  # pools started afresh because a worker died (its fellow workers are stopped with it)
         if self.workers > 1:
             self._ctx = multiprocessing.get_context(start_method or ("fork" if sys.platform.startswith("linux")
                                                                      else "spawn"))
@@ -215,6 +216,7 @@ class WorkerPool:
         """A worker died (e.g. killed for memory): the tasks it held fail; start a fresh pool for the rest."""
         old = self._executor
         self._executor = self._new_executor()
+        self.restarts += 1
         old.shutdown(wait=False, cancel_futures=True)
 
     def close(self, cancel: bool = False) -> None:

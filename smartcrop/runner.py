@@ -345,12 +345,12 @@ def _crop_photos(plan, weights, model, device, adapt_epochs, on_record, on_error
                           known_size=size):
         # every worker scores; on Linux they are forked from a server that imported torch and loaded the model
         # once (smartcrop.preload), so they share it instead of each holding a copy
-        with _preload_model(path), WorkerPool(opts.workers, **_SCORING_POOL) as pool:
+        with _preload_model(path), _tidied(WorkerPool(opts.workers, **_SCORING_POOL), opts) as pool:
             wm = WorkerModel(str(path), tuple(opts.ratios), opts.top_k, *size, choice=opts.choice)
             runner = Runner(None, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool,
                             worker_model=wm)
             return runner.run(plan.items)
-    with WorkerPool(opts.workers, warm=warm_lossless if may_crop_losslessly(opts) else None) as pool:
+    with _tidied(WorkerPool(opts.workers, warm=warm_lossless if may_crop_losslessly(opts) else None), opts) as pool:
         early = {}
         if size is not None and not adapt_epochs:
             n = min(len(plan.items), max(_window(pool.workers, opts.batch or 1),
@@ -380,6 +380,20 @@ def _crop_photos(plan, weights, model, device, adapt_epochs, on_record, on_error
                                     log=on_error or print)
         runner = Runner(cropper, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool)
         return runner.run(plan.items, early)
+
+
+@contextmanager
+def _tidied(pool: WorkerPool, opts) -> Iterator[WorkerPool]:
+    """``pool``, entered; once it is closed, if a worker died during the run (its fellow workers are stopped with
+    it, one of them maybe mid-write), the temporary files dead processes left in the output folder are removed."""
+    try:
+        with pool:
+            yield pool
+    finally:
+        if pool.restarts and opts.out_dir is not None and not opts.dry_run:
+            from .imageio import remove_stale_temps
+
+            remove_stale_temps(opts.out_dir)
 
 
 # smartcrop.preload imports torch and the worker code and loads the model, once, in the fork server

@@ -333,9 +333,11 @@ def test_template_extension_decides_the_written_format(tmp_path, small_model_fil
 
 
 def _finish_dying_once(job):
-    """stages.finish, except that the first call anywhere kills its worker process (as the OOM killer would)."""
+    """stages.finish, except that the first call anywhere kills its worker process (as the OOM killer would)
+    in the middle of writing a crop: its temporary file (in the folder ``o`` beside the flag) is left behind."""
     import os
 
+    from smartcrop.imageio import temp_name
     from smartcrop.stages import finish
 
     flag = os.environ["SMARTCROP_TEST_DIE_ONCE"]
@@ -343,6 +345,7 @@ def _finish_dying_once(job):
         os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return finish(job)
+    (Path(flag).parent / "o" / temp_name()).write_bytes(b"\xff\xd8 half a JPEG")
     os._exit(3)
 
 
@@ -360,6 +363,7 @@ def test_a_dying_worker_is_replaced_and_its_photos_retried(tmp_path, small_model
     recs = jsonl(out)
     assert sorted(Path(r["input"]).name for r in recs) == ["p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg"]
     assert all(Image.open(r["output"]).size == tuple(r["size"]) for r in recs)
+    # what the dead worker (or a fellow worker stopped with its pool) was writing is gone: outputs alone remain
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [f"p{k}_4x3.jpg" for k in range(4)]
 
 
