@@ -320,22 +320,10 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
     (the command line), so the objects made by importing torch are frozen out of the garbage collector's view
     (:func:`~smartcrop.pool.import_torch`).
 
-    Interrupted (KeyboardInterrupt, which the command line also raises for SIGTERM), it removes, once its
-    workers are stopped, the temporary files that dead processes left in the output folder — a worker that the
-    same signal reached (a whole process group is signalled by timeout, docker stop …) ends mid-write.
+    Interrupted (KeyboardInterrupt, which the command line also raises for SIGTERM), or after a worker died, it
+    removes, once its workers are stopped, the temporary files that dead processes left in the output folder
+    (:func:`_tidied`).
     """
-    try:
-        return _crop_photos(plan, weights, model, device, adapt_epochs, on_record, on_error, progress, own_process)
-    except KeyboardInterrupt:
-        if plan.opts.out_dir is not None and not plan.opts.dry_run:
-            from .imageio import remove_stale_temps
-
-            remove_stale_temps(plan.opts.out_dir)
-        raise
-
-
-def _crop_photos(plan, weights, model, device, adapt_epochs, on_record, on_error, progress, own_process
-                 ) -> RunSummary:
     from .weights import input_size, resolve_model
 
     opts = plan.opts
@@ -384,13 +372,19 @@ def _crop_photos(plan, weights, model, device, adapt_epochs, on_record, on_error
 
 @contextmanager
 def _tidied(pool: WorkerPool, opts) -> Iterator[WorkerPool]:
-    """``pool``, entered; once it is closed, if a worker died during the run (its fellow workers are stopped with
-    it, one of them maybe mid-write), the temporary files dead processes left in the output folder are removed."""
+    """``pool``, entered.  Once it is closed, if the run was interrupted (a worker that the same signal reached —
+    timeout, docker stop signal a whole process group — ends mid-write) or a worker died (its fellow workers are
+    stopped with it, one maybe mid-write), the temporary files dead processes left in the output folder are
+    removed."""
+    interrupted = False
     try:
         with pool:
             yield pool
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        if pool.restarts and opts.out_dir is not None and not opts.dry_run:
+        if (interrupted or pool.restarts) and opts.out_dir is not None and not opts.dry_run:
             from .imageio import remove_stale_temps
 
             remove_stale_temps(opts.out_dir)
