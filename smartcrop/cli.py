@@ -532,7 +532,11 @@ def train(
                               help="Validate and save an exponential moving average of the weights with this "
                                    "decay per step (e.g. 0.998; 0: off)."),
     fcdb_per_epoch: int = typer.Option(400, "--fcdb-per-epoch", min=0, help="Random FCDB photos per epoch "
-                                       "(0: all); GAICD photos are repeated to make up ~35% of the steps."),
+                                       "(0: all); GAICD photos are repeated to make up --gaicd-share of the "
+                                       "steps."),
+    gaicd_share: float = typer.Option(0.35, "--gaicd-share", min=0.0, max=0.95, help="Share of an epoch's "
+                                      "labeled steps that are GAICD images (repeated whole to make it up; 0: "
+                                      "each once)."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", min=0.0, help="Weight decay: Adam's L2 term (the "
                                        "paper's 1e-4), or with --adamw decoupled, on weight matrices only."),
     adamw: bool = typer.Option(False, "--adamw", help="AdamW: weight decay decoupled from the gradient, on "
@@ -619,6 +623,7 @@ def train(
         net.config.fcdb_mix = fcdb_mix
     cfg = TrainConfig.for_device(dev, net.config.backbone, epochs=epochs, lr=lr, lr_step=lr_step, saf=not no_saf,
                                  rc=not no_rc, fcdb_weight=fcdb_weight, fcdb_per_epoch=fcdb_per_epoch,
+                                 gaicd_share=gaicd_share,
                                  frozen_layers=frozen_layers, seed=seed, ema=ema, batch_size=batch_size, amp=amp,
                                  backbone_lr_mult=backbone_lr_mult, scales=scales,
                                  gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight,
