@@ -268,7 +268,7 @@ def average_models(paths: Sequence[str | os.PathLike]) -> tuple:
     model.load_state_dict(avg)
     members = []
     for p in paths:
-        card = read_card(p) or read_header(p)
+        card = read_card(p) or ({} if Path(p).suffix in _TORCH_SUFFIXES else read_header(p))  # a .pt has no header
         members.append({"file": str(p), "sha256": sha256_file(p),
                         "init_seed": (card.get("training") or {}).get("init_seed")})
     return model.eval(), {"average_of": members}

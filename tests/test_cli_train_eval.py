@@ -354,6 +354,19 @@ def test_average_writes_the_mean_model_with_its_card_and_never_overwrites_an_inp
     assert sha256_file(small_model_file) == before[0]
 
 
+def test_average_takes_a_pt_state_dict_as_run_does(tmp_path, small_model, small_model_file):
+    from smartcrop.weights import load_model, read_card
+
+    pt = tmp_path / "other.pt"
+    torch.save({"model": small_model.state_dict(), "config": small_model.config.to_dict()}, pt)
+    out = tmp_path / "avg.safetensors"
+    code, _, err = cli("average", small_model_file, pt, "--out", out)
+    assert code == 0, err
+    assert [m["init_seed"] for m in read_card(out)["average_of"]] == [None, None]
+    a, m = load_model(small_model_file).state_dict(), load_model(out).state_dict()
+    assert torch.allclose(m["score_head.0.weight"], a["score_head.0.weight"], atol=2e-3)
+
+
 def test_train_never_replaces_files_it_did_not_make_and_asks_before_replacing_its_own(tmp_path, tiny_gaicd,
                                                                                       small_model_file):
     from smartcrop.training import is_checkpoint
