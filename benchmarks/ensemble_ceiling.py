@@ -28,7 +28,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--reference", default="fcdbhalf:0", help="VARIANT:SEED")
     ap.add_argument("--ensemble", action="append", required=True, help="VARIANT:SEED+VARIANT:SEED+...")
+    ap.add_argument("--folds", default="0,1,2,3,4", help="the folds to pair on (default all five)")
     args = ap.parse_args(argv)
+    folds = [int(f) for f in args.folds.split(",")]
 
     from smartcrop.data import read_gaicd
     from smartcrop.metrics import gaicd_metrics
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
 
     def per_fold(members: list[str]) -> np.ndarray:
         rows = []
-        for fold in range(5):
+        for fold in folds:
             ps = [preds(m, fold) for m in members]
             pairs = [(np.mean([(p[n] - p[n].mean()) / p[n].std() for p in ps], axis=0), gt[n]) for n in ps[0]]
             m = gaicd_metrics(pairs)
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
         r = per_fold(spec.split("+"))
         d = r - ref
         cells = [f"{r[:, i].mean():.3f}" if i == 0 else f"{r[:, i].mean():.1f}" for i in range(3)]
-        diffs = [f"{d[:, 0].mean():+.3f} ± {d[:, 0].std(ddof=1):.3f} ({int((d[:, 0] > 0).sum())}/5)",
+        diffs = [f"{d[:, 0].mean():+.3f} ± {d[:, 0].std(ddof=1):.3f} ({int((d[:, 0] > 0).sum())}/{len(folds)})",
                  f"{d[:, 1].mean():+.1f} ± {d[:, 1].std(ddof=1):.1f}", f"{d[:, 2].mean():+.1f} ± {d[:, 2].std(ddof=1):.1f}"]
         print(f"| {spec} | " + " | ".join(cells + diffs) + " |")
     return 0
