@@ -145,7 +145,8 @@ def eval_gaicd(
     device: str = DEVICE_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     predictions: Optional[Path] = typer.Option(
-        None, "--predictions", help="Write per-image scores (JSON lines, annotation order) to this file."),
+        None, "--predictions", help="Write per-image scores (JSON lines, annotation order) to this file: a new one, an "
+        "empty one or an earlier predictions file (nothing else is replaced)."),
 ):
     """SRCC, PCC and Acc K/N of the model's scores against GAICD's human scores."""
     from .evaluate import benchmark_items, check_predictions_path, evaluate_gaicd

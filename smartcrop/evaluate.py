@@ -61,9 +61,13 @@ def evaluate_gaicd(cropper, items: Sequence[GaicdItem], predictions_path: str | 
 
 def check_predictions_path(path: str | Path, root: str | Path) -> None:
     """Refuse, before any scoring, a predictions file that cannot be written where asked (a folder, a missing
-    folder) or that would land among the benchmark's own files (under ``ROOT/images`` or
-    ``ROOT/annotations``, where it would replace an annotation or become one): a
+    folder), that would land among the benchmark's own files (under ``ROOT/images`` or ``ROOT/annotations``,
+    where it would replace an annotation or become one) or that would replace anything but an earlier
+    predictions file or an empty one (the model being scored, your notes, a link, a device): a
     :class:`~smartcrop.errors.UsageError` naming it."""
+    import os
+    import stat
+
     from .errors import UsageError
     from .imageio import safe_name
 
@@ -78,6 +82,33 @@ def check_predictions_path(path: str | Path, root: str | Path) -> None:
         if folder in target.parents:
             raise UsageError(f"{safe_name(p)}: inside the benchmark's {sub} folder, where it would replace or "
                              "join its files: write the predictions elsewhere")
+    try:
+        mode = os.lstat(p).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UsageError(f"{safe_name(p)}: cannot be checked ({e.strerror})") from None
+    if not stat.S_ISREG(mode) or not _is_predictions(p):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file" if not stat.S_ISREG(mode) else \
+            "not a predictions file"
+        raise UsageError(f"{safe_name(p)}: exists and is {what}; --predictions replaces only an earlier "
+                         "predictions file (or an empty one): choose another name")
+
+
+def _is_predictions(path: Path, limit: int = 256 << 20) -> bool:
+    """Whether ``path`` is empty or holds what :func:`write_predictions` writes (one ``{"image", "scores"}``
+    object a line); a file over ``limit`` bytes is not read and counts as not."""
+    try:
+        if path.stat().st_size > limit:
+            return False
+        with open(path, "rb") as f:
+            for line in f:
+                d = json.loads(line)
+                if not (isinstance(d, dict) and d.keys() == {"image", "scores"}):
+                    return False
+    except (OSError, ValueError):  # unreadable, not UTF-8 (UnicodeDecodeError), not JSON
+        return False
+    return True
 
 
 def write_predictions(preds, path: str | Path) -> None:

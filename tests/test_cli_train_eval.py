@@ -248,6 +248,36 @@ def test_eval_predictions_never_land_among_the_benchmarks_files(tmp_path, tiny_g
     assert len((tiny_gaicd / "pred.jsonl").read_text().splitlines()) == 3
 
 
+def test_eval_predictions_replace_only_an_earlier_predictions_file_or_an_empty_one(tmp_path, tiny_gaicd,
+                                                                                   small_model_file):
+    """The model being scored, your notes, a link or a FIFO named as --predictions are refused in one line and
+    left as they were; an earlier predictions file (a re-run) and an empty one (mktemp) are replaced."""
+    import os
+
+    from smartcrop.weights import sha256_file
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(notes)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    model_sum = sha256_file(small_model_file)
+    args = ("eval", "gaicd", tiny_gaicd, "--split", "train", "--weights", small_model_file, "--json", "--predictions")
+    for target, word in ((small_model_file, "not a predictions file"), (notes, "not a predictions file"),
+                         (link, "a symbolic link"), (fifo, "not a regular file")):
+        code, out, err = cli(*args, target)
+        assert code == 2 and word in err and len(err.strip().splitlines()) == 1 and out == "", (target, err)
+    assert sha256_file(small_model_file) == model_sum and notes.read_text() == "mine\n"
+    assert link.is_symlink() and fifo.is_fifo()
+    pred, empty = tmp_path / "pred.jsonl", tmp_path / "empty.jsonl"
+    empty.touch()
+    for target in (pred, pred, empty):  # the second time over the first run's file
+        code, _, err = cli(*args, target)
+        assert code == 0, err
+        assert len(target.read_text().splitlines()) == 3
+
+
 def test_train_on_a_gpu_says_its_recipe_is_not_measured(tmp_path, monkeypatch):
     import smartcrop.cropper
 
