@@ -367,7 +367,7 @@ def finetune(
     lr: float = typer.Option(5e-5, "--lr", help="Learning rate (Adam)."),
     labeled: Optional[Path] = typer.Option(None, "--labeled", help="GAICD- or FCDB-layout data to keep a labeled "
                                            "signal (instead of distillation to the base model)."),
-    distill: float = typer.Option(1.0, "--distill", help="Weight of the anchoring term to the base model's scores."),
+    distill: float = typer.Option(1.0, "--distill", min=0.0, help="Weight of the anchoring term to the base model's scores."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (OUT.ckpt) to resume from."),
     device: str = DEVICE_OPT,
     seed: int = typer.Option(0, "--seed", help="Random seed (data order, initialisation)."),

@@ -33,6 +33,13 @@ class DeviceError(UsageError):
     """The requested compute device does not exist on this machine."""
 
 
+class TrainingError(SmartcropError):
+    """Training or fine-tuning cannot go on (the loss is no longer a number: it diverged); nothing more is
+    saved: exit code 1."""
+
+    exit_code = 1
+
+
 class StreamError(SmartcropError):
     """Standard output cannot take what smartcrop writes there (a closed pipe, a full disk): the run stops,
     with exit status 1 as a failed write gives in other command-line tools (2 is for requests refused before

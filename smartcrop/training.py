@@ -144,10 +144,19 @@ class LossMeter:
 
 
 def optimizer_step(opt, parts: dict, meter: LossMeter) -> None:
-    """One optimiser step on the sum of the loss terms ``parts`` (nothing when there is none)."""
+    """One optimiser step on the sum of the loss terms ``parts`` (nothing when there is none).  A term that is
+    not a finite number (the run diverged: too high a learning rate) is a :class:`TrainingError`, raised before
+    the step, so the weights stay those of the last finite step."""
+    import math
+
+    from .errors import TrainingError
+
     if not parts:
         return
     loss = sum(parts.values())
+    if not math.isfinite(float(loss.detach())):
+        bad = ", ".join(f"{k} {float(v.detach())}" for k, v in parts.items() if not math.isfinite(float(v.detach())))
+        raise TrainingError(f"training diverged (loss {bad}): stopped, the model was not saved; try a lower --lr")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

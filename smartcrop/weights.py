@@ -229,6 +229,9 @@ def save_model(model, path: str | os.PathLike, info: dict | None = None, half: b
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
     header.update(info or {})
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # load_model refuses such a file: never write one
+        raise WeightsError(f"{path}: not saved: tensor {bad} holds NaN or infinite values (a diverged run?)")
     if half and all(v.abs().max() <= torch.finfo(torch.float16).max for v in state.values()
                     if v.is_floating_point() and v.numel()):
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}

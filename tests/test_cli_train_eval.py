@@ -278,6 +278,15 @@ def test_eval_predictions_replace_only_an_earlier_predictions_file_or_an_empty_o
         assert len(target.read_text().splitlines()) == 3
 
 
+def test_a_training_run_that_diverges_stops_in_one_line_and_saves_no_model(tmp_path, tiny_gaicd, small_model_file):
+    out = tmp_path / "m.safetensors"
+    code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--epochs", "3",
+                       "--val-fraction", "0", "--device", "cpu", "--lr", "1e6", "--out", out)
+    assert code == 1, err
+    assert "training diverged" in err.strip().splitlines()[-1], err
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
 def test_train_on_a_gpu_says_its_recipe_is_not_measured(tmp_path, monkeypatch):
     import smartcrop.cropper
 

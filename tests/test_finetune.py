@@ -184,6 +184,22 @@ def test_finetune_numbers_that_cannot_train_are_refused(tmp_path, tiny_album, sm
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_a_negative_distillation_weight_is_refused(tmp_path, tiny_album, small_model_file):
+    code, _, err = cli("finetune", tiny_album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file,
+                       "--distill", "-5")
+    assert code == 2 and "--distill" in err and not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_finetune_that_diverges_stops_in_one_line_and_saves_nothing(tmp_path, tiny_album, small_model_file):
+    out = tmp_path / "m.safetensors"
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--lr", "1e6",
+                       "--epochs", "2")
+    assert code == 1, err
+    last = err.strip().splitlines()[-1]
+    assert "training diverged" in last and "nan" in last and "--lr" in last, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["album", "models"]  # no model, card or checkpoint
+
+
 def test_run_adapt_crops_with_an_adapted_copy_and_leaves_the_model_untouched(tmp_path, tiny_album,
                                                                               small_model_file):
     before = sha(small_model_file)

@@ -672,3 +672,18 @@ def test_resuming_with_another_optimizer_or_architecture_is_one_line(tmp_path):
     with pytest.raises(UsageError, match="does not fit the model and optimizer") as e:
         basic.load_checkpoint(adam)
     assert "\n" not in str(e.value)
+
+
+def test_a_step_whose_loss_is_not_a_number_stops_training_before_it_moves_the_weights():
+    from smartcrop.errors import TrainingError
+    from smartcrop.training import LossMeter, optimizer_step
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    meter = LossMeter()
+    optimizer_step(opt, {"reg": (w * 2).sum()}, meter)
+    before = w.detach().clone()
+    with pytest.raises(TrainingError, match="reg nan"):
+        optimizer_step(opt, {"reg": (w * float("nan")).sum(), "cls": w.sum()}, meter)
+    assert torch.equal(w.detach(), before) and meter.counts == {"reg": 1}
+

@@ -59,6 +59,17 @@ def test_saved_files_follow_the_umask(tmp_path, small_model):
     assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
 
 
+def test_a_model_holding_nan_is_never_saved(tmp_path, small_model):
+    """load_model refuses non-finite tensors, so save_model never writes one (a diverged run)."""
+    from smartcrop.weights import WeightsError
+
+    with torch.no_grad():
+        small_model.score_head[0].weight[0, 0] = float("nan")
+    with pytest.raises(WeightsError, match="score_head.0.weight"):
+        save_model(small_model, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_checksum_mismatch_and_foreign_files_are_refused(tmp_path, small_model):
     p = tmp_path / "m.safetensors"
     save_model(small_model, p)
