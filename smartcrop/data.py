@@ -144,11 +144,15 @@ def read_fcdb(root: str | os.PathLike, split: str = "test") -> list[FcdbItem]:
     for k, e in enumerate(entries):
         try:
             fname = str(e["url"]).rstrip("/").rsplit("/", 1)[-1]
-            x, y, w, h = (float(v) for v in e["crop"])
-        except (KeyError, TypeError, ValueError):
+            crop = e["crop"]
+        except (KeyError, TypeError):
             raise ValueError(f"{js}: entry {k} lacks a url or a crop [x, y, w, h]") from None
-        except OverflowError:  # an integer beyond any float
-            x = y = w = h = float("nan")
+        x = y = w = h = float("nan")  # not a box unless four JSON numbers ("1234" is not 1, 2, 3, 4; true not 1)
+        if isinstance(crop, list) and len(crop) == 4 and all(type(v) in (int, float) for v in crop):
+            try:
+                x, y, w, h = (float(v) for v in crop)
+            except OverflowError:  # an integer beyond any float
+                pass
         if not (np.isfinite((x, y, w, h)).all() and max(abs(x), abs(y), w, h) < 1e9 and w > 0 and h > 0):
             raise ValueError(f"{js}: entry {k}: crop {_short(e['crop'])} is not a box [x, y, w, h] with w, h > 0")
         path = root / "images" / fname

@@ -141,7 +141,8 @@ def test_read_fcdb_malformed(tmp_path):
     with pytest.raises(ValueError, match="JSON"):
         read_fcdb(tmp_path)
     for crop in ("[NaN, 10, 150, 100]", "[10, 10, 1e400, 100]", "[10, 10, 1" + "0" * 400 + ", 100]",
-                 "[10, 10, 0, 100]", "[10, 10, -5, 100]"):
+                 "[10, 10, 0, 100]", "[10, 10, -5, 100]", '"1234"', "[true, true, true, true]", "[10, 10, 100]",
+                 '["10", 10, 150, 100]', "[10, 10, 150, 100, 5]", "{}"):
         (tmp_path / "cropping_testing_set.json").write_text(f'[{{"url": "https://x/a.jpg", "crop": {crop}}}]')
         with pytest.raises(ValueError, match=r"entry 0: crop .* is not a box"):
             read_fcdb(tmp_path)
