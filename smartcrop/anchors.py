@@ -162,13 +162,40 @@ def parse_ratio(text: str) -> Fraction:
         else:
             raise ValueError
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"bad aspect ratio {text!r}: expected W:H such as 16:9") from None
+        raise ValueError(f"bad aspect ratio {_short_repr(text)}: expected W:H such as 16:9") from None
     if w <= 0 or h <= 0:
-        raise ValueError(f"bad aspect ratio {text!r}: width and height must be positive")
-    r = w / h
+        raise ValueError(f"bad aspect ratio {_short_repr(text)}: width and height must be positive")
+    return _in_range(w / h, text)
+
+
+def as_ratio(ratio: str | float | Fraction) -> Fraction:
+    """``ratio`` as a Fraction: text as :func:`parse_ratio` reads it, or a number (width / height), checked the
+    same way (positive, finite, within :data:`MAX_RATIO`:1 either way); anything else is a one-line
+    ``ValueError``."""
+    if isinstance(ratio, str):
+        return parse_ratio(ratio)
+    try:
+        if isinstance(ratio, bool):
+            raise TypeError
+        r = ratio if isinstance(ratio, Fraction) else Fraction(float(ratio))
+    except (TypeError, ValueError, OverflowError):  # not a number; NaN and infinities have no Fraction
+        raise ValueError(f"bad aspect ratio {_short_repr(ratio)}: expected a positive number or W:H such as "
+                         "16:9") from None
+    if r <= 0:
+        raise ValueError(f"bad aspect ratio {_short_repr(ratio)}: must be positive")
+    return _in_range(r, ratio)
+
+
+def _in_range(r: Fraction, given) -> Fraction:
     if not Fraction(1, MAX_RATIO) <= r <= MAX_RATIO:
-        raise ValueError(f"bad aspect ratio {text!r}: must lie between 1:{MAX_RATIO} and {MAX_RATIO}:1")
+        raise ValueError(f"bad aspect ratio {_short_repr(given)}: must lie between 1:{MAX_RATIO} and "
+                         f"{MAX_RATIO}:1")
     return r
+
+
+def _short_repr(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def ratio_label(text: str) -> str:
@@ -204,9 +231,7 @@ def ratio_anchors(
     apart.  Coordinates are integers; each box's ``w / h`` equals ``ratio`` to within one pixel of either side.
     The first box is the largest crop of that ratio, centred.
     """
-    if isinstance(ratio, str):
-        ratio = parse_ratio(ratio)
-    r = float(ratio)
+    r = float(as_ratio(ratio))
     width, height = int(width), int(height)
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
@@ -265,7 +290,7 @@ def ratio_box(box, ratio: float | Fraction | str, width: int, height: int) -> tu
     """The integer box of aspect ratio ``ratio``, sized as :func:`ratio_anchors` sizes its anchors (``w / h``
     within one pixel of it; a 1:1 box is square), with the area and centre of ``box`` (floats, e.g. a vote
     over anchors of that ratio), moved inside the ``width`` × ``height`` image if it would leave it."""
-    r = float(parse_ratio(ratio) if isinstance(ratio, str) else ratio)
+    r = float(as_ratio(ratio))
     x1, y1, x2, y2 = (float(v) for v in box)
     area = max(x2 - x1, 1e-9) * max(y2 - y1, 1e-9)
     w, h = _ratio_size(int(width), int(height), r, math.sqrt(area / r) if r >= 1 else math.sqrt(area * r))
@@ -285,6 +310,29 @@ def anchors_for(width: int, height: int, ratio: str | float | Fraction | None, g
     if is_free(ratio):
         return free_anchors(width, height, grid)
     return ratio_anchors(width, height, ratio)
+
+
+def check_boxes(boxes, width: float, height: float, slack: float = 1.0) -> np.ndarray:
+    """``boxes`` as an (N, 4) float32 array of (x1, y1, x2, y2), each a real box inside the ``width`` ×
+    ``height`` image (up to ``slack`` pixels beyond it); anything else — another shape, a NaN or an
+    infinity, an empty or inverted box, one outside the image — is a one-line ``ValueError`` naming the first."""
+    try:
+        b = np.asarray(boxes, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("boxes must be numbers (x1, y1, x2, y2)") from None
+    if b.size == 0:
+        return np.zeros((0, 4), dtype=np.float32)
+    if b.ndim not in (1, 2) or b.shape[-1] != 4:
+        raise ValueError(f"boxes must be (x1, y1, x2, y2) rows, not an array of shape {b.shape}")
+    b = b.reshape(-1, 4)
+    bad = ~np.isfinite(b).all(axis=1)
+    bad |= (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+    bad |= (b[:, 0] < -slack) | (b[:, 1] < -slack) | (b[:, 2] > width + slack) | (b[:, 3] > height + slack)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"box {i} ({', '.join(f'{v:g}' for v in b[i])}) is not a box inside the "
+                         f"{width:g}x{height:g} image (x1 < x2, y1 < y2, finite)")
+    return b.astype(np.float32)
 
 
 def scale_boxes(boxes: np.ndarray, sx: float, sy: float) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Collection, Iterable, Mapping, Sequence
 import numpy as np
 
 from .anchors import (
-    FREE_GRID, anchors_for, box_iou_matrix, check_free_grid, is_free, ratio_box, refine_anchors, scale_boxes,
+    FREE_GRID, anchors_for, as_ratio, box_iou_matrix, check_boxes, check_free_grid, is_free, ratio_box, refine_anchors, scale_boxes,
 )
 from .transforms import image_tensor, network_size
 
@@ -83,6 +83,7 @@ def distinct_top(boxes: np.ndarray, scores: np.ndarray, k: int, max_iou: float =
 
 #: Box voting (docs/results.md): a chosen crop is the mean of itself and the next best anchors overlapping it
 FUSE_K = 3
+FUSE_MAX = 20  # run's and eval's --fuse allow 1..20
 FUSE_IOU = 0.5
 #: A crop of a given ratio is instead the score-weighted mean of every anchor overlapping it, weights
 #: exp((s_j − s_i) / VOTE_T) (tenth session, docs/results.md: better at FCDB's expert ratio, not free)
@@ -126,6 +127,22 @@ class Choice:
 
     def __post_init__(self) -> None:
         check_free_grid(self.free_grid)
+        if not (_is_int(self.fuse) and 1 <= self.fuse <= FUSE_MAX):
+            raise ValueError(f"fuse must be a whole number from 1 to {FUSE_MAX}, not {self.fuse!r}")
+        object.__setattr__(self, "fuse", int(self.fuse))  # frozen: a NumPy integer becomes an int
+        check_flags(refine=self.refine, faces=self.faces)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_flags(**flags) -> None:
+    """A one-line ``ValueError`` for the first of ``flags`` that is not True or False (``refine="no"`` would
+    count as true)."""
+    for name, v in flags.items():
+        if not isinstance(v, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, not {v!r}")
 
 
 class Cropper:
@@ -150,7 +167,8 @@ class Cropper:
                  faces: bool = False, free_grid: str = FREE_GRID):
         from .weights import load_model, resolve_model
 
-        choice = Choice(fuse, refine, faces, free_grid)  # checks the grid before the model loads
+        choice = Choice(fuse, refine, faces, free_grid)  # checks them before the model loads
+        check_flags(tta=tta, amp=amp)
         if faces:  # fail before the model loads, with the extra to install
             from .faces import require
 
@@ -209,10 +227,20 @@ class Cropper:
                     box_sets: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Scores of several sets of boxes on one image, from one backbone pass.
 
-        ``image`` is a PIL image (possibly a reduced decode); ``full_size`` is the (w, h) of the image the boxes
-        are expressed in (``None``: the image's own size).
+        ``image`` is a PIL image (possibly a reduced decode; any mode, as :meth:`crop` takes it); ``full_size``
+        is the (w, h) of the image the boxes are expressed in (``None``: the image's own size).  A box that is
+        not one inside that image (NaN, empty, beyond its border) is a one-line ``ValueError``.
         """
-        return self.score_boxes_batch([(image, full_size)], [box_sets])[0]
+        fw, fh = full_size or image.size
+        if not (fw >= 1 and fh >= 1):
+            raise ValueError(f"the image must be at least 1x1 pixels, not {fw}x{fh}")
+        checked = {}
+        for key, boxes in box_sets.items():
+            try:
+                checked[key] = check_boxes(boxes, fw, fh)
+            except ValueError as e:
+                raise ValueError(f"{key!r}: {e}") from None
+        return self.score_boxes_batch([(image, full_size)], [checked])[0]
 
     def score_boxes_batch(self, images: Sequence[tuple], box_sets: Sequence[Mapping[str, np.ndarray]],
                           refine: Collection[str] = (), faces: Sequence | None = None) -> list:
@@ -349,16 +377,26 @@ class Cropper:
         return self.best_crops_batch([(image, full_size)], ratios, top_k)[0]
 
     def crop(self, image, ratios: Iterable[str] | str = ("any",), top_k: int = 1) -> list[Crop]:
-        """Best crop(s) of ``image`` (a path, bytes or PIL image) for each of ``ratios``.
+        """Best crop(s) of ``image`` (a path, bytes or PIL image) for each of ``ratios`` (``"any"``, ``"16:9"``,
+        a number; None: ``"any"``).
 
         Paths and bytes are decoded with EXIF orientation applied; boxes are in upright full-resolution pixels.
+        A PIL image is taken as it is (no EXIF orientation: ``PIL.ImageOps.exif_transpose`` it first for an
+        upright one), in any mode, as a file of that mode is read (alpha over white, 16-bit and float rescaled);
+        boxes are in its pixels.  A bad ratio or ``top_k`` is a one-line ``ValueError``.
         """
         from PIL import Image
 
-        if isinstance(ratios, str):
-            ratios = [ratios]
+        ratios = ["any"] if ratios is None else [ratios] if isinstance(ratios, str) else list(ratios)
+        for r in ratios:
+            if not is_free(r):
+                as_ratio(r)  # a one-line ValueError for a bad one
+        if not (_is_int(top_k) and top_k >= 1):
+            raise ValueError(f"top_k must be a whole number of 1 or more, not {top_k!r}")
         if isinstance(image, Image.Image):
-            loaded_img, full = image.convert("RGB"), image.size
+            from .imageio import as_rgb
+
+            loaded_img, full = as_rgb(image), image.size
         else:
             from .imageio import load_image
 

@@ -45,6 +45,7 @@ from PIL import Image
 from .errors import SmartcropError, one_line
 
 __all__ = [
+    "as_rgb",
     "FORMAT_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "ImageError",
@@ -725,6 +726,13 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     src = im.convert("I") if im.mode in _SIXTEEN_BIT_MODES else im
     gain = 255.0 / (hi - lo) if hi > lo else 0.0
     return src.point(lambda v: v * gain - lo * gain + 0.5).convert("L")
+
+
+def as_rgb(im: Image.Image) -> Image.Image:
+    """``im``, of any mode, in RGB as a decoded file of that mode is scored: 16-bit, 32-bit and float data
+    rescaled to 8 bits, transparency composited over white (``convert("RGB")`` would saturate 16-bit data to
+    white, turn 0..1 floats black and drop alpha)."""
+    return _flatten(_standardize(im))
 
 
 def _flatten(im: Image.Image) -> Image.Image:

@@ -23,12 +23,15 @@ def network_size(width: int, height: int, short_side: int = 256, max_long_side: 
 
 
 def image_tensor(image, size: tuple[int, int]):
-    """PIL RGB image → float tensor (1, 3, h, w) in 0..255 at ``size`` (w, h)."""
+    """PIL image (RGB, or any mode as :func:`~smartcrop.imageio.as_rgb` reads it) → float tensor (1, 3, h, w)
+    in 0..255 at ``size`` (w, h)."""
     import torch
     from PIL import Image
 
     if image.mode != "RGB":
-        image = image.convert("RGB")
+        from .imageio import as_rgb
+
+        image = as_rgb(image)
     if image.size != tuple(size):
         image = image.resize(size, Image.BILINEAR, reducing_gap=2.0)
     arr = np.asarray(image, dtype=np.uint8)

@@ -1,0 +1,115 @@
+"""The library API as a caller uses it (`Cropper.crop`, `Cropper.score_boxes`): images of any mode scored as the
+same pixels read from a file are, and bad arguments refused in one line before any work."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+
+from conftest import draw_photo  # noqa: E402
+from smartcrop.cropper import Choice, Cropper  # noqa: E402
+
+
+@pytest.fixture()
+def cropper(small_model):
+    return Cropper(net=small_model, device="cpu")
+
+
+def _gray(tmp_path):
+    draw_photo(tmp_path / "p.jpg", size=(120, 90), seed=3)
+    return Image.open(tmp_path / "p.jpg").convert("L")
+
+
+def test_sixteen_bit_and_float_images_are_scored_as_their_eight_bit_content(cropper, tmp_path):
+    gray = _gray(tmp_path)
+    a = np.asarray(gray)
+    sixteen = Image.fromarray(a.astype(np.uint16) * 257)  # mode I;16: convert("RGB") saturates it to white
+    unit = Image.fromarray(a.astype(np.float32) / 255)  # mode F in 0..1: convert("RGB") makes it black
+    assert (sixteen.mode, unit.mode) == ("I;16", "F")
+    want = cropper.crop(gray, ["1:1", "any"])
+    for im in (sixteen, unit):
+        got = cropper.crop(im, ["1:1", "any"])
+        assert [c.box for c in got] == [c.box for c in want], im.mode
+        assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-4), im.mode
+    boxes = {"b": [[0, 0, 90, 90], [10, 5, 110, 80]]}
+    np.testing.assert_allclose(cropper.score_boxes(sixteen, None, boxes)["b"],
+                               cropper.score_boxes(gray, None, boxes)["b"], atol=1e-4)
+
+
+def test_a_transparent_image_is_scored_over_white_as_its_file_is(cropper, tmp_path):
+    rgb = np.asarray(Image.open(draw_photo(tmp_path / "p.jpg", size=(120, 90), seed=4)).convert("RGB"))
+    alpha = np.zeros(rgb.shape[:2], np.uint8)
+    alpha[:, 40:] = 255  # the left third transparent
+    rgba = Image.fromarray(np.dstack([rgb, alpha]))
+    rgba.save(tmp_path / "half.png")
+    from_file = cropper.crop(tmp_path / "half.png", ["1:1", "any"])
+    from_pil = cropper.crop(rgba, ["1:1", "any"])
+    assert [c.box for c in from_pil] == [c.box for c in from_file]
+    dropped = cropper.crop(rgba.convert("RGB"), ["1:1", "any"])  # what the alpha's loss would have scored
+    assert [c.score for c in dropped] != pytest.approx([c.score for c in from_pil], abs=1e-4)
+
+
+@pytest.mark.parametrize("ratio, words", [(0, "must be positive"), (-1.5, "must be positive"),
+                                          (float("nan"), "expected a positive number"),
+                                          (float("inf"), "expected a positive number"), (1e6, "between 1:10"),
+                                          (True, "expected a positive number"), ("0:1", "positive"),
+                                          ("9" * 4000 + ":1", "between 1:10")])
+def test_a_bad_ratio_is_a_one_line_value_error(cropper, tmp_path, ratio, words):
+    with pytest.raises(ValueError, match=words) as e:
+        cropper.crop(_gray(tmp_path), ["1:1", ratio])
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200
+
+
+def test_numeric_ratios_crop_as_their_text_does(cropper, tmp_path):
+    from fractions import Fraction
+
+    gray = _gray(tmp_path)
+    text = cropper.crop(gray, ["3:2", "4:5"])
+    assert [c.box for c in cropper.crop(gray, [1.5, Fraction(4, 5)])] == [c.box for c in text]
+    assert [c.box for c in cropper.crop(gray, None)] == [c.box for c in cropper.crop(gray, "any")]
+
+
+@pytest.mark.parametrize("kwargs, words", [({"fuse": 2.5}, "fuse must be a whole number"),
+                                           ({"fuse": "3"}, "fuse must be a whole number"),
+                                           ({"fuse": 0}, "fuse must be a whole number"),
+                                           ({"fuse": True}, "fuse must be a whole number"),
+                                           ({"refine": "no"}, "refine must be True or False"),
+                                           ({"faces": 1}, "faces must be True or False"),
+                                           ({"tta": None}, "tta must be True or False")])
+def test_bad_choices_are_refused_when_the_cropper_is_made(small_model, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        Cropper(net=small_model, device="cpu", **kwargs)
+
+
+def test_choice_takes_numpy_integers_and_booleans():
+    c = Choice(np.int64(2), np.bool_(True))
+    assert c.fuse == 2 and type(c.fuse) is int
+
+
+@pytest.mark.parametrize("top_k", [0, 2.5, "2", None])
+def test_a_bad_top_k_is_refused(cropper, tmp_path, top_k):
+    with pytest.raises(ValueError, match="top_k"):
+        cropper.crop(_gray(tmp_path), "1:1", top_k=top_k)
+
+
+@pytest.mark.parametrize("box, words", [([0, 0, float("nan"), 50], "nan"), ([0, 0, float("inf"), 50], "inf"),
+                                        ([50, 10, 20, 60], "not a box inside the 120x90"),
+                                        ([10, 10, 10, 60], "not a box inside"),
+                                        ([200, 10, 300, 60], "not a box inside"),
+                                        ([-30, 0, 60, 60], "not a box inside")])
+def test_score_boxes_refuses_what_is_not_a_box_on_the_image(cropper, tmp_path, box, words):
+    gray = _gray(tmp_path)
+    with pytest.raises(ValueError, match=words) as e:
+        cropper.score_boxes(gray, None, {"mine": [[0, 0, 60, 60], box]})
+    assert str(e.value).startswith("'mine': box 1 (")
+
+
+def test_score_boxes_takes_boxes_to_the_border_and_empty_sets(cropper, tmp_path):
+    gray = _gray(tmp_path)
+    out = cropper.score_boxes(gray, None, {"edge": [[0, 0, 120, 90], [0.5, 0, 120.5, 90]], "none": []})
+    assert out["edge"].shape == (2,) and np.isfinite(out["edge"]).all() and out["none"].shape == (0,)
+    with pytest.raises(ValueError, match="rows"):
+        cropper.score_boxes(gray, None, {"x": [[0, 0, 60]]})
+    with pytest.raises(ValueError, match="at least 1x1"):
+        cropper.score_boxes(gray, (0, 0), {"x": [[0, 0, 1, 1]]})
