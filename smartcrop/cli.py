@@ -324,7 +324,7 @@ def run(
             reencode=reencode, strip=strip, workers=jobs, batch=batch, upscale=upscale, choice=choice))
     plan = plan_run(inputs or [], from_file=from_file, recursive=recursive, ratios=ratio, size=size, output=output,
                     out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
-                    skip_existing=skip_existing, on_error=err, name_template=name, max_side=max_side, top_k=top_k,
+                    skip_existing=skip_existing, on_error=err, on_note=err, name_template=name, max_side=max_side, top_k=top_k,
                     quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch,
                     upscale=upscale, scoring=scoring.lower(), choice=choice,
                     adapt_min=_adapt_min() if adapt else 0)
@@ -377,7 +377,7 @@ def finetune(
     """Adapt a model to your own photos with rank consistency (no labels needed)."""
     from .data import list_images
     from .errors import UsageError
-    from .finetune import FinetuneConfig, finetune, output_path, save_finetuned
+    from .finetune import FinetuneConfig, TooFewPhotos, finetune, output_path, save_finetuned
     from .training import check_outputs
     from .weights import resolve_model, user_models_dir
 
@@ -390,8 +390,9 @@ def finetune(
         photos = list_images(albums, recursive=True)
     except OSError as e:
         raise UsageError(str(e)) from None
+    if len(photos) < FinetuneConfig.min_photos:  # too few even if all decode: before the model is loaded
+        raise TooFewPhotos(len(photos), FinetuneConfig.min_photos)
     cropper = _cropper(weights, model, device)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     cfg = FinetuneConfig(epochs=epochs, lr=lr, distill=distill, seed=seed)
     with _training_interrupts(out_path.with_suffix(".ckpt")):
         history = finetune(cropper.net, photos, cfg, labeled, out_path.with_suffix(".ckpt"), resume,

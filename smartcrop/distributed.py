@@ -883,7 +883,7 @@ def plan_rows(inputs: Sequence[str], *, from_file: str | None, output, stdin=Non
     if not (is_uri(out) or any(is_uri(n) for n in names)):
         plan = plan_run(list(inputs), from_file=None if from_file is None else "-", output=output,
                         stdin=io.BytesIO(listed) if listed is not None else None, on_error=report,
-                        **plan_kwargs)
+                        on_note=on_error, **plan_kwargs)
         if any(it.path is None for it in plan.items):
             raise UsageError("--engine ray reads files, folders and URIs, not an image on stdin")
         rows = [_input_row(str(it.path), Path(it.rel_dir).as_posix() if str(it.rel_dir) != "." else "",

@@ -37,6 +37,10 @@ class AlbumError(UsageError):
 class TooFewPhotos(AlbumError):
     """Fewer of the album's photos decode than adaptation needs (:attr:`FinetuneConfig.min_photos`)."""
 
+    def __init__(self, usable: int, needed: int) -> None:
+        super().__init__(f"only {usable} usable photo(s) in the album: at least {needed} are needed (dozens or "
+                         "more give a useful adaptation)")
+
 
 @dataclass
 class FinetuneConfig:
@@ -259,8 +263,7 @@ def finetune(net, photos: Sequence[Path], cfg: FinetuneConfig, labeled_root: Pat
     net.eval()
     album = cache_photos(net, list(photos), log, progress, device, recipe=cfg.labeled)
     if len(album) < cfg.min_photos:
-        raise TooFewPhotos(f"only {len(album)} usable photo(s) in the album: at least {cfg.min_photos} are "
-                           "needed (dozens or more give a useful adaptation)")
+        raise TooFewPhotos(len(album), cfg.min_photos)
     labeled: list = []
     if labeled_root is not None:
         kind, items = labeled_sources(labeled_root)

@@ -98,9 +98,10 @@ def _ident(path: str | os.PathLike) -> tuple | None:
 
 
 def walk_folder(folder: Path, recursive: bool, report: Callable[[str], None],
-                exclude: tuple | None = None) -> list[tuple[Path, os.stat_result]]:
+                exclude: tuple | None = None, outputs: list | None = None) -> list[tuple[Path, os.stat_result]]:
     """``(path, stat)`` of the image files (by extension) in ``folder``, sorted; hidden entries skipped, as are
-    sub-folders whose ``(st_dev, st_ino)`` is ``exclude`` (the output folder) and files smartcrop wrote.
+    sub-folders whose ``(st_dev, st_ino)`` is ``exclude`` (the output folder) and files smartcrop wrote (added
+    to ``outputs`` when given).
 
     Unreadable folders and image-named entries that are not regular files (FIFOs, devices, dangling links)
     are reported, one line each, and skipped."""
@@ -127,20 +128,24 @@ def walk_folder(folder: Path, recursive: bool, report: Callable[[str], None],
             if not stat.S_ISREG(st.st_mode):
                 report(f"{safe_name(p)}: {_kind(st.st_mode)}, not a photo: skipped")
                 continue
-            if written_by_smartcrop(p):
-                continue  # an output of an earlier run
+            if written_by_smartcrop(p):  # an output of an earlier run
+                if outputs is not None:
+                    outputs.append(p)
+                continue
             found.append((p, st))
     found.sort(key=lambda t: t[0])
     return found
 
 
 def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file: str | None = None,
-                   on_error: Callable[[str], None] | None = None, exclude: Path | None = None) -> list[InputItem]:
+                   on_error: Callable[[str], None] | None = None, exclude: Path | None = None,
+                   outputs: list | None = None) -> list[InputItem]:
     """Input items from paths (``-`` = stdin: one image, or a list of paths one per line) and a list file.
 
     Every path that cannot be used is reported through ``on_error`` (one line naming it) and skipped; without
     ``on_error`` the first one raises :class:`UsageError`.  ``exclude`` (the output folder) is never walked
-    into.  The same file reached twice for the same output sub-folder is collected once.
+    into.  The same file reached twice for the same output sub-folder is collected once.  Files in the folders
+    walked that smartcrop wrote are not collected; ``outputs`` (when given) gets their paths.
     """
     def report(line: str) -> None:
         if on_error is None:
@@ -193,7 +198,7 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
             continue
         p = Path(n)
         if stat.S_ISDIR(st.st_mode):
-            for f, fst in walk_folder(p, recursive, report, exclude_id):
+            for f, fst in walk_folder(p, recursive, report, exclude_id, outputs):
                 add(f, f.parent.relative_to(p), fst)
         elif stat.S_ISREG(st.st_mode):
             add(p, Path(), st)

@@ -47,6 +47,7 @@ class RunOptions:
     scoring: str = "auto"  # where photos are scored: main, workers, auto (runner.scoring_in_workers)
     choice: Choice = Choice()  # how a crop is chosen among the scored anchors (--fuse, --refine, --faces, --free-grid)
     preview: Path | None = None
+    made_dirs: tuple = ()  # the folders the plan created for out_dir, deepest first (removed again if left empty)
 
     def __post_init__(self) -> None:
         if self.choice.faces:  # a missing extra is the request's error (exit 2), not every photo's
@@ -123,9 +124,10 @@ def parse_format(name: str | None) -> str | None:
     return fmt
 
 
-def prepare_output_dir(out_dir: Path) -> None:
+def prepare_output_dir(out_dir: Path) -> tuple[Path, ...]:
     """Create the output folder, check that a file can be created in it, and remove the temporary files that
-    killed smartcrop runs left there.
+    killed smartcrop runs left there; returns the folders it created, deepest first (see
+    :func:`remove_if_empty`).
 
     The check creates a file named like smartcrop's temporary files with ``O_EXCL | O_NOFOLLOW`` (it never
     follows a symlink planted in the folder, and its random name cannot be predicted) and removes it."""
@@ -136,6 +138,11 @@ def prepare_output_dir(out_dir: Path) -> None:
     if out_dir.is_symlink() and not out_dir.exists():
         raise UsageError(f"{safe_name(out_dir)}: the output folder is a symlink to {safe_name(os.readlink(out_dir))}, "
                          "which does not exist")
+    made = []
+    d = out_dir
+    while not os.path.lexists(d) and d != d.parent:
+        made.append(d)
+        d = d.parent
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -143,8 +150,20 @@ def prepare_output_dir(out_dir: Path) -> None:
         os.close(os.open(probe, flags, 0o600))
         os.unlink(probe)
     except OSError as e:
+        remove_if_empty(made)
         raise UsageError(f"{safe_name(out_dir)}: output folder is not writable ({e.strerror or e})") from None
     remove_stale_temps(out_dir)
+    return tuple(made)
+
+
+def remove_if_empty(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first) that are empty — those a run created and wrote nothing into, e.g.
+    because every photo failed — stopping at the first that is not."""
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty (another run wrote there meanwhile), or gone
+            return
 
 
 def _isatty(stream) -> bool:
@@ -181,14 +200,16 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
              ratios: Sequence[str] = (), size: str | None = None, output: Path | None = None,
              out_format: str | None = None, preview: Path | None = None, dry_run: bool = False,
              as_json: bool = False, overwrite: bool = False, skip_existing: bool = False, stdin=None, stdout=None,
-             on_error: Callable[[str], None] | None = None, adapt_min: int = 0, **options) -> RunPlan:
+             on_error: Callable[[str], None] | None = None, on_note: Callable[[str], None] | None = None,
+             adapt_min: int = 0, **options) -> RunPlan:
     """Validate a ``run`` request, collect its inputs and prepare the output folder.
 
     Raises :class:`UsageError` for anything wrong with the request itself — before any input is read where it
     can: bad ratios, sizes, formats or name templates, an image for a terminal, a preview or output that
     would replace an input (:class:`~smartcrop.naming.InputCollision`) or an existing file without
     ``overwrite``.  Inputs that cannot be collected, or for which no output name can be made, are reported
-    through ``on_error`` (one line each) and listed in the plan; the others go on.  ``options`` are further
+    through ``on_error`` (one line each) and listed in the plan; the others go on.  ``on_note`` gets a line
+    that is not an error: how many files in the folders given were skipped as smartcrop's own crops.  ``options`` are further
     :class:`RunOptions` fields (``name_template``, ``max_side``, ``top_k``, ``quality``, ``strip``, ``upscale``,
     ``workers``, ``batch`` …).  ``stdin``/``stdout`` default to the process's.  ``adapt_min``: the run first
     fine-tunes on its photos (``--adapt``), which needs at least that many photo files.
@@ -218,13 +239,20 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
         if on_error is not None:
             on_error(line)
 
+    outputs: list[Path] = []
     items = collect_inputs(list(inputs), recursive, stdin=stdin, list_file=from_file, on_error=report,
-                           exclude=output or Path("cropped"))
+                           exclude=output or Path("cropped"), outputs=outputs)
     stdin_image = any(it.path is None for it in items)
     if stdin_image and len(items) > 1:
         raise UsageError("a single image on stdin cannot be mixed with other inputs")
     if not items and not errors:
-        raise UsageError("no image files found in the inputs" + ("" if recursive else " (use -r for sub-folders)"))
+        raise UsageError("no image files found in the inputs" + (
+            f": the {len(outputs)} there are crops smartcrop wrote, which a folder never gives again (name them "
+            "as files to crop them)" if outputs else "" if recursive else " (use -r for sub-folders)"))
+    if outputs and on_note is not None:
+        on_note(f"note: {len(outputs)} file{'s' if len(outputs) > 1 else ''} in the folders given "
+                f"{'are crops' if len(outputs) > 1 else 'is a crop'} smartcrop wrote, not cropped again (name "
+                "them as files to crop them)")
     if adapt_min:
         if stdin_image:
             raise UsageError("--adapt fine-tunes on photo files: it cannot adapt to an image on stdin")
@@ -256,7 +284,7 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
     if preview is not None:
         _check_preview(preview, namer, planned, overwrite)
     if opts.out_dir is not None and not dry_run and items:
-        prepare_output_dir(opts.out_dir)
+        opts.made_dirs = prepare_output_dir(opts.out_dir)
     return RunPlan(items, opts, errors)
 
 

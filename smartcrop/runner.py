@@ -375,7 +375,8 @@ def _tidied(pool: WorkerPool, opts) -> Iterator[WorkerPool]:
     """``pool``, entered.  Once it is closed, if the run was interrupted (a worker that the same signal reached —
     timeout, docker stop signal a whole process group — ends mid-write) or a worker died (its fellow workers are
     stopped with it, one maybe mid-write), the temporary files dead processes left in the output folder are
-    removed."""
+    removed; and the output folders the plan created are removed again if nothing was written into them (every
+    photo failed)."""
     interrupted = False
     try:
         with pool:
@@ -388,6 +389,9 @@ def _tidied(pool: WorkerPool, opts) -> Iterator[WorkerPool]:
             from .imageio import remove_stale_temps
 
             remove_stale_temps(opts.out_dir)
+        from .plan import remove_if_empty
+
+        remove_if_empty(opts.made_dirs)
 
 
 # smartcrop.preload imports torch and the worker code and loads the model, once, in the fork server

@@ -995,6 +995,7 @@ def write_checkpoint(state: dict, path: str | Path) -> None:
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)  # made with the first file written in it
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)

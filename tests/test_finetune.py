@@ -165,13 +165,22 @@ def test_finetune_of_a_model_with_a_separate_fcdb_head_trains_each_head_on_its_o
     assert heads_moved(tiny_gaicd, "gaicd") == {"score_head"}
 
 
-def test_too_few_photos_is_a_clear_error(tmp_path, small_model_file):
+def test_too_few_photos_is_a_clear_error(tmp_path, small_model_file, monkeypatch):
     album = tmp_path / "few"
     draw_photo(album / "a.jpg")
     draw_photo(album / "b.jpg", seed=2)
-    code, _, err = cli("finetune", album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file)
+    import smartcrop.cli
+
+    monkeypatch.setattr(smartcrop.cli, "_cropper", lambda *a: pytest.fail("the model was loaded first"))
+    code, _, err = cli("finetune", album, "-o", tmp_path / "new" / "m.safetensors", "--weights", small_model_file)
     assert code == 2 and "only 2 usable photo" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "m.safetensors").exists()
+    assert not (tmp_path / "new").exists()  # no folder made for a model never written
+    monkeypatch.undo()
+    (album / "c.jpg").write_bytes(b"not a photo")
+    (album / "d.jpg").write_bytes(b"not a photo either")
+    code, _, err = cli("finetune", album, "-o", tmp_path / "new" / "m.safetensors", "--weights", small_model_file)
+    assert code == 2 and "only 2 usable photo" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("args, words", [(["--lr", "nan"], "--lr must be a positive number"),

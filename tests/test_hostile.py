@@ -793,8 +793,13 @@ def test_earlier_outputs_elsewhere_in_the_tree_are_recognised(sw):
     three(sw)
     sw.run(sw.src, "-o", sw.src / "crops1", "--ratio", "1:1")
     res = sw.run(sw.src, "-r", "-o", sw.out, "--ratio", "16:9", "--json")
-    sw.check(res, 0, done=["p0.jpg", "p1.jpg", "p2.jpg"])
+    sw.check(res, 0, done=["p0.jpg", "p1.jpg", "p2.jpg"], lines=1)
     assert len(res.records) == 3
+    assert res.lines[0].startswith("smartcrop: note: 3 files in the folders given are crops smartcrop wrote")
+    # a folder holding nothing but earlier crops: why nothing is cropped, and how to crop them anyway
+    res = sw.run(sw.src / "crops1", "-o", sw.out / "again", "--ratio", "16:9", "--json")
+    assert res.code == 2 and len(res.lines) == 1 and "the 3 there are crops smartcrop wrote" in res.lines[0]
+    assert "-r" not in res.lines[0] and not (sw.out / "again").exists()
 
 
 def test_an_explicitly_named_output_can_still_be_cropped(sw):
@@ -1028,6 +1033,25 @@ def test_bad_inputs_with_worker_processes(sw):
     os.mkfifo(sw.src / "pipe.jpg")
     res = sw.run(sw.src, sw.root / "nope.jpg", "-o", sw.out, "--json", "-j", "2", jobs=False, timeout=60)
     sw.check(res, 1, failed=["text.jpg", "pipe.jpg", "nope.jpg"], done=["p0.jpg", "p1.jpg", "p2.jpg"])
+
+
+@pytest.mark.parametrize("jobs", [True, False])
+def test_a_run_that_writes_nothing_leaves_no_output_folder_it_made(sw, jobs):
+    """Every photo fails: the folders the run created for -o are removed again; one that existed stays."""
+    for k in range(2):
+        (sw.src / f"bad{k}.jpg").write_bytes(b"\xff\xd8 not a photo")
+    extra = [] if jobs else ["-j", "2"]
+    res = sw.run(sw.src, "-o", sw.out / "a" / "b", "--json", *extra, jobs=jobs)
+    sw.check(res, 1, failed=["bad0.jpg", "bad1.jpg"])
+    assert not sw.out.exists()
+    sw.out.mkdir()
+    res = sw.run(sw.src, "-o", sw.out, "--json", *extra, jobs=jobs)
+    sw.check(res, 1, failed=["bad0.jpg", "bad1.jpg"])
+    assert sw.out.is_dir() and not list(sw.out.iterdir())
+    sw.photo("good.jpg")
+    res = sw.run(sw.src, "-o", sw.out / "a" / "b", "--json", *extra, jobs=jobs)
+    sw.check(res, 1, failed=["bad0.jpg", "bad1.jpg"], done=["good.jpg"])
+    assert [p.name for p in (sw.out / "a" / "b").iterdir()] == ["good_any.jpg"]
 
 
 def test_crop_smaller_than_16_pixels_fails_that_file(sw):
