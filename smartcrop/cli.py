@@ -324,8 +324,8 @@ def run(
             reencode=reencode, strip=strip, workers=jobs, batch=batch, upscale=upscale, choice=choice))
     plan = plan_run(inputs or [], from_file=from_file, recursive=recursive, ratios=ratio, size=size, output=output,
                     out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
-                    skip_existing=skip_existing, on_error=err, on_note=err, name_template=name, max_side=max_side, top_k=top_k,
-                    quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch,
+                    skip_existing=skip_existing, on_error=err, on_note=err, name_template=name, max_side=max_side,
+                    top_k=top_k, quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch,
                     upscale=upscale, scoring=scoring.lower(), choice=choice,
                     adapt_min=_adapt_min() if adapt else 0)
     if not plan.items:  # every input failed to collect (reported): nothing to load a model for
@@ -367,7 +367,8 @@ def finetune(
     lr: float = typer.Option(5e-5, "--lr", help="Learning rate (Adam)."),
     labeled: Optional[Path] = typer.Option(None, "--labeled", help="GAICD- or FCDB-layout data to keep a labeled "
                                            "signal (instead of distillation to the base model)."),
-    distill: float = typer.Option(1.0, "--distill", min=0.0, help="Weight of the anchoring term to the base model's scores."),
+    distill: float = typer.Option(1.0, "--distill", min=0.0,
+                                  help="Weight of the anchoring term to the base model's scores."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (OUT.ckpt) to resume from."),
     device: str = DEVICE_OPT,
     seed: int = typer.Option(0, "--seed", help="Random seed (data order, initialisation)."),

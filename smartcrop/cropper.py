@@ -15,7 +15,8 @@ from typing import Collection, Iterable, Mapping, Sequence
 import numpy as np
 
 from .anchors import (
-    FREE_GRID, anchors_for, as_ratio, box_iou_matrix, check_boxes, check_free_grid, is_free, ratio_box, refine_anchors, scale_boxes,
+    FREE_GRID, anchors_for, as_ratio, box_iou_matrix, check_boxes, check_free_grid, is_free, ratio_box,
+    refine_anchors, scale_boxes,
 )
 from .transforms import image_tensor, network_size
 
@@ -23,7 +24,7 @@ from .transforms import image_tensor, network_size
 @dataclass(frozen=True)
 class Crop:
     box: tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels of the upright full-resolution image
-    score: float  # model score (GAICD MOS units, roughly 1..5)
+    score: float  # model score in normalised MOS units, (MOS − 2.95) / 0.8: 0 ≈ an average GAICD crop
     ratio: str  # the requested ratio ("16:9", "any", ...)
 
     @property
@@ -398,8 +399,13 @@ class Cropper:
 
             loaded_img, full = as_rgb(image), image.size
         else:
-            from .imageio import load_image
+            from .imageio import ImageError, load_image, safe_name
 
-            li = load_image(image, target_short_side=self.config.short_side)
+            try:
+                li = load_image(image, target_short_side=self.config.short_side)
+            except ImageError as e:  # the command line names the file itself; a caller of crop() gets it here
+                if isinstance(image, (str, os.PathLike)):
+                    raise ImageError(f"{safe_name(image)}: {e}") from None
+                raise
             loaded_img, full = li.image, li.full_size
         return self.best_crops(loaded_img, full, list(ratios), top_k)

@@ -209,9 +209,9 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
     would replace an input (:class:`~smartcrop.naming.InputCollision`) or an existing file without
     ``overwrite``.  Inputs that cannot be collected, or for which no output name can be made, are reported
     through ``on_error`` (one line each) and listed in the plan; the others go on.  ``on_note`` gets a line
-    that is not an error: how many files in the folders given were skipped as smartcrop's own crops.  ``options`` are further
-    :class:`RunOptions` fields (``name_template``, ``max_side``, ``top_k``, ``quality``, ``strip``, ``upscale``,
-    ``workers``, ``batch`` …).  ``stdin``/``stdout`` default to the process's.  ``adapt_min``: the run first
+    that is not an error: how many files in the folders given were skipped as smartcrop's own crops.
+    ``options`` are further :class:`RunOptions` fields (``name_template``, ``max_side``, ``top_k``,
+    ``quality``, ``strip``, ``upscale``, ``workers``, ``batch`` …).  ``stdin``/``stdout`` default to the process's.  ``adapt_min``: the run first
     fine-tunes on its photos (``--adapt``), which needs at least that many photo files.
     """
     if overwrite and skip_existing:

@@ -330,6 +330,8 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verif
     from .model import ModelConfig
 
     path = Path(path) if path is not None else resolve_model()
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a folder, not a model file")
     if not path.is_file():
         raise WeightsError(f"{path}: no such model file")
     if path.suffix in _TORCH_SUFFIXES:
@@ -349,6 +351,9 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verif
 
     header = read_header(path)
     card = read_card(path)
+    if verify and card is None and card_path(path).is_file():
+        raise WeightsError(f"{path}: its card {card_path(path).name} is not readable JSON, so the checksum it holds "
+                           "cannot be checked (restore the card, or remove it to load the model unchecked)")
     if verify and card and card.get("sha256"):
         digest = sha256_file(path)
         if digest != card["sha256"]:

@@ -113,3 +113,14 @@ def test_score_boxes_takes_boxes_to_the_border_and_empty_sets(cropper, tmp_path)
         cropper.score_boxes(gray, None, {"x": [[0, 0, 60]]})
     with pytest.raises(ValueError, match="at least 1x1"):
         cropper.score_boxes(gray, (0, 0), {"x": [[0, 0, 1, 1]]})
+
+
+def test_a_photo_that_cannot_be_read_is_named_in_the_error(cropper, tmp_path):
+    from smartcrop.imageio import ImageError
+
+    with pytest.raises(ImageError, match=r"^.*nope\.jpg: file not found$"):
+        cropper.crop(tmp_path / "nope.jpg")
+    (tmp_path / "text.jpg").write_text("not a photo")
+    with pytest.raises(ImageError, match="text.jpg: "):
+        cropper.crop(str(tmp_path / "text.jpg"))
+

@@ -79,6 +79,11 @@ def test_checksum_mismatch_and_foreign_files_are_refused(tmp_path, small_model):
     with pytest.raises(WeightsError, match="checksum"):
         load_model(p)
     assert load_model(p, verify=False) is not None
+    p.with_suffix(".json").write_text(json.dumps(card)[:40])  # a corrupt card must not switch the check off
+    with pytest.raises(WeightsError, match="card m.json is not readable JSON"):
+        load_model(p)
+    with pytest.raises(WeightsError, match="is a folder, not a model file"):
+        load_model(tmp_path)
 
     from safetensors.torch import save_file
 
