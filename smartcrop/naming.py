@@ -88,9 +88,11 @@ def check_template(template: str, ratios: Sequence[str] | None = None, top_k: in
 
 def _check_relative(rendered: str, template: str) -> None:
     p = Path(rendered)
-    if not rendered or p.is_absolute() or rendered.startswith(("/", "\\")) or ".." in p.parts or \
-            any(part in {"", "."} for part in rendered.replace("\\", "/").split("/")[-1:]):
+    if not rendered or p.is_absolute() or rendered.startswith(("/", "\\")) or ".." in p.parts:
         raise UsageError(f"name template {template!r} would write outside the output folder")
+    if rendered.replace("\\", "/").split("/")[-1] in {"", "."}:  # "{stem}/", "{stem}/."
+        raise UsageError(f"name template {template!r} names a folder, not a file: end it in a file name such as "
+                         "'{stem}/{ratio}.{ext}'")
 
 
 def _suffixed(rel: str, k: int) -> str:

@@ -1001,6 +1001,14 @@ def test_bad_templates_are_usage_errors_before_any_work(sw, template):
     assert "template" in res.err and not sw.out.exists()
 
 
+@pytest.mark.parametrize("template", ["{stem}/", "{stem}/.", "crops/{stem}_{ratio}/"])
+def test_a_template_that_names_a_folder_says_so(sw, template):
+    three(sw)
+    res = sw.run(sw.src, "-o", sw.out, "--name", template)
+    sw.check(res, 2, lines=1)
+    assert "names a folder, not a file" in res.err and "outside" not in res.err and not sw.out.exists()
+
+
 @pytest.mark.parametrize("args", [["--ratio", "16:9", "--ratio", "1:1", "--name", "{stem}.{ext}"],
                                   ["--top-k", "2", "--name", "{stem}_{ratio}.{ext}"]])
 def test_templates_that_merge_crops_are_refused(sw, args):
