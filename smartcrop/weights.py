@@ -260,6 +260,11 @@ def average_models(paths: Sequence[str | os.PathLike]) -> tuple:
     if len(paths) < 2:
         raise WeightsError("averaging needs two or more model files")
     nets = [load_model(p) for p in paths]
+    sums = [sha256_file(p) for p in paths]
+    for k, h in enumerate(sums):
+        if h in sums[:k]:
+            raise WeightsError(f"{paths[k]}: the same model as {paths[sums.index(h)]} (sha256 {h[:12]}…); "
+                               "averaging a model with itself only weighs it twice")
     first = nets[0].config.to_dict()
     for p, net in zip(paths[1:], nets[1:]):
         if net.config.to_dict() != first:
@@ -270,9 +275,9 @@ def average_models(paths: Sequence[str | os.PathLike]) -> tuple:
     model = nets[0]
     model.load_state_dict(avg)
     members = []
-    for p in paths:
+    for p, h in zip(paths, sums):
         card = read_card(p) or ({} if Path(p).suffix in _TORCH_SUFFIXES else read_header(p))  # a .pt has no header
-        members.append({"file": str(p), "sha256": sha256_file(p),
+        members.append({"file": str(p), "sha256": h,
                         "init_seed": (card.get("training") or {}).get("init_seed")})
     return model.eval(), {"average_of": members}
 
@@ -351,7 +356,7 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verif
 
     header = read_header(path)
     card = read_card(path)
-    if verify and card is None and card_path(path).is_file():
+    if verify and card is None and card_path(path).is_file() and card_path(path) != path:  # (a model named M.json)
         raise WeightsError(f"{path}: its card {card_path(path).name} is not readable JSON, so the checksum it holds "
                            "cannot be checked (restore the card, or remove it to load the model unchecked)")
     if verify and card and card.get("sha256"):

@@ -390,6 +390,12 @@ def test_average_writes_the_mean_model_with_its_card_and_never_overwrites_an_inp
         assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
     code, _, err = cli("average", small_model_file, "--out", tmp_path / "z.safetensors")
     assert code == 2 and "two or more" in err and not (tmp_path / "z.safetensors").exists()
+    twin = tmp_path / "twin.safetensors"
+    twin.write_bytes(small_model_file.read_bytes())
+    for args in ((small_model_file, small_model_file), (small_model_file, other, twin)):
+        code, _, err = cli("average", *args, "--out", tmp_path / "z.safetensors")
+        assert code == 2 and "the same model as" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "z.safetensors").exists()
     assert sha256_file(small_model_file) == before[0]
 
 
@@ -456,9 +462,15 @@ def test_average_replaces_only_its_own_model_with_force_and_refuses_bad_outputs_
 
     import smartcrop.weights as weights
 
+    from smartcrop.weights import load_model, save_model
+
     a, b = tmp_path / "a.safetensors", tmp_path / "b.json"  # any name loads: b's card would be b.json itself
     shutil.copy(small_model_file, a)
-    shutil.copy(small_model_file, b)
+    other = load_model(small_model_file)
+    with torch.no_grad():
+        other.score_head[0].bias.add_(1.0)  # another model: averaging one with itself is refused
+    save_model(other, tmp_path / "src" / "b.safetensors")
+    shutil.copy(tmp_path / "src" / "b.safetensors", b)
     notes = tmp_path / "notes.safetensors"
     notes.write_text("my notes\n")
     (tmp_path / "mine.json").write_text('{"mine": 1}\n')
@@ -481,7 +493,10 @@ def test_average_replaces_only_its_own_model_with_force_and_refuses_bad_outputs_
     first = out.read_bytes()
     code, _, err = cli("average", a, b, "--out", out)
     assert code == 2 and "exists" in err and "--force" in err and out.read_bytes() == first
-    code, _, err = cli("average", a, a, "--out", out, "--force")
+    with torch.no_grad():
+        other.score_head[0].bias.add_(1.0)
+    save_model(other, tmp_path / "src" / "c.safetensors")
+    code, _, err = cli("average", a, b, tmp_path / "src" / "c.safetensors", "--out", out, "--force")
     assert code == 0, err
     assert out.read_bytes() != first and json.loads(out.with_suffix(".json").read_text())["file"] == out.name
 

@@ -61,8 +61,6 @@ def test_saved_files_follow_the_umask(tmp_path, small_model):
 
 def test_a_model_holding_nan_is_never_saved(tmp_path, small_model):
     """load_model refuses non-finite tensors, so save_model never writes one (a diverged run)."""
-    from smartcrop.weights import WeightsError
-
     with torch.no_grad():
         small_model.score_head[0].weight[0, 0] = float("nan")
     with pytest.raises(WeightsError, match="score_head.0.weight"):
@@ -650,9 +648,11 @@ def test_average_models_means_every_float_tensor_and_records_its_members(tmp_pat
             assert torch.equal(v, sa[k]), k
     assert [m["init_seed"] for m in info["average_of"]] == [3, 3]
     assert info["average_of"][1]["sha256"] == sha256_file(b)
-    # the average of a model with itself is that model
-    same, _ = average_models([a, a])
-    assert all(torch.equal(v, sa[k]) for k, v in same.state_dict().items())
+    # a model given twice (or a copy of it) would only be weighed twice: refused
+    (tmp_path / "copy.safetensors").write_bytes(a.read_bytes())
+    for paths in ([a, a], [a, b, tmp_path / "copy.safetensors"]):
+        with pytest.raises(WeightsError, match="the same model as"):
+            average_models(paths)
 
 
 def test_average_models_refuses_one_file_and_unlike_architectures(tmp_path, small_model):
