@@ -407,12 +407,18 @@ def finetune(
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table.")):
     """List the shipped model and your fine-tuned models."""
-    from .weights import list_models, unselectable_models, user_models_dir
+    from .weights import WeightsError, list_models, read_header, unselectable_models, user_models_dir
 
     rows = list_models()
     for p in unselectable_models():
         err(f"note: {p} cannot be chosen with --model (its name is not a model name, or is the shipped model's): "
             "rename it, or use --weights PATH")
+    for m in rows:
+        if not m["shipped"]:
+            try:
+                read_header(m["path"])  # a truncated or foreign file: listed, but say that it will not load
+            except WeightsError as e:
+                err(f"note: --model {m['name']} will not load: {e}")
     if as_json:
         for m in rows:
             card = m["card"] or {}

@@ -264,15 +264,17 @@ def test_models_lists_what_model_can_choose_whatever_the_models_folder_holds(tmp
             (d / f"{name}.json").write_text(card)
     (d / "adir.safetensors").mkdir()
     (d / "gone.safetensors").symlink_to(tmp_path / "nowhere")
+    (d / "half.safetensors").write_bytes(small_model_file.read_bytes()[:50_000])  # an interrupted copy
     for args in (["models"], ["models", "--json"]):
         code, out, err = cli(*args)
         assert code == 0, err
         assert "a" in out and "b" in out and "adir" not in out and "gone" not in out and "my model" not in out
         notes = err.strip().splitlines()
-        assert len(notes) == 2 and all("cannot be chosen with --model" in n for n in notes), notes
+        assert len(notes) == 3 and all("cannot be chosen with --model" in n for n in notes[:2]), notes
         assert "default.safetensors" in err and "my model.safetensors" in err
+        assert "note: --model half will not load" in notes[2] and "not a valid safetensors file" in notes[2]
     names = [json.loads(line)["name"] for line in out.splitlines()]
-    assert names.count("default") <= 1 and [n for n in names if n != "default"] == ["a", "b", "c"]
+    assert names.count("default") <= 1 and [n for n in names if n != "default"] == ["a", "b", "c", "half"]
     code, _, err = cli("finetune", tiny_album, "-o", "default", "--weights", small_model_file, "--epochs", "1")
     assert code == 2 and "shipped model's name" in err
 
