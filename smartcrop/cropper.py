@@ -131,14 +131,14 @@ class Choice:
         if not (_is_int(self.fuse) and 1 <= self.fuse <= FUSE_MAX):
             raise ValueError(f"fuse must be a whole number from 1 to {FUSE_MAX}, not {self.fuse!r}")
         object.__setattr__(self, "fuse", int(self.fuse))  # frozen: a NumPy integer becomes an int
-        check_flags(refine=self.refine, faces=self.faces)
+        _check_flags(refine=self.refine, faces=self.faces)
 
 
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def check_flags(**flags) -> None:
+def _check_flags(**flags) -> None:
     """A one-line ``ValueError`` for the first of ``flags`` that is not True or False (``refine="no"`` would
     count as true)."""
     for name, v in flags.items():
@@ -169,7 +169,7 @@ class Cropper:
         from .weights import load_model, resolve_model
 
         choice = Choice(fuse, refine, faces, free_grid)  # checks them before the model loads
-        check_flags(tta=tta, amp=amp)
+        _check_flags(tta=tta, amp=amp)
         if faces:  # fail before the model loads, with the extra to install
             from .faces import require
 

@@ -9,6 +9,8 @@ and boundary displacement are averaged.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -65,9 +67,6 @@ def check_predictions_path(path: str | Path, root: str | Path) -> None:
     where it would replace an annotation or become one) or that would replace anything but an earlier
     predictions file or an empty one (the model being scored, your notes, a link, a device): a
     :class:`~smartcrop.errors.UsageError` naming it."""
-    import os
-    import stat
-
     from .errors import UsageError
     from .imageio import safe_name
 
