@@ -156,6 +156,11 @@ def prepare_output_dir(out_dir: Path) -> tuple[Path, ...]:
     return tuple(made)
 
 
+def _crops(outputs: Sequence) -> str:
+    n = len(outputs)
+    return f"{n} files are crops smartcrop wrote" if n > 1 else "1 file is a crop smartcrop wrote"
+
+
 def remove_if_empty(folders: Sequence[Path]) -> None:
     """Remove ``folders`` (deepest first) that are empty — those a run created and wrote nothing into, e.g.
     because every photo failed — stopping at the first that is not."""
@@ -211,8 +216,9 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
     through ``on_error`` (one line each) and listed in the plan; the others go on.  ``on_note`` gets a line
     that is not an error: how many files in the folders given were skipped as smartcrop's own crops.
     ``options`` are further :class:`RunOptions` fields (``name_template``, ``max_side``, ``top_k``,
-    ``quality``, ``strip``, ``upscale``, ``workers``, ``batch`` …).  ``stdin``/``stdout`` default to the process's.  ``adapt_min``: the run first
-    fine-tunes on its photos (``--adapt``), which needs at least that many photo files.
+    ``quality``, ``strip``, ``upscale``, ``workers``, ``batch`` …).  ``stdin``/``stdout`` default to the
+    process's.  ``adapt_min``: the run first fine-tunes on its photos (``--adapt``), which needs at least that
+    many photo files.
     """
     if overwrite and skip_existing:
         raise UsageError("overwriting and skipping existing outputs exclude each other")
@@ -247,12 +253,11 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
         raise UsageError("a single image on stdin cannot be mixed with other inputs")
     if not items and not errors:
         raise UsageError("no image files found in the inputs" + (
-            f": the {len(outputs)} there are crops smartcrop wrote, which a folder never gives again (name them "
-            "as files to crop them)" if outputs else "" if recursive else " (use -r for sub-folders)"))
+            f": its {_crops(outputs)}, which a folder never gives again (name them as files to crop them)"
+            if outputs else "" if recursive else " (use -r for sub-folders)"))
     if outputs and on_note is not None:
-        on_note(f"note: {len(outputs)} file{'s' if len(outputs) > 1 else ''} in the folders given "
-                f"{'are crops' if len(outputs) > 1 else 'is a crop'} smartcrop wrote, not cropped again (name "
-                "them as files to crop them)")
+        on_note(f"note: in the folders given, {_crops(outputs)}: not cropped again (name them as files to crop "
+                "them)")
     if adapt_min:
         if stdin_image:
             raise UsageError("--adapt fine-tunes on photo files: it cannot adapt to an image on stdin")

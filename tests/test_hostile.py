@@ -795,10 +795,10 @@ def test_earlier_outputs_elsewhere_in_the_tree_are_recognised(sw):
     res = sw.run(sw.src, "-r", "-o", sw.out, "--ratio", "16:9", "--json")
     sw.check(res, 0, done=["p0.jpg", "p1.jpg", "p2.jpg"], lines=1)
     assert len(res.records) == 3
-    assert res.lines[0].startswith("smartcrop: note: 3 files in the folders given are crops smartcrop wrote")
+    assert res.lines[0].startswith("smartcrop: note: in the folders given, 3 files are crops smartcrop wrote")
     # a folder holding nothing but earlier crops: why nothing is cropped, and how to crop them anyway
     res = sw.run(sw.src / "crops1", "-o", sw.out / "again", "--ratio", "16:9", "--json")
-    assert res.code == 2 and len(res.lines) == 1 and "the 3 there are crops smartcrop wrote" in res.lines[0]
+    assert res.code == 2 and len(res.lines) == 1 and "its 3 files are crops smartcrop wrote" in res.lines[0]
     assert "-r" not in res.lines[0] and not (sw.out / "again").exists()
 
 
