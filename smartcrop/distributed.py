@@ -944,7 +944,7 @@ def _plan_uris(inputs, names, out, report, errors, *, recursive=False, ratios=()
             except OSError as e:
                 raise UsageError(f"{root}: output folder cannot be created ({one_line(e)})") from None
         else:
-            prepare_output_dir(Path(root))
+            opts.made_dirs = prepare_output_dir(Path(root))
     opts.out_dir = None if is_uri(root) else Path(root)
     return rows, opts, root, errors
 
@@ -1026,6 +1026,9 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
         finally:
             if started:
                 ray.shutdown()
+            from .plan import remove_if_empty
+
+            remove_if_empty(opts.made_dirs)  # the output folders the plan made, if nothing was written there
     if failure is None and os.path.exists(log_path):
         os.unlink(log_path)
     if failure is not None:

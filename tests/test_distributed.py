@@ -97,6 +97,15 @@ def test_a_corrupt_photo_is_one_error_line_and_exit_1_the_rest_done(tmp_path, sm
     assert sorted(r["input"] for r in recs) == [f"{src.as_uri()}/good{k}.jpg" for k in range(3)]
     assert sorted(Path(r["output"]).name for r in recs) == [f"good{k}_4x5.jpg" for k in range(3)]
     assert all(Path(r["output"]).is_file() for r in recs)
+    # every photo bad: the output folders the run made are removed again, as the local engine does
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.jpg").write_bytes((src / "broken.jpg").read_bytes())
+    for given in (bad, bad.as_uri()):
+        code, out, err = run([given, "--json", "-o", tmp_path / "none" / "deep", "--weights", small_model_file,
+                              "--engine", "ray"])
+        assert code == 1 and not out and "broken.jpg" in err
+        assert not (tmp_path / "none").exists()
 
 
 def test_wire_round_trips_every_string_and_leaves_valid_names_alone():
