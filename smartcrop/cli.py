@@ -379,13 +379,12 @@ def finetune(
     from .data import list_images
     from .errors import UsageError
     from .finetune import FinetuneConfig, TooFewPhotos, finetune, output_path, save_finetuned
-    from .training import check_outputs
+    from .training import check_outputs, check_resume
     from .weights import resolve_model, user_models_dir
 
     _finite(ctx)
     out_path = output_path(out)
-    if resume is not None and not resume.is_file():
-        raise UsageError(f"{resume}: no such checkpoint")
+    check_resume(resume, "finetune")
     check_outputs(out_path, resume, force, log_file=False, inputs=[resolve_model(weights, model)])
     try:
         photos = list_images(albums, recursive=True)
@@ -595,12 +594,11 @@ def train(
 
     from .cropper import resolve_device
     from .errors import UsageError
-    from .training import TrainConfig, build_model, check_outputs, load_train_data, run_training
+    from .training import TrainConfig, build_model, check_outputs, check_resume, load_train_data, run_training
     from .weights import sha256_file
 
     _finite(ctx)
-    if resume is not None and not resume.is_file():
-        raise UsageError(f"{resume}: no such checkpoint")
+    check_resume(resume, "train")
     check_outputs(out, resume, force, inputs=[*([init] if init is not None else []), *teacher])
     try:
         scales = tuple(float(v) for v in scale_aug.split(",") if v.strip())

@@ -1011,13 +1011,41 @@ CHECKPOINT_KEYS = frozenset({"model", "optimizer", "epoch", "history", "rng"})
 def is_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a smartcrop training or fine-tuning checkpoint.  Read with ``weights_only`` (nothing
     but plain containers and tensors is unpickled) and memory-mapped (its tensors are not read)."""
+    return checkpoint_kind(path) is not None
+
+
+def checkpoint_kind(path: Path) -> str | None:
+    """``"train"`` (written by ``smartcrop train``), ``"finetune"`` or None (not a smartcrop checkpoint), read as
+    :func:`is_checkpoint` reads it."""
     import torch
 
     try:
         st = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a zip-format torch file, or one holding anything beyond tensors and containers
-        return False
-    return isinstance(st, dict) and CHECKPOINT_KEYS <= st.keys()
+        return None
+    if not (isinstance(st, dict) and CHECKPOINT_KEYS <= st.keys()):
+        return None
+    return "train" if "train_config" in st else "finetune"
+
+
+def check_resume(resume: Path | None, command: str) -> None:
+    """Refuse, before any work, a ``--resume`` file of ``command`` (``"train"`` or ``"finetune"``) that is
+    missing, not a smartcrop checkpoint (the model file given instead of its ``.ckpt``) or the other command's:
+    a one-line :class:`~smartcrop.errors.UsageError`."""
+    from .errors import UsageError
+    from .imageio import safe_name
+
+    if resume is None:
+        return
+    if not Path(resume).is_file():
+        raise UsageError(f"{safe_name(resume)}: no such checkpoint")
+    kind = checkpoint_kind(resume)
+    if kind is None:
+        raise UsageError(f"{safe_name(resume)}: not a smartcrop checkpoint (--resume takes the OUT.ckpt a run "
+                         "writes beside its model, not the model)")
+    if kind != command:
+        what = "a training" if kind == "train" else "a fine-tuning"
+        raise UsageError(f"{safe_name(resume)}: {what} checkpoint: continue it with smartcrop {kind} --resume")
 
 
 def _is_training_log(path: Path) -> bool:

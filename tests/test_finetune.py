@@ -209,6 +209,32 @@ def test_a_finetune_that_diverges_stops_in_one_line_and_saves_nothing(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["album", "models"]  # no model, card or checkpoint
 
 
+def test_resume_takes_only_its_own_commands_checkpoint_refused_before_any_work(tmp_path, tiny_album, tiny_gaicd,
+                                                                                small_model_file, monkeypatch):
+    """The model file given instead of its .ckpt, a text file, a list, or the other command's checkpoint: one
+    line, exit 2, before a photo is decoded or a model loaded."""
+    import smartcrop.cli
+
+    monkeypatch.setattr(smartcrop.cli, "_cropper", lambda *a: pytest.fail("the model was loaded first"))
+    common = {"model": {}, "optimizer": {}, "epoch": 1, "history": "[]", "rng": "{}"}
+    torch.save(common, tmp_path / "ft.ckpt")
+    torch.save({**common, "train_config": "{}"}, tmp_path / "tr.ckpt")
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    for resume, words in ((small_model_file, "not a smartcrop checkpoint"), (tmp_path / "notes.ckpt", "not a smartcrop"),
+                          (tmp_path / "list.ckpt", "not a smartcrop"), (tmp_path / "tr.ckpt", "a training checkpoint")):
+        code, _, err = cli("finetune", tiny_album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file,
+                           "--resume", resume)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (resume, err)
+    monkeypatch.setattr("smartcrop.training.load_train_data", lambda *a: pytest.fail("data read first"))
+    for resume, words in ((small_model_file, "not a smartcrop checkpoint"),
+                          (tmp_path / "ft.ckpt", "a fine-tuning checkpoint: continue it with smartcrop finetune")):
+        code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--out", tmp_path / "t.safetensors",
+                           "--resume", resume)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (resume, err)
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "t.safetensors").exists()
+
+
 def test_run_adapt_crops_with_an_adapted_copy_and_leaves_the_model_untouched(tmp_path, tiny_album,
                                                                               small_model_file):
     before = sha(small_model_file)
