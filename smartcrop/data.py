@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -138,15 +139,20 @@ def read_fcdb(root: str | os.PathLike, split: str = "test") -> list[FcdbItem]:
         entries = json.loads(js.read_text())
     except ValueError as e:
         raise ValueError(f"{js}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{js}: not an FCDB list (JSON nested too deeply to read)") from None
     if not isinstance(entries, list):
         raise ValueError(f"{js}: expected a JSON list of {{url, flickr_photo_id, crop}} entries")
-    items, missing = [], 0
+    items, missing, seen, repeated = [], 0, set(), 0
     for k, e in enumerate(entries):
         try:
-            fname = str(e["url"]).rstrip("/").rsplit("/", 1)[-1]
-            crop = e["crop"]
+            url, crop = e["url"], e["crop"]
         except (KeyError, TypeError):
             raise ValueError(f"{js}: entry {k} lacks a url or a crop [x, y, w, h]") from None
+        if not isinstance(url, str):
+            raise ValueError(f"{js}: entry {k}: url {_short(url)} is not text")
+        # the file name is the last part of the url's path (a query or fragment is not part of it)
+        fname = (urlsplit(url).path if "://" in url else url).rstrip("/").rsplit("/", 1)[-1]
         x = y = w = h = float("nan")  # not a box unless four JSON numbers ("1234" is not 1, 2, 3, 4; true not 1)
         if isinstance(crop, list) and len(crop) == 4 and all(type(v) in (int, float) for v in crop):
             try:
@@ -159,9 +165,16 @@ def read_fcdb(root: str | os.PathLike, split: str = "test") -> list[FcdbItem]:
         if not path.is_file():
             missing += 1
             continue
+        if fname in seen:  # a photo listed again would weigh twice in the metrics (and in training)
+            repeated += 1
+            continue
+        seen.add(fname)
         items.append(FcdbItem(Path(fname).stem, path, (x, y, x + w, y + h)))
     if missing:
         warnings.warn(f"{js}: {missing} listed photos are not in {root / 'images'}; skipped", stacklevel=2)
+    if repeated:
+        warnings.warn(f"{js}: {repeated} entries list a photo already listed; only its first entry is used",
+                      stacklevel=2)
     return items
 
 

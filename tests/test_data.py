@@ -123,6 +123,14 @@ def test_read_fcdb(tmp_path):
     assert items[0].image_path == tmp_path / "images" / "123_abc_b.jpg"
     with pytest.raises(FileNotFoundError):
         read_fcdb(tmp_path, "train")
+    # a url's query or fragment is not part of the file name; a photo listed twice counts once
+    entries = [{"url": "https://x/y/123_abc_b.jpg?zz=1", "crop": [4, 5, 30, 20]},
+               {"url": "https://x/7_z_c.jpg#top", "crop": [0, 0, 64, 48]},
+               {"url": "https://x/7_z_c.jpg", "crop": [1, 1, 10, 10]}]
+    write_fcdb(tmp_path, "cropping_testing_set.json", entries)
+    with pytest.warns(UserWarning, match="1 entries list a photo already listed"):
+        items = read_fcdb(tmp_path, "test")
+    assert [(it.name, it.box) for it in items] == [("123_abc_b", (4, 5, 34, 25)), ("7_z_c", (0, 0, 64, 48))]
     write_fcdb(tmp_path, "cropping_training_set.json", entries[2:])
     assert [it.name for it in read_fcdb(tmp_path, "train")] == ["7_z_c"]
     with pytest.raises(ValueError):
@@ -140,6 +148,13 @@ def test_read_fcdb_malformed(tmp_path):
     (tmp_path / "cropping_testing_set.json").write_text("[{")
     with pytest.raises(ValueError, match="JSON"):
         read_fcdb(tmp_path)
+    (tmp_path / "cropping_testing_set.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        read_fcdb(tmp_path)
+    for url in ("null", "7", '["a.jpg"]'):
+        (tmp_path / "cropping_testing_set.json").write_text(f'[{{"url": {url}, "crop": [1, 1, 5, 5]}}]')
+        with pytest.raises(ValueError, match="entry 0: url .* is not text"):
+            read_fcdb(tmp_path)
     for crop in ("[NaN, 10, 150, 100]", "[10, 10, 1e400, 100]", "[10, 10, 1" + "0" * 400 + ", 100]",
                  "[10, 10, 0, 100]", "[10, 10, -5, 100]", '"1234"', "[true, true, true, true]", "[10, 10, 100]",
                  '["10", 10, 150, 100]', "[10, 10, 150, 100, 5]", "{}"):
