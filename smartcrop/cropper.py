@@ -86,6 +86,9 @@ def distinct_top(boxes: np.ndarray, scores: np.ndarray, k: int, max_iou: float =
 FUSE_K = 3
 FUSE_MAX = 20  # run's and eval's --fuse allow 1..20
 FUSE_IOU = 0.5
+#: Boxes scored per model call: each holds ~0.3 MB of features while scored (an annotation of 100,000 crops
+#: took 19 GB at once); every candidate set of `run` and GAICD's ~86 crops an image fit in one call
+SCORE_CHUNK = 512
 #: A crop of a given ratio is instead the score-weighted mean of every anchor overlapping it, weights
 #: exp((s_j − s_i) / VOTE_T) (tenth session, docs/results.md: better at FCDB's expert ratio, not free)
 VOTE_T = 0.1
@@ -304,11 +307,16 @@ class Cropper:
         if len(b) == 0:
             return np.zeros(0, dtype=np.float32)
         tb = torch.from_numpy(b).to(self.device)
-        sc = net.score_boxes(f, tb)
+
+        def scores(feats, boxes):  # SCORE_CHUNK boxes at a time: memory stays bounded however many are asked
+            return torch.cat([net.score_boxes(feats, boxes[i:i + SCORE_CHUNK])
+                              for i in range(0, len(boxes), SCORE_CHUNK)])
+
+        sc = scores(f, tb)
         if f_m is not None:
             net_w = f.input_size[0]
             mirrored = torch.stack([net_w - tb[:, 2], tb[:, 1], net_w - tb[:, 0], tb[:, 3]], dim=1)
-            sc = (sc + net.score_boxes(f_m, mirrored)) / 2
+            sc = (sc + scores(f_m, mirrored)) / 2
         return sc.float().cpu().numpy()
 
     def best_crops_batch(self, images: Sequence[tuple], ratios: Sequence[str] = ("any",), top_k: int = 1,

@@ -124,3 +124,20 @@ def test_a_photo_that_cannot_be_read_is_named_in_the_error(cropper, tmp_path):
     with pytest.raises(ImageError, match="text.jpg: "):
         cropper.crop(str(tmp_path / "text.jpg"))
 
+
+def test_many_boxes_are_scored_in_chunks_with_the_same_scores(cropper, tmp_path, monkeypatch):
+    import smartcrop.cropper
+
+    gray = _gray(tmp_path)
+    rng = np.random.default_rng(0)
+    x1, y1 = rng.uniform(0, 50, 40), rng.uniform(0, 40, 40)
+    boxes = np.stack([x1, y1, x1 + rng.uniform(20, 70, 40), y1 + rng.uniform(20, 50, 40)], axis=1)
+    whole = cropper.score_boxes(gray, None, {"b": boxes})["b"]
+    calls = []
+    real = cropper.scorer.score_boxes
+    monkeypatch.setattr(cropper.scorer, "score_boxes", lambda f, b: calls.append(len(b)) or real(f, b))
+    monkeypatch.setattr(smartcrop.cropper, "SCORE_CHUNK", 16)
+    chunked = cropper.score_boxes(gray, None, {"b": boxes})["b"]
+    assert calls == [16, 16, 8]
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+
