@@ -378,7 +378,7 @@ def finetune(
     """Adapt a model to your own photos with rank consistency (no labels needed)."""
     from .data import list_images
     from .errors import UsageError
-    from .finetune import FinetuneConfig, TooFewPhotos, finetune, output_path, save_finetuned
+    from .finetune import FinetuneConfig, TooFewPhotos, finetune, labeled_sources, output_path, save_finetuned
     from .training import check_outputs, check_resume
     from .weights import resolve_model, user_models_dir
 
@@ -392,11 +392,12 @@ def finetune(
         raise UsageError(str(e)) from None
     if len(photos) < FinetuneConfig.min_photos:  # too few even if all decode: before the model is loaded
         raise TooFewPhotos(len(photos), FinetuneConfig.min_photos)
+    labeled_items = labeled_sources(labeled, on_note=err) if labeled is not None else None  # bad data: now
     cropper = _cropper(weights, model, device)
     cfg = FinetuneConfig(epochs=epochs, lr=lr, distill=distill, seed=seed)
     with _training_interrupts(out_path.with_suffix(".ckpt")):
         history = finetune(cropper.net, photos, cfg, labeled, out_path.with_suffix(".ckpt"), resume,
-                           cropper.device, log=err)
+                           cropper.device, log=err, labeled_items=labeled_items)
         card = save_finetuned(cropper.net, out_path, base_path=cropper.path, albums=albums, photos=len(photos),
                               labeled=labeled, cfg=cfg, history=history, argv=sys.argv[2:])
     err(f"saved {out_path} (sha256 {card['sha256'][:12]}…)"
@@ -619,7 +620,7 @@ def train(
     if dev.startswith("cuda"):
         err("note: the GPU recipe (end to end, 8 images a step) was measured on one fold only, below the CPU "
             "recipe's GAICD accuracy there (docs/performance.md); --device cpu trains the shipped recipe")
-    data = load_train_data(gaicd, fcdb, unlabeled, val_fraction)
+    data = load_train_data(gaicd, fcdb, unlabeled, val_fraction, on_note=err)
     if fcdb_mix is not None and not fcdb_head:
         raise UsageError("--fcdb-mix needs --fcdb-head")
     if top_weight > 0 and centred_mos is not None:

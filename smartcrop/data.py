@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
 import numpy as np
 
 GAICD_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 UNRATED = -2.0
+MOS_RANGE = (1.0, 5.0)  # GAICD's scores are means of 1-5 ratings
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -58,29 +62,32 @@ def gaicd_splits(root: str | os.PathLike) -> list[str]:
 def parse_gaicd_annotation(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(boxes (N, 4) x1 y1 x2 y2, mos (N,))`` float32 from one GAICD ``y1 x1 y2 x2 MOS`` file, in file order.
 
-    Blank lines are ignored and unrated crops (MOS -2) skipped; anything else malformed raises ``ValueError``
-    naming the file and line number.
+    Blank lines are ignored (and a UTF-8 byte-order mark) and unrated crops (MOS -2) skipped; anything else
+    malformed — not five plain decimal numbers, a MOS outside GAICD's 1 to 5, an empty box — raises
+    ``ValueError`` naming the file and line number.
     """
     boxes, mos = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM: a Notepad save
             except UnicodeDecodeError:
                 raise ValueError(f"{path}:{lineno}: not text: {raw.strip()[:60]!r}") from None
             parts = line.split()
             if not parts:
                 continue
             if len(parts) != 5:
-                raise ValueError(f"{path}:{lineno}: expected 'y1 x1 y2 x2 MOS', got {line.strip()!r}")
-            try:
-                y1, x1, y2, x2, m = (float(v) for v in parts)
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: not numbers: {line.strip()!r}") from None
+                raise ValueError(f"{path}:{lineno}: expected 'y1 x1 y2 x2 MOS', got {line.strip()[:80]!r}")
+            if not all(_DECIMAL.fullmatch(v) for v in parts):  # float() also takes "1_0", "nan", other digits
+                raise ValueError(f"{path}:{lineno}: not numbers: {line.strip()[:80]!r}")
+            y1, x1, y2, x2, m = (float(v) for v in parts)
             if not all(np.isfinite((y1, x1, y2, x2, m))) or max(abs(y1), abs(x1), abs(y2), abs(x2), abs(m)) > 1e9:
                 raise ValueError(f"{path}:{lineno}: not finite or out of range: {line.strip()!r}")
             if m == UNRATED:
                 continue
+            if not MOS_RANGE[0] <= m <= MOS_RANGE[1]:
+                raise ValueError(f"{path}:{lineno}: MOS {m:g} is outside GAICD's {MOS_RANGE[0]:g} to "
+                                 f"{MOS_RANGE[1]:g} ({UNRATED:g}: unrated)")
             if not (x2 > x1 and y2 > y1):
                 raise ValueError(f"{path}:{lineno}: empty box {line.strip()!r}")
             boxes.append((x1, y1, x2, y2))
@@ -92,7 +99,7 @@ def read_gaicd(root: str | os.PathLike, split: str) -> list[GaicdItem]:
     """Annotated images of one split (any split name), sorted by name.
 
     Images (.jpg/.jpeg/.png) without an annotation file are unlabeled and skipped, as are images whose crops
-    are all unrated.  A missing ``images/SPLIT`` or ``annotations/SPLIT`` folder raises ``FileNotFoundError``;
+    are all unrated and (counted in one ``UserWarning``) those with fewer than two differently scored crops.  A missing ``images/SPLIT`` or ``annotations/SPLIT`` folder raises ``FileNotFoundError``;
     a malformed annotation line raises ``ValueError`` naming the file and line.
     """
     root = Path(root)
@@ -102,7 +109,7 @@ def read_gaicd(root: str | os.PathLike, split: str) -> list[GaicdItem]:
         raise FileNotFoundError(f"{img_dir}: no such GAICD image folder (expected ROOT/images/{split}/)")
     if not ann_dir.is_dir():
         raise FileNotFoundError(f"{ann_dir}: no such GAICD annotation folder (expected ROOT/annotations/{split}/)")
-    items = []
+    items, flat = [], 0
     images = [p for p in img_dir.iterdir()
               if p.suffix.lower() in GAICD_IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()]
     by_stem: dict[str, Path] = {}
@@ -114,11 +121,16 @@ def read_gaicd(root: str | os.PathLike, split: str) -> list[GaicdItem]:
             raise ValueError(f"{ann}: annotates both {by_stem[img.stem].name} and {img.name}: keep one")
         by_stem[img.stem] = img
         boxes, mos = parse_gaicd_annotation(ann)
-        if len(mos):
-            items.append(GaicdItem(img.stem, img, boxes, mos))
+        if len(np.unique(mos)) < 2:  # nothing to rank (one crop, or all tied): SRCC 0 and Acc 100 mean nothing
+            flat += bool(len(mos))
+            continue
+        items.append(GaicdItem(img.stem, img, boxes, mos))
     orphans = sum(1 for a in ann_dir.glob("*.txt") if a.stem not in by_stem and not a.name.startswith("."))
     if orphans:
         warnings.warn(f"{ann_dir}: {orphans} annotation files have no image in {img_dir}; skipped", stacklevel=2)
+    if flat:
+        warnings.warn(f"{ann_dir}: {flat} annotation files score fewer than two crops differently (nothing to "
+                      "rank); skipped", stacklevel=2)
     return items
 
 
@@ -176,6 +188,23 @@ def read_fcdb(root: str | os.PathLike, split: str = "test") -> list[FcdbItem]:
         warnings.warn(f"{js}: {repeated} entries list a photo already listed; only its first entry is used",
                       stacklevel=2)
     return items
+
+
+@contextmanager
+def reading(on_note: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Around reading annotated data (:func:`read_gaicd`, :func:`read_fcdb`): a reader's ``ValueError`` or
+    ``OSError`` (a malformed annotation or list, a missing file) becomes a one-line
+    :class:`~smartcrop.errors.UsageError`, and its warnings (annotations without a photo, photos not there,
+    photos listed twice) go to ``on_note`` as ``note: …`` lines (else to Python's warnings)."""
+    from .errors import UsageError
+
+    try:
+        with warnings.catch_warnings(record=on_note is not None) as caught:
+            yield
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    for w in caught or ():
+        on_note(f"note: {w.message}")
 
 
 def annotation_outside(item, width: int, height: int, slack: float = 1.0) -> str | None:

@@ -159,20 +159,13 @@ def benchmark_items(kind: str, root: str | Path, split: str, on_note: Callable[[
     an unreadable or empty one is a :class:`~smartcrop.errors.UsageError` naming it.  The readers' warnings
     (annotations without a photo, photos not there) go to ``on_note``, one line each (else to Python's
     warnings)."""
-    import warnings
-
-    from .data import read_fcdb, read_gaicd
+    from .data import read_fcdb, read_gaicd, reading
     from .errors import UsageError
 
     if kind == "fcdb" and split not in {"test", "train"}:
         raise UsageError(f"FCDB split must be test or train, not {split!r}")
-    try:
-        with warnings.catch_warnings(record=on_note is not None) as caught:
-            items = read_gaicd(root, split) if kind == "gaicd" else read_fcdb(root, split)
-    except (OSError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    for w in caught or ():
-        on_note(f"note: {w.message}")
+    with reading(on_note):
+        items = read_gaicd(root, split) if kind == "gaicd" else read_fcdb(root, split)
     if not items:
         raise UsageError(f"{root}: no annotated images in split {split!r}")
     return items

@@ -231,26 +231,31 @@ class Finetuner:
         self.rng.bit_generator.state = json.loads(st["rng"])
 
 
-def labeled_sources(root: Path) -> tuple[str, list]:
-    """(kind, items) of a GAICD-layout (every split with annotations) or FCDB-layout (training list) folder."""
-    from .data import gaicd_splits, read_fcdb, read_gaicd
+def labeled_sources(root: Path, on_note: Callable[[str], None] | None = None) -> tuple[str, list]:
+    """(kind, items) of a GAICD-layout (every split with annotations) or FCDB-layout (training list) folder; a
+    malformed one is a one-line :class:`~smartcrop.errors.UsageError`, the readers' warnings go to ``on_note``
+    (:func:`~smartcrop.data.reading`)."""
+    from .data import gaicd_splits, read_fcdb, read_gaicd, reading
 
     root = Path(root)
-    if (root / "annotations").is_dir():
-        items = []
-        for split in gaicd_splits(root):
-            if (root / "images" / split).is_dir():
-                items += read_gaicd(root, split)
-        return "gaicd", items
-    if (root / "cropping_training_set.json").is_file():
-        return "fcdb", read_fcdb(root, "train")
+    with reading(on_note):
+        if (root / "annotations").is_dir():
+            items = []
+            for split in gaicd_splits(root):
+                if (root / "images" / split).is_dir():
+                    items += read_gaicd(root, split)
+            return "gaicd", items
+        if (root / "cropping_training_set.json").is_file():
+            return "fcdb", read_fcdb(root, "train")
     raise AlbumError(f"{root}: neither a GAICD layout (images/, annotations/) nor an FCDB one (cropping_*_set.json)")
 
 
 def finetune(net, photos: Sequence[Path], cfg: FinetuneConfig, labeled_root: Path | None = None,
              checkpoint: Path | None = None, resume: Path | None = None, device: str = "cpu",
-             log: Callable[[str], None] = print, progress=None):
-    """Fine-tune ``net`` in place on ``photos``; returns the list of epoch records.
+             log: Callable[[str], None] = print, progress=None, labeled_items: tuple[str, list] | None = None):
+    """Fine-tune ``net`` in place on ``photos``; returns the list of epoch records.  ``labeled_items``: what
+    :func:`labeled_sources` read from ``labeled_root``, when the caller read it first (to refuse bad data
+    before any work).
 
     The global RNGs are seeded here (from ``cfg.seed``) and the model's mode is switched here only: eval while
     photos are cached, train for each epoch, eval when done.
@@ -266,7 +271,7 @@ def finetune(net, photos: Sequence[Path], cfg: FinetuneConfig, labeled_root: Pat
         raise TooFewPhotos(len(album), cfg.min_photos)
     labeled: list = []
     if labeled_root is not None:
-        kind, items = labeled_sources(labeled_root)
+        kind, items = labeled_items or labeled_sources(labeled_root, on_note=log)
         if len(items) > cfg.max_labeled:
             rng = np.random.default_rng(cfg.seed)
             items = [items[i] for i in sorted(rng.choice(len(items), cfg.max_labeled, replace=False))]

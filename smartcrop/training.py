@@ -916,22 +916,22 @@ def gaicd_spec(spec: str) -> tuple[Path, str]:
 
 
 def load_train_data(gaicd: Sequence[str] = (), fcdb: Sequence[Path] = (), unlabeled: Sequence[Path] = (),
-                    val_fraction: float = 0.2) -> TrainData:
+                    val_fraction: float = 0.2, on_note: Callable[[str], None] | None = None) -> TrainData:
     """Read the training sets (GAICD ``ROOT[:SPLIT]`` specs, FCDB roots, folders of unlabeled photos) and hold
-    out ``val_fraction`` of the GAICD images and half that of the FCDB ones for per-epoch validation."""
-    from .data import list_images, read_fcdb, read_gaicd
+    out ``val_fraction`` of the GAICD images and half that of the FCDB ones for per-epoch validation.  A
+    malformed set is a one-line :class:`~smartcrop.errors.UsageError`; the readers' warnings go to ``on_note``
+    (:func:`~smartcrop.data.reading`)."""
+    from .data import list_images, read_fcdb, read_gaicd, reading
     from .errors import UsageError
 
     data = TrainData()
-    try:
+    with reading(on_note):
         for spec in gaicd:
             data.gaicd += read_gaicd(*gaicd_spec(spec))
         for root in fcdb:
             data.fcdb += read_fcdb(root, "train")
         if unlabeled:
             data.unlabeled = list_images(unlabeled, recursive=True)
-    except (OSError, ValueError) as e:
-        raise UsageError(str(e)) from None
     if not data.gaicd and not data.fcdb:
         raise UsageError("no labeled data: give GAICD (ROOT[:SPLIT]) and/or FCDB training data")
     data.gaicd, data.val_gaicd = split_validation(data.gaicd, val_fraction)

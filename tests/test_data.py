@@ -14,7 +14,7 @@ def make_gaicd(root, split="val"):
         Image.new("RGB", (40, 30)).save(root / "images" / split / f"{name}.jpg")
     # y1 x1 y2 x2 MOS; the -2 line is unrated, the blank line ignored
     (root / "annotations" / split / "a.txt").write_text("1 2 20 30 3.5\n0 0 30 40 -2\n\n2 3 25 35 2.25\n")
-    (root / "annotations" / split / "b.txt").write_text("0 0 30 40 4\n")
+    (root / "annotations" / split / "b.txt").write_text("0 0 30 40 4\n1 1 20 20 3\n")
     # c has no annotation: unlabeled, skipped
 
 
@@ -29,9 +29,37 @@ def test_read_gaicd_swaps_y_x_and_skips_unrated(tmp_path):
     assert a.mos.tolist() == pytest.approx([3.5, 2.25])
     assert a.boxes.dtype == np.float32 and a.mos.dtype == np.float32
     assert a.boxes.shape == (2, 4) and a.mos.shape == (2,)
-    assert items[1].boxes.tolist() == [[0, 0, 40, 30]]
+    assert items[1].boxes.tolist() == [[0, 0, 40, 30], [1, 1, 20, 20]]
     # items are hashable / comparable by name and path despite the arrays
     assert len({*items, *read_gaicd(tmp_path, "val")}) == 2
+
+
+def test_read_gaicd_skips_images_with_nothing_to_rank_and_reads_a_bom(tmp_path):
+    """One scored crop, or every crop scored alike, gives SRCC 0 and Acc 100 whatever the model does: such an
+    image is skipped with a note.  A first line starting with a byte-order mark (Notepad) reads as text."""
+    make_gaicd(tmp_path, "val")
+    ann = tmp_path / "annotations" / "val"
+    for name in ("d", "e"):
+        Image.new("RGB", (40, 30)).save(tmp_path / "images" / "val" / f"{name}.jpg")
+    (ann / "d.txt").write_text("0 0 30 40 3\n")
+    (ann / "e.txt").write_text("0 0 30 40 3\n1 1 20 20 3.0\n")
+    (ann / "a.txt").write_bytes(b"\xef\xbb\xbf" + (ann / "a.txt").read_bytes())
+    with pytest.warns(UserWarning, match="2 annotation files score fewer than two crops differently"):
+        items = read_gaicd(tmp_path, "val")
+    assert [it.name for it in items] == ["a", "b"] and items[0].mos.tolist() == pytest.approx([3.5, 2.25])
+
+
+@pytest.mark.parametrize("line, words", [("0 0 30 40 7", "MOS 7 is outside GAICD's 1 to 5"),
+                                         ("0 0 30 40 -1.5", "MOS -1.5 is outside"),
+                                         ("0 0 30 40 1e8", r"MOS 1e\+08 is outside"),
+                                         ("0 0 3_0 40 3", "not numbers"), ("0 0 \u0663\u0660 40 3", "not numbers"),
+                                         ("0 0 30 40 nan", "not numbers"), ("# y1 x1 y2 x2 mos", "expected")])
+def test_gaicd_annotation_lines_are_plain_decimal_numbers_and_a_mos_of_1_to_5(tmp_path, line, words):
+    make_gaicd(tmp_path, "val")
+    (tmp_path / "annotations" / "val" / "b.txt").write_text(f"0 0 30 40 4\n{line}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=words) as e:
+        read_gaicd(tmp_path, "val")
+    assert "b.txt:2:" in str(e.value)
 
 
 @pytest.mark.parametrize("split", ["dev", "holdout", "train", "test", "my_split"])
@@ -43,7 +71,7 @@ def test_read_gaicd_any_split_name_and_suffixes(tmp_path, split):
     (img_dir / "f.gif").write_bytes(b"")  # not a GAICD image type
     (img_dir / "notes.txt").write_text("x")
     for stem in ("d", "e", "f", "notes"):
-        (tmp_path / "annotations" / split / f"{stem}.txt").write_text("0 0 10 10 3\n")
+        (tmp_path / "annotations" / split / f"{stem}.txt").write_text("0 0 10 10 3\n1 1 9 9 4\n")
     with pytest.warns(UserWarning, match="2 annotation files have no image"):  # f.gif and notes.txt are not
         items = read_gaicd(tmp_path, split)
     assert [it.name for it in items] == ["a", "b", "d", "e"]
@@ -73,7 +101,7 @@ def test_read_gaicd_errors(tmp_path):
     ann.write_text("0 0 1e39 1e39 4\n")  # finite as a float, infinite once float32
     with pytest.raises(ValueError, match=r"b\.txt:1: not finite or out of range"):
         read_gaicd(tmp_path, "train")
-    ann.write_text("0 0 30 40 4\n")
+    ann.write_text("0 0 30 40 4\n1 1 20 20 3\n")
     Image.new("RGB", (40, 30)).save(tmp_path / "images" / "train" / "b.png")  # b.jpg and b.png: one b.txt
     with pytest.raises(ValueError, match=r"b\.txt: annotates both b\.jpg and b\.png"):
         read_gaicd(tmp_path, "train")

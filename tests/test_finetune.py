@@ -235,6 +235,37 @@ def test_resume_takes_only_its_own_commands_checkpoint_refused_before_any_work(t
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "t.safetensors").exists()
 
 
+def test_bad_labeled_data_is_one_line_before_any_work_and_its_notes_are_notes(tmp_path, tiny_album, tiny_gaicd,
+                                                                              small_model_file, monkeypatch):
+    import smartcrop.cli
+
+    ann = tiny_gaicd / "annotations" / "train" / "img1.txt"
+    good = ann.read_text()
+    monkeypatch.setattr(smartcrop.cli, "_cropper", lambda *a: pytest.fail("the model was loaded first"))
+    for text, words in ((good + "0 0 50 50 nan\n", "img1.txt:"), (good + "0 0 50 50 9\n", "outside GAICD's 1 to 5")):
+        ann.write_text(text)
+        code, _, err = cli("finetune", tiny_album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file,
+                           "--labeled", tiny_gaicd)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    code, _, err = cli("finetune", tiny_album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file,
+                       "--labeled", tmp_path / "nowhere")
+    assert code == 2 and "neither a GAICD layout" in err
+    # a reader's warning (an annotation without its photo) is a note line, not a Python warning
+    ann.write_text(good)
+    (ann.parent / "lost.txt").write_text(good)
+    monkeypatch.undo()
+    code, _, err = cli("finetune", tiny_album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file,
+                       "--labeled", tiny_gaicd, "--epochs", "1")
+    assert code == 0, err
+    notes = [ln for ln in err.splitlines() if "annotation files have no image" in ln]
+    assert len(notes) == 1 and notes[0].startswith("smartcrop: note: ") and "UserWarning" not in err, err
+    code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--epochs", "1",
+                       "--val-fraction", "0", "--device", "cpu", "--out", tmp_path / "t.safetensors")
+    assert code == 0, err
+    notes = [ln for ln in err.splitlines() if "annotation files have no image" in ln]
+    assert len(notes) == 1 and notes[0].startswith("smartcrop: note: ") and "UserWarning" not in err, err
+
+
 def test_run_adapt_crops_with_an_adapted_copy_and_leaves_the_model_untouched(tmp_path, tiny_album,
                                                                               small_model_file):
     before = sha(small_model_file)
