@@ -105,10 +105,13 @@ def read_gaicd(root: str | os.PathLike, split: str) -> list[GaicdItem]:
     root = Path(root)
     img_dir = root / "images" / split
     ann_dir = root / "annotations" / split
-    if not img_dir.is_dir():
-        raise FileNotFoundError(f"{img_dir}: no such GAICD image folder (expected ROOT/images/{split}/)")
-    if not ann_dir.is_dir():
-        raise FileNotFoundError(f"{ann_dir}: no such GAICD annotation folder (expected ROOT/annotations/{split}/)")
+    if not img_dir.is_dir() or not ann_dir.is_dir():
+        splits = gaicd_splits(root)
+        here = f"; the labeled splits of {root} are {', '.join(splits)}" if splits else ""
+        if not img_dir.is_dir():
+            raise FileNotFoundError(f"{img_dir}: no such GAICD image folder (expected ROOT/images/{split}/{here})")
+        raise FileNotFoundError(f"{ann_dir}: no such GAICD annotation folder (expected ROOT/annotations/{split}/"
+                                f"{here})")
     items, flat = [], 0
     images = [p for p in img_dir.iterdir()
               if p.suffix.lower() in GAICD_IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()]

@@ -236,7 +236,8 @@ def test_eval_predictions_never_land_among_the_benchmarks_files(tmp_path, tiny_g
     ann = tiny_gaicd / "annotations" / "train" / "img0.txt"
     before = ann.read_bytes()
     for target, word in ((ann, "annotations folder"), (tiny_gaicd / "images" / "train" / "p.jsonl", "images folder"),
-                         (tmp_path, "is a folder"), (tmp_path / "nosuch" / "p.jsonl", "no such folder")):
+                         (tmp_path, "is a folder"), (tmp_path / "nosuch" / "p.jsonl", "no such folder"),
+                         (ann / "p.jsonl", "img0.txt: not a folder")):
         code, out, err = cli("eval", "gaicd", tiny_gaicd, "--split", "train", "--weights", small_model_file,
                              "--json", "--predictions", target)
         assert code == 2 and word in err and len(err.strip().splitlines()) == 1 and out == "", (target, err)

@@ -82,6 +82,8 @@ def test_read_gaicd_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="images/test"):
         read_gaicd(tmp_path, "test")
     make_gaicd(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match=r"images/test: .*the labeled splits of .* are train\)"):
+        read_gaicd(tmp_path, "test")  # eval's default split on a folder with another: which ones there are
     ann = tmp_path / "annotations" / "train" / "b.txt"
     ann.write_text("0 0 30\n")
     with pytest.raises(ValueError, match=r"b\.txt:1"):
