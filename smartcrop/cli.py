@@ -392,7 +392,8 @@ def finetune(
         raise UsageError(str(e)) from None
     if len(photos) < FinetuneConfig.min_photos:  # too few even if all decode: before the model is loaded
         raise TooFewPhotos(len(photos), FinetuneConfig.min_photos)
-    labeled_items = labeled_sources(labeled, on_note=err) if labeled is not None else None  # bad data: now
+    # read now, so that bad labeled data is refused before the model loads and the album is decoded
+    labeled_items = labeled_sources(labeled, on_note=err) if labeled is not None else None
     cropper = _cropper(weights, model, device)
     cfg = FinetuneConfig(epochs=epochs, lr=lr, distill=distill, seed=seed)
     with _training_interrupts(out_path.with_suffix(".ckpt")):

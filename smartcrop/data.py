@@ -99,8 +99,9 @@ def read_gaicd(root: str | os.PathLike, split: str) -> list[GaicdItem]:
     """Annotated images of one split (any split name), sorted by name.
 
     Images (.jpg/.jpeg/.png) without an annotation file are unlabeled and skipped, as are images whose crops
-    are all unrated and (counted in one ``UserWarning``) those with fewer than two differently scored crops.  A missing ``images/SPLIT`` or ``annotations/SPLIT`` folder raises ``FileNotFoundError``;
-    a malformed annotation line raises ``ValueError`` naming the file and line.
+    are all unrated and (counted in one ``UserWarning``) those with fewer than two differently scored crops.
+    A missing ``images/SPLIT`` or ``annotations/SPLIT`` folder raises ``FileNotFoundError`` (naming the
+    labeled splits there are); a malformed annotation line raises ``ValueError`` naming the file and line.
     """
     root = Path(root)
     img_dir = root / "images" / split

@@ -74,8 +74,8 @@ def check_predictions_path(path: str | Path, root: str | Path) -> None:
     if p.is_dir():
         raise UsageError(f"{safe_name(p)}: is a folder: give the predictions a file name")
     if not p.parent.is_dir():
-        raise UsageError(f"{safe_name(p.parent)}: " + ("not a folder" if os.path.lexists(p.parent) else "no such folder")
-                         + " for the predictions file")
+        what = "not a folder" if os.path.lexists(p.parent) else "no such folder"
+        raise UsageError(f"{safe_name(p.parent)}: {what} for the predictions file")
     target = p.parent.resolve() / p.name
     for sub in ("images", "annotations"):
         folder = (Path(root) / sub).resolve()
