@@ -151,12 +151,17 @@ def eval_gaicd(
     """SRCC, PCC and Acc K/N of the model's scores against GAICD's human scores."""
     from .evaluate import benchmark_items, check_predictions_path, evaluate_gaicd
 
-    items = benchmark_items("gaicd", root, split, on_note=err)
+    errors: list[str] = []
+
+    def error(line: str) -> None:
+        errors.append(line)
+        err(line)
+
+    items = benchmark_items("gaicd", root, split, on_note=err, on_error=error)
     if predictions is not None:
         check_predictions_path(predictions, root)
     cropper = _cropper(weights, model, device)
-    errors: list[str] = []
-    m = evaluate_gaicd(cropper, items, predictions, on_error=lambda s: (errors.append(s), err(s)))
+    m = evaluate_gaicd(cropper, items, predictions, on_error=error)
     if as_json:
         print(json.dumps(m))
     else:
@@ -393,7 +398,7 @@ def finetune(
     if len(photos) < FinetuneConfig.min_photos:  # too few even if all decode: before the model is loaded
         raise TooFewPhotos(len(photos), FinetuneConfig.min_photos)
     # read now, so that bad labeled data is refused before the model loads and the album is decoded
-    labeled_items = labeled_sources(labeled, on_note=err) if labeled is not None else None
+    labeled_items = labeled_sources(labeled, on_note=err, on_error=err) if labeled is not None else None
     cropper = _cropper(weights, model, device)
     cfg = FinetuneConfig(epochs=epochs, lr=lr, distill=distill, seed=seed)
     with _training_interrupts(out_path.with_suffix(".ckpt")):
@@ -621,7 +626,7 @@ def train(
     if dev.startswith("cuda"):
         err("note: the GPU recipe (end to end, 8 images a step) was measured on one fold only, below the CPU "
             "recipe's GAICD accuracy there (docs/performance.md); --device cpu trains the shipped recipe")
-    data = load_train_data(gaicd, fcdb, unlabeled, val_fraction, on_note=err)
+    data = load_train_data(gaicd, fcdb, unlabeled, val_fraction, on_note=err, on_error=err)
     if fcdb_mix is not None and not fcdb_head:
         raise UsageError("--fcdb-mix needs --fcdb-head")
     if top_weight > 0 and centred_mos is not None:

@@ -95,13 +95,15 @@ def parse_gaicd_annotation(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(mos, dtype=np.float32)
 
 
-def read_gaicd(root: str | os.PathLike, split: str) -> list[GaicdItem]:
+def read_gaicd(root: str | os.PathLike, split: str, on_error: Callable[[str], None] | None = None
+               ) -> list[GaicdItem]:
     """Annotated images of one split (any split name), sorted by name.
 
     Images (.jpg/.jpeg/.png) without an annotation file are unlabeled and skipped, as are images whose crops
     are all unrated and (counted in one ``UserWarning``) those with fewer than two differently scored crops.
     A missing ``images/SPLIT`` or ``annotations/SPLIT`` folder raises ``FileNotFoundError`` (naming the
-    labeled splits there are); a malformed annotation line raises ``ValueError`` naming the file and line.
+    labeled splits there are); a malformed annotation line raises ``ValueError`` naming the file and line —
+    or, with ``on_error``, is reported there in one line and that image skipped.
     """
     root = Path(root)
     img_dir = root / "images" / split
@@ -124,7 +126,13 @@ def read_gaicd(root: str | os.PathLike, split: str) -> list[GaicdItem]:
         if img.stem in by_stem:
             raise ValueError(f"{ann}: annotates both {by_stem[img.stem].name} and {img.name}: keep one")
         by_stem[img.stem] = img
-        boxes, mos = parse_gaicd_annotation(ann)
+        try:
+            boxes, mos = parse_gaicd_annotation(ann)
+        except ValueError as e:
+            if on_error is None:
+                raise
+            on_error(f"{e}; {img.name} skipped")
+            continue
         if len(np.unique(mos)) < 2:  # nothing to rank (one crop, or all tied): SRCC 0 and Acc 100 mean nothing
             flat += bool(len(mos))
             continue

@@ -154,19 +154,19 @@ def evaluate_fcdb(cropper, items: Sequence[FcdbItem], ratio: str = "any", progre
     return fcdb_metrics((tuple(b), item.box, w, h) for item, b, (w, h) in choices)
 
 
-def benchmark_items(kind: str, root: str | Path, split: str, on_note: Callable[[str], None] | None = None
-                    ) -> list:
+def benchmark_items(kind: str, root: str | Path, split: str, on_note: Callable[[str], None] | None = None,
+                    on_error: Callable[[str], None] | None = None) -> list:
     """The annotated items of a GAICD (``kind="gaicd"``) or FCDB (``"fcdb"``: split test or train) benchmark;
     an unreadable or empty one is a :class:`~smartcrop.errors.UsageError` naming it.  The readers' warnings
     (annotations without a photo, photos not there) go to ``on_note``, one line each (else to Python's
-    warnings)."""
+    warnings); with ``on_error``, a GAICD image whose annotation is malformed is reported there and skipped."""
     from .data import read_fcdb, read_gaicd, reading
     from .errors import UsageError
 
     if kind == "fcdb" and split not in {"test", "train"}:
         raise UsageError(f"FCDB split must be test or train, not {split!r}")
     with reading(on_note):
-        items = read_gaicd(root, split) if kind == "gaicd" else read_fcdb(root, split)
+        items = read_gaicd(root, split, on_error) if kind == "gaicd" else read_fcdb(root, split)
     if not items:
         raise UsageError(f"{root}: no annotated images in split {split!r}")
     return items

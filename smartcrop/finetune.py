@@ -231,10 +231,12 @@ class Finetuner:
         self.rng.bit_generator.state = json.loads(st["rng"])
 
 
-def labeled_sources(root: Path, on_note: Callable[[str], None] | None = None) -> tuple[str, list]:
+def labeled_sources(root: Path, on_note: Callable[[str], None] | None = None,
+                    on_error: Callable[[str], None] | None = None) -> tuple[str, list]:
     """(kind, items) of a GAICD-layout (every split with annotations) or FCDB-layout (training list) folder; a
     malformed one is a one-line :class:`~smartcrop.errors.UsageError`, the readers' warnings go to ``on_note``
-    (:func:`~smartcrop.data.reading`)."""
+    (:func:`~smartcrop.data.reading`); with ``on_error``, a GAICD image whose annotation is malformed is
+    reported there and left out."""
     from .data import gaicd_splits, read_fcdb, read_gaicd, reading
 
     root = Path(root)
@@ -243,7 +245,7 @@ def labeled_sources(root: Path, on_note: Callable[[str], None] | None = None) ->
             items = []
             for split in gaicd_splits(root):
                 if (root / "images" / split).is_dir():
-                    items += read_gaicd(root, split)
+                    items += read_gaicd(root, split, on_error)
             return "gaicd", items
         if (root / "cropping_training_set.json").is_file():
             return "fcdb", read_fcdb(root, "train")

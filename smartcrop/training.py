@@ -916,18 +916,20 @@ def gaicd_spec(spec: str) -> tuple[Path, str]:
 
 
 def load_train_data(gaicd: Sequence[str] = (), fcdb: Sequence[Path] = (), unlabeled: Sequence[Path] = (),
-                    val_fraction: float = 0.2, on_note: Callable[[str], None] | None = None) -> TrainData:
+                    val_fraction: float = 0.2, on_note: Callable[[str], None] | None = None,
+                    on_error: Callable[[str], None] | None = None) -> TrainData:
     """Read the training sets (GAICD ``ROOT[:SPLIT]`` specs, FCDB roots, folders of unlabeled photos) and hold
     out ``val_fraction`` of the GAICD images and half that of the FCDB ones for per-epoch validation.  A
     malformed set is a one-line :class:`~smartcrop.errors.UsageError`; the readers' warnings go to ``on_note``
-    (:func:`~smartcrop.data.reading`)."""
+    (:func:`~smartcrop.data.reading`); with ``on_error``, a GAICD image whose annotation is malformed is reported
+    there and left out."""
     from .data import list_images, read_fcdb, read_gaicd, reading
     from .errors import UsageError
 
     data = TrainData()
     with reading(on_note):
         for spec in gaicd:
-            data.gaicd += read_gaicd(*gaicd_spec(spec))
+            data.gaicd += read_gaicd(*gaicd_spec(spec), on_error=on_error)
         for root in fcdb:
             data.fcdb += read_fcdb(root, "train")
         if unlabeled:

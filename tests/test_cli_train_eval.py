@@ -514,6 +514,21 @@ def test_eval_notes_photos_missing_from_a_benchmark_in_one_line(tmp_path, tiny_f
     assert json.loads(out)["n_images"] == 2
 
 
+def test_a_malformed_gaicd_annotation_fails_that_image_alone(tmp_path, tiny_gaicd, small_model_file):
+    """eval: the image is named with the file and line, left out, the others scored, exit 1; train: the same
+    line, trained on the others."""
+    ann = tiny_gaicd / "annotations" / "train" / "img1.txt"
+    ann.write_text(ann.read_text() + "0 0 x 40 3\n")
+    code, out, err = cli("eval", "gaicd", tiny_gaicd, "--split", "train", "--weights", small_model_file, "--json")
+    assert code == 1 and json.loads(out)["n_images"] == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "img1.txt:" in lines[0] and "not numbers" in lines[0] and \
+        lines[0].endswith("img1.jpg skipped"), lines
+    code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--epochs", "1",
+                       "--val-fraction", "0", "--device", "cpu", "--out", tmp_path / "t.safetensors")
+    assert code == 0 and "img1.jpg skipped" in err and "prepared 2 GAICD" in err, err
+
+
 def test_eval_skips_a_photo_whose_annotations_lie_outside_it_in_one_line(tmp_path, tiny_gaicd, tiny_fcdb,
                                                                          small_model_file):
     """Annotations of another photo (or of a resized copy, or with x and y swapped) are not scored as if they

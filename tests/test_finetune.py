@@ -236,27 +236,28 @@ def test_resume_takes_only_its_own_commands_checkpoint_refused_before_any_work(t
 
 
 def test_bad_labeled_data_is_one_line_before_any_work_and_its_notes_are_notes(tmp_path, tiny_album, tiny_gaicd,
-                                                                              small_model_file, monkeypatch):
+                                                                              tiny_fcdb, small_model_file,
+                                                                              monkeypatch):
     import smartcrop.cli
 
     ann = tiny_gaicd / "annotations" / "train" / "img1.txt"
     good = ann.read_text()
     monkeypatch.setattr(smartcrop.cli, "_cropper", lambda *a: pytest.fail("the model was loaded first"))
-    for text, words in ((good + "0 0 50 50 nan\n", "img1.txt:"), (good + "0 0 50 50 9\n", "outside GAICD's 1 to 5")):
-        ann.write_text(text)
+    (tiny_fcdb / "cropping_training_set.json").write_text('[{"url": "https://x/0_x_b.jpg", "crop": "1234"}]')
+    for data, words in ((tiny_fcdb, "entry 0: crop '1234' is not a box"), (tmp_path / "nowhere", "neither a GAICD")):
         code, _, err = cli("finetune", tiny_album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file,
-                           "--labeled", tiny_gaicd)
+                           "--labeled", data)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    code, _, err = cli("finetune", tiny_album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file,
-                       "--labeled", tmp_path / "nowhere")
-    assert code == 2 and "neither a GAICD layout" in err
-    # a reader's warning (an annotation without its photo) is a note line, not a Python warning
-    ann.write_text(good)
-    (ann.parent / "lost.txt").write_text(good)
     monkeypatch.undo()
+    # a malformed GAICD annotation: that image named and left out, the rest used; a reader's warning (an
+    # annotation without its photo) is a note line, not a Python warning
+    ann.write_text(good + "0 0 50 50 9\n")
+    (ann.parent / "lost.txt").write_text(good)
     code, _, err = cli("finetune", tiny_album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file,
                        "--labeled", tiny_gaicd, "--epochs", "1")
     assert code == 0, err
+    bad = [ln for ln in err.splitlines() if "img1.txt:" in ln]
+    assert len(bad) == 1 and "outside GAICD's 1 to 5" in bad[0] and bad[0].endswith("img1.jpg skipped"), err
     notes = [ln for ln in err.splitlines() if "annotation files have no image" in ln]
     assert len(notes) == 1 and notes[0].startswith("smartcrop: note: ") and "UserWarning" not in err, err
     code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--epochs", "1",
