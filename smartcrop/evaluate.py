@@ -169,4 +169,23 @@ def benchmark_items(kind: str, root: str | Path, split: str, on_note: Callable[[
         items = read_gaicd(root, split, on_error) if kind == "gaicd" else read_fcdb(root, split)
     if not items:
         raise UsageError(f"{root}: no annotated images in split {split!r}")
+    seen = _also_in_training_list(root, items) if kind == "fcdb" and split == "test" and on_note else 0
+    if seen:
+        on_note(f"note: {seen} photos of the test list are also in the training list of {root}: a model trained "
+                "on that list has seen them")
     return items
+
+
+def _also_in_training_list(root: str | Path, items: Sequence[FcdbItem]) -> int:
+    """How many of FCDB test ``items`` the training list of ``root`` names too (0 when it cannot be read)."""
+    import warnings
+
+    from .data import read_fcdb
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its photos missing here, or listed twice: not this split's concern
+            train = {it.image_path for it in read_fcdb(root, "train")}
+    except (OSError, ValueError):
+        return 0
+    return sum(it.image_path in train for it in items)

@@ -59,11 +59,11 @@ def tiny_gaicd(tmp_path):
 def tiny_fcdb(tmp_path):
     root = tmp_path / "fcdb"
     entries = []
-    for k in range(3):
+    for k in range(5):
         draw_photo(root / "images" / f"{k}_x_b.jpg", seed=10 + k)
         entries.append({"url": f"https://example.invalid/{k}_x_b.jpg", "flickr_photo_id": k, "crop": [20, 10, 100, 80]})
-    (root / "cropping_training_set.json").write_text(json.dumps(entries))
-    (root / "cropping_testing_set.json").write_text(json.dumps(entries[:2]))
+    (root / "cropping_training_set.json").write_text(json.dumps(entries[:3]))
+    (root / "cropping_testing_set.json").write_text(json.dumps(entries[3:]))  # apart, as FCDB's lists are
     return root
 
 

@@ -512,6 +512,13 @@ def test_eval_notes_photos_missing_from_a_benchmark_in_one_line(tmp_path, tiny_f
     assert err.strip().splitlines() == [f"smartcrop: note: {js}: 1 listed photos are not in {tiny_fcdb / 'images'}; "
                                         "skipped"]
     assert json.loads(out)["n_images"] == 2
+    # a test photo that the training list names too: said, so that a leak does not pass for a result
+    train = json.loads((tiny_fcdb / "cropping_training_set.json").read_text())
+    js.write_text(json.dumps(entries + train[:1]))
+    code, out, err = cli("eval", "fcdb", tiny_fcdb, "--weights", small_model_file, "--json", "--device", "cpu")
+    assert code == 0 and json.loads(out)["n_images"] == 3, err
+    assert err.strip().splitlines() == [f"smartcrop: note: 1 photos of the test list are also in the training list "
+                                        f"of {tiny_fcdb}: a model trained on that list has seen them"]
 
 
 def test_a_malformed_gaicd_annotation_fails_that_image_alone(tmp_path, tiny_gaicd, small_model_file):
@@ -551,4 +558,4 @@ def test_eval_skips_a_photo_whose_annotations_lie_outside_it_in_one_line(tmp_pat
     for ratio in ("any", "gt"):
         code, out, err = cli("eval", "fcdb", tiny_fcdb, "--ratio", ratio, "--weights", small_model_file, "--json")
         assert code == 1 and json.loads(out)["n_images"] == 1, err
-        assert len(err.strip().splitlines()) == 1 and "1_x_b.jpg" in err and "outside" in err, err
+        assert len(err.strip().splitlines()) == 1 and "4_x_b.jpg" in err and "outside" in err, err
