@@ -908,10 +908,17 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
 
 
 def gaicd_spec(spec: str) -> tuple[Path, str]:
-    """``ROOT[:SPLIT]`` → (root, split); the split defaults to ``train``."""
+    """``ROOT[:SPLIT]`` → (root, split); the split defaults to ``train`` (also for ``ROOT:``, unless a folder
+    is named so).  An empty spec is a :class:`~smartcrop.errors.UsageError` (it would read the current folder)."""
+    from .errors import UsageError
+
+    if not spec.strip():
+        raise UsageError("--gaicd is empty: give ROOT[:SPLIT] (the current folder is --gaicd .)")
     root, sep, split = spec.rpartition(":")
     if sep and split and "/" not in split and "\\" not in split:
         return Path(root), split
+    if sep and not split and root and not os.path.lexists(spec):
+        return Path(root), "train"
     return Path(spec), "train"
 
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -687,3 +689,19 @@ def test_a_step_whose_loss_is_not_a_number_stops_training_before_it_moves_the_we
         optimizer_step(opt, {"reg": (w * float("nan")).sum(), "cls": w.sum()}, meter)
     assert torch.equal(w.detach(), before) and meter.counts == {"reg": 1}
 
+
+
+def test_gaicd_specs_read_as_a_person_means_them(tmp_path, monkeypatch):
+    from smartcrop.errors import UsageError
+    from smartcrop.training import gaicd_spec
+
+    monkeypatch.chdir(tmp_path)
+    assert gaicd_spec("data/gaicd:dev") == (Path("data/gaicd"), "dev")
+    assert gaicd_spec("data/gaicd") == (Path("data/gaicd"), "train")
+    assert gaicd_spec("data/gaicd:") == (Path("data/gaicd"), "train")  # a trailing colon, no split
+    (tmp_path / "odd:").mkdir()
+    assert gaicd_spec("odd:") == (Path("odd:"), "train")  # unless a folder is named so
+    assert gaicd_spec("C:/data/gaicd") == (Path("C:/data/gaicd"), "train")  # a drive, not a split
+    for empty in ("", "  "):
+        with pytest.raises(UsageError, match="--gaicd is empty"):
+            gaicd_spec(empty)
