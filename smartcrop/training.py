@@ -131,9 +131,9 @@ class LossMeter:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
-    def add(self, parts: dict) -> None:
-        for k, v in parts.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
             self.counts[k] = self.counts.get(k, 0) + 1
 
     def means(self) -> dict[str, float]:
@@ -153,14 +153,14 @@ def optimizer_step(opt, parts: dict, meter: LossMeter) -> None:
 
     if not parts:
         return
-    loss = sum(parts.values())
-    if not math.isfinite(float(loss.detach())):
-        bad = ", ".join(f"{k} {float(v.detach())}" for k, v in parts.items() if not math.isfinite(float(v.detach())))
+    values = {k: float(v.detach()) for k, v in parts.items()}  # read once: for the check and for the meter
+    bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
+    if bad:
         raise TrainingError(f"training diverged (loss {bad}): stopped, the model was not saved; try a lower --lr")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    sum(parts.values()).backward()
     opt.step()
-    meter.add(parts)
+    meter.add(values)
 
 
 @dataclass
