@@ -259,12 +259,12 @@ def average_models(paths: Sequence[str | os.PathLike]) -> tuple:
 
     if len(paths) < 2:
         raise WeightsError("averaging needs two or more model files")
-    nets = [load_model(p) for p in paths]
-    sums = [sha256_file(p) for p in paths]
+    sums = [sha256_file(p) if Path(p).is_file() else None for p in paths]  # a missing one: load_model says so
     for k, h in enumerate(sums):
-        if h in sums[:k]:
+        if h is not None and h in sums[:k]:  # refused before any model is loaded
             raise WeightsError(f"{paths[k]}: the same model as {paths[sums.index(h)]} (sha256 {h[:12]}…); "
                                "averaging a model with itself only weighs it twice")
+    nets = [load_model(p) for p in paths]
     first = nets[0].config.to_dict()
     for p, net in zip(paths[1:], nets[1:]):
         if net.config.to_dict() != first:
