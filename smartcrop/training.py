@@ -950,9 +950,11 @@ def load_train_data(gaicd: Sequence[str] = (), fcdb: Sequence[Path] = (), unlabe
 
 def build_model(init: Path | None = None, backbone: str | None = None, saf: bool = True,
                 backbone_weights: Path | None = None, seed: int = 0, fcdb_head: bool = False,
-                dropout: float | None = None):
+                dropout: float | None = None, feat_dim: int | None = None):
     """``(model, source)``: a new SAC-Net with ImageNet backbone weights, or a smartcrop model to start from.
-    ``backbone``: a new model's (default ``mobilenet_v2``); with ``init``, None or the model's own."""
+    ``backbone``: a new model's (default ``mobilenet_v2``); with ``init``, None or the model's own.
+    ``dropout`` and ``feat_dim`` (the width of the region and spatial-aware features and of the heads' hidden
+    layers) shape a new model only; None keeps :class:`~smartcrop.model.ModelConfig`'s defaults."""
     import torch
 
     from .errors import UsageError
@@ -972,10 +974,11 @@ def build_model(init: Path | None = None, backbone: str | None = None, saf: bool
                              "(--backbone applies to a new model)")
         if fcdb_head and not net.config.fcdb_head:
             raise UsageError(f"{init}: the model has no separate FCDB head (--fcdb-head needs a new model)")
-        if dropout is not None:
-            raise UsageError("--dropout applies to a new model, not to --init")
+        for flag, value in (("--dropout", dropout), ("--feat-dim", feat_dim)):
+            if value is not None:
+                raise UsageError(f"{flag} applies to a new model, not to --init")
         return net, f"init {init}"
-    extra = {} if dropout is None else {"dropout": dropout}
+    extra = {k: v for k, v in (("dropout", dropout), ("feat_dim", feat_dim)) if v is not None}
     net = SACNet(ModelConfig(backbone=backbone or "mobilenet_v2", saf=saf, fcdb_head=fcdb_head, **extra))
     return net, load_backbone_weights(net, backbone_weights)
 

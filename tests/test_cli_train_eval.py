@@ -105,20 +105,24 @@ def test_train_usage_errors_are_one_line_and_exit_2(tmp_path, tiny_gaicd, monkey
 
 def test_train_architecture_options_make_a_new_model_with_them(tmp_path, tiny_gaicd, tiny_fcdb, small_model_file,
                                                                monkeypatch):
-    """--fcdb-head, --fcdb-mix and --dropout end up in the saved model's config; they need a new model."""
+    """--fcdb-head, --fcdb-mix, --dropout and --feat-dim end up in the saved model's config; they need a new
+    model."""
     from smartcrop import weights
     from smartcrop.weights import load_model
 
     monkeypatch.setattr(weights, "load_backbone_weights", lambda net, path: "untrained (test)")
     out = tmp_path / "m.safetensors"
     code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--epochs", "1",
-                       "--val-fraction", "0", "--fcdb-head", "--fcdb-mix", "0.5", "--dropout", "0.45", "--out", out)
+                       "--val-fraction", "0", "--fcdb-head", "--fcdb-mix", "0.5", "--dropout", "0.45", "--feat-dim", "64",
+                       "--out", out)
     assert code == 0, err
-    cfg = load_model(out).config
-    assert cfg.fcdb_head and cfg.fcdb_mix == 0.5 and cfg.dropout == 0.45
-    code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--dropout", "0.5",
-                       "--out", tmp_path / "n.safetensors")
-    assert code == 2 and "--dropout" in err and len(err.strip().splitlines()) == 1
+    net = load_model(out)
+    assert net.config.fcdb_head and net.config.fcdb_mix == 0.5 and net.config.dropout == 0.45
+    assert net.config.feat_dim == 64 and net.score_head[-1].in_features == 64
+    for flag, value in (("--dropout", "0.5"), ("--feat-dim", "128")):
+        code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, flag, value,
+                           "--out", tmp_path / "n.safetensors")
+        assert code == 2 and flag in err and len(err.strip().splitlines()) == 1
 
 
 def test_train_init_seed_sets_the_heads_initialisation_apart_from_the_data_seed(tmp_path, tiny_gaicd, tiny_fcdb,
