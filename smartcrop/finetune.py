@@ -27,7 +27,7 @@ import numpy as np
 
 from .anchors import flip_boxes, gaic_anchors, scale_boxes
 from .errors import UsageError
-from .training import TrainConfig, write_checkpoint
+from .training import TrainConfig, restore_run, write_checkpoint
 
 
 class AlbumError(UsageError):
@@ -217,18 +217,9 @@ class Finetuner:
     def load_checkpoint(self, path: Path) -> None:
         """Continue the fine-tuning saved in ``path``; one of another model's architecture is a one-line
         :class:`UsageError`."""
-        from .errors import one_line
-
         st = self.torch.load(path, map_location="cpu", weights_only=True)
-        try:
-            self.net.load_state_dict(st["model"])
-            self.opt.load_state_dict(st["optimizer"])
-        except (RuntimeError, ValueError) as e:
-            raise UsageError(f"{path}: the checkpoint does not fit the model being fine-tuned ({one_line(e, 160)}); "
-                             "resume with the --weights or --model its run started from") from None
-        self.epoch = int(st["epoch"])
-        self.history = json.loads(st["history"])
-        self.rng.bit_generator.state = json.loads(st["rng"])
+        restore_run(self, st, self.net, path, "the model being fine-tuned",
+                    "resume with the --weights or --model its run started from")
 
 
 def labeled_sources(root: Path, on_note: Callable[[str], None] | None = None,

@@ -741,7 +741,7 @@ class Trainer:
         """Continue the run saved in ``path``.  A checkpoint of another architecture or optimizer than this
         trainer's (a run started with other options) is a one-line :class:`UsageError`, before any image is
         prepared."""
-        from .errors import UsageError, one_line
+        from .errors import UsageError
 
         torch = self.torch
         st = torch.load(path, map_location="cpu", weights_only=True)
@@ -749,21 +749,31 @@ class Trainer:
         if bool(saved.get("adamw", False)) != self.cfg.adamw:
             raise UsageError(f"{path}: its run trained with {'AdamW' if saved.get('adamw') else 'Adam'}: resume it "
                              f"{'with' if saved.get('adamw') else 'without'} --adamw")
-        try:
-            self.model.load_state_dict(st["model"])
-            self.opt.load_state_dict(st["optimizer"])
-        except (RuntimeError, ValueError) as e:
-            raise UsageError(f"{path}: the checkpoint does not fit the model and optimizer these options make "
-                             f"({one_line(e, 160)}); resume with the options its run started with") from None
+        restore_run(self, st, self.model, path, "the model and optimizer these options make",
+                    "resume with the options its run started with")
         self.sched.load_state_dict(st["scheduler"])
-        self.epoch = int(st["epoch"])
-        self.history = json.loads(st["history"])
-        self.rng.bit_generator.state = json.loads(st["rng"])
         torch.set_rng_state(st["torch_rng"])
         if self.ema is not None and "ema" in st:
             self.ema.load(st["ema"])
         elif self.ema is not None:  # a checkpoint of a run without the average: start it from these weights
             self.ema = WeightAverage(self.model, self.cfg.ema)
+
+
+def restore_run(run, st: dict, model, path: str | Path, fits: str, hint: str) -> None:
+    """Put the state of checkpoint ``st`` (read from ``path``) into ``run``, a :class:`Trainer` or a
+    :class:`~smartcrop.finetune.Finetuner`: ``model``'s and ``run.opt``'s weights, ``run.epoch``,
+    ``run.history`` and ``run.rng``.  A checkpoint whose tensors do not fit is a one-line
+    :class:`~smartcrop.errors.UsageError`: "PATH: the checkpoint does not fit ``fits`` (why); ``hint``"."""
+    from .errors import UsageError, one_line
+
+    try:
+        model.load_state_dict(st["model"])
+        run.opt.load_state_dict(st["optimizer"])
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"{path}: the checkpoint does not fit {fits} ({one_line(e, 160)}); {hint}") from None
+    run.epoch = int(st["epoch"])
+    run.history = json.loads(st["history"])
+    run.rng.bit_generator.state = json.loads(st["rng"])
 
 
 def teacher_targets(teachers: Sequence, image, size: tuple[int, int]) -> np.ndarray | None:
