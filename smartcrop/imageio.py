@@ -229,6 +229,10 @@ def load_image(source: Source, *, target_short_side: int | None = None, max_pixe
         if deferred:
             with _quiet_pillow():
                 orientation, exif, xmp, iptc = _read_metadata(im, fmt)
+        elif fmt == "TIFF" and orientation != 1 and ORIENTATION_TAG not in getattr(im, "tag_v2", {}):
+            # Pillow 13 makes a TIFF upright itself while loading it (its size upright from the start) and drops
+            # the tag: transposing again would rotate it twice
+            orientation = 1
         icc = im.info.get("icc_profile") or None
         try:
             pixels = _standardize(im, keep_deep=keep_original)
@@ -410,7 +414,12 @@ def _read_exif(im: Image.Image) -> tuple[int, bytes | None]:
     orientation = exif.get(ORIENTATION_TAG, 1)
     if not isinstance(orientation, int) or orientation not in range(1, 9):
         orientation = 1
-    return orientation, _exif_bytes(exif)
+    try:  # a copy: the image's own Exif must keep its Orientation (Pillow 13 turns a TIFF upright by it on load)
+        detached = Image.Exif()
+        detached.load(exif.tobytes())
+    except Exception:
+        return orientation, None
+    return orientation, _exif_bytes(detached)
 
 
 def _exif_orientation(exif_bytes: bytes | None) -> int:

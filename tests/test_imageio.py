@@ -138,6 +138,25 @@ def test_exif_orientation_load_full(tmp_path, orientation):
     assert_upright(li.original)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_tiff_orientation_applied_exactly_once(tmp_path, orientation):
+    """Pillow 13 turns a TIFF upright by its Orientation tag while loading it; reading the EXIF first must not
+    switch that off (orientations 5-8 failed: "box can't exceed original image size"), nor may the image
+    then be turned a second time."""
+    path = tmp_path / "o.tif"
+    stored = np.ascontiguousarray(stored_for(upright_array(120, 80), orientation))
+    Image.fromarray(stored).save(path, exif=exif_with(orientation, make="Cam"))
+    for li in (load_image(path), load_image(path, target_short_side=40)):
+        assert li.full_size == (120, 80) and li.image.size == ((120, 80) if li.scale == 1 else (60, 40))
+        assert_upright(li.image)
+    li = load_full(path)
+    assert li.original.size == li.full_size == (120, 80)
+    assert_upright(li.original)
+    exif = Image.Exif()
+    exif.load(li.exif)
+    assert exif[0x0112] == 1 and exif[0x010F] == "Cam"
+
+
 @pytest.mark.parametrize("value", [0, 9, 65535])
 def test_invalid_orientation_value_is_ignored(tmp_path, value):
     path = tmp_path / "o.jpg"
