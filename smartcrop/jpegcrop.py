@@ -23,7 +23,8 @@ and only well-formed files of a supported kind reach the backend.
 
 Errors: :class:`LosslessUnsupported` (with a one-line reason) means "re-encode instead": backend missing,
 an unsupported kind of JPEG (arithmetic coding, 12-bit, lossless/hierarchical, CMYK/YCCK or 2/4 components,
-non-integral chroma sampling, > ``MAX_PIXELS``), or a file whose structure is corrupt or truncated.  The
+non-integral chroma sampling, > ``MAX_PIXELS``, an orientation given only in XMP), or a file whose structure
+is corrupt or truncated.  The
 caller's normal decode path then re-encodes the crop, or reports the corrupt file in its own words.  Damage
 *inside* the entropy-coded data that libjpeg can step over (it prints a "Corrupt JPEG data" warning on stderr)
 is cropped as decoded, like any decoder would show it.  ``ValueError`` is raised for invalid arguments (an
@@ -396,10 +397,28 @@ def _orientation_from_segments(segments: Sequence[bytes]) -> int:
     return 1
 
 
-def _tiff_orientation(tiff: bytes) -> int:
-    """Orientation (tag 0x0112 of IFD0) of a TIFF/EXIF block; 1 when absent or invalid (as Pillow does)."""
+_XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # what Pillow reads when EXIF has none
+
+
+def _orientation_only_in_xmp(segments: Sequence[bytes]) -> bool:
+    """Whether the orientation a decoder like Pillow applies comes from XMP alone (no EXIF Orientation tag, an
+    XMP ``tiff:Orientation`` other than 1)."""
+    for seg in segments:
+        if seg[1] == 0xE1 and seg[4:10] == b"Exif\x00\x00" and _tiff_orientation(seg[10:], None) is not None:
+            return False
+    for seg in segments:
+        if seg[1] == 0xE1 and seg[4:4 + len(_XMP_HEADER)] == _XMP_HEADER:
+            m = _XMP_ORIENTATION.search(seg, 4 + len(_XMP_HEADER))
+            return m is not None and m[2] != b"1"
+    return False
+
+
+def _tiff_orientation(tiff: bytes, absent: int | None = 1) -> int | None:
+    """Orientation (tag 0x0112 of IFD0) of a TIFF/EXIF block; 1 when invalid (as Pillow does), ``absent`` when
+    there is no such tag."""
     if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
-        return 1
+        return absent
     order = "little" if tiff[:2] == b"II" else "big"
 
     def u(pos: int, size: int) -> int:
@@ -407,7 +426,7 @@ def _tiff_orientation(tiff: bytes) -> int:
 
     ifd = u(4, 4)
     if ifd + 2 > len(tiff):
-        return 1
+        return absent
     count = u(ifd, 2)
     for k in range(count):
         entry = ifd + 2 + 12 * k
@@ -417,7 +436,7 @@ def _tiff_orientation(tiff: bytes) -> int:
             typ = u(entry + 2, 2)
             value = u(entry + 8, 2) if typ == 3 else u(entry + 8, 4) if typ == 4 else 0
             return value if 1 <= value <= 8 else 1
-    return 1
+    return absent
 
 
 def read_orientation(data: bytes) -> int:
@@ -746,6 +765,9 @@ def lossless_crop(data: bytes, box_upright: Sequence[float], orientation: int | 
     ``ValueError`` for an invalid box or orientation.
     """
     info = probe(data)
+    if _orientation_only_in_xmp(info.metadata):
+        # decoders disagree on such a file (Pillow turns it, browsers do not): re-encoded, it is stored upright
+        raise LosslessUnsupported("JPEG whose orientation is given only in XMP")
     if orientation is None:
         orientation = info.orientation
     orientation = _check_orientation(orientation)

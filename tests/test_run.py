@@ -142,6 +142,34 @@ def test_exif_orientations_give_upright_boxes_and_outputs(tmp_path, small_model_
         assert np.abs(np.asarray(img.convert("RGB"), dtype=float) - expected).mean() < 2.0, o
 
 
+def test_a_jpeg_turned_by_xmp_alone_is_re_encoded_upright(tmp_path, small_model_file):
+    """No EXIF orientation, XMP tiff:Orientation 6 (Pillow turns the photo by it, browsers do not): the DCT-domain
+    crop read the stored orientation and cut another part of the photo (the box moved by 216 px, the crop came
+    out 9:16 in viewers); now such a JPEG is re-encoded upright with the orientation reset."""
+    from smartcrop import jpegcrop
+
+    if not jpegcrop.available():
+        pytest.skip(f"no lossless JPEG backend here ({jpegcrop.unavailable_reason()})")
+    # square, so that the old mapping's box fit the stored photo too (it cut the wrong part, no error)
+    upright = Image.open(draw_photo(tmp_path / "upright.png", size=(224, 224), seed=3)).convert("RGB")
+    buf = io.BytesIO()
+    stored_for(upright, 6).save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    xmp = (b'http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf='
+           b'"http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff'
+           b'/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    src = tmp_path / "x.jpg"
+    src.write_bytes(data[:2] + b"\xff\xe1" + struct.pack(">H", len(xmp) + 2) + xmp + data[2:])
+    code, out, err = run([src, "--ratio", "16:9", "--json", "-o", tmp_path / "out", "--weights", small_model_file])
+    assert code == 0, err
+    (rec,) = jsonl(out)
+    assert rec["lossless"] is False and rec["size"][0] > rec["size"][1]
+    img = Image.open(rec["output"])
+    assert b'tiff:Orientation="6"' not in img.info.get("xmp", b"") and img.getexif().get(0x0112, 1) == 1
+    expected = np.asarray(upright.crop(tuple(rec["box"])), dtype=float)
+    assert np.abs(np.asarray(img.convert("RGB"), dtype=float) - expected).mean() < 4.0
+
+
 def test_stdin_image_to_stdout_and_stdin_list(tmp_path, small_model_file):
     p = draw_photo(tmp_path / "a.jpg", size=(300, 200))
     code, out, err = run(["-", "--ratio", "1:1", "--weights", small_model_file], stdin=p.read_bytes())
