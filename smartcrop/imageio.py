@@ -1079,6 +1079,10 @@ def _iptc_app13(iptc: bytes) -> bytes:
     return _jpeg_segment(0xED, b"Photoshop 3.0\x00" + block)
 
 
+#: TIFF compressions a crop keeps from its source (any other is written as Deflate, lossless)
+_TIFF_LOSSLESS = frozenset({"raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits"})
+
+
 def _encode(img: Image.Image, fp: IO[bytes], fmt: str, *, quality: int, exif: bytes | None, icc: bytes | None,
             xmp: bytes | str | None = None, iptc: bytes | None = None) -> None:
     """Convert ``img`` for ``fmt`` and write it to ``fp`` with the given metadata."""
@@ -1122,6 +1126,13 @@ def _encode(img: Image.Image, fp: IO[bytes], fmt: str, *, quality: int, exif: by
                 info.add_text(_PNG_IPTC_KEY, _to_raw_profile("iptc", iptc), zip=True)
             options["pnginfo"] = info
     elif fmt == "TIFF":
+        # the source's compression (Pillow would take it from img.info) where it suits the crop: a bilevel
+        # source's CCITT fax coding cannot hold 8-bit pixels, and some codecs this libtiff cannot write
+        source = out.info.get("compression")
+        if source == "jpeg" and out.mode in ("RGB", "L"):
+            options.update(compression="jpeg", quality=quality)
+        else:
+            options["compression"] = source if source in _TIFF_LOSSLESS else "tiff_adobe_deflate"
         if xmp or iptc:  # Pillow takes either tiffinfo or exif: put XMP and IPTC into the EXIF IFD0
             tags = Image.Exif()
             if exif:

@@ -323,6 +323,30 @@ def test_metadata_kept_or_stripped_formats_and_quality(tmp_path, small_model_fil
     assert code == 0 and w.suffix == ".webp" and Image.open(w).format == "WEBP"
 
 
+def test_tiff_crops_keep_a_compression_that_suits_them_and_honour_quality(tmp_path, small_model_file):
+    """TIFF crops took the source's compression as it was: a bilevel Group 4 TIFF failed to write ("encoder
+    error -2", a libtiff line on stderr, exit 1) and JPEG-compressed ones ignored --quality."""
+    src = tmp_path / "in"
+    src.mkdir()
+    photo = Image.open(draw_photo(tmp_path / "p.png", size=(240, 160), seed=4)).convert("RGB")
+    photo.convert("1").save(src / "fax.tif", compression="group4")
+    photo.save(src / "lzw.tif", compression="tiff_lzw")
+    photo.save(src / "dct.tif", compression="jpeg", quality=90)
+    sizes = {}
+    for q in ("30", "95"):
+        code, out, err = run([src, "--ratio", "16:9", "--json", "--quality", q, "-o", tmp_path / q,
+                              "--weights", small_model_file])
+        assert code == 0 and err == "", err
+        recs = {Path(r["input"]).stem: r for r in jsonl(out)}
+        got = {k: Image.open(r["output"]) for k, r in recs.items()}
+        assert got["fax"].info["compression"] == "tiff_adobe_deflate" and got["fax"].mode == "L"
+        assert got["lzw"].info["compression"] == "tiff_lzw" and got["dct"].info["compression"] == "jpeg"
+        for im in got.values():
+            im.load()
+        sizes[q] = Path(recs["dct"]["output"]).stat().st_size
+    assert sizes["30"] < sizes["95"] / 2
+
+
 def test_python_api_flip_tta_averages_with_the_mirrored_image(tmp_path, small_model_file):
     from smartcrop import Cropper
 
