@@ -40,7 +40,8 @@ Cost (CPU time of one crop, 4000x3000 q90 JPEG -> 3000x1687 box, on the project'
 baseline, ~150 ms progressive, ~205 ms 4:4:4, against 76 / 137 / 95 ms for Pillow's decode + crop + encode of the
 same box.  Nearly all of it is jpeglib's C layer (entropy-decoding the whole image and copying every coefficient,
 then encoding the crop); :func:`probe` takes 1-2 ms.  The C calls release the GIL, so crops made from worker
-threads run in parallel.
+threads run in parallel with jpeglib; with libjpeg-turbo one process's crops go one at a time (its warnings are
+caught, and Python's warning filters are process-wide).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import math
 import os
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -574,6 +576,9 @@ _JCS_GRAYSCALE, _JCS_YCBCR = 1, 3
 _OPTIMIZE_CODING = 1 << 6  # jpeglib's flag bit
 
 
+_WARNINGS_LOCK = threading.Lock()
+
+
 class _TurboBackend:
     """libjpeg-turbo's own lossless transform (``tjTransform`` with ``TJXOPT_CROP``, what ``jpegtran -crop``
     does) through PyTurboJPEG and the system's TurboJPEG library: about twice as fast as jpeglib (~45 ms against
@@ -600,9 +605,21 @@ class _TurboBackend:
         try:
             # preserve=True: the region is kept exactly (x, y are on the iMCU grid already; no clamping of the
             # size to whole iMCUs at the image's right and bottom edges)
-            return bytes(self._tj.crop(data, x1, y1, x2 - x1, y2 - y1, preserve=True, copynone=True))
+            # PyTurboJPEG reports damage libjpeg stepped over ("Corrupt JPEG data: …") as a Python warning, which
+            # named no file on the run's stderr: such a crop is re-encoded from the decoded photo instead.
+            # catch_warnings is process-wide state, hence the lock (turbo crops of one process go one at a time)
+            with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = bytes(self._tj.crop(data, x1, y1, x2 - x1, y2 - y1, preserve=True, copynone=True))
         except OSError as err:
             raise LosslessUnsupported(f"libjpeg-turbo refused the crop ({str(err).splitlines()[0]})") from err
+        damage = [w for w in caught if w.filename.endswith("turbojpeg.py")]
+        for w in caught:
+            if w not in damage:  # another thread's warning, caught meanwhile: passed on
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if damage:
+            raise LosslessUnsupported(f"damaged JPEG data ({str(damage[0].message).splitlines()[0]})")
+        return out
 
 
 class _Backend:
