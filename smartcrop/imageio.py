@@ -105,6 +105,8 @@ _UPRIGHT = {
 
 # TIFF tags describing the pixel layout of the *source* file (plus its ICC profile and XMP packet, which may
 # carry a stale orientation): meaningless or harmful in the EXIF block of a re-encoded crop.
+#: PixelXDimension, PixelYDimension (EXIF IFD): the picture's size, which a crop changes
+_PIXEL_DIMENSION_TAGS = (0xA002, 0xA003)
 _LAYOUT_TAGS = frozenset({
     254, 255, 256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 284, 317, 320, 322, 323, 324, 325, 330, 338,
     339, 347, 513, 514, 530, 531, 532, 700, 34675,
@@ -551,8 +553,9 @@ def _source_bits(im: Image.Image) -> int:
     return 8
 
 
-def reset_orientation(exif_bytes: bytes | None) -> bytes | None:
-    """``exif_bytes`` with Orientation set to 1 (and source-layout tags dropped); None if empty or corrupt."""
+def reset_orientation(exif_bytes: bytes | None, size: tuple[int, int] | None = None) -> bytes | None:
+    """``exif_bytes`` with Orientation set to 1 (and source-layout tags dropped; with ``size``, the image's
+    (w, h), its PixelXDimension/PixelYDimension set to it where present); None if empty or corrupt."""
     if not exif_bytes:
         return None
     exif = Image.Exif()
@@ -561,15 +564,21 @@ def reset_orientation(exif_bytes: bytes | None) -> bytes | None:
             exif.load(bytes(exif_bytes))
         except Exception:
             return None
-        return _exif_bytes(exif)
+        return _exif_bytes(exif, size)
 
 
-def _exif_bytes(exif: Image.Exif) -> bytes | None:
-    """Serialize ``exif`` (modified in place) with Orientation 1; None if nothing useful is left or it fails."""
+def _exif_bytes(exif: Image.Exif, size: tuple[int, int] | None = None) -> bytes | None:
+    """Serialize ``exif`` (modified in place) with Orientation 1 (and ``size`` as its pixel dimensions, see
+    :func:`reset_orientation`); None if nothing useful is left or it fails."""
     try:
         for tag in _LAYOUT_TAGS.intersection(exif):
             del exif[tag]
         exif[ORIENTATION_TAG] = 1
+        if size is not None and 0x8769 in exif:
+            sub = exif.get_ifd(0x8769)
+            for tag, value in zip(_PIXEL_DIMENSION_TAGS, size):
+                if tag in sub:
+                    sub[tag] = int(value)
         if len(exif) == 1 and not exif.get_ifd(0x8769) and not exif.get_ifd(0x8825):
             return None  # only the Orientation we just set (e.g. orientation came from XMP)
         return exif.tobytes()
@@ -1094,7 +1103,7 @@ def _encode(img: Image.Image, fp: IO[bytes], fmt: str, *, quality: int, exif: by
     elif fmt in ("WEBP", "AVIF") and out.mode == "L":
         out = out.convert("RGB")
     options: dict[str, object] = {}
-    exif = reset_orientation(exif)
+    exif = reset_orientation(exif, out.size)
     if exif and fmt == "JPEG" and len(exif) > _APP_SEGMENT_MAX:
         exif = None  # from a PNG/TIFF/HEIC source: does not fit the APP1 segment, Pillow would refuse to save
     xmp = reset_xmp_orientation(xmp)
@@ -1126,22 +1135,25 @@ def _encode(img: Image.Image, fp: IO[bytes], fmt: str, *, quality: int, exif: by
                 info.add_text(_PNG_IPTC_KEY, _to_raw_profile("iptc", iptc), zip=True)
             options["pnginfo"] = info
     elif fmt == "TIFF":
-        # the source's compression (Pillow would take it from img.info) where it suits the crop: a bilevel
-        # source's CCITT fax coding cannot hold 8-bit pixels, and some codecs this libtiff cannot write
-        source = out.info.get("compression")
-        if source == "jpeg" and out.mode in ("RGB", "L"):
-            options.update(compression="jpeg", quality=quality)
-        else:
-            options["compression"] = source if source in _TIFF_LOSSLESS else "tiff_adobe_deflate"
+        tags = Image.Exif()
+        if exif:
+            tags.load(exif)
         if xmp or iptc:  # Pillow takes either tiffinfo or exif: put XMP and IPTC into the EXIF IFD0
-            tags = Image.Exif()
-            if exif:
-                tags.load(exif)
             if xmp:
                 tags[700] = xmp
             if iptc:
                 tags[_IPTC_TIFF_TAG] = iptc
             exif = tags.tobytes()
+        # the source's compression (Pillow would take it from img.info) where it suits the crop: a bilevel
+        # source's CCITT fax coding cannot hold 8-bit pixels, and some codecs this libtiff cannot write.  Only
+        # Pillow's own (uncompressed) writer writes an EXIF or GPS sub-IFD: libtiff's fails on its pointer
+        source = out.info.get("compression")
+        if source in (None, "raw") or 0x8769 in tags or 0x8825 in tags:
+            options["compression"] = "raw"
+        elif source == "jpeg" and out.mode in ("RGB", "L"):
+            options.update(compression="jpeg", quality=quality)
+        else:
+            options["compression"] = source if source in _TIFF_LOSSLESS else "tiff_adobe_deflate"
     elif fmt in ("WEBP", "AVIF"):
         options.update(quality=quality)
         if fmt == "AVIF":  # libaom's default speed 6 takes ~7 s for 12 MP at quality 92 on 2 cores, 8 takes ~1 s

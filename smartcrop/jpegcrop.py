@@ -7,7 +7,9 @@ has to sit on the iMCU grid of the stored image (8x8 px, or 16x8 / 16x16 px for 
 subsampling); width and height stay exact, so the aspect ratio is exact and the box moves by less than one
 iMCU (:func:`snap_box` says where it ends up).  Everything outside the coefficient data -- EXIF (Orientation
 tag included, unchanged), XMP, ICC profile chunks, IPTC, JFIF/Adobe markers and comments -- is copied from the
-original, byte for byte.
+original, byte for byte, but for two edits of the EXIF block made in place (no offset moves): its
+PixelXDimension/PixelYDimension say the crop's size, and its thumbnail (IFD1: the whole uncropped photo, which
+file browsers show) is unlinked and zeroed.
 
 Orientation: boxes are given in UPRIGHT coordinates (after the EXIF orientation is applied, as the model sees
 the photo).  The box is mapped back to the stored orientation, its stored top-left corner is snapped down to
@@ -33,8 +35,7 @@ empty box, a box larger than the image, an orientation outside 1-8).
 The output is always a baseline (sequential, Huffman) JPEG with standard Huffman tables (or optimised ones with
 ``optimize=True``), without restart markers, whatever the input's coding was; the coefficients and quantisation
 tables are the original's.  Embedded MPF (multi-picture) indexes are dropped, since the pictures they point to,
-stored after the main image, are not copied.  EXIF tags describing the pixel size (PixelXDimension/
-PixelYDimension) are left as they were (as jpegtran does).
+stored after the main image, are not copied.
 
 Cost (CPU time of one crop, 4000x3000 q90 JPEG -> 3000x1687 box, on the project's 2-core VM): ~100 ms for 4:2:0
 baseline, ~150 ms progressive, ~205 ms 4:4:4, against 76 / 137 / 95 ms for Pillow's decode + crop + encode of the
@@ -441,6 +442,54 @@ def _tiff_orientation(tiff: bytes, absent: int | None = 1) -> int | None:
     return absent
 
 
+def _exif_for_crop(seg: bytes, size: tuple[int, int]) -> bytes:
+    """An EXIF APP1 segment fit for a crop of stored ``size`` (w, h), edited in place so that no offset moves
+    (maker notes keep working): PixelXDimension/PixelYDimension say ``size``, and the thumbnail (IFD1, a picture
+    of the whole uncropped photo, which file browsers show) is unlinked and its bytes zeroed.  A block it
+    cannot follow is returned as it was."""
+    t = bytearray(seg[10:])
+    if len(t) < 8 or t[:2] not in (b"II", b"MM"):
+        return seg
+    order = "little" if t[:2] == b"II" else "big"
+
+    def u(pos: int, n: int) -> int:
+        return int.from_bytes(t[pos:pos + n], order)
+
+    def entries(ifd: int):
+        """(position, tag, type, count) of an IFD's entries; none when it lies outside the block."""
+        if not 8 <= ifd <= len(t) - 2:
+            return []
+        n = u(ifd, 2)
+        return [(e, u(e, 2), u(e + 2, 2), u(e + 4, 4)) for e in range(ifd + 2, ifd + 2 + 12 * n, 12)
+                if e + 12 <= len(t)]
+
+    def value(e: int, typ: int) -> int:  # a SHORT or LONG entry's single value
+        return u(e + 8, 2) if typ == 3 else u(e + 8, 4)
+
+    ifd0 = u(4, 4)
+    for e, tag, typ, _count in entries(ifd0):
+        if tag != 0x8769 or typ not in (4, 13):
+            continue
+        for se, sub_tag, sub_typ, count in entries(u(e + 8, 4)):
+            if sub_tag in (0xA002, 0xA003) and count == 1 and sub_typ in (3, 4):
+                new = size[0] if sub_tag == 0xA002 else size[1]
+                if new > 0xFFFF:
+                    sub_typ = 4
+                    t[se + 2:se + 4] = (4).to_bytes(2, order)  # SHORT -> LONG
+                t[se + 8:se + 12] = new.to_bytes(2 if sub_typ == 3 else 4, order).ljust(4, b"\x00")
+    nxt = ifd0 + 2 + 12 * u(ifd0, 2) if 8 <= ifd0 <= len(t) - 2 else -1
+    if 0 <= nxt <= len(t) - 4 and u(nxt, 4):
+        thumb = {tag: (e, typ) for e, tag, typ, count in entries(u(nxt, 4)) if count == 1 and typ in (3, 4)}
+        for off_tag, len_tag in ((0x0201, 0x0202), (0x0111, 0x0117)):  # JPEG thumbnail, or one strip
+            if off_tag in thumb and len_tag in thumb:
+                off, n = value(*thumb[off_tag]), value(*thumb[len_tag])
+                end = min(off + n, len(t))
+                if 8 <= off < end:
+                    t[off:end] = bytes(end - off)
+        t[nxt:nxt + 4] = bytes(4)
+    return seg[:10] + bytes(t)
+
+
 def read_orientation(data: bytes) -> int:
     """EXIF orientation (1-8) of a JPEG; 1 when there is no EXIF, no tag, or an invalid value.  Reads only
     the header segments, so it is cheap."""
@@ -774,7 +823,8 @@ def lossless_crop(data: bytes, box_upright: Sequence[float], orientation: int | 
     ``box_upright`` = (left, top, right, bottom) in upright pixel coordinates; ``orientation`` is the EXIF
     orientation the upright view was made with (default: read from ``data``).  ``box_used`` is the upright box
     really produced (:func:`snap_box`): same size, shifted by less than one iMCU.  The crop's coefficients
-    and quantisation tables are the original's; metadata segments are copied and the Orientation tag kept.
+    and quantisation tables are the original's; metadata segments are copied and the Orientation tag kept (the
+    EXIF block fit for the crop: :func:`_exif_for_crop`).
     ``optimize`` computes optimal Huffman tables (~10 % smaller file, ~15 % slower).  ``strip`` keeps only
     the JFIF and Adobe segments (which say how to decode the colours): no EXIF, XMP, ICC, IPTC or comment.
 
@@ -797,4 +847,9 @@ def lossless_crop(data: bytes, box_upright: Sequence[float], orientation: int | 
     encoded = backend.crop(bytes(data), info, sbox, optimize)
     if strip:
         info = dataclasses.replace(info, metadata=tuple(seg for seg in info.metadata if seg[1] in (0xE0, 0xEE)))
+    else:
+        size = (sbox[2] - sbox[0], sbox[3] - sbox[1])
+        info = dataclasses.replace(info, metadata=tuple(
+            _exif_for_crop(seg, size) if seg[1] == 0xE1 and seg[4:10] == b"Exif\x00\x00" else seg
+            for seg in info.metadata))
     return _assemble(encoded, info), used

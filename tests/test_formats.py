@@ -406,6 +406,33 @@ def test_xmp_only_orientation_is_reset_in_the_output(tmp_path):
         assert_upright(back.image)
 
 
+def exif_with_sub_ifd(width=900, height=600):
+    exif = Image.Exif()
+    exif[0x010F] = "Cam"
+    sub = exif.get_ifd(0x8769)
+    sub[0xA002], sub[0xA003], sub[0x9003] = width, height, "2020:01:02 03:04:05"
+    return exif.tobytes()
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png", "webp", "tif"])
+def test_a_crop_states_its_own_pixel_size_in_exif(ext):
+    """PixelXDimension/PixelYDimension said the whole photo's size (900 x 600) in every re-encoded crop."""
+    data = encode_image(Image.fromarray(upright_array(60, 40)), ext, exif=exif_with_sub_ifd())
+    sub = opened(data).getexif().get_ifd(0x8769)
+    assert (sub[0xA002], sub[0xA003]) == (60, 40) and sub[0x9003] == "2020:01:02 03:04:05"
+
+
+def test_a_compressed_tiff_with_an_exif_sub_ifd_is_written_uncompressed(tmp_path):
+    """libtiff (every TIFF compression) cannot write an EXIF sub-IFD ("Error setting from dictionary"): a crop of
+    an LZW camera TIFF with EXIF failed to write, so the photo was lost. It is now written uncompressed, the
+    metadata whole; without a sub-IFD the compression stays."""
+    Image.fromarray(upright_array(60, 40)).save(tmp_path / "lzw.tif", compression="tiff_lzw")
+    crop = load_full(tmp_path / "lzw.tif").original.crop((0, 0, 30, 20))
+    back = opened(encode_image(crop, "tif", exif=exif_with_sub_ifd()))
+    assert back.info["compression"] == "raw" and back.getexif().get_ifd(0x8769)[0x9003] == "2020:01:02 03:04:05"
+    assert opened(encode_image(crop, "tif", exif=exif_with(1, make="Cam"))).info["compression"] == "tiff_lzw"
+
+
 @pytest.mark.parametrize("ext", ["jpg", "png", "webp", "tif"])
 def test_encode_resets_a_raw_xmp_orientation(ext):
     """A caller passing the source's XMP as is still gets orientation 1 written (the pixels are upright)."""

@@ -287,6 +287,46 @@ def test_metadata_segments_copied_verbatim():
     assert XMP in out and im.info.get("comment") == b"a comment"
 
 
+def exif_with_thumbnail(thumb: bytes, width: int, height: int, order: str = "<") -> bytes:
+    """An EXIF APP1 payload written by hand (Pillow writes no IFD1): Make, an EXIF IFD with PixelXDimension
+    (SHORT) and PixelYDimension (LONG), and IFD1 holding a JPEG thumbnail."""
+    def entry(tag, typ, count, value: bytes):
+        return struct.pack(order + "HHI", tag, typ, count) + value.ljust(4, b"\x00")
+
+    def ifd(entries, nxt):
+        return struct.pack(order + "H", len(entries)) + b"".join(entries) + struct.pack(order + "I", nxt)
+
+    ifd0 = ifd([entry(0x010F, 2, 4, b"Cam\x00"), entry(0x8769, 4, 1, struct.pack(order + "I", 38))], 68)
+    sub = ifd([entry(0xA002, 3, 1, struct.pack(order + "H", width)),
+               entry(0xA003, 4, 1, struct.pack(order + "I", height))], 0)
+    ifd1 = ifd([entry(0x0201, 4, 1, struct.pack(order + "I", 98)),
+                entry(0x0202, 4, 1, struct.pack(order + "I", len(thumb)))], 0)
+    head = (b"II*\x00" if order == "<" else b"MM\x00*") + struct.pack(order + "I", 8)
+    return b"Exif\x00\x00" + head + ifd0 + sub + ifd1 + thumb
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_lossless_crop_drops_the_exif_thumbnail_and_states_its_size(order):
+    """A lossless crop kept the source's EXIF thumbnail (the whole uncropped photo, which file browsers show:
+    what the crop cut away stayed visible) and its pixel size; re-encoded crops had neither."""
+    needs_backend()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(buf, "JPEG")
+    thumb = buf.getvalue()
+    data = make_jpeg(size=(320, 240), metadata=False)
+    app1 = exif_with_thumbnail(thumb, 320, 240, order)
+    data = data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:]
+    assert Image.open(io.BytesIO(data)).getexif().get_ifd(0x8769)[0xA002] == 320
+    out, used = lossless_crop(data, (16, 16, 16 + 160, 16 + 90))
+    assert out.find(b"\xff\xd8", 2) == -1  # no thumbnail's SOI left
+    (seg,) = [s for s in header_segments(out) if s[1] == 0xE1]
+    assert len(seg) == len(app1) + 4  # edited in place: no offset moved
+    exif = Image.open(io.BytesIO(out)).getexif()
+    assert exif[0x010F] == "Cam" and not exif.get_ifd(1)
+    sub = exif.get_ifd(0x8769)
+    assert (sub[0xA002], sub[0xA003]) == (160, 90)
+
+
 def test_component_ids_and_quant_tables_follow_the_original(tmp_path):
     """Adobe-style RGB ids ('R','G','B') must survive, or decoders would guess another colour space."""
     needs_backend()
