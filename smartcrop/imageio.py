@@ -167,6 +167,7 @@ class LoadedImage:
     # the source has more than 8 bits per sample and ``original`` (so any output) holds only 8: the caller
     # should say so once; 16-bit grayscale is kept as "I;16" and written as such to PNG and TIFF
     reduced_depth: bool = False
+    lossless: bool = False  # a lossless WebP (VP8L): its crops are written lossless when written as WebP
 
     @property
     def camera(self) -> dict[str, str | int | float]:
@@ -214,6 +215,7 @@ def load_image(source: Source, *, target_short_side: int | None = None, max_pixe
             if im.format in _UNSAFE_FORMATS:
                 raise ImageError(f"unsupported image format {im.format}")
             fmt, mode, has_alpha = im.format or "", im.mode, im.has_transparency_data
+            lossless = fmt == "WEBP" and _webp_is_lossless(fp)
             bit_depth = _source_bits(im)  # from the tile list, which load() empties
             # PNG metadata chunks may follow the pixel data (Pillow's getexif() decodes the image to find them):
             # read them after load(), so that no pixels are decoded while holding the lock
@@ -259,7 +261,7 @@ def load_image(source: Source, *, target_short_side: int | None = None, max_pixe
     keeps_depth = mode in _SIXTEEN_BIT_MODES and not has_alpha  # "I;16" in original, see _standardize
     return LoadedImage(image=image, full_size=full_size, scale=image.width / full_size[0], exif=exif, icc=icc,
                        format=fmt, mode=mode, has_alpha=has_alpha, original=original, xmp=xmp, iptc=iptc,
-                       bit_depth=bit_depth, reduced_depth=bit_depth > 8 and not keeps_depth)
+                       bit_depth=bit_depth, reduced_depth=bit_depth > 8 and not keeps_depth, lossless=lossless)
 
 
 def load_full(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
@@ -328,6 +330,31 @@ def _open_image(fp: IO[bytes], max_pixels: int, container: str | None = None) ->
         raise ImageError(f"cannot read file ({e.strerror or e})") from e
     except Exception as e:  # plugins may raise ValueError, struct.error, ... on mangled headers
         raise ImageError(f"corrupt image header ({_detail(e)})") from e
+
+
+def _webp_is_lossless(fp: IO[bytes]) -> bool:
+    """Whether the WebP file ``fp`` codes its (first) picture losslessly: a ``VP8L`` chunk before any ``VP8 ``
+    one, inside the first animation frame if animated.  Reads chunk headers only; the position is restored."""
+    try:
+        pos = fp.tell()
+        try:
+            fp.seek(12)  # past "RIFF" size "WEBP"
+            for _ in range(64):
+                head = fp.read(8)
+                if len(head) < 8:
+                    return False
+                fourcc, size = head[:4], int.from_bytes(head[4:], "little")
+                if fourcc in (b"VP8L", b"VP8 "):
+                    return fourcc == b"VP8L"
+                if fourcc == b"ANMF":
+                    fp.seek(16, os.SEEK_CUR)  # the frame's header; its picture's chunks follow
+                    continue
+                fp.seek(size + (size & 1), os.SEEK_CUR)
+            return False
+        finally:
+            fp.seek(pos)
+    except (OSError, ValueError):
+        return False
 
 
 def _sniff_container(fp: IO[bytes]) -> str | None:
@@ -822,13 +849,17 @@ def save_image(img: Image.Image, path: str | os.PathLike[str], *, format: str | 
 
 
 def encode_image(img: Image.Image, format: str, *, quality: int = 95, exif: bytes | None = None,
-                 icc: bytes | None = None, xmp: bytes | str | None = None, iptc: bytes | None = None) -> bytes:
+                 icc: bytes | None = None, xmp: bytes | str | None = None, iptc: bytes | None = None,
+                 lossless: bool = False) -> bytes:
     """Encode ``img`` like :func:`save_image` and return the file's bytes (e.g. for stdout).
 
     ``format`` is a format or extension name: "JPEG", "jpg", ".png", "webp", "tiff", "avif", ...
+    ``lossless``: a WebP is written lossless (``quality`` then says how hard to compress); other formats are
+    unaffected.
     """
     buf = io.BytesIO()
-    _encode(img, buf, pillow_output_format(format), quality=quality, exif=exif, icc=icc, xmp=xmp, iptc=iptc)
+    _encode(img, buf, pillow_output_format(format), quality=quality, exif=exif, icc=icc, xmp=xmp, iptc=iptc,
+            lossless=lossless)
     return buf.getvalue()
 
 
@@ -1093,8 +1124,9 @@ _TIFF_LOSSLESS = frozenset({"raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_defla
 
 
 def _encode(img: Image.Image, fp: IO[bytes], fmt: str, *, quality: int, exif: bytes | None, icc: bytes | None,
-            xmp: bytes | str | None = None, iptc: bytes | None = None) -> None:
-    """Convert ``img`` for ``fmt`` and write it to ``fp`` with the given metadata."""
+            xmp: bytes | str | None = None, iptc: bytes | None = None, lossless: bool = False) -> None:
+    """Convert ``img`` for ``fmt`` and write it to ``fp`` with the given metadata (``lossless``: see
+    :func:`encode_image`)."""
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
     out = _standardize(img, keep_deep=fmt in ("PNG", "TIFF"))
@@ -1156,6 +1188,8 @@ def _encode(img: Image.Image, fp: IO[bytes], fmt: str, *, quality: int, exif: by
             options["compression"] = source if source in _TIFF_LOSSLESS else "tiff_adobe_deflate"
     elif fmt in ("WEBP", "AVIF"):
         options.update(quality=quality)
+        if fmt == "WEBP" and lossless:
+            options.update(lossless=True, exact=True)  # exact: the colour under transparent pixels kept too
         if fmt == "AVIF":  # libaom's default speed 6 takes ~7 s for 12 MP at quality 92 on 2 cores, 8 takes ~1 s
             options.update(speed=8)
         if xmp:

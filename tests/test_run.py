@@ -347,6 +347,22 @@ def test_tiff_crops_keep_a_compression_that_suits_them_and_honour_quality(tmp_pa
     assert sizes["30"] < sizes["95"] / 2
 
 
+def test_a_lossless_webp_is_cropped_to_a_lossless_webp(tmp_path, small_model_file):
+    """A lossless WebP (still or animated) came out lossy (pixels off by up to 137); a lossy one stays lossy."""
+    photo = Image.open(draw_photo(tmp_path / "p.png", size=(240, 160), seed=4)).convert("RGB")
+    src = tmp_path / "in"
+    src.mkdir()
+    photo.save(src / "still.webp", lossless=True)
+    photo.save(src / "anim.webp", lossless=True, save_all=True, append_images=[photo.rotate(180)], duration=100)
+    photo.save(src / "lossy.webp", quality=80)
+    code, out, err = run([src, "--ratio", "16:9", "--json", "-o", tmp_path / "out", "--weights", small_model_file])
+    assert code == 0, err
+    for rec in jsonl(out):
+        got = np.asarray(Image.open(rec["output"]).convert("RGB"), dtype=int)
+        want = np.asarray(Image.open(rec["input"]).convert("RGB").crop(tuple(rec["box"])), dtype=int)
+        assert (np.abs(got - want).max() == 0) == ("lossy" not in rec["input"]), rec["input"]
+
+
 def test_python_api_flip_tta_averages_with_the_mirrored_image(tmp_path, small_model_file):
     from smartcrop import Cropper
 
