@@ -229,6 +229,9 @@ def load_image(source: Source, *, target_short_side: int | None = None, max_pixe
         try:
             im.load()
         except Exception as e:  # Pillow decoders raise many types (OSError, SyntaxError, ValueError, zlib...)
+            if fmt == "JPEG" and _jpeg_frame_marker(fp) in _ARITHMETIC_SOF:
+                raise ImageError("arithmetic-coded JPEG: this Pillow cannot decode it (`jpegtran -optimize` "
+                                 "rewrites it with Huffman coding, losslessly)") from e
             raise ImageError(_decode_error(e, max_pixels)) from e
         if deferred:
             with _quiet_pillow():
@@ -330,6 +333,31 @@ def _open_image(fp: IO[bytes], max_pixels: int, container: str | None = None) ->
         raise ImageError(f"cannot read file ({e.strerror or e})") from e
     except Exception as e:  # plugins may raise ValueError, struct.error, ... on mangled headers
         raise ImageError(f"corrupt image header ({_detail(e)})") from e
+
+
+_ARITHMETIC_SOF = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})  # JPEG frame markers of arithmetic coding
+
+
+def _jpeg_frame_marker(fp: IO[bytes]) -> int | None:
+    """The second byte of a JPEG's frame marker (SOFn, 0xC0-0xCF but DHT/JPG/DAC), None if not found in the
+    first 1 MiB's marker segments."""
+    try:
+        fp.seek(0)
+        data = fp.read(1 << 20)
+    except (OSError, ValueError):
+        return None
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        if marker in (0xD9, 0xDA):
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
 
 
 def _webp_is_lossless(fp: IO[bytes]) -> bool:

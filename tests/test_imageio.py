@@ -227,6 +227,21 @@ def test_truncated_jpeg(tmp_path):
         load_full(data[: len(data) // 2])
 
 
+def test_an_arithmetic_coded_jpeg_is_named_as_such(tmp_path):
+    """Pillow's decoder cannot read arithmetic coding; the line said "truncated or corrupt image data (broken
+    data stream …)" of a valid file.  (Here a Huffman file's frame marker relabelled SOF9: what the decoder
+    meets first is the same.)"""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), np.uint8)).save(buf, "JPEG")
+    data = buf.getvalue()
+    sof = data.index(b"\xff\xc0")
+    (tmp_path / "arith.jpg").write_bytes(data[:sof + 1] + b"\xc9" + data[sof + 2:])
+    for kwargs in ({}, {"target_short_side": 32}):
+        with pytest.raises(ImageError) as ei:
+            load_image(tmp_path / "arith.jpg", **kwargs)
+        assert_one_line_error(ei, "arithmetic-coded JPEG")
+
+
 def test_truncated_png(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (100, 100, 3), np.uint8)).save(buf, "PNG")
