@@ -223,15 +223,16 @@ def load_image(source: Source, *, target_short_side: int | None = None, max_pixe
             if not deferred:  # before load(): TIFF metadata is read from the open file
                 orientation, exif, xmp, iptc = _read_metadata(im, fmt)
 
+        if fmt == "JPEG" and _jpeg_frame_marker(fp) in _ARITHMETIC_SOF:
+            # libjpeg's arithmetic decoder cannot wait for more data, and Pillow feeds it 64 KiB at a time
+            # ("broken data stream" past the first block): hand it the whole file at once
+            im.decodermaxblock = max(im.decodermaxblock, _size_of(fp))
         if target_short_side is not None:
             im.draft(im.mode, (target_short_side, target_short_side))  # JPEG (DCT scaling), HEIF (thumbnail)
         drafted = im.size != (full_w, full_h)
         try:
             im.load()
         except Exception as e:  # Pillow decoders raise many types (OSError, SyntaxError, ValueError, zlib...)
-            if fmt == "JPEG" and _jpeg_frame_marker(fp) in _ARITHMETIC_SOF:
-                raise ImageError("arithmetic-coded JPEG: this Pillow cannot decode it (`jpegtran -optimize` "
-                                 "rewrites it with Huffman coding, losslessly)") from e
             raise ImageError(_decode_error(e, max_pixels)) from e
         if deferred:
             with _quiet_pillow():
@@ -339,25 +340,43 @@ _ARITHMETIC_SOF = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})  # JPEG frame 
 
 
 def _jpeg_frame_marker(fp: IO[bytes]) -> int | None:
-    """The second byte of a JPEG's frame marker (SOFn, 0xC0-0xCF but DHT/JPG/DAC), None if not found in the
-    first 1 MiB's marker segments."""
+    """The second byte of a JPEG's frame marker (SOFn: 0xC0-0xCF but DHT, JPG and DAC), None if there is none
+    before the first scan.  Reads marker headers only; the position is restored."""
     try:
-        fp.seek(0)
-        data = fp.read(1 << 20)
+        pos = fp.tell()
+        try:
+            at = 2
+            for _ in range(256):
+                fp.seek(at)
+                head = fp.read(4)
+                if len(head) < 4 or head[0] != 0xFF:
+                    return None
+                marker = head[1]
+                if marker == 0xFF:
+                    at += 1
+                    continue
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                    return marker
+                if marker in (0xD9, 0xDA):
+                    return None
+                at += 2 + int.from_bytes(head[2:], "big")
+            return None
+        finally:
+            fp.seek(pos)
     except (OSError, ValueError):
         return None
-    pos = 2
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return marker
-        if marker in (0xD9, 0xDA):
-            return None
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return None
+
+
+def _size_of(fp: IO[bytes]) -> int:
+    """The length of file ``fp`` (its position restored); 0 if it cannot be told."""
+    try:
+        pos = fp.tell()
+        try:
+            return fp.seek(0, os.SEEK_END)
+        finally:
+            fp.seek(pos)
+    except (OSError, ValueError):
+        return 0
 
 
 def _webp_is_lossless(fp: IO[bytes]) -> bool:
