@@ -29,6 +29,7 @@ import errno
 import importlib
 import io
 import math
+import numbers
 import os
 import re
 import secrets
@@ -168,6 +169,9 @@ class LoadedImage:
     # should say so once; 16-bit grayscale is kept as "I;16" and written as such to PNG and TIFF
     reduced_depth: bool = False
     lossless: bool = False  # a lossless WebP (VP8L): its crops are written lossless when written as WebP
+    # a JPEG source's chroma subsampling (Pillow's codes: 0 4:4:4, 1 4:2:2, 2 4:2:0), which its crops re-encoded
+    # as JPEG keep; None for other sources (Pillow's default, 4:2:0)
+    subsampling: int | None = None
 
     @property
     def camera(self) -> dict[str, str | int | float]:
@@ -216,6 +220,7 @@ def load_image(source: Source, *, target_short_side: int | None = None, max_pixe
                 raise ImageError(f"unsupported image format {im.format}")
             fmt, mode, has_alpha = im.format or "", im.mode, im.has_transparency_data
             lossless = fmt == "WEBP" and _webp_is_lossless(fp)
+            subsampling = _jpeg_subsampling(im) if fmt == "JPEG" else None
             bit_depth = _source_bits(im)  # from the tile list, which load() empties
             # PNG metadata chunks may follow the pixel data (Pillow's getexif() decodes the image to find them):
             # read them after load(), so that no pixels are decoded while holding the lock
@@ -265,7 +270,8 @@ def load_image(source: Source, *, target_short_side: int | None = None, max_pixe
     keeps_depth = mode in _SIXTEEN_BIT_MODES and not has_alpha  # "I;16" in original, see _standardize
     return LoadedImage(image=image, full_size=full_size, scale=image.width / full_size[0], exif=exif, icc=icc,
                        format=fmt, mode=mode, has_alpha=has_alpha, original=original, xmp=xmp, iptc=iptc,
-                       bit_depth=bit_depth, reduced_depth=bit_depth > 8 and not keeps_depth, lossless=lossless)
+                       bit_depth=bit_depth, reduced_depth=bit_depth > 8 and not keeps_depth, lossless=lossless,
+                       subsampling=subsampling)
 
 
 def load_full(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
@@ -377,6 +383,18 @@ def _size_of(fp: IO[bytes]) -> int:
             fp.seek(pos)
     except (OSError, ValueError):
         return 0
+
+
+def _jpeg_subsampling(im: Image.Image) -> int | None:
+    """Pillow's code for an opened colour JPEG's chroma subsampling (0, 1 or 2), None if another (4:1:1, ...)
+    or grayscale."""
+    try:
+        from PIL import JpegImagePlugin
+
+        value = JpegImagePlugin.get_sampling(im)
+    except Exception:  # noqa: BLE001 - a header Pillow could open but not describe
+        return None
+    return value if value in (0, 1, 2) else None
 
 
 def _webp_is_lossless(fp: IO[bytes]) -> bool:
@@ -897,16 +915,17 @@ def save_image(img: Image.Image, path: str | os.PathLike[str], *, format: str | 
 
 def encode_image(img: Image.Image, format: str, *, quality: int = 95, exif: bytes | None = None,
                  icc: bytes | None = None, xmp: bytes | str | None = None, iptc: bytes | None = None,
-                 lossless: bool = False) -> bytes:
+                 lossless: bool = False, subsampling: int | None = None) -> bytes:
     """Encode ``img`` like :func:`save_image` and return the file's bytes (e.g. for stdout).
 
     ``format`` is a format or extension name: "JPEG", "jpg", ".png", "webp", "tiff", "avif", ...
-    ``lossless``: a WebP is written lossless (``quality`` then says how hard to compress); other formats are
-    unaffected.
+    ``lossless``: a WebP is written lossless (``quality`` then says how hard to compress); ``subsampling``
+    (Pillow's 0, 1 or 2; None: 4:2:0): a JPEG's chroma subsampling (:attr:`LoadedImage.subsampling` keeps a
+    JPEG source's).  Other formats ignore both.
     """
     buf = io.BytesIO()
     _encode(img, buf, pillow_output_format(format), quality=quality, exif=exif, icc=icc, xmp=xmp, iptc=iptc,
-            lossless=lossless)
+            lossless=lossless, subsampling=subsampling)
     return buf.getvalue()
 
 
@@ -1171,7 +1190,8 @@ _TIFF_LOSSLESS = frozenset({"raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_defla
 
 
 def _encode(img: Image.Image, fp: IO[bytes], fmt: str, *, quality: int, exif: bytes | None, icc: bytes | None,
-            xmp: bytes | str | None = None, iptc: bytes | None = None, lossless: bool = False) -> None:
+            xmp: bytes | str | None = None, iptc: bytes | None = None, lossless: bool = False,
+            subsampling: int | None = None) -> None:
     """Convert ``img`` for ``fmt`` and write it to ``fp`` with the given metadata (``lossless``: see
     :func:`encode_image`)."""
     if not 1 <= quality <= 100:
@@ -1190,8 +1210,16 @@ def _encode(img: Image.Image, fp: IO[bytes], fmt: str, *, quality: int, exif: by
     # explicit even when None: Pillow's PNG/TIFF/AVIF writers fall back to img.info["icc_profile"], which a crop
     # of a loaded image still carries -- "strip" would not strip
     options["icc_profile"] = icc if icc and icc[16:20] == _ICC_SPACE[out.mode] else None
+    # the source's resolution, which a crop keeps: Pillow writes only what it is given (a TIFF's comes with its
+    # EXIF tags, which --strip drops)
+    dpi = img.info.get("dpi")
+    if fmt in ("JPEG", "PNG") and isinstance(dpi, tuple) and len(dpi) == 2 and all(
+            isinstance(v, numbers.Real) and 0 < v < 1e6 for v in dpi):  # TIFF's are IFDRationals
+        options["dpi"] = tuple(float(v) for v in dpi)
     if fmt == "JPEG":
         options.update(quality=quality, optimize=False, comment=b"")  # no COM segment copied from img.info
+        if subsampling in (0, 1, 2):
+            options["subsampling"] = subsampling
         # XMP (APP1) and IPTC (APP13) go in as ready-made segments, after the EXIF APP1 and before the ICC APP2
         extra = b""
         if xmp:

@@ -302,7 +302,7 @@ def finish(job: FinishJob) -> list[Written]:
                     encoded[k] = encode_image(img, job.ext, quality=job.quality or DEFAULT_QUALITY,
                                               exif=full.exif if keep else None, icc=full.icc if keep else None,
                                               xmp=full.xmp if keep else None, iptc=full.iptc if keep else None,
-                                              lossless=full.lossless)
+                                              lossless=full.lossless, subsampling=full.subsampling)
             del full, img
     out: list[Written] = []
     for spec, box, data, was_lossless in zip(job.crops, boxes, encoded, lossless):

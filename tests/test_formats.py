@@ -422,6 +422,17 @@ def test_a_crop_states_its_own_pixel_size_in_exif(ext):
     assert (sub[0xA002], sub[0xA003]) == (60, 40) and sub[0x9003] == "2020:01:02 03:04:05"
 
 
+@pytest.mark.parametrize("src", ["png", "jpg", "tif"])
+def test_a_re_encoded_crop_keeps_the_source_resolution(tmp_path, src):
+    """A 300 dpi photo's re-encoded crop said no resolution at all in PNG and JPEG (TIFF keeps it with the
+    source's EXIF tags)."""
+    path = tmp_path / f"p.{src}"
+    Image.fromarray(upright_array(60, 40)).save(path, dpi=(300, 300))
+    crop = load_full(path).original.crop((0, 0, 30, 20))
+    for ext in ("png", "jpg"):
+        assert [round(v) for v in opened(encode_image(crop, ext)).info["dpi"]] == [300, 300], (src, ext)
+
+
 def test_a_compressed_tiff_with_an_exif_sub_ifd_is_written_uncompressed(tmp_path):
     """libtiff (every TIFF compression) cannot write an EXIF sub-IFD ("Error setting from dictionary"): a crop of
     an LZW camera TIFF with EXIF failed to write, so the photo was lost. It is now written uncompressed, the

@@ -363,6 +363,24 @@ def test_a_lossless_webp_is_cropped_to_a_lossless_webp(tmp_path, small_model_fil
         assert (np.abs(got - want).max() == 0) == ("lossy" not in rec["input"]), rec["input"]
 
 
+def test_a_re_encoded_jpeg_crop_keeps_the_source_chroma_subsampling(tmp_path, small_model_file):
+    """Re-encoded JPEG crops were always 4:2:0, halving a 4:4:4 photo's colour detail."""
+    from PIL import JpegImagePlugin
+
+    photo = Image.open(draw_photo(tmp_path / "p.png", size=(240, 160), seed=4)).convert("RGB")
+    src = tmp_path / "in"
+    src.mkdir()
+    for code in (0, 1, 2):
+        photo.save(src / f"s{code}.jpg", quality=95, subsampling=code)
+    code, out, err = run([src, "--ratio", "1:1", "--json", "--max-side", "100", "-o", tmp_path / "out",
+                          "--weights", small_model_file])
+    assert code == 0, err
+    for rec in jsonl(out):
+        assert rec["lossless"] is False
+        want = int(Path(rec["input"]).stem[1])
+        assert JpegImagePlugin.get_sampling(Image.open(rec["output"])) == want, rec["input"]
+
+
 def test_python_api_flip_tta_averages_with_the_mirrored_image(tmp_path, small_model_file):
     from smartcrop import Cropper
 
