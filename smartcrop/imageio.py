@@ -805,6 +805,8 @@ def _standardize(im: Image.Image, keep_deep: bool = False) -> Image.Image:
     CMYK/YCbCr/... become RGB.  With ``keep_deep``, 16-bit grayscale without transparency stays 16-bit, as
     "I;16" (native byte order; PNG and TIFF write it).
     """
+    if im.mode == "La":  # premultiplied alpha: Pillow converts it to nothing but its plain form
+        im = im.convert("LA")
     if im.mode in _SIXTEEN_BIT_MODES and keep_deep and not im.has_transparency_data:
         # not convert("I;16") directly: Pillow clips when converting between the I;16 byte orders
         return im if im.mode == "I;16" else im.convert("I").convert("I;16")

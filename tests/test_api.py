@@ -48,6 +48,10 @@ def test_a_transparent_image_is_scored_over_white_as_its_file_is(cropper, tmp_pa
     assert [c.box for c in from_pil] == [c.box for c in from_file]
     dropped = cropper.crop(rgba.convert("RGB"), ["1:1", "any"])  # what the alpha's loss would have scored
     assert [c.score for c in dropped] != pytest.approx([c.score for c in from_pil], abs=1e-4)
+    # premultiplied modes too ("La" raised "conversion from La to L not supported")
+    for pre in (rgba.convert("RGBa"), rgba.convert("LA").convert("La")):
+        want = cropper.crop(pre.convert("RGBA" if pre.mode == "RGBa" else "LA"), ["1:1", "any"])
+        assert [c.box for c in cropper.crop(pre, ["1:1", "any"])] == [c.box for c in want], pre.mode
 
 
 @pytest.mark.parametrize("ratio, words", [(0, "must be positive"), (-1.5, "must be positive"),
