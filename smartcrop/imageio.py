@@ -104,10 +104,10 @@ _UPRIGHT = {
     8: Image.Transpose.ROTATE_90,
 }
 
-# TIFF tags describing the pixel layout of the *source* file (plus its ICC profile and XMP packet, which may
-# carry a stale orientation): meaningless or harmful in the EXIF block of a re-encoded crop.
 #: PixelXDimension, PixelYDimension (EXIF IFD): the picture's size, which a crop changes
 _PIXEL_DIMENSION_TAGS = (0xA002, 0xA003)
+# TIFF tags describing the pixel layout of the *source* file (plus its ICC profile and XMP packet, which may
+# carry a stale orientation): meaningless or harmful in the EXIF block of a re-encoded crop.
 _LAYOUT_TAGS = frozenset({
     254, 255, 256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 284, 317, 320, 322, 323, 324, 325, 330, 338,
     339, 347, 513, 514, 530, 531, 532, 700, 34675,

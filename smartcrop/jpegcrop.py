@@ -26,10 +26,10 @@ and only well-formed files of a supported kind reach the backend.
 Errors: :class:`LosslessUnsupported` (with a one-line reason) means "re-encode instead": backend missing,
 an unsupported kind of JPEG (arithmetic coding, 12-bit, lossless/hierarchical, CMYK/YCCK or 2/4 components,
 non-integral chroma sampling, > ``MAX_PIXELS``, an orientation given only in XMP), or a file whose structure
-is corrupt or truncated.  The
-caller's normal decode path then re-encodes the crop, or reports the corrupt file in its own words.  Damage
-*inside* the entropy-coded data that libjpeg can step over (it prints a "Corrupt JPEG data" warning on stderr)
-is cropped as decoded, like any decoder would show it.  ``ValueError`` is raised for invalid arguments (an
+is corrupt or truncated.  The caller's normal decode path then re-encodes the crop, or reports the corrupt file
+in its own words.  Damage *inside* the entropy-coded data that libjpeg steps over (with a "Corrupt JPEG data"
+warning, which the backends print on stderr or raise as a Python warning, naming no file) is refused too, so
+such a crop is re-encoded from the decoded photo.  ``ValueError`` is raised for invalid arguments (an
 empty box, a box larger than the image, an orientation outside 1-8).
 
 The output is always a baseline (sequential, Huffman) JPEG with standard Huffman tables (or optimised ones with
@@ -41,12 +41,14 @@ Cost (CPU time of one crop, 4000x3000 q90 JPEG -> 3000x1687 box, on the project'
 baseline, ~150 ms progressive, ~205 ms 4:4:4, against 76 / 137 / 95 ms for Pillow's decode + crop + encode of the
 same box.  Nearly all of it is jpeglib's C layer (entropy-decoding the whole image and copying every coefficient,
 then encoding the crop); :func:`probe` takes 1-2 ms.  The C calls release the GIL, so crops made from worker
-threads run in parallel with jpeglib; with libjpeg-turbo one process's crops go one at a time (its warnings are
-caught, and Python's warning filters are process-wide).
+threads run in parallel, but for the step that reads the original's coefficients: one process's crops take
+it one at a time, while the warnings it may print are caught (stderr and Python's warning filters are the
+process's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -625,7 +627,43 @@ _JCS_GRAYSCALE, _JCS_YCBCR = 1, 3
 _OPTIMIZE_CODING = 1 << 6  # jpeglib's flag bit
 
 
-_WARNINGS_LOCK = threading.Lock()
+_WARNINGS_LOCK = threading.Lock()  # held while a backend's warnings are caught (process-wide state)
+# what libjpeg prints on stderr when it steps over damaged data (its emit_message: one line each)
+_LIBJPEG_WARNING = re.compile(rb"^(Corrupt JPEG data|Premature end of JPEG file|Invalid |Inconsistent |Warning: )")
+
+
+@contextlib.contextmanager
+def _libjpeg_warnings():
+    """Collect what libjpeg prints on file descriptor 2 meanwhile: the body runs with fd 2 on a temporary file
+    (under :data:`_WARNINGS_LOCK`: the descriptor is the process's).  Yields a list that receives libjpeg's
+    warning lines when the body ends; any other output caught meanwhile (another thread's) goes on to the real
+    stderr."""
+    import tempfile
+
+    lines: list[bytes] = []
+    with _WARNINGS_LOCK, tempfile.TemporaryFile() as tmp:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr (2>&-): nothing to catch, nothing to keep off it
+            yield lines
+            return
+        try:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield lines
+            finally:
+                os.dup2(saved, 2)
+            tmp.seek(0)
+            other = b""
+            for line in tmp.read().splitlines(keepends=True):
+                if _LIBJPEG_WARNING.match(line):
+                    lines.append(line.strip())
+                else:
+                    other += line
+            if other:
+                os.write(2, other)
+        finally:
+            os.close(saved)
 
 
 class _TurboBackend:
@@ -730,10 +768,14 @@ class _Backend:
         try:
             with open(path, "wb") as f:
                 f.write(data)
-            ok = self._read(path.encode(), ptrs[0], ptrs[1], ptrs[2], None, qt.ctypes.data_as(ushort_p),
-                            qn.ctypes.data_as(short_p))
+            # libjpeg prints damage it steps over on stderr, naming no file: such a crop is re-encoded instead
+            with _libjpeg_warnings() as damage:
+                ok = self._read(path.encode(), ptrs[0], ptrs[1], ptrs[2], None, qt.ctypes.data_as(ushort_p),
+                                qn.ctypes.data_as(short_p))
         finally:
             os.unlink(path)
+        if damage:
+            raise LosslessUnsupported(f"damaged JPEG data ({damage[0].decode('ascii', 'replace')})")
         if ok != 1:
             raise LosslessUnsupported("jpeglib could not read the JPEG's coefficients")
         if [int(t) for t in qn[:len(src)]] != [c.tq for c in info.components]:
