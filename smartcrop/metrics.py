@@ -14,7 +14,8 @@ import numpy as np
 
 
 def rankdata(x) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (as ``scipy.stats.rankdata(method="average")``)."""
+    """Ranks 1..n with ties given their average rank (as ``scipy.stats.rankdata(method="average")`` for
+    finite values; :func:`srcc` refuses NaN)."""
     x = np.asarray(x, dtype=np.float64).ravel()
     order = np.argsort(x, kind="mergesort")
     xs = x[order]
@@ -30,10 +31,15 @@ def rankdata(x) -> np.ndarray:
 
 
 def _pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
+    """Both score vectors as float64; a length mismatch or a NaN/infinite score (which no ranking metric is
+    defined for: it ranked first in SRCC, last in Acc and gave PCC 0) is a ValueError."""
     a = np.asarray(pred, dtype=np.float64).ravel()
     b = np.asarray(gt, dtype=np.float64).ravel()
     if len(a) != len(b):
         raise ValueError(f"length mismatch: {len(a)} predictions for {len(b)} ground-truth scores")
+    for name, v in (("predicted", a), ("ground-truth", b)):
+        if not np.isfinite(v).all():
+            raise ValueError(f"{int((~np.isfinite(v)).sum())} {name} scores are NaN or infinite")
     return a, b
 
 
@@ -53,6 +59,8 @@ def pcc(pred, gt) -> float:
         return 0.0
     a = a - a.mean()
     b = b - b.mean()
+    a /= np.abs(a).max()  # scaled to 1 (neither is constant): the product below cannot under- or overflow
+    b /= np.abs(b).max()
     den = np.sqrt((a * a).sum() * (b * b).sum())
     if not den > 0:
         return 0.0

@@ -130,3 +130,27 @@ def test_iou_and_disp():
     assert m["iou"] == pytest.approx((1 + 1 / 3) / 2)
     assert m["disp"] == pytest.approx((0 + (5 / 20 + 5 / 20) / 4) / 2)
     assert list(m) == ["n_images", "iou", "disp"]
+
+
+def test_non_finite_scores_are_refused_not_ranked():
+    """A NaN ranked first in SRCC, last in Acc and made PCC 0: a NaN-scoring model got plausible figures."""
+    nan, inf = float("nan"), float("inf")
+    for bad in ([nan, 1, 2, 3], [inf, 1, 2, 3]):
+        for f in (srcc, pcc):
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                f(bad, [4, 1, 2, 3])
+            with pytest.raises(ValueError, match="ground-truth"):
+                f([4, 1, 2, 3], bad)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            acc_kn(bad, [4, 1, 2, 3], 1, 1)
+    with pytest.raises(ValueError, match="6 predicted"):
+        gaicd_metrics([([nan] * 6, [5, 4, 3, 2, 1, 0])])
+
+
+def test_pcc_of_tiny_or_huge_scores():
+    """The denominator under- or overflowed (PCC 0.0) for spreads outside about 1e-154..1e154."""
+    want = pcc([1, 2, 4], [1, 2, 3])
+    assert want == pytest.approx(0.98198050606, abs=1e-10)
+    for scale in (1e-200, 1e-160, 1e160):
+        assert pcc([scale, 2 * scale, 4 * scale], [1, 2, 3]) == pytest.approx(want, abs=1e-12)
+        assert pcc([1, 2, 4], [scale, 2 * scale, 3 * scale]) == pytest.approx(want, abs=1e-12)
