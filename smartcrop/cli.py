@@ -350,7 +350,7 @@ def run(
             raise typer.Exit(143 if term.received else 130) from None
     if stderr_is_tty():
         err(summary.describe(plan.opts, len(plan.input_errors)))
-    raise typer.Exit(1 if summary.failed or plan.input_errors else 0)
+    raise typer.Exit(1 if summary.failed or summary.incomplete or plan.input_errors else 0)
 
 
 def _adapt_min() -> int:

@@ -90,8 +90,16 @@ FUSE_IOU = 0.5
 #: took 19 GB at once); every candidate set of `run` and GAICD's ~86 crops an image fit in one call
 SCORE_CHUNK = 512
 #: A crop of a given ratio is instead the score-weighted mean of every anchor overlapping it, weights
+#: the smallest side of a crop worth writing, in the photo's pixels (``run`` refuses smaller ones)
+MIN_CROP_SIDE = 16
+
 #: exp((s_j − s_i) / VOTE_T) (tenth session, docs/results.md: better at FCDB's expert ratio, not free)
 VOTE_T = 0.1
+
+
+def _side(box) -> float:
+    """The shorter side of an ``(x1, y1, x2, y2)`` box."""
+    return min(box[2] - box[0], box[3] - box[1])
 
 
 def fuse_box(boxes: np.ndarray, scores: np.ndarray, i: int, k: int = FUSE_K, min_iou: float = FUSE_IOU,
@@ -373,10 +381,26 @@ class Cropper:
             boxes, s = box_sets[r], scores[r]
             c = self.choice_scores(boxes, s, faces)
             for i in distinct_top(boxes, c, top_k):
-                b = self.fused(boxes, c, i, is_free(r))
-                box = tuple(int(round(v)) for v in b) if is_free(r) else ratio_box(b, r, *size)
+                box = self._as_crop(self.fused(boxes, c, i, is_free(r)), r, size)
+                if _side(box) < MIN_CROP_SIDE:  # a tiny photo: the best crop that is not too small to write
+                    i, box = self._best_writable(boxes, c, r, size, i, box)
                 crops.append(Crop(box, float(s[i]), r))
         return crops
+
+    def _best_writable(self, boxes, c, ratio: str, size, i: int, box):
+        """``(index, box)`` of the best-scoring anchor (by ``c``) whose crop has sides of at least
+        :data:`MIN_CROP_SIDE`, unfused: the vote can shrink a tiny photo's crop below what ``run`` writes, and
+        its best anchor may be that small itself.  ``(i, box)`` unchanged when no anchor is that large."""
+        for j in np.argsort(-np.asarray(c, dtype=np.float64), kind="stable"):
+            anchor = self._as_crop(np.asarray(boxes[j], dtype=np.float64), ratio, size)
+            if _side(anchor) >= MIN_CROP_SIDE:
+                return int(j), anchor
+        return i, box
+
+    @staticmethod
+    def _as_crop(b: np.ndarray, ratio: str, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """A fused or anchor box in whole pixels; a ratio crop given that ratio exactly (:func:`ratio_box`)."""
+        return tuple(int(round(v)) for v in b) if is_free(ratio) else ratio_box(b, ratio, *size)
 
     # -- high level ------------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ Python entry point::
     import ray, smartcrop.distributed as sd
     ds = ray.data.from_items([{"path": "s3://bucket/a.jpg"}, ...])
     out = sd.crop(ds, ["16:9", "1:1"], output="s3://bucket/cropped")   # lazy ray.data.Dataset
-    for row in out.iter_rows(): ...   # {path, ratio, box, score, size, output, skipped, lossless, error, note}
+    for row in out.iter_rows(): ...   # {path, ratio, box, score, size, output, skipped, lossless, error, note, refused}
 
 A local file name that is not valid UTF-8 crosses Arrow escaped (:func:`wire`); the CLI undoes it, and
 :func:`unwire` gives a row's ``path``, ``input`` or ``output`` back as Python's ``os`` functions take it.
@@ -408,7 +408,8 @@ def _schemas(return_bytes: bool):
     result = pa.schema([
         ("path", pa.string()), ("input", pa.string()), ("ratio", pa.string()), ("box", pa.list_(pa.int64())),
         ("score", pa.float64()), ("size", pa.list_(pa.int64())), ("output", pa.string()),
-        ("skipped", pa.string()), ("lossless", pa.bool_()), ("error", pa.string()), ("note", pa.string())]
+        ("skipped", pa.string()), ("lossless", pa.bool_()), ("error", pa.string()), ("note", pa.string()),
+        ("refused", pa.list_(pa.string()))]
         + ([("data", pa.binary())] if return_bytes else []))
     return prepared, scored, result
 
@@ -636,10 +637,13 @@ def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes:
         claim = lambda *a: namer.claim(me, *a)  # noqa: E731
     remote = out_root is not None and is_uri(out_root)
     crops = [(c["ratio"], c["box"], c["score"]) for c in r["crops"] or []]
+    refused: list[str] = []
     decisions, job = crop_job(item.display, _source(r), crops, ext, opts, claim,
-                              write=claim is not None or return_bytes)
+                              write=claim is not None or return_bytes, on_refused=refused.append)
     recs = [{**base, "ratio": d.ratio, "box": list(d.box), "score": d.score, "size": list(d.size),
              **({"output": d.output, "skipped": d.skipped} if d.skipped else {})} for d in decisions]
+    if refused:  # the crops left out, said once with the photo's first record (the driver counts it incomplete)
+        recs[0]["refused"] = refused
     if job is None:
         return recs
     if r["reduced_depth"]:
@@ -736,7 +740,9 @@ def crop(ds, ratios: Sequence[str] = ("any",), *, output: str | os.PathLike | No
     encoded crops in a ``data`` column with ``return_bytes``).  The other options are ``smartcrop run``'s.
 
     Rows: ``path, input, ratio, box [x1, y1, x2, y2], score, size [w, h], output, skipped ("exists"),
-    lossless, error, note`` (+ ``data``).  A photo that fails is one row with ``error`` set (the rest null).
+    lossless, error, note, refused`` (+ ``data``).  A photo that fails is one row with ``error`` set (the rest
+    null); ``refused`` lists, on a photo's first row, the crops left out because they could not be written as
+    asked (a ratio too thin for the photo, say), one line each.
     ``scorers``: actors of the model (an int, or ``(min, max)`` for an autoscaling pool; default one per GPU,
     or half the CPUs); ``num_gpus`` per actor (default 1 where the cluster has GPUs); ``batch_size`` photos
     per model pass.
@@ -1015,6 +1021,9 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
                     continue
                 if row.get("note"):
                     on_error(f"{row['input']}: {row['note']}")
+                for line in row.get("refused") or ():
+                    on_error(f"{row['input']}: {line}")
+                summary.incomplete += bool(row.get("refused"))
                 crops += 1
                 _count_and_print(row, summary, opts, as_json, out)
         except KeyboardInterrupt:
@@ -1038,4 +1047,4 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
         summary.records = range(crops)  # describe() counts them; millions of records are not kept
         shown = replace(opts, out_dir=out_root) if not opts.dry_run else opts
         on_error(summary.describe(shown, len(input_errors)))
-    return 1 if summary.failed or input_errors else 0
+    return 1 if summary.failed or summary.incomplete or input_errors else 0

@@ -83,6 +83,7 @@ class CropRecord:
 class RunSummary:
     images: int = 0
     failed: int = 0
+    incomplete: int = 0  # photos written without some of their crops (too small for a ratio, say), each said
     written: int = 0
     skipped: int = 0
     records: list = field(default_factory=list)
@@ -94,6 +95,7 @@ class RunSummary:
         return (f"{self.images} photos, {len(self.records)} {what}"
                 + (f", {self.skipped} skipped (exist)" if self.skipped else "")
                 + (f", {failed} failed" if failed else "")
+                + (f", {self.incomplete} incomplete" if self.incomplete else "")
                 + ("" if opts.dry_run or opts.out_dir is None else f" → {opts.out_dir}"))
 
 
@@ -240,7 +242,7 @@ class Runner:
                             if crops is None:
                                 continue
                             try:
-                                writes.append(self._submit_finish(pool, namer, items[i], i, p, crops))
+                                writes.append(self._submit_finish(pool, namer, items[i], i, p, crops, summary))
                             except UsageError:
                                 raise  # e.g. an output that would replace an input: the whole run stops
                             except _PER_FILE as e:
@@ -276,16 +278,22 @@ class Runner:
 
     # -- writing -----------------------------------------------------------------------------------------------
 
-    def _submit_finish(self, pool, namer, item: InputItem, index: int, p, crops) -> tuple:
-        """Records of the photo's crops and the future that writes them (None when nothing is to be written)."""
+    def _submit_finish(self, pool, namer, item: InputItem, index: int, p, crops, summary: RunSummary) -> tuple:
+        """Records of the photo's crops and the future that writes them (None when nothing is to be written); a
+        crop that cannot be written as asked is said in one line and counted in ``summary.incomplete``."""
         opts = self.opts
         if opts.preview is not None:
             from .preview import thumbnail_with_boxes
 
             self.thumbs.append(thumbnail_with_boxes(p.image, p.full_size, crops, Path(item.display).name))
         claim = None if namer is None else (lambda *a: namer.claim(item, *a))
+        refused: list[str] = []
         decisions, job = crop_job(item.display, _source(item), [(c.ratio, c.box, c.score) for c in crops],
-                                  output_ext(item, opts.out_format, p.format, p.has_alpha), opts, claim)
+                                  output_ext(item, opts.out_format, p.format, p.has_alpha), opts, claim,
+                                  on_refused=refused.append)
+        for line in refused:
+            self.on_error(f"{item.display}: {line}")
+        summary.incomplete += bool(refused)
         recs = [CropRecord(item.display, d.output if d.skipped else None, d.ratio, list(d.box), d.score,
                            list(d.size), d.skipped) for d in decisions]
         if p.reduced_depth and job is not None:

@@ -21,12 +21,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cropper import Choice
+from .cropper import MIN_CROP_SIDE, Choice
 from .errors import SmartcropError
-
-#: Smallest crop side written (pixels): anything smaller is a failed file, not a thumbnail of nothing.
-MIN_CROP_SIDE = 16
-
 
 class CropError(SmartcropError):
     """A chosen crop cannot be written as asked (too small, would need upscaling): fails that photo."""
@@ -105,23 +101,33 @@ class Decision:
     spec: int | None = None
 
 
-def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: bool = True):
+def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: bool = True, on_refused=None):
     """Stage 2½, shared by every engine: from a photo's chosen crops to ``(decisions, FinishJob or None)``.
 
     ``crops``: ``(ratio, box, score)`` triples, best first per ratio; ``ext``: the default output extension;
     ``opts``: the run's options (``size``, ``max_side``, ``upscale``, ``quality``, ``strip``, ``overwrite``,
     ``reencode``, ``dry_run``); ``claim(ratio, rank, ext, size)``: the output name of a crop (a
     :class:`~smartcrop.naming.Claim`), None to return the encoded bytes instead; ``write=False``: decide and
-    check only.  Raises :class:`CropError` (that photo fails) before anything is written.
+    check only.  A crop that cannot be written as asked (:func:`check_crop`: too small, would need
+    upscaling) is left out and said in one line to ``on_refused`` ("ratio 10:1: the best crop is only …"),
+    the photo's other crops going on; without ``on_refused``, or when no crop is left, :class:`CropError` is
+    raised (that photo fails) before anything is written.
     """
     decisions: list[Decision] = []
     specs: list[CropSpec] = []
     ranks: dict[str, int] = {}
+    refused: list[str] = []
     for ratio, box, score in crops:
         ranks[ratio] = ranks.get(ratio, 0) + 1
         box = tuple(int(v) for v in box)
         size = output_size(box, opts.size, opts.max_side)
-        check_crop(box, size, opts.upscale)
+        try:
+            check_crop(box, size, opts.upscale)
+        except CropError as e:
+            if on_refused is None or len(refused) == len(crops) - 1 and not decisions:
+                raise
+            refused.append(f"ratio {ratio}" + (f" (rank {ranks[ratio]})" if opts.top_k > 1 else "") + f": {e}")
+            continue
         d = Decision(ratio, box, float(score), tuple(size))
         decisions.append(d)
         if opts.dry_run or not write:
@@ -136,6 +142,8 @@ def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: boo
             target = str(c.path)
         d.spec = len(specs)
         specs.append(CropSpec(ratio, box, float(score), tuple(size), target))
+    for line in refused:
+        on_refused(line)
     # the written format follows the names (a template may give its own extension, e.g. '{stem}.png')
     exts = {name_ext(s.target) or ext for s in specs}
     if len(exts) > 1:

@@ -106,6 +106,14 @@ def test_a_corrupt_photo_is_one_error_line_and_exit_1_the_rest_done(tmp_path, sm
                               "--engine", "ray"])
         assert code == 1 and not out and "broken.jpg" in err
         assert not (tmp_path / "none").exists()
+    # a ratio too thin for a photo fails alone, named, as in the local engine; its other crops are written
+    thin = tmp_path / "thin"
+    draw_photo(thin / "small.png", size=(64, 48), seed=2)
+    code, out, err = run([thin, "--ratio", "1:1", "--ratio", "10:1", "--json", "-o", tmp_path / "thin_out",
+                          "--weights", small_model_file, "--engine", "ray"])
+    assert code == 1 and [r["ratio"] for r in jsonl(out)] == ["1:1"]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "small.png: ratio 10:1: the best crop is only 60x6 pixels" in lines[0], lines
 
 
 def test_wire_round_trips_every_string_and_leaves_valid_names_alone():

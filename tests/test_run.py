@@ -381,6 +381,32 @@ def test_a_re_encoded_jpeg_crop_keeps_the_source_chroma_subsampling(tmp_path, sm
         assert JpegImagePlugin.get_sampling(Image.open(rec["output"])) == want, rec["input"]
 
 
+def test_a_ratio_too_thin_for_the_photo_fails_alone_and_is_named(tmp_path, small_model_file):
+    """One impossible ratio (10:1 of a 64 x 48 photo: 60 x 6 px) failed the photo's every crop, in a line that did
+    not name the ratio; now the other ratios' crops are written, the line names it, the run exits 1."""
+    photo = draw_photo(tmp_path / "small.png", size=(64, 48), seed=2)
+    out = tmp_path / "out"
+    code, stdout, err = run([photo, "--ratio", "1:1", "--ratio", "10:1", "--json", "-o", out,
+                             "--weights", small_model_file])
+    assert code == 1
+    (rec,) = jsonl(stdout)
+    assert rec["ratio"] == "1:1" and Image.open(rec["output"]).size == tuple(rec["size"])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "small.png: ratio 10:1: the best crop is only 60x6 pixels" in lines[0]
+    code, _, err = run([photo, "--ratio", "10:1", "-o", tmp_path / "out2", "--weights", small_model_file])
+    assert code == 1 and "the best crop is only" in err and not (tmp_path / "out2").exists()
+
+
+def test_the_vote_never_shrinks_a_tiny_photos_crop_below_the_smallest_written(tmp_path, small_model_file):
+    """On a 16 x 16 photo the score-weighted vote averaged the whole frame with smaller anchors into 14 x 14,
+    which was then refused as too small; the best anchor itself (16 x 16) is written instead."""
+    photo = draw_photo(tmp_path / "tiny.png", size=(16, 16), seed=2)
+    code, stdout, err = run([photo, "--ratio", "1:1", "--json", "-o", tmp_path / "out", "--weights", small_model_file])
+    assert code == 0, err
+    (rec,) = jsonl(stdout)
+    assert min(rec["size"]) >= 16
+
+
 def test_python_api_flip_tta_averages_with_the_mirrored_image(tmp_path, small_model_file):
     from smartcrop import Cropper
 
