@@ -230,6 +230,21 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
                       **options)
     if opts.scoring not in ("auto", "main", "workers"):
         raise UsageError(f"--scoring must be auto, main or workers, not {opts.scoring!r}")
+    if sz is not None and opts.max_side:
+        raise UsageError("--size and --max-side exclude each other (--size gives every crop that exact size)")
+    if on_note is not None:
+        from .anchors import FREE_GRID
+
+        inert = []
+        if opts.upscale and sz is None:
+            inert.append("--upscale (it enlarges crops to --size only)")
+        if "any" not in opts.ratios:
+            free_only = "(it chooses free crops only: --ratio any)"
+            inert += [f"{flag} {free_only}" for flag, on in (("--refine", opts.choice.refine),
+                                                              ("--free-grid", opts.choice.free_grid != FREE_GRID))
+                      if on]
+        for flag in inert:
+            on_note(f"note: {flag} changes nothing in this run")
     if preview is not None and preview.suffix.lower() not in OUTPUT_FORMATS:
         raise UsageError("the preview must be a .jpg, .png, .webp or .tif file")
     check_template(opts.template(), opts.ratios, opts.top_k)

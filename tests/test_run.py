@@ -216,12 +216,27 @@ def test_names_clashes_reruns_and_mirroring(tmp_path, small_model_file):
 @pytest.mark.parametrize("args", [
     ["--ratio", "16:0"], ["--ratio", "abc"], ["--name", "../{stem}.jpg"], ["--name", "/tmp/{stem}.jpg"],
     ["--name", "{nope}.jpg"], ["--size", "12xx"], ["--overwrite", "--skip-existing"],
+    ["--size", "320x180", "--max-side", "100"],  # --max-side was dropped silently (320 x 180 written)
 ])
 def test_usage_errors_exit_2(tmp_path, small_model_file, args):
     p = draw_photo(tmp_path / "a.jpg")
     code, out, err = run([p, "-o", tmp_path / "o", "--weights", small_model_file, *args])
     assert code == 2
     assert err.strip() and len(err.strip().splitlines()) == 1
+
+
+def test_options_that_change_nothing_are_noted(tmp_path, small_model_file):
+    """--upscale without --size, --refine and --free-grid without a free ratio were accepted without effect."""
+    p = draw_photo(tmp_path / "a.jpg")
+    code, out, err = run([p, "--ratio", "16:9", "--upscale", "--refine", "--free-grid", "gaic", "--dry-run",
+                          "--weights", small_model_file])
+    assert code == 0 and out
+    notes = err.strip().splitlines()
+    assert len(notes) == 3 and all(n.startswith("smartcrop: note: --") for n in notes)
+    assert [n.split()[2] for n in notes] == ["--upscale", "--refine", "--free-grid"]
+    code, _, err = run([p, "--ratio", "any", "--refine", "--free-grid", "gaic", "--dry-run",
+                        "--weights", small_model_file])
+    assert code == 0 and "note" not in err
 
 
 def test_missing_input_exit_1_and_unwritable_output_exit_2(tmp_path, small_model_file):
