@@ -82,6 +82,11 @@ def distinct_top(boxes: np.ndarray, scores: np.ndarray, k: int, max_iou: float =
     return chosen
 
 
+#: the smallest side of a crop worth writing, in the photo's pixels (``run`` refuses smaller ones)
+MIN_CROP_SIDE = 16
+#: ``top_k`` crops of one ratio overlap each other by IoU at most this, as anchors and as written (fused) boxes
+DISTINCT_IOU = 0.6
+
 #: Box voting (docs/results.md): a chosen crop is the mean of itself and the next best anchors overlapping it
 FUSE_K = 3
 FUSE_MAX = 20  # run's and eval's --fuse allow 1..20
@@ -90,9 +95,6 @@ FUSE_IOU = 0.5
 #: took 19 GB at once); every candidate set of `run` and GAICD's ~86 crops an image fit in one call
 SCORE_CHUNK = 512
 #: A crop of a given ratio is instead the score-weighted mean of every anchor overlapping it, weights
-#: the smallest side of a crop worth writing, in the photo's pixels (``run`` refuses smaller ones)
-MIN_CROP_SIDE = 16
-
 #: exp((s_j − s_i) / VOTE_T) (tenth session, docs/results.md: better at FCDB's expert ratio, not free)
 VOTE_T = 0.1
 
@@ -380,11 +382,20 @@ class Cropper:
         for r in ratios:
             boxes, s = box_sets[r], scores[r]
             c = self.choice_scores(boxes, s, faces)
-            for i in distinct_top(boxes, c, top_k):
+            taken: list = []
+            # fused, two distinct anchors' crops can come closer than the anchors were: such a crop is passed
+            # over for the next distinct anchor (top_k 1: the best anchor's, as ever)
+            for i in distinct_top(boxes, c, top_k if top_k == 1 else len(boxes), DISTINCT_IOU):
                 box = self._as_crop(self.fused(boxes, c, i, is_free(r)), r, size)
                 if _side(box) < MIN_CROP_SIDE:  # a tiny photo: the best crop that is not too small to write
                     i, box = self._best_writable(boxes, c, r, size, i, box)
+                if taken and box_iou_matrix(np.asarray([box], np.float64), np.asarray(taken, np.float64)).max() \
+                        > DISTINCT_IOU:
+                    continue
+                taken.append(box)
                 crops.append(Crop(box, float(s[i]), r))
+                if len(taken) == top_k:
+                    break
         return crops
 
     def _best_writable(self, boxes, c, ratio: str, size, i: int, box):

@@ -84,6 +84,7 @@ class RunSummary:
     images: int = 0
     failed: int = 0
     incomplete: int = 0  # photos written without some of their crops (too small for a ratio, say), each said
+    fewer: int = 0  # photos with fewer than --top-k distinct crops for some ratio
     written: int = 0
     skipped: int = 0
     records: list = field(default_factory=list)
@@ -294,6 +295,9 @@ class Runner:
         for line in refused:
             self.on_error(f"{item.display}: {line}")
         summary.incomplete += bool(refused)
+        if opts.top_k > 1:
+            found = [c.ratio for c in crops]
+            summary.fewer += any(found.count(r) < opts.top_k for r in opts.ratios)
         recs = [CropRecord(item.display, d.output if d.skipped else None, d.ratio, list(d.box), d.score,
                            list(d.size), d.skipped) for d in decisions]
         if p.reduced_depth and job is not None:

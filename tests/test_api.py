@@ -145,3 +145,19 @@ def test_many_boxes_are_scored_in_chunks_with_the_same_scores(cropper, tmp_path,
     assert calls == [16, 16, 8]
     np.testing.assert_allclose(chunked, whole, atol=1e-5)
 
+
+
+def test_top_k_crops_stay_distinct_once_fused(cropper, tmp_path):
+    """The top-K anchors were distinct (IoU <= 0.6) but their fused boxes could nearly coincide (IoU 0.87 - 0.98
+    as written): a crop fused that close to a better one is passed over for the next distinct anchor."""
+    from smartcrop.metrics import iou
+
+    worst = 0.0
+    for seed in range(6):
+        photo = draw_photo(tmp_path / f"p{seed}.jpg", size=(240, 160), seed=seed)
+        crops = cropper.crop(photo, ["16:9", "1:1", "4:5", "any"], top_k=5)
+        for r in ("16:9", "1:1", "4:5", "any"):
+            boxes = [c.box for c in crops if c.ratio == r]
+            assert 1 <= len(boxes) <= 5 and len(set(boxes)) == len(boxes)
+            worst = max([worst] + [iou(a, b) for k, a in enumerate(boxes) for b in boxes[:k]])
+    assert worst <= 0.6  # cropper.DISTINCT_IOU

@@ -237,6 +237,11 @@ def test_options_that_change_nothing_are_noted(tmp_path, small_model_file):
     code, _, err = run([p, "--ratio", "any", "--refine", "--free-grid", "gaic", "--dry-run",
                         "--weights", small_model_file])
     assert code == 0 and "note" not in err
+    # fewer distinct crops than --top-k asked: said once, at the end
+    code, out, err = run([p, "--ratio", "1:1", "--top-k", "20", "--dry-run", "--weights", small_model_file])
+    assert code == 0 and 1 <= len(out.splitlines()) < 20
+    assert err.strip() == ("smartcrop: note: 1 photo had fewer than 20 distinct crops for a ratio (a crop "
+                           "overlapping a better one by more than 60 % is not another)")
 
 
 def test_missing_input_exit_1_and_unwritable_output_exit_2(tmp_path, small_model_file):
@@ -274,11 +279,12 @@ def test_size_max_side_top_k_preview_dry_run(tmp_path, small_model_file):
     code, out, _ = run([p, "--ratio", "1:1", "--max-side", "50", "-o", tmp_path / "m", "--json",
                         "--weights", small_model_file])
     assert code == 0 and jsonl(out)[0]["size"] == [50, 50]
-    code, out, _ = run([p, "--ratio", "1:1", "--top-k", "3", "-o", tmp_path / "k", "--json", "--preview",
+    wide = draw_photo(tmp_path / "w.jpg", size=(640, 240))  # room for three squares overlapping little
+    code, out, _ = run([wide, "--ratio", "1:1", "--top-k", "3", "-o", tmp_path / "k", "--json", "--preview",
                         tmp_path / "sheet.jpg", "--weights", small_model_file])
     recs = jsonl(out)
     assert code == 0 and len(recs) == 3 and len({tuple(r["box"]) for r in recs}) == 3
-    assert [Path(r["output"]).name for r in recs] == ["a_1x1_1.jpg", "a_1x1_2.jpg", "a_1x1_3.jpg"]
+    assert [Path(r["output"]).name for r in recs] == ["w_1x1_1.jpg", "w_1x1_2.jpg", "w_1x1_3.jpg"]
     assert recs[0]["score"] >= recs[1]["score"] >= recs[2]["score"]
     assert Image.open(tmp_path / "sheet.jpg").size[0] > 100
     code, out, _ = run([p, "--ratio", "1:1", "--dry-run", "--json", "-o", tmp_path / "d", "--weights",
