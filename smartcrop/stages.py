@@ -24,6 +24,7 @@ from pathlib import Path
 from .cropper import MIN_CROP_SIDE, Choice
 from .errors import SmartcropError
 
+
 class CropError(SmartcropError):
     """A chosen crop cannot be written as asked (too small, would need upscaling): fails that photo."""
 

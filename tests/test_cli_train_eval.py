@@ -113,8 +113,8 @@ def test_train_architecture_options_make_a_new_model_with_them(tmp_path, tiny_ga
     monkeypatch.setattr(weights, "load_backbone_weights", lambda net, path: "untrained (test)")
     out = tmp_path / "m.safetensors"
     code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--epochs", "1",
-                       "--val-fraction", "0", "--fcdb-head", "--fcdb-mix", "0.5", "--dropout", "0.45", "--feat-dim", "64",
-                       "--out", out)
+                       "--val-fraction", "0", "--fcdb-head", "--fcdb-mix", "0.5", "--dropout", "0.45",
+                       "--feat-dim", "64", "--out", out)
     assert code == 0, err
     net = load_model(out)
     assert net.config.fcdb_head and net.config.fcdb_mix == 0.5 and net.config.dropout == 0.45
