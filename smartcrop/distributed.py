@@ -28,7 +28,8 @@ Python entry point::
     import ray, smartcrop.distributed as sd
     ds = ray.data.from_items([{"path": "s3://bucket/a.jpg"}, ...])
     out = sd.crop(ds, ["16:9", "1:1"], output="s3://bucket/cropped")   # lazy ray.data.Dataset
-    for row in out.iter_rows(): ...   # {path, ratio, box, score, size, output, skipped, lossless, error, note, refused}
+    for row in out.iter_rows(): ...   # {path, ratio, box, score, size, output, skipped, lossless, error, note,
+                                      #  refused}
 
 A local file name that is not valid UTF-8 crosses Arrow escaped (:func:`wire`); the CLI undoes it, and
 :func:`unwire` gives a row's ``path``, ``input`` or ``output`` back as Python's ``os`` functions take it.
