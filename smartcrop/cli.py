@@ -349,8 +349,7 @@ def run(
                 + ": finished files are complete, nothing partial was left")
             raise typer.Exit(143 if term.received else 130) from None
     if summary.fewer:
-        err(f"note: {summary.fewer} photo{'s' if summary.fewer > 1 else ''} had fewer than {plan.opts.top_k} "
-            "distinct crops for a ratio (a crop overlapping a better one by more than 60 % is not another)")
+        err(summary.fewer_note(plan.opts.top_k))
     if stderr_is_tty():
         err(summary.describe(plan.opts, len(plan.input_errors)))
     raise typer.Exit(1 if summary.failed or summary.incomplete or plan.input_errors else 0)

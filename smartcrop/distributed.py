@@ -29,7 +29,7 @@ Python entry point::
     ds = ray.data.from_items([{"path": "s3://bucket/a.jpg"}, ...])
     out = sd.crop(ds, ["16:9", "1:1"], output="s3://bucket/cropped")   # lazy ray.data.Dataset
     for row in out.iter_rows(): ...   # {path, ratio, box, score, size, output, skipped, lossless, error, note,
-                                      #  refused}
+                                      #  refused, fewer}
 
 A local file name that is not valid UTF-8 crosses Arrow escaped (:func:`wire`); the CLI undoes it, and
 :func:`unwire` gives a row's ``path``, ``input`` or ``output`` back as Python's ``os`` functions take it.
@@ -410,7 +410,7 @@ def _schemas(return_bytes: bool):
         ("path", pa.string()), ("input", pa.string()), ("ratio", pa.string()), ("box", pa.list_(pa.int64())),
         ("score", pa.float64()), ("size", pa.list_(pa.int64())), ("output", pa.string()),
         ("skipped", pa.string()), ("lossless", pa.bool_()), ("error", pa.string()), ("note", pa.string()),
-        ("refused", pa.list_(pa.string()))]
+        ("refused", pa.list_(pa.string())), ("fewer", pa.bool_())]
         + ([("data", pa.binary())] if return_bytes else []))
     return prepared, scored, result
 
@@ -628,6 +628,7 @@ def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes:
     """One scored photo through the stage shared with the local engine (:func:`smartcrop.stages.crop_job`),
     then :func:`~smartcrop.stages.finish`; a remote output is written here from the returned bytes."""
     from .naming import output_ext
+    from .runner import fewer_than_asked
     from .stages import crop_job, finish
 
     item = _item(r)
@@ -645,6 +646,8 @@ def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes:
              **({"output": d.output, "skipped": d.skipped} if d.skipped else {})} for d in decisions]
     if refused:  # the crops left out, said once with the photo's first record (the driver counts it incomplete)
         recs[0]["refused"] = refused
+    if recs and fewer_than_asked([c[0] for c in crops], opts):
+        recs[0]["fewer"] = True
     if job is None:
         return recs
     if r["reduced_depth"]:
@@ -741,9 +744,10 @@ def crop(ds, ratios: Sequence[str] = ("any",), *, output: str | os.PathLike | No
     encoded crops in a ``data`` column with ``return_bytes``).  The other options are ``smartcrop run``'s.
 
     Rows: ``path, input, ratio, box [x1, y1, x2, y2], score, size [w, h], output, skipped ("exists"),
-    lossless, error, note, refused`` (+ ``data``).  A photo that fails is one row with ``error`` set (the rest
-    null); ``refused`` lists, on a photo's first row, the crops left out because they could not be written as
-    asked (a ratio too thin for the photo, say), one line each.
+    lossless, error, note, refused, fewer`` (+ ``data``).  A photo that fails is one row with ``error`` set (the
+    rest null); ``refused`` lists, on a photo's first row, the crops left out because they could not be written
+    as asked (a ratio too thin for the photo, say), one line each; ``fewer`` is true there when the photo has
+    fewer than ``top_k`` distinct crops for a ratio.
     ``scorers``: actors of the model (an int, or ``(min, max)`` for an autoscaling pool; default one per GPU,
     or half the CPUs); ``num_gpus`` per actor (default 1 where the cluster has GPUs); ``batch_size`` photos
     per model pass.
@@ -1025,6 +1029,7 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
                 for line in row.get("refused") or ():
                     on_error(f"{row['input']}: {line}")
                 summary.incomplete += bool(row.get("refused"))
+                summary.fewer += bool(row.get("fewer"))
                 crops += 1
                 _count_and_print(row, summary, opts, as_json, out)
         except KeyboardInterrupt:
@@ -1044,6 +1049,8 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
     if failure is not None:
         on_error(failure)
         return 130 if failure.startswith("interrupted") else 1
+    if summary.fewer:
+        on_error(summary.fewer_note(opts.top_k))
     if stderr_is_tty():
         summary.records = range(crops)  # describe() counts them; millions of records are not kept
         shown = replace(opts, out_dir=out_root) if not opts.dry_run else opts

@@ -79,6 +79,11 @@ class CropRecord:
 # the run
 
 
+def fewer_than_asked(ratios_found: list, opts: RunOptions) -> bool:
+    """Whether a photo's crops (their ratios, one per crop) hold fewer than ``--top-k`` for some ratio."""
+    return opts.top_k > 1 and any(ratios_found.count(r) < opts.top_k for r in opts.ratios)
+
+
 @dataclass
 class RunSummary:
     images: int = 0
@@ -88,6 +93,13 @@ class RunSummary:
     written: int = 0
     skipped: int = 0
     records: list = field(default_factory=list)
+
+    def fewer_note(self, top_k: int) -> str | None:
+        """The run's closing note when some photos had fewer than ``top_k`` distinct crops for a ratio."""
+        if not self.fewer:
+            return None
+        return (f"note: {self.fewer} photo{'s' if self.fewer > 1 else ''} had fewer than {top_k} distinct crops for "
+                "a ratio (a crop overlapping a better one by more than 60 % is not another)")
 
     def describe(self, opts: RunOptions, input_errors: int = 0) -> str:
         """The one-line summary shown on a terminal."""
@@ -295,9 +307,7 @@ class Runner:
         for line in refused:
             self.on_error(f"{item.display}: {line}")
         summary.incomplete += bool(refused)
-        if opts.top_k > 1:
-            found = [c.ratio for c in crops]
-            summary.fewer += any(found.count(r) < opts.top_k for r in opts.ratios)
+        summary.fewer += fewer_than_asked([c.ratio for c in crops], opts)
         recs = [CropRecord(item.display, d.output if d.skipped else None, d.ratio, list(d.box), d.score,
                            list(d.size), d.skipped) for d in decisions]
         if p.reduced_depth and job is not None:

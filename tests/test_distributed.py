@@ -114,6 +114,13 @@ def test_a_corrupt_photo_is_one_error_line_and_exit_1_the_rest_done(tmp_path, sm
     assert code == 1 and [r["ratio"] for r in jsonl(out)] == ["1:1"]
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "small.png: ratio 10:1: the best crop is only 60x6 pixels" in lines[0], lines
+    # fewer distinct crops than --top-k asked: one note at the end, as the local engine says it
+    code, out, err = run([thin, "--ratio", "1:1", "--top-k", "20", "--dry-run", "--weights", small_model_file,
+                          "--engine", "ray"])
+    assert code == 0 and 1 <= len(out.splitlines()) < 20
+    assert [ln for ln in err.splitlines() if ln.strip()] == [
+        "smartcrop: note: 1 photo had fewer than 20 distinct crops for a ratio (a crop overlapping a better one "
+        "by more than 60 % is not another)"]
 
 
 def test_wire_round_trips_every_string_and_leaves_valid_names_alone():
