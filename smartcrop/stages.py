@@ -110,14 +110,14 @@ def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: boo
     ``reencode``, ``dry_run``); ``claim(ratio, rank, ext, size)``: the output name of a crop (a
     :class:`~smartcrop.naming.Claim`), None to return the encoded bytes instead; ``write=False``: decide and
     check only.  A crop that cannot be written as asked (:func:`check_crop`: too small, would need
-    upscaling) is left out and said in one line to ``on_refused`` ("ratio 10:1: the best crop is only …"),
-    the photo's other crops going on; without ``on_refused``, or when no crop is left, :class:`CropError` is
+    upscaling) is left out and said to ``on_refused``, one line a ratio ("ratio 10:1: the best crop is only
+    …"), the photo's other crops going on; without ``on_refused``, or when no crop is left, :class:`CropError` is
     raised (that photo fails) before anything is written.
     """
     decisions: list[Decision] = []
     specs: list[CropSpec] = []
     ranks: dict[str, int] = {}
-    refused: list[str] = []
+    refused: dict[str, list] = {}  # ratio -> [the first refused crop's reason, how many refused]
     for ratio, box, score in crops:
         ranks[ratio] = ranks.get(ratio, 0) + 1
         box = tuple(int(v) for v in box)
@@ -125,9 +125,9 @@ def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: boo
         try:
             check_crop(box, size, opts.upscale)
         except CropError as e:
-            if on_refused is None or len(refused) == len(crops) - 1 and not decisions:
+            if on_refused is None or sum(n for _, n in refused.values()) == len(crops) - 1 and not decisions:
                 raise
-            refused.append(f"ratio {ratio}" + (f" (rank {ranks[ratio]})" if opts.top_k > 1 else "") + f": {e}")
+            refused.setdefault(ratio, [str(e), 0])[1] += 1
             continue
         d = Decision(ratio, box, float(score), tuple(size))
         decisions.append(d)
@@ -143,8 +143,8 @@ def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: boo
             target = str(c.path)
         d.spec = len(specs)
         specs.append(CropSpec(ratio, box, float(score), tuple(size), target))
-    for line in refused:
-        on_refused(line)
+    for ratio, (reason, n) in refused.items():  # one line a ratio
+        on_refused(f"ratio {ratio}: {reason}" + (f" ({n} of its crops left out)" if n > 1 else ""))
     # the written format follows the names (a template may give its own extension, e.g. '{stem}.png')
     exts = {name_ext(s.target) or ext for s in specs}
     if len(exts) > 1:

@@ -416,6 +416,11 @@ def test_a_ratio_too_thin_for_the_photo_fails_alone_and_is_named(tmp_path, small
     assert len(lines) == 1 and "small.png: ratio 10:1: the best crop is only 60x6 pixels" in lines[0]
     code, _, err = run([photo, "--ratio", "10:1", "-o", tmp_path / "out2", "--weights", small_model_file])
     assert code == 1 and "the best crop is only" in err and not (tmp_path / "out2").exists()
+    # with --top-k, one line a ratio, however many of its crops are left out
+    code, stdout, err = run([photo, "--ratio", "1:1", "--ratio", "10:1", "--ratio", "1:10", "--top-k", "3",
+                             "--dry-run", "--json", "--weights", small_model_file])
+    lines = [ln for ln in err.splitlines() if "ratio 1" in ln and "left out" in ln]
+    assert code == 1 and len(lines) == 2 and {r["ratio"] for r in jsonl(stdout)} == {"1:1"}
 
 
 def test_the_vote_never_shrinks_a_tiny_photos_crop_below_the_smallest_written(tmp_path, small_model_file):
