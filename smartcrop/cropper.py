@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Collection, Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -69,17 +69,15 @@ def cuda_setup(cudnn: bool) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def distinct_top(boxes: np.ndarray, scores: np.ndarray, k: int, max_iou: float = 0.6) -> list[int]:
-    """Indices of the ``k`` best boxes, skipping any overlapping an already chosen one by IoU > ``max_iou``."""
-    order = np.argsort(-scores, kind="stable")
+def distinct_best(boxes: np.ndarray, scores: np.ndarray, max_iou: float) -> Iterator[int]:
+    """Indices of the boxes, best first, skipping any overlapping an already yielded one by IoU > ``max_iou``
+    (lazily: a caller stops when it has enough)."""
     chosen: list[int] = []
-    for i in order:
-        if len(chosen) >= k:
-            break
+    for i in np.argsort(-scores, kind="stable"):
         if chosen and box_iou_matrix(boxes[i : i + 1], boxes[chosen]).max() > max_iou:
             continue
         chosen.append(int(i))
-    return chosen
+        yield int(i)
 
 
 #: the smallest side of a crop worth writing, in the photo's pixels (``run`` refuses smaller ones)
@@ -385,7 +383,7 @@ class Cropper:
             taken: list = []
             # fused, two distinct anchors' crops can come closer than the anchors were: such a crop is passed
             # over for the next distinct anchor (top_k 1: the best anchor's, as ever)
-            for i in distinct_top(boxes, c, top_k if top_k == 1 else len(boxes), DISTINCT_IOU):
+            for i in distinct_best(boxes, c, DISTINCT_IOU):
                 box = self._as_crop(self.fused(boxes, c, i, is_free(r)), r, size)
                 if _side(box) < MIN_CROP_SIDE:  # a tiny photo: the best crop that is not too small to write
                     i, box = self._best_writable(boxes, c, r, size, i, box)

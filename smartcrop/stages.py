@@ -117,7 +117,7 @@ def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: boo
     decisions: list[Decision] = []
     specs: list[CropSpec] = []
     ranks: dict[str, int] = {}
-    refused: dict[str, list] = {}  # ratio -> [the first refused crop's reason, how many refused]
+    refused: dict[str, list] = {}  # ratio -> [the first refused crop's CropError, how many refused]
     for ratio, box, score in crops:
         ranks[ratio] = ranks.get(ratio, 0) + 1
         box = tuple(int(v) for v in box)
@@ -125,9 +125,9 @@ def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: boo
         try:
             check_crop(box, size, opts.upscale)
         except CropError as e:
-            if on_refused is None or sum(n for _, n in refused.values()) == len(crops) - 1 and not decisions:
+            if on_refused is None:
                 raise
-            refused.setdefault(ratio, [str(e), 0])[1] += 1
+            refused.setdefault(ratio, [e, 0])[1] += 1
             continue
         d = Decision(ratio, box, float(score), tuple(size))
         decisions.append(d)
@@ -143,6 +143,8 @@ def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: boo
             target = str(c.path)
         d.spec = len(specs)
         specs.append(CropSpec(ratio, box, float(score), tuple(size), target))
+    if refused and not decisions:
+        raise next(iter(refused.values()))[0]  # nothing left: the photo fails, as without on_refused
     for ratio, (reason, n) in refused.items():  # one line a ratio
         on_refused(f"ratio {ratio}: {reason}" + (f" ({n} of its crops left out)" if n > 1 else ""))
     # the written format follows the names (a template may give its own extension, e.g. '{stem}.png')
