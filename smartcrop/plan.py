@@ -20,6 +20,7 @@ from .errors import UsageError, one_line
 from .imageio import OUTPUT_FORMATS, existing_parent, safe_name
 from .inputs import collect_inputs
 from .naming import InputCollision, OutputError, OutputNamer, check_template, output_ext
+from .progress import is_tty
 
 #: ``--format`` names and their aliases → output extension
 FORMAT_NAMES = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp", "tif": "tif", "tiff": "tif",
@@ -171,13 +172,6 @@ def remove_if_empty(folders: Sequence[Path]) -> None:
             return
 
 
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
-
-
 def _same_file(a, b) -> bool:
     """Whether two streams are one regular file (``smartcrop run - < a.jpg 1<> a.jpg``)."""
     try:
@@ -193,7 +187,7 @@ def _check_image_stdout(stdin, stdout) -> None:
     out = stdout if stdout is not None else sys.stdout
     if out is None or getattr(out, "closed", False):
         raise UsageError("standard output is closed: give an output folder (-o DIR) for the crop")
-    if _isatty(out):
+    if is_tty(out):
         raise UsageError("refusing to write image data to a terminal: redirect stdout (> out.jpg) or give "
                          "an output folder (-o DIR)")
     if _same_file(stdin if stdin is not None else sys.stdin, out):
@@ -251,7 +245,7 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
     if list(inputs).count("-") > 1:
         raise UsageError("'-' (stdin) can be given once")
     uses_stdin = "-" in inputs or from_file == "-"
-    if uses_stdin and stdin is None and _isatty(sys.stdin):
+    if uses_stdin and stdin is None and is_tty(sys.stdin):
         raise UsageError("'-' reads stdin, which is a terminal: pipe an image or a list of paths into smartcrop")
     errors: list[str] = []
 

@@ -9,11 +9,15 @@ from typing import Iterable, Iterator, TypeVar
 T = TypeVar("T")
 
 
-def stderr_is_tty() -> bool:
+def is_tty(stream) -> bool:
     try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
         return False
+
+
+def stderr_is_tty() -> bool:
+    return is_tty(sys.stderr)
 
 
 class _NullBar:
@@ -54,7 +58,9 @@ def progress_bar(total: int | None, description: str, enabled: bool | None = Non
             TextColumn("eta"), TimeRemainingColumn()]
     if status:
         cols.append(TextColumn("{task.fields[status]}"))
-    with Progress(*cols, console=Console(stderr=True), transient=True) as p:
+    # the bar draws on stderr; what the run prints to stdout (--json, --dry-run lines) goes around it only when
+    # stdout is that terminal too: redirected (> out.jsonl, | jq) it must stay on stdout, not join the bar
+    with Progress(*cols, console=Console(stderr=True), transient=True, redirect_stdout=is_tty(sys.stdout)) as p:
         task = p.add_task(description, total=total, status="")
         yield _RichBar(p, task)
 

@@ -1308,6 +1308,45 @@ def test_image_to_a_terminal_is_refused(sw):
     assert r.returncode == 2 and b"terminal" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags", [["--json"], ["--dry-run"]])
+def test_records_stay_on_a_redirected_stdout_while_the_bar_shows_on_a_terminal(sw, flags):
+    """stderr a terminal (the progress bar shows), stdout redirected: every record reaches stdout (rich used to
+    send stdout into the bar's console on stderr, leaving `--json > out.jsonl` empty)."""
+    import threading
+
+    pty = pytest.importorskip("pty")
+    three(sw)
+    master, slave = pty.openpty()
+    shown = bytearray()
+    reader = threading.Thread(target=lambda: _drain(master, shown), daemon=True)
+    reader.start()
+    try:
+        r = subprocess.run([sys.executable, "-c", "from smartcrop.cli import main; main()", "run", str(sw.src),
+                            "--ratio", "1:1", "-o", str(sw.out), "-j", "1", "--weights", str(sw.model), *flags],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, cwd=ROOT, timeout=120)
+    finally:
+        os.close(slave)
+        reader.join(timeout=10)
+        os.close(master)
+    assert r.returncode == 0, bytes(shown)
+    lines = r.stdout.decode().splitlines()
+    assert len(lines) == 3 and [any(f"p{k}.jpg" in ln for ln in lines) for k in range(3)] == [True] * 3, r.stdout
+    if flags == ["--json"]:
+        assert sorted(Path(json.loads(ln)["input"]).name for ln in lines) == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    assert b"p0.jpg" not in bytes(shown)  # nothing of the records drawn on the terminal
+
+
+def _drain(fd: int, into: bytearray) -> None:
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the other end closed
+            return
+        if not chunk:
+            return
+        into += chunk
+
+
 def test_stdin_from_a_terminal_is_refused(sw):
     pty = pytest.importorskip("pty")
     master, slave = pty.openpty()
