@@ -357,8 +357,7 @@ def _namer(row: dict, item, opts, out_root: str):
                          opts.out_format), me
     from .naming import OutputNamer
 
-    return OutputNamer(Path(out_root), opts.template(), opts.overwrite, opts.skip_existing, items,
-                       out_format=opts.out_format), me
+    return OutputNamer.for_run(Path(out_root), opts, items), me
 
 
 def _predictable(opts) -> bool:

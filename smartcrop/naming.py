@@ -133,6 +133,12 @@ class OutputNamer:
             for key in self._identities(Path(it.path), getattr(it, "ident", None)):
                 self._inputs.setdefault(key, it)
 
+    @classmethod
+    def for_run(cls, out_dir: Path, opts, items: Sequence[InputItem]) -> "OutputNamer":
+        """The namer of a run's options (a :class:`smartcrop.plan.RunOptions`): template, overwrite/skip and the
+        forced format, which every input's deterministic name must be planned with."""
+        return cls(out_dir, opts.template(), opts.overwrite, opts.skip_existing, items, out_format=opts.out_format)
+
     def _fields(self) -> set:
         try:
             return {f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None}

@@ -290,8 +290,7 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
         except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
             raise UsageError(f"{safe_name(opts.out_dir)}: the output folder cannot be resolved ({one_line(e)})") \
                 from None
-    namer = OutputNamer(opts.out_dir or Path("."), opts.template(), overwrite, skip_existing, items,
-                        out_format=opts.out_format)
+    namer = OutputNamer.for_run(opts.out_dir or Path("."), opts, items)
     planned: set[Path] = set()
     if opts.out_dir is not None and not dry_run:
         items, planned = _check_outputs(namer, items, opts, report)

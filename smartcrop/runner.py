@@ -104,8 +104,10 @@ class RunSummary:
     def describe(self, opts: RunOptions, input_errors: int = 0) -> str:
         """The one-line summary shown on a terminal."""
         failed = self.failed + input_errors
-        what = "boxes computed" if opts.dry_run else "crops written"
-        return (f"{self.images} photos, {len(self.records)} {what}"
+        done = len(self.records) if opts.dry_run else self.written  # records also hold the crops skipped
+        what = ("box computed" if done == 1 else "boxes computed") if opts.dry_run else \
+            ("crop written" if done == 1 else "crops written")
+        return (f"{self.images} photo{'' if self.images == 1 else 's'}, {done} {what}"
                 + (f", {self.skipped} skipped (exist)" if self.skipped else "")
                 + (f", {failed} failed" if failed else "")
                 + (f", {self.incomplete} incomplete" if self.incomplete else "")
@@ -140,7 +142,7 @@ class Runner:
             raise UsageError("writing to stdout needs exactly one input image and one crop (give an output folder)")
         namer = None
         if opts.out_dir is not None and not opts.dry_run:
-            namer = OutputNamer(opts.out_dir, opts.template(), opts.overwrite, opts.skip_existing, list(items))
+            namer = OutputNamer.for_run(opts.out_dir, opts, list(items))
         own_pool = self.pool is None
         pool = self.pool or WorkerPool(opts.workers)
         summary = RunSummary()

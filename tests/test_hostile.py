@@ -741,6 +741,35 @@ def test_same_name_from_two_cameras_gets_two_stable_outputs(sw):
     assert sw.outputs() == ["IMG_0001_16x9-1.jpg", "IMG_0001_16x9.jpg"]
 
 
+def test_a_forced_format_names_clashing_inputs_by_position_and_reruns_skip_them(sw):
+    """--format jpg gives a.jpg, a.png and sub/a.jpg one name: suffixes by position, and a re-run with
+    --skip-existing skips all three (a.png's clash was planned with its own extension and took -1, -2, …)."""
+    ins = [sw.photo("a.jpg"), sw.photo("a.png", seed=1), sw.photo("sub/a.jpg", seed=2)]
+    args = [*ins, "-o", sw.out, "--json", "--ratio", "1:1", "--format", "jpg"]
+    res = sw.run(*args)
+    sw.check(res, 0)
+    assert [(Path(r["input"]).relative_to(sw.src).as_posix(), Path(r["output"]).name) for r in res.records] == \
+        [("a.jpg", "a_1x1.jpg"), ("a.png", "a_1x1-1.jpg"), ("sub/a.jpg", "a_1x1-2.jpg")]
+    for _ in range(2):
+        res = sw.run(*args, "--skip-existing")
+        sw.check(res, 0)
+        assert [r["skipped"] for r in res.records] == ["exists"] * 3
+        assert sw.outputs() == ["a_1x1-1.jpg", "a_1x1-2.jpg", "a_1x1.jpg"]
+
+
+def test_the_summary_counts_crops_written_not_crops_skipped():
+    from smartcrop.plan import RunOptions
+    from smartcrop.runner import RunSummary
+
+    opts = RunOptions(out_dir=Path("out"))
+    assert RunSummary(images=1, written=0, skipped=1, records=[object()]).describe(opts) == \
+        "1 photo, 0 crops written, 1 skipped (exist) → out"
+    assert RunSummary(images=2, written=1, skipped=1, records=[object()] * 2).describe(opts, 1) == \
+        "2 photos, 1 crop written, 1 skipped (exist), 1 failed → out"
+    dry = RunOptions(out_dir=Path("out"), dry_run=True)
+    assert RunSummary(images=3, records=[object()] * 3).describe(dry) == "3 photos, 3 boxes computed"
+
+
 def test_skip_existing_decides_per_input(sw):
     _two_cameras(sw)
     args = [sw.src / "cam1", sw.src / "cam2", "-o", sw.out, "--json", "--ratio", "16:9"]
