@@ -515,6 +515,8 @@ def train(
     rc_anchors: Optional[int] = typer.Option(None, "--rc-anchors", min=2, max=90, help="Crops of each unlabeled "
                                              "photo compared pairwise by rank consistency per step (default 16: "
                                              "120 pairs)."),
+    rc_weight: float = typer.Option(1.0, "--rc-weight", min=0.0, help="Weight of the rank-consistency loss on the "
+                                    "unlabeled photos (the paper's and the recipe's: 1)."),
     fcdb_weight: float = typer.Option(0.5, "--fcdb-weight", help="Weight of the FCDB ranking losses."),
     fcdb_tau: float = typer.Option(0.2, "--fcdb-tau", min=0.0, max=1.0, help="An FCDB pair's least gap in IoU with "
                                    "the expert's crop."),
@@ -648,6 +650,7 @@ def train(
                                  backbone_lr_mult=backbone_lr_mult, scales=scales,
                                  gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight,
                                  distill_anchors=distill_anchors, jitter_views=jitter_views, rc_anchors=rc_anchors,
+                                 rc_weight=rc_weight,
                                  centred_mos=centred_mos, top_weight=top_weight, fcdb_border=fcdb_border,
                                  fcdb_tau=fcdb_tau, fcdb_listwise=fcdb_listwise,
                                  crop_views=crop_views, crop_margin=crop_margin, weight_decay=weight_decay,
