@@ -7,8 +7,10 @@ problem input never stops a run.  Nothing is ever opened here except regular fil
 the run.
 
 Folder walks skip hidden files and folders, the output folder (when it lies inside the walked folder) and
-files smartcrop wrote itself (:func:`smartcrop.imageio.written_by_smartcrop`), so a re-run never crops its own
-crops.
+files smartcrop wrote itself (:func:`smartcrop.imageio.written_by_smartcrop`), and do not follow symbolic links
+to folders; a file smartcrop wrote that lies in the output folder is passed over even when named, so a re-run
+(``find . | smartcrop run -`` included) never crops its own crops.  What is passed over on purpose is counted
+in :class:`Passed` for the run's notes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import errno
 import os
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,6 +38,25 @@ class InputItem:
     suffix: str
     data: bytes | None = None
     ident: tuple | None = None  # (st_dev, st_ino) of the file when collected
+
+
+@dataclass
+class Passed:
+    """Files and folders the collection passed over on purpose (not errors; the run says them in notes)."""
+
+    crops: list = field(default_factory=list)  # smartcrop's crops found in the folders walked
+    own: list = field(default_factory=list)  # smartcrop's crops in the output folder, named or listed
+    folder_links: list = field(default_factory=list)  # symbolic links to folders met under -r, not followed
+
+
+#: Longest path shown in a message: a "name" longer than any path (a binary stream read as a list) is cut there
+SHOWN_MAX = 300
+
+
+def shown(name: str) -> str:
+    """``name`` for a message: :func:`safe_name`, cut to :data:`SHOWN_MAX` characters."""
+    text = safe_name(name)
+    return text if len(text) <= SHOWN_MAX else f"{text[:SHOWN_MAX]}… ({len(text)} characters)"
 
 
 def looks_like_image(data: bytes) -> bool:
@@ -71,9 +92,14 @@ def _kind(mode: int) -> str:
 def list_lines(data: bytes) -> list[str]:
     """Paths of a file list, one per line (bytes decoded like the OS decodes file names; a leading UTF-8 byte
     order mark dropped; blank lines skipped).  A name is taken as written, spaces at either end included, when
-    such a file exists; otherwise with those spaces trimmed (a hand-edited list's stray blanks)."""
+    such a file exists; otherwise with those spaces trimmed (a hand-edited list's stray blanks).  A list of
+    NUL-terminated names (``find -print0``: it ends in a NUL byte, or holds no newline) is split at the NULs
+    instead, its names taken exactly (no path contains a NUL; a stray one in a line is that line's error)."""
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    if b"\0" in data and (data.endswith(b"\0") or b"\n" not in data):
+        return [os.fsdecode(n) for n in data.split(b"\0") if n]
     out = []
-    for line in data.removeprefix(b"\xef\xbb\xbf").splitlines():
+    for line in data.splitlines():
         trimmed = line.strip()
         if not trimmed:
             continue
@@ -98,10 +124,10 @@ def _ident(path: str | os.PathLike) -> tuple | None:
 
 
 def walk_folder(folder: Path, recursive: bool, report: Callable[[str], None],
-                exclude: tuple | None = None, outputs: list | None = None) -> list[tuple[Path, os.stat_result]]:
+                exclude: tuple | None = None, passed: Passed | None = None) -> list[tuple[Path, os.stat_result]]:
     """``(path, stat)`` of the image files (by extension) in ``folder``, sorted; hidden entries skipped, as are
-    sub-folders whose ``(st_dev, st_ino)`` is ``exclude`` (the output folder) and files smartcrop wrote (added
-    to ``outputs`` when given).
+    sub-folders whose ``(st_dev, st_ino)`` is ``exclude`` (the output folder), symbolic links to folders and
+    files smartcrop wrote (both counted in ``passed`` when given).
 
     Unreadable folders and image-named entries that are not regular files (FIFOs, devices, dangling links)
     are reported, one line each, and skipped."""
@@ -114,6 +140,8 @@ def walk_folder(folder: Path, recursive: bool, report: Callable[[str], None],
         if recursive:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
                                  and (exclude is None or _ident(base / d) != exclude))
+            if passed is not None:  # os.walk does not go into them
+                passed.folder_links += [base / d for d in dirnames if os.path.islink(base / d)]
         else:
             dirnames[:] = []
         for f in filenames:
@@ -129,8 +157,8 @@ def walk_folder(folder: Path, recursive: bool, report: Callable[[str], None],
                 report(f"{safe_name(p)}: {_kind(st.st_mode)}, not a photo: skipped")
                 continue
             if written_by_smartcrop(p):  # an output of an earlier run
-                if outputs is not None:
-                    outputs.append(p)
+                if passed is not None:
+                    passed.crops.append(p)
                 continue
             found.append((p, st))
     found.sort(key=lambda t: t[0])
@@ -139,13 +167,16 @@ def walk_folder(folder: Path, recursive: bool, report: Callable[[str], None],
 
 def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file: str | None = None,
                    on_error: Callable[[str], None] | None = None, exclude: Path | None = None,
-                   outputs: list | None = None) -> list[InputItem]:
-    """Input items from paths (``-`` = stdin: one image, or a list of paths one per line) and a list file.
+                   passed: Passed | None = None) -> list[InputItem]:
+    """Input items from paths (``-`` = stdin: one image, or a list of paths one per line or NUL-separated) and a
+    list file.
 
     Every path that cannot be used is reported through ``on_error`` (one line naming it) and skipped; without
-    ``on_error`` the first one raises :class:`UsageError`.  ``exclude`` (the output folder) is never walked
-    into.  The same file reached twice for the same output sub-folder is collected once.  Files in the folders
-    walked that smartcrop wrote are not collected; ``outputs`` (when given) gets their paths.
+    ``on_error`` the first one raises :class:`UsageError`.  Data on stdin that is neither an image nor a list
+    naming any existing path is one such line.  ``exclude`` (the output folder) is never walked into, and the
+    files smartcrop wrote there are not collected even when named.  The same file reached twice for the same
+    output sub-folder is collected once.  Files in the folders walked that smartcrop wrote are not collected
+    either; ``passed`` (when given) counts what was passed over so.
     """
     def report(line: str) -> None:
         if on_error is None:
@@ -165,7 +196,7 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
                 with open(list_file, "rb") as f:  # may be a pipe: --from-file <(find ...)
                     data = f.read()
             except (OSError, ValueError) as e:
-                raise UsageError(f"{safe_name(list_file)}: cannot read file list "
+                raise UsageError(f"{shown(list_file)}: cannot read file list "
                                  f"({_stat_problem(e, list_file)})") from None
         names += list_lines(data)
     if "-" in names and list_file == "-":
@@ -178,9 +209,15 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
         data = (stdin or sys.stdin.buffer).read()
         if looks_like_image(data) or not data.strip():
             items.append(InputItem("<stdin>", None, Path(), "stdin", "", data))
-        else:  # a list of paths
-            expanded += list_lines(data)
+            continue
+        listed = list_lines(data)
+        if any(_lexists(x) for x in listed):  # a list of paths
+            expanded += listed
+        else:  # random bytes, an SVG, a list from another folder: one line, not one per "line" of it
+            first = f" (its first line: '{listed[0]}')" if listed and listed[0] == shown(listed[0]) else ""
+            report(f"<stdin>: neither an image smartcrop reads nor a list of existing paths{first}")
     exclude_id = _ident(exclude) if exclude is not None else None
+    out_root = os.path.realpath(exclude) if exclude_id is not None else None
     seen: set = set()
 
     def add(p: Path, rel_dir: Path, st: os.stat_result) -> None:
@@ -194,14 +231,30 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
         try:
             st = os.stat(n)
         except (OSError, ValueError) as e:
-            report(f"{safe_name(n)}: {_stat_problem(e, n)}")
+            report(f"{shown(n)}: {_stat_problem(e, n)}")
             continue
         p = Path(n)
         if stat.S_ISDIR(st.st_mode):
-            for f, fst in walk_folder(p, recursive, report, exclude_id, outputs):
+            for f, fst in walk_folder(p, recursive, report, exclude_id, passed):
                 add(f, f.parent.relative_to(p), fst)
+            if passed is not None and out_root is not None:  # the output folder itself walked: its own crops
+                passed.own += [f for f in passed.crops if _inside(f, out_root)]
+                passed.crops = [f for f in passed.crops if not _inside(f, out_root)]
         elif stat.S_ISREG(st.st_mode):
+            if out_root is not None and _inside(p, out_root) and written_by_smartcrop(p):
+                if passed is not None:
+                    passed.own.append(p)
+                continue
             add(p, Path(), st)
         else:
-            report(f"{safe_name(n)}: {_kind(st.st_mode)}, not a photo: skipped")
+            report(f"{shown(n)}: {_kind(st.st_mode)}, not a photo: skipped")
     return items
+
+
+def _inside(path: Path, folder: str) -> bool:
+    """Whether the entry ``path`` (its folder resolved, the name as is) lies in ``folder`` (a resolved path)."""
+    try:
+        entry = os.path.join(os.path.realpath(path.parent), path.name)
+        return os.path.commonpath([entry, folder]) == folder
+    except (OSError, ValueError):
+        return False

@@ -18,7 +18,7 @@ from .anchors import parse_ratio
 from .cropper import Choice
 from .errors import UsageError, one_line
 from .imageio import OUTPUT_FORMATS, existing_parent, safe_name
-from .inputs import collect_inputs
+from .inputs import Passed, collect_inputs, shown
 from .naming import InputCollision, OutputError, OutputNamer, check_template, output_ext
 from .progress import is_tty
 
@@ -254,19 +254,31 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
         if on_error is not None:
             on_error(line)
 
-    outputs: list[Path] = []
+    passed = Passed()
     items = collect_inputs(list(inputs), recursive, stdin=stdin, list_file=from_file, on_error=report,
-                           exclude=output or Path("cropped"), outputs=outputs)
+                           exclude=output or Path("cropped"), passed=passed)
     stdin_image = any(it.path is None for it in items)
     if stdin_image and len(items) > 1:
         raise UsageError("a single image on stdin cannot be mixed with other inputs")
+    them = "them" if len(passed.own) > 1 else "it"
+    own = (f"{_crops(passed.own)} in the output folder, never cropped into it again (copy {them} elsewhere or "
+           f"give another -o to crop {them})")
+    walked = f"{_crops(passed.crops)}, which a folder never gives again (name them as files to crop them)"
     if not items and not errors:
         raise UsageError("no image files found in the inputs" + (
-            f": its {_crops(outputs)}, which a folder never gives again (name them as files to crop them)"
-            if outputs else "" if recursive else " (use -r for sub-folders)"))
-    if outputs and on_note is not None:
-        on_note(f"note: in the folders given, {_crops(outputs)}: not cropped again (name them as files to crop "
-                "them)")
+            f": the {own}" if passed.own else f": its {walked}" if passed.crops
+            else "" if recursive else " (use -r for sub-folders)"))
+    if on_note is not None:
+        if passed.crops:
+            on_note(f"note: in the folders given, {_crops(passed.crops)}: not cropped again (name them as files "
+                    "to crop them)")
+        if passed.own:
+            on_note(f"note: {own}")
+        if passed.folder_links:
+            n = len(passed.folder_links)
+            on_note(f"note: {n} symbolic link{'s' if n > 1 else ''} to folders not followed, "
+                    f"{shown(str(passed.folder_links[0]))}{' …' if n > 1 else ''} (name a linked folder to crop "
+                    "what it holds)")
     if adapt_min:
         if stdin_image:
             raise UsageError("--adapt fine-tunes on photo files: it cannot adapt to an image on stdin")

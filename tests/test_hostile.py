@@ -838,6 +838,55 @@ def test_an_explicitly_named_output_can_still_be_cropped(sw):
     sw.check(res, 0, done=["p0_1x1.jpg"])
 
 
+def test_the_readmes_find_pipeline_can_be_run_again(sw, monkeypatch):
+    """`find . -name '*.jpg' | smartcrop run -` a second time lists the first run's crops in ./cropped too: they
+    are passed over with a note (the run was refused: "would replace the input"), for newline- and NUL-separated
+    lists alike, and a run at another ratio does not crop them."""
+    three(sw)
+    monkeypatch.chdir(sw.src)
+
+    def listed(sep: str) -> str:
+        return "".join(f"./{p.relative_to(sw.src).as_posix()}{sep}" for p in sorted(sw.src.rglob("*.jpg")))
+
+    sw.run("-", "--ratio", "3:2", "--json", stdin=listed("\n"))
+    for sep in ("\n", "\0"):
+        res = sw.run("-", "--ratio", "3:2", "--json", "--skip-existing", stdin=listed(sep))
+        assert res.code == 0 and [r["skipped"] for r in res.records] == ["exists"] * 3, res.err
+        assert res.lines == ["smartcrop: note: 3 files are crops smartcrop wrote in the output folder, never cropped "
+                             "into it again (copy them elsewhere or give another -o to crop them)"]
+    res = sw.run("-", "--ratio", "1:1", "--json", stdin=listed("\n"))
+    assert res.code == 0 and sorted(Path(r["input"]).name for r in res.records) == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    assert sorted(p.name for p in (sw.src / "cropped").iterdir()) == \
+        sorted(f"p{k}_{r}.jpg" for k in range(3) for r in ("3x2", "1x1"))
+
+
+@pytest.mark.parametrize("data", [bytes(range(256)) * 20, b"\0" * 100_000, b"<svg>\n<rect/>\n</svg>\n",
+                                  b"gone1.jpg\ngone2.jpg\n"])
+def test_stdin_that_is_neither_an_image_nor_a_list_of_paths_is_one_line(sw, data):
+    res = sw.run("-", "--ratio", "1:1", "-o", sw.out, stdin=data)
+    assert res.code == 1 and len(res.lines) == 1, res.err
+    assert res.lines[0].startswith("smartcrop: <stdin>: neither an image smartcrop reads nor a list of existing")
+    assert len(res.lines[0]) < 200 and not sw.out.exists()
+
+
+def test_a_nul_separated_list_keeps_names_whole(sw):
+    odd = sw.photo("new\nline.jpg")
+    res = sw.run("-", "--ratio", "1:1", "-o", sw.out, "--json", stdin=os.fsencode(odd) + b"\0")
+    sw.check(res, 0)
+    assert [r["input"] for r in res.records] == [str(odd)]
+
+
+def test_links_to_folders_are_not_followed_under_r_and_say_so(sw, tmp_path):
+    sw.photo("a.jpg")
+    draw_photo(tmp_path / "elsewhere" / "e.jpg")
+    (sw.src / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    res = sw.run(sw.src, "-r", "--ratio", "1:1", "-o", sw.out, "--json")
+    sw.check(res, 0, lines=1)
+    assert [Path(r["input"]).name for r in res.records] == ["a.jpg"]
+    assert res.lines == [f"smartcrop: note: 1 symbolic link to folders not followed, {sw.src / 'linked'} (name a "
+                         "linked folder to crop what it holds)"]
+
+
 def test_same_file_given_twice_is_cropped_once(sw):
     a, *_ = three(sw)
     res = sw.run(a, a, sw.src, "-o", sw.out, "--json", "--ratio", "16:9")
