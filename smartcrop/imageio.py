@@ -965,6 +965,8 @@ def write_file(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = F
         if e.errno in _DISK_FULL:
             raise OutputFullError(f"cannot write {safe_name(path)}: the output disk is full "
                                   f"({e.strerror or errno.errorcode.get(e.errno, e.errno)})") from None
+        if e.errno is not None and e.strerror:  # about the file asked for, not the temporary one
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     finally:
         if tmp is not None:

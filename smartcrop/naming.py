@@ -124,6 +124,7 @@ class OutputNamer:
         self._slots: dict[tuple[str, int], dict[int, int]] = {}  # (ratio, rank) → item index → suffix
         self._planned: dict[tuple[str, int], set[str]] = {}  # (ratio, rank) → every deterministic name
         self.reserved: set[Path] = set()
+        self._avoided: set[str] = set()  # entries (folder resolved) no crop may take: the run's preview
         self.lock = threading.RLock()
         self._dirs: dict[str, Path] = {}  # folder → its resolution (symlinks followed)
         self._inputs: dict = {}  # resolved path / entry path / (st_dev, st_ino) → the input
@@ -137,7 +138,10 @@ class OutputNamer:
     def for_run(cls, out_dir: Path, opts, items: Sequence[InputItem]) -> "OutputNamer":
         """The namer of a run's options (a :class:`smartcrop.plan.RunOptions`): template, overwrite/skip and the
         forced format, which every input's deterministic name must be planned with."""
-        return cls(out_dir, opts.template(), opts.overwrite, opts.skip_existing, items, out_format=opts.out_format)
+        namer = cls(out_dir, opts.template(), opts.overwrite, opts.skip_existing, items, out_format=opts.out_format)
+        if getattr(opts, "preview", None) is not None:  # written last: no crop may take its name meanwhile
+            namer.avoid(Path(opts.preview))
+        return namer
 
     def _fields(self) -> set:
         try:
@@ -225,7 +229,7 @@ class OutputNamer:
         path = self._path(_suffixed(rel, j))
         self.check_not_input(path)
         with self.lock:
-            if path not in self.reserved:
+            if path not in self.reserved and not self._avoids(path):
                 if self.overwrite or not os.path.lexists(path):
                     self.reserved.add(path)
                     return Claim(path)
@@ -240,11 +244,26 @@ class OutputNamer:
                 if cand_rel in planned:
                     continue
                 cand = self._path(cand_rel)
-                if cand in self.reserved or os.path.lexists(cand) or self.input_at(cand) is not None:
+                if cand in self.reserved or os.path.lexists(cand) or self.input_at(cand) is not None \
+                        or self._avoids(cand):
                     continue
                 self.reserved.add(cand)
                 return Claim(cand)
         raise OutputError(f"no free output name next to {safe_name(path)}")
+
+    def avoid(self, path: Path) -> None:
+        """No crop is given ``path`` (another file this run writes)."""
+        with self.lock:
+            self._avoided.add(self._entry(path))
+
+    def _avoids(self, path: Path) -> bool:
+        return bool(self._avoided) and self._entry(path) in self._avoided
+
+    def _entry(self, path: Path) -> str:
+        try:
+            return str(self._resolve_dir(path.parent) / path.name)
+        except (OSError, RuntimeError):
+            return str(path)
 
     # -- inputs ---------------------------------------------------------------------------------------------
 

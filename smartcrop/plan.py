@@ -130,9 +130,8 @@ def prepare_output_dir(out_dir: Path) -> tuple[Path, ...]:
     killed smartcrop runs left there; returns the folders it created, deepest first (see
     :func:`remove_if_empty`).
 
-    The check creates a file named like smartcrop's temporary files with ``O_EXCL | O_NOFOLLOW`` (it never
-    follows a symlink planted in the folder, and its random name cannot be predicted) and removes it."""
-    from .imageio import remove_stale_temps, temp_name
+    The check creates a file there and removes it (:func:`_probe`)."""
+    from .imageio import remove_stale_temps
 
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{safe_name(out_dir)}: the output folder is a file")
@@ -146,15 +145,25 @@ def prepare_output_dir(out_dir: Path) -> tuple[Path, ...]:
         d = d.parent
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        probe = out_dir / temp_name()
-        os.close(os.open(probe, flags, 0o600))
-        os.unlink(probe)
+        _probe(out_dir)
     except OSError as e:
         remove_if_empty(made)
         raise UsageError(f"{safe_name(out_dir)}: output folder is not writable ({e.strerror or e})") from None
     remove_stale_temps(out_dir)
     return tuple(made)
+
+
+def _probe(folder: Path) -> None:
+    """Create a file in ``folder`` and remove it again (OSError when it cannot be created): named like
+    smartcrop's temporary files and made with ``O_EXCL | O_NOFOLLOW``, so it never follows a symlink planted
+    there, and its random name cannot be predicted.  Unlike ``os.access`` it also answers for root, and for a
+    read-only or pseudo file system (/proc)."""
+    from .imageio import temp_name
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    probe = folder / temp_name()
+    os.close(os.open(probe, flags, 0o600))
+    os.unlink(probe)
 
 
 def _crops(outputs: Sequence) -> str:
@@ -348,8 +357,12 @@ def _check_preview(preview: Path, namer: OutputNamer, planned: set, overwrite: b
     above = existing_parent(preview)
     if above is not None and not above.is_dir():
         raise UsageError(f"cannot write the preview {safe_name(preview)}: {safe_name(above)} is not a folder")
-    if above is not None and not os.access(above, os.W_OK | os.X_OK):  # a read-only file system, too
-        raise UsageError(f"cannot write the preview {safe_name(preview)}: {safe_name(above)} is not writable")
+    if above is not None:
+        try:
+            _probe(above)
+        except OSError as e:
+            raise UsageError(f"cannot write the preview {safe_name(preview)}: {safe_name(above)} is not writable "
+                             f"({e.strerror or e})") from None
     if os.path.lexists(preview) and not overwrite:
         raise UsageError(f"the preview {safe_name(preview)} exists: choose another name or pass --overwrite")
     resolved = {p.parent.resolve() / p.name for p in planned}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .errors import StreamError, UsageError, one_line
+from .imageio import safe_name
 from .inputs import InputItem
 from .naming import OutputNamer, output_ext
 from .plan import RunOptions
@@ -62,8 +63,6 @@ class CropRecord:
         of :meth:`to_json` when given) with ``--json``, tab-separated input, ratio, box and score with
         ``--dry-run``, nothing otherwise.  A stream that cannot take it raises :class:`StreamError` (the run
         stops: e.g. ``| head -1`` closed the pipe, or a full disk behind ``> file``)."""
-        from .imageio import safe_name
-
         out = sys.stdout if out is None else out
         try:
             if as_json:
@@ -320,7 +319,10 @@ class Runner:
 
     def _write_preview(self, summary: RunSummary) -> None:
         opts = self.opts
-        if opts.preview is None or not self.thumbs:
+        if opts.preview is None:
+            return
+        if not self.thumbs:
+            self.on_error(f"{safe_name(opts.preview)}: note: no photo was cropped, so no preview was written")
             return
         from .imageio import save_image
         from .preview import contact_sheet
@@ -330,7 +332,8 @@ class Runner:
             save_image(contact_sheet(self.thumbs), opts.preview, overwrite=opts.overwrite)
         except _PER_FILE as e:
             summary.failed += 1
-            self.on_error(f"{opts.preview}: cannot write the preview: {describe_error(e)}")
+            why = e.strerror if isinstance(e, OSError) and e.strerror else describe_error(e)
+            self.on_error(f"{safe_name(opts.preview)}: cannot write the preview: {why}")
 
 
 def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "auto", adapt_epochs: int = 0,
@@ -521,5 +524,6 @@ def describe_error(e: BaseException) -> str:
         return "out of memory while processing this photo"
     if isinstance(e, BrokenExecutor):
         return "the worker process handling this photo died (killed for memory?)"
-    msg = getattr(e, "strerror", None) if isinstance(e, OSError) and not str(e) else str(e)
-    return one_line(msg or type(e).__name__)
+    if isinstance(e, OSError) and e.strerror:  # "No such file or directory: out/a.jpg", not "[Errno 2] …"
+        return one_line(f"{e.strerror}: {safe_name(e.filename)}" if e.filename else e.strerror)
+    return one_line(str(e) or type(e).__name__)

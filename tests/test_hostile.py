@@ -277,6 +277,45 @@ def test_preview_onto_one_of_the_runs_crops_is_refused(sw):
     sw.check(res, 2, failed=["p1_16x9.jpg"])
 
 
+def test_a_crop_moved_to_a_suffix_never_takes_the_previews_name(sw):
+    """p0's crop finds its name taken and moves to the next suffix: that is the preview's name, so it takes the
+    one after (it took the preview's, and the sheet then failed: "file exists")."""
+    three(sw)
+    sw.run(sw.src / "p0.jpg", "-o", sw.out, "--ratio", "1:1")
+    sheet = sw.out / "p0_1x1-1.jpg"
+    res = sw.run(sw.src / "p0.jpg", "-o", sw.out, "--ratio", "1:1", "--json", "--preview", sheet)
+    sw.check(res, 0, done=["p0.jpg"])
+    assert [Path(r["output"]).name for r in res.records] == ["p0_1x1-2.jpg"]
+    assert Image.open(sheet).size != Image.open(sw.out / "p0_1x1-2.jpg").size  # the sheet, not a crop
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_preview_where_no_file_can_be_made_is_refused_before_any_work(sw):
+    """/proc passes os.access for root; a file made there (and removed) is the check."""
+    three(sw)
+    res = sw.run(sw.src, "-o", sw.out, "--preview", "/proc/sheet.jpg")
+    sw.check(res, 2, failed=["/proc/sheet.jpg"], lines=1)
+    assert "not writable" in res.lines[0] and not sw.out.exists()
+
+
+def test_a_preview_with_no_photo_cropped_says_so(sw):
+    (sw.src / "bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    res = sw.run(sw.src, "-o", sw.out, "--preview", sw.root / "sheet.jpg")
+    sw.check(res, 1, failed=["bad.jpg"], lines=2)
+    assert res.lines[1] == f"smartcrop: {sw.root / 'sheet.jpg'}: note: no photo was cropped, so no preview was written"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_write_error_names_the_file_asked_for_not_the_temporary_one():
+    from smartcrop.runner import describe_error
+
+    with pytest.raises(OSError) as e:
+        imageio.write_file(Path("/proc/x.jpg"), b"data")
+    assert e.value.filename == "/proc/x.jpg" and ".smartcrop" not in str(e.value)
+    assert describe_error(e.value) == f"{e.value.strerror}: /proc/x.jpg"
+    assert describe_error(FileNotFoundError(2, "No such file or directory")) == "No such file or directory"
+
+
 @pytest.mark.parametrize("flags", [[], ["--dry-run"]])
 def test_an_output_folder_in_a_symlink_loop_is_refused(sw, flags):
     three(sw)
