@@ -243,7 +243,10 @@ class OutputNamer:
                 cand_rel = _suffixed(rel, n)
                 if cand_rel in planned:
                     continue
-                cand = self._path(cand_rel)
+                try:
+                    cand = self._path(cand_rel)
+                except OutputError as e:  # the suffix made the name too long
+                    raise OutputError(f"its name is taken, and with the suffix -{n} {e}") from None
                 if cand in self.reserved or os.path.lexists(cand) or self.input_at(cand) is not None \
                         or self._avoids(cand):
                     continue

@@ -722,6 +722,14 @@ def test_long_stems_fit_or_fail_alone(sw, stem_bytes, ok):
         sw.check(res, 1, failed=["255"], done=["p0.jpg", "p1.jpg", "p2.jpg"])
 
 
+def test_a_name_that_fits_until_a_clash_adds_its_suffix_says_why_it_fails(sw):
+    long = sw.photo("s" * 246 + ".jpg")  # its crop's name is 255 bytes; with "-1" it would be 257
+    sw.run(long, "-o", sw.out, "--ratio", "16:9")
+    res = sw.run(long, "-o", sw.out, "--ratio", "16:9")
+    sw.check(res, 1, failed=[long.name], lines=1)
+    assert "its name is taken, and with the suffix -1 its output name would be 257 bytes long" in res.lines[0]
+
+
 def test_planted_symlinks_at_probe_names_are_never_followed(sw):
     three(sw)
     sw.out.mkdir()
