@@ -213,8 +213,11 @@ class WorkerPool:
             return self._executor.submit(fn, *args)
 
     def _restart(self) -> None:
-        """A worker died (e.g. killed for memory): the tasks it held fail; start a fresh pool for the rest."""
+        """A worker died (e.g. killed for memory): the tasks it held fail; start a fresh pool for the rest, with
+        a fresh pixel budget — a worker killed while decoding never gave its share back, and the retry of its
+        photo would wait for it for ever."""
         old = self._executor
+        self._budget = (self._ctx.Condition(), self._ctx.Value("q", 0, lock=False), self._budget[2])
         self._executor = self._new_executor()
         self.restarts += 1
         old.shutdown(wait=False, cancel_futures=True)

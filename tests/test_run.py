@@ -505,6 +505,39 @@ def test_a_dying_worker_is_replaced_and_its_photos_retried(tmp_path, small_model
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [f"p{k}_4x3.jpg" for k in range(4)]
 
 
+def _hold_pixels(pixels: int, die: bool) -> int:
+    """A decode holding ``pixels`` of the pool's budget; with ``die`` its worker is killed meanwhile (as the OOM
+    killer would, so the budget's release never runs)."""
+    from smartcrop.pool import pixel_budget
+
+    with pixel_budget(pixels):
+        if die:
+            os._exit(3)
+        return pixels
+
+
+def test_a_worker_killed_while_decoding_leaves_no_pixel_budget_held():
+    """The retry of a photo whose decode killed its worker must not wait for the dead worker's share of the
+    pixel budget (it waited for ever)."""
+    from concurrent.futures import BrokenExecutor, TimeoutError as FutureTimeout
+
+    from smartcrop.pool import WorkerPool
+
+    pool = WorkerPool(2, pixel_budget=100)
+    try:
+        with pytest.raises(BrokenExecutor):
+            pool.submit(_hold_pixels, 80, True).result(timeout=60)
+        try:
+            got = pool.submit(_hold_pixels, 80, False).result(timeout=30)
+        except FutureTimeout:
+            got = "still waiting for the dead worker's pixels"
+        assert got == 80
+    finally:  # a waiting worker would keep close() waiting too
+        for proc in list((pool._executor._processes or {}).values()):
+            proc.kill()
+        pool._executor.shutdown(wait=False, cancel_futures=True)
+
+
 def test_workers_keep_freed_memory_for_the_next_photo():
     """After keep_freed_memory() (done in every worker), a photo-sized buffer comes from the heap, which is kept
     for the next photo, instead of a fresh mapping unmapped again when freed (glibc's mallinfo2: hblkhd is the
