@@ -130,6 +130,15 @@ class JpegInfo:
         return 8 * max(h for h, _ in s), 8 * max(v for _, v in s)
 
     @property
+    def mcu(self) -> tuple[int, int]:
+        """(w, h) of the iMCU as libjpeg's own transforms (jpegtran, libjpeg-turbo's ``tjTransform``) require
+        crop origins on it: the raw maximum sampling factors, not divided by their common factor (a file
+        sampled 2×2 / 1×2 / 1×2 is 16 × 16 to them, 16 × 8 to :attr:`imcu`); one block for grayscale."""
+        if len(self.components) == 1:
+            return 8, 8
+        return 8 * max(c.h for c in self.components), 8 * max(c.v for c in self.components)
+
+    @property
     def upright_size(self) -> tuple[int, int]:
         """(w, h) once the EXIF orientation is applied."""
         return _upright_size((self.width, self.height), self.orientation)
@@ -687,6 +696,11 @@ class _TurboBackend:
         except Exception:  # noqa: BLE001 - not installed, or no system library: use jpeglib
             return None
 
+    @staticmethod
+    def grid(info: JpegInfo) -> tuple[int, int]:
+        """The crop-origin grid this backend can cut on (stored orientation)."""
+        return info.mcu
+
     def crop(self, data: bytes, info: JpegInfo, sbox: Box, optimize: bool) -> bytes:
         x1, y1, x2, y2 = sbox
         try:
@@ -706,6 +720,10 @@ class _TurboBackend:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if damage:
             raise LosslessUnsupported(f"damaged JPEG data ({str(damage[0].message).splitlines()[0]})")
+        got = probe(out)
+        if (got.width, got.height) != (x2 - x1, y2 - y1):  # libjpeg-turbo moved the origin to a grid of its own
+            raise LosslessUnsupported(f"libjpeg-turbo cut {got.width} x {got.height} instead of {x2 - x1} x "
+                                      f"{y2 - y1}")
         return out
 
 
@@ -752,6 +770,12 @@ class _Backend:
         fd, path = tempfile.mkstemp(prefix="smartcrop-", suffix=".jpg", dir=self._tmpdir)
         os.close(fd)
         return path
+
+    @staticmethod
+    def grid(info: JpegInfo) -> tuple[int, int]:
+        """The crop-origin grid this backend can cut on: coefficients are copied component by component, so
+        the iMCU of the reduced sampling factors (:attr:`JpegInfo.imcu`)."""
+        return info.imcu
 
     def crop(self, data: bytes, info: JpegInfo, sbox: Box, optimize: bool) -> bytes:
         ct, np = self._ct, self._np
@@ -881,10 +905,10 @@ def lossless_crop(data: bytes, box_upright: Sequence[float], orientation: int | 
         orientation = info.orientation
     orientation = _check_orientation(orientation)
     stored = (info.width, info.height)
-    used = snap_box(box_upright, _upright_size(stored, orientation), orientation, info.imcu)
     backend = _load_backend()
     if isinstance(backend, str):
         raise LosslessUnsupported(backend)
+    used = snap_box(box_upright, _upright_size(stored, orientation), orientation, backend.grid(info))
     sbox = _map_box(used, orientation, stored, to_stored=True)
     encoded = backend.crop(bytes(data), info, sbox, optimize)
     if strip:

@@ -185,6 +185,28 @@ def test_crop_keeps_coefficients_and_pixels(tmp_path, sub, kind):
     assert_pixels_equal(pixels(data), pixels(out), used, margin=0 if sub == "444" else 8)
 
 
+# jpeglib's samp_factor rows are (v, h): the files hold luma 2×2 (h×v) and chroma 2×1 / 1×2
+@pytest.mark.parametrize("factors,grid", [(((2, 2), (1, 2), (1, 2)), {"jpeglib": (8, 16), "turbo": (16, 16)}),
+                                          (((2, 2), (2, 1), (2, 1)), {"jpeglib": (16, 8), "turbo": (16, 16)})])
+def test_non_standard_sampling_factors_crop_to_the_size_asked(tmp_path, backend, factors, grid):
+    """Luma sampled 2×2 with chroma 2×1 or 1×2 (cameras write such files): libjpeg-turbo's transform cuts on
+    the raw factors' 16 × 16 grid (given the reduced one it moved the origin 8 px and widened the crop, the
+    reported box being false); jpeglib's coefficient copy cuts on the reduced grid."""
+    needs_backend()
+    import jpeglib
+
+    im = jpeglib.from_spatial(np.ascontiguousarray(photo((200, 152))))
+    im.samp_factor = np.array(factors)
+    im.write_spatial(str(tmp_path / "odd.jpg"), qt=90)
+    data = (tmp_path / "odd.jpg").read_bytes()
+    box = (24, 24, 24 + 100, 24 + 56)
+    out, used = lossless_crop(data, box, 1)
+    gw, gh = grid[backend]
+    assert used == (24 // gw * gw, 24 // gh * gh, 24 // gw * gw + 100, 24 // gh * gh + 56)
+    assert Image.open(io.BytesIO(out)).size == (100, 56)
+    assert_pixels_equal(luma(data), luma(out), used, margin=0)
+
+
 @pytest.mark.parametrize("sub", ["444", "420"])
 def test_decoded_pixels_differ_only_near_the_border(sub):
     """Guards the margin used above: with 4:2:0 the border does differ (so the check is not vacuous), and
