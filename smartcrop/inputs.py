@@ -26,7 +26,9 @@ from typing import Callable, Sequence
 from .errors import UsageError
 from .imageio import is_image_path, safe_name, written_by_smartcrop
 
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"II*\x00", b"MM\x00*", b"BM")
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"II*\x00", b"MM\x00*")
+#: sizes of the BMP info headers there are: "BM" alone also starts a list of paths ("BMW_0001.jpg")
+_BMP_INFO_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
 
 
 @dataclass
@@ -61,7 +63,7 @@ def shown(name: str) -> str:
 
 def looks_like_image(data: bytes) -> bool:
     return data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP") or \
-        (data[4:8] == b"ftyp")
+        (data[4:8] == b"ftyp") or (data[:2] == b"BM" and int.from_bytes(data[14:18], "little") in _BMP_INFO_SIZES)
 
 
 def _stat_problem(e: OSError | ValueError, name: str) -> str:

@@ -916,6 +916,19 @@ def test_stdin_that_is_neither_an_image_nor_a_list_of_paths_is_one_line(sw, data
     assert len(res.lines[0]) < 200 and not sw.out.exists()
 
 
+def test_a_list_whose_first_name_starts_like_a_bmp_is_a_list_and_a_bmp_on_stdin_an_image(sw, monkeypatch):
+    sw.photo("BMW_0001.jpg")
+    other = sw.photo("cat.jpg", seed=1)
+    monkeypatch.chdir(sw.src)
+    res = sw.run("-", "--ratio", "1:1", "-o", sw.out, "--json", stdin="BMW_0001.jpg\ncat.jpg\n")
+    sw.check(res, 0, done=["BMW_0001.jpg", "cat.jpg"])
+    buf = io.BytesIO()
+    Image.open(other).save(buf, "BMP")
+    res = sw.run("-", "--ratio", "1:1", "-o", sw.out, "--json", stdin=buf.getvalue())
+    sw.check(res, 0)
+    assert [r["input"] for r in res.records] == ["<stdin>"]
+
+
 def test_a_nul_separated_list_keeps_names_whole(sw):
     odd = sw.photo("new\nline.jpg")
     res = sw.run("-", "--ratio", "1:1", "-o", sw.out, "--json", stdin=os.fsencode(odd) + b"\0")
