@@ -505,15 +505,27 @@ def _read_exif(im: Image.Image) -> tuple[int, bytes | None]:
         exif = im.getexif()
     except Exception:
         return 1, None
-    orientation = exif.get(ORIENTATION_TAG, 1)
-    if not isinstance(orientation, int) or orientation not in range(1, 9):
-        orientation = 1
+    orientation = _valid_orientation(exif.get(ORIENTATION_TAG, 1))
     try:  # a copy: the image's own Exif must keep its Orientation (Pillow 13 turns a TIFF upright by it on load)
         detached = Image.Exif()
         detached.load(exif.tobytes())
     except Exception:
         return orientation, None
     return orientation, _exif_bytes(detached)
+
+
+def _valid_orientation(value) -> int:
+    return value if isinstance(value, int) and value in range(1, 9) else 1
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation a JPEG's bytes are turned upright by when loaded (:func:`load_image`'s reading:
+    Pillow's EXIF parser); 1 when absent, invalid or unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return _valid_orientation(im.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 - an unreadable header: no orientation to agree with
+        return 1
 
 
 def _exif_orientation(exif_bytes: bytes | None) -> int:
@@ -526,7 +538,7 @@ def _exif_orientation(exif_bytes: bytes | None) -> int:
         value = exif.get(ORIENTATION_TAG, 1)
     except Exception:
         return 1
-    return value if isinstance(value, int) and value in range(1, 9) else 1
+    return _valid_orientation(value)
 
 
 _XMP_ORIENTATION = re.compile(

@@ -390,6 +390,7 @@ def _pixels(source, draft: bool = False) -> int:
 def _lossless(data: bytes, box, strip: bool):
     """``(jpeg bytes, box used)`` of a DCT-domain crop, or ``(None, box)`` when the JPEG must be re-encoded."""
     from . import jpegcrop
+    from .imageio import jpeg_orientation
 
     if not jpegcrop.available():
         return None, box
@@ -397,6 +398,10 @@ def _lossless(data: bytes, box, strip: bool):
         orientation = jpegcrop.read_orientation(data)
         if strip and orientation != 1:
             return None, box  # without EXIF the stored orientation would be lost: re-encode upright instead
+        if orientation != jpeg_orientation(data):
+            # the box is upright as the photo was loaded; an Orientation tag the two EXIF readers read differently
+            # (stored as a signed short, say) would cut another region: re-encoded upright instead
+            return None, box
         encoded, used = jpegcrop.lossless_crop(data, box, orientation, strip=strip)
     except (jpegcrop.LosslessUnsupported, ValueError):
         return None, box

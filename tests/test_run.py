@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 pytest.importorskip("torch")
 from typer.testing import CliRunner  # noqa: E402
@@ -168,6 +168,28 @@ def test_a_jpeg_turned_by_xmp_alone_is_re_encoded_upright(tmp_path, small_model_
     assert b'tiff:Orientation="6"' not in img.info.get("xmp", b"") and img.getexif().get(0x0112, 1) == 1
     expected = np.asarray(upright.crop(tuple(rec["box"])), dtype=float)
     assert np.abs(np.asarray(img.convert("RGB"), dtype=float) - expected).mean() < 4.0
+
+
+def test_an_orientation_tag_the_two_exif_readers_read_differently_is_re_encoded_upright(tmp_path, small_model_file):
+    """Orientation 6 stored as a signed short: Pillow (which turned the photo for scoring) reads it, the lossless
+    path's own parser did not, and cut the upright box out of the stored photo (another region, shown 9:16)."""
+    from smartcrop import jpegcrop
+
+    if not jpegcrop.available():
+        pytest.skip(f"no lossless JPEG backend here ({jpegcrop.unavailable_reason()})")
+    # square, so that the stored photo holds the upright box too (the old cut raised nothing)
+    upright = Image.open(draw_photo(tmp_path / "upright.png", size=(224, 224), seed=3)).convert("RGB")
+    ifd = struct.pack("<H", 1) + struct.pack("<HHL", 0x0112, 8, 1) + struct.pack("<H", 6).ljust(4, b"\0") + \
+        struct.pack("<L", 0)
+    src = tmp_path / "x.jpg"
+    stored_for(upright, 6).save(src, "JPEG", quality=95, exif=b"Exif\x00\x00II*\x00" + struct.pack("<L", 8) + ifd)
+    code, out, err = run([src, "--ratio", "16:9", "--json", "-o", tmp_path / "out", "--weights", small_model_file])
+    assert code == 0, err
+    (rec,) = jsonl(out)
+    img = ImageOps.exif_transpose(Image.open(rec["output"])).convert("RGB")
+    assert rec["lossless"] is False and img.size == tuple(rec["size"]) and rec["size"][0] > rec["size"][1]
+    expected = np.asarray(upright.crop(tuple(rec["box"])), dtype=float)
+    assert np.abs(np.asarray(img, dtype=float) - expected).mean() < 4.0
 
 
 def test_stdin_image_to_stdout_and_stdin_list(tmp_path, small_model_file):
