@@ -236,8 +236,11 @@ class OutputNamer:
                 if self.skip_existing:
                     self.reserved.add(path)
                     return Claim(path, "exists")
-            # taken on disk (or, rarely, by another crop of this run): the next free suffix that is no other
-            # input's deterministic name
+            # taken on disk (or by another crop of this run, whose name could not be planned: a transparent GIF
+            # written as PNG, say): the next free suffix that is no other input's deterministic name.  Taken by
+            # this run, an existing file under that suffix is this crop's from an earlier run: skipped with
+            # --skip-existing, replaced with --overwrite (a re-run must not add a copy each time)
+            clash = path in self.reserved or self._avoids(path)
             planned = self._planned.get((ratio, rank), set()) if self._masked else set()
             for n in range(j + 1, j + 100_000):
                 cand_rel = _suffixed(rel, n)
@@ -247,9 +250,13 @@ class OutputNamer:
                     cand = self._path(cand_rel)
                 except OutputError as e:  # the suffix made the name too long
                     raise OutputError(f"its name is taken, and with the suffix -{n} {e}") from None
-                if cand in self.reserved or os.path.lexists(cand) or self.input_at(cand) is not None \
-                        or self._avoids(cand):
+                if cand in self.reserved or self.input_at(cand) is not None or self._avoids(cand):
                     continue
+                if os.path.lexists(cand):
+                    if not clash or not (self.skip_existing or self.overwrite):
+                        continue
+                    self.reserved.add(cand)
+                    return Claim(cand, "exists" if self.skip_existing else None)
                 self.reserved.add(cand)
                 return Claim(cand)
         raise OutputError(f"no free output name next to {safe_name(path)}")

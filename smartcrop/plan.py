@@ -64,16 +64,18 @@ class RunOptions:
 
 def normalize_ratios(ratios: Sequence[str] | None, size: tuple | None) -> list[str]:
     out: list[str] = []
+    values: set = set()
     for r in ratios or []:
         r = r.strip()
         if r.lower() == "any":
-            r = "any"
+            r = value = "any"
         else:
             try:
-                parse_ratio(r)
+                value = parse_ratio(r)
             except ValueError as e:
                 raise UsageError(str(e)) from None
-        if r not in out:
+        if value not in values:  # 16:9, 16x9 and 32:18 are one ratio: one crop, under the first spelling
+            values.add(value)
             out.append(r)
     if size is not None:
         want = size[0] / size[1]

@@ -804,6 +804,34 @@ def test_a_forced_format_names_clashing_inputs_by_position_and_reruns_skip_them(
         assert sw.outputs() == ["a_1x1-1.jpg", "a_1x1-2.jpg", "a_1x1.jpg"]
 
 
+@pytest.mark.parametrize("flag", ["--skip-existing", "--overwrite"])
+def test_a_clash_that_could_not_be_planned_adds_no_copy_on_re_runs(sw, flag):
+    """A transparent logo.gif is planned as logo_1x1.jpg but written as PNG, onto logo.png's name: logo.png takes
+    the next suffix. Re-runs with --skip-existing (or --overwrite) wrote it again as -2, -3 …"""
+    gif = Image.new("P", (96, 64), 1)
+    gif.paste(0, (0, 0, 96, 16))  # a transparent band
+    gif.putpalette([0, 0, 0, 200, 60, 40] + [0] * 762)
+    gif.save(sw.src / "logo.gif", transparency=0)
+    sw.photo("logo.png", seed=1)
+    args = [sw.src / "logo.gif", sw.src / "logo.png", "-o", sw.out, "--json", "--ratio", "1:1"]
+    sw.run(*args)
+    first = sw.outputs()
+    assert first == ["logo_1x1-1.png", "logo_1x1.png"]
+    for _ in range(2):
+        res = sw.run(*args, flag)
+        sw.check(res, 0, changed=[f"out/{n}" for n in first] if flag == "--overwrite" else ())
+        assert sw.outputs() == first
+        if flag == "--skip-existing":
+            assert [r["skipped"] for r in res.records] == ["exists", "exists"]
+
+
+def test_one_ratio_spelt_twice_is_one_crop(sw):
+    sw.photo("a.jpg")
+    res = sw.run(sw.src / "a.jpg", "-o", sw.out, "--json", "--ratio", "16:9", "--ratio", "16x9", "--ratio", "32:18")
+    sw.check(res, 0)
+    assert [(r["ratio"], Path(r["output"]).name) for r in res.records] == [("16:9", "a_16x9.jpg")]
+
+
 def test_the_summary_counts_crops_written_not_crops_skipped():
     from smartcrop.plan import RunOptions
     from smartcrop.runner import RunSummary
