@@ -22,7 +22,7 @@ from typing import Sequence
 
 from .anchors import ratio_label
 from .errors import SmartcropError, UsageError
-from .imageio import OUTPUT_FORMATS, default_output_format, safe_name
+from .imageio import OUTPUT_FORMATS, default_output_format, safe_name, written_by_smartcrop
 from .inputs import InputItem
 
 TEMPLATE_FIELDS = {"stem", "ratio", "ext", "rank", "w", "h", "name"}
@@ -213,20 +213,29 @@ class OutputNamer:
             self._assign(ratio, rank)
             return rel, self._slots[(ratio, rank)].get(k, 0)
 
+    def _suffixed_path(self, rel: str, j: int) -> Path:
+        """:meth:`_path` of ``rel`` with its clash suffix ``j``, saying so when the suffix made it too long."""
+        try:
+            return self._path(_suffixed(rel, j))
+        except OutputError as e:
+            if not j:
+                raise
+            raise OutputError(f"its name is another input's too, and with the suffix -{j} {e}") from None
+
     def target(self, item: InputItem, ratio: str, rank: int, ext: str, size: tuple = (0, 0)) -> Path:
         """The deterministic output path of one crop (nothing on disk looked at but the inputs).
 
         Raises :class:`OutputError` when no name can be made for this input, :class:`InputCollision` when the
         path is that of an input."""
         rel, j = self._locate(item, ratio, rank, ext, size)
-        path = self._path(_suffixed(rel, j))
+        path = self._suffixed_path(rel, j)
         self.check_not_input(path)
         return path
 
     def claim(self, item: InputItem, ratio: str, rank: int, ext: str, size: tuple) -> Claim:
         """Claim the output of one crop (see the class doc); the path is reserved for this run."""
         rel, j = self._locate(item, ratio, rank, ext, size)
-        path = self._path(_suffixed(rel, j))
+        path = self._suffixed_path(rel, j)
         self.check_not_input(path)
         with self.lock:
             if path not in self.reserved and not self._avoids(path):
@@ -238,7 +247,7 @@ class OutputNamer:
                     return Claim(path, "exists")
             # taken on disk (or by another crop of this run, whose name could not be planned: a transparent GIF
             # written as PNG, say): the next free suffix that is no other input's deterministic name.  Taken by
-            # this run, an existing file under that suffix is this crop's from an earlier run: skipped with
+            # this run, a crop smartcrop wrote under that suffix is this crop's from an earlier run: skipped with
             # --skip-existing, replaced with --overwrite (a re-run must not add a copy each time)
             clash = path in self.reserved or self._avoids(path)
             planned = self._planned.get((ratio, rank), set()) if self._masked else set()
@@ -253,8 +262,8 @@ class OutputNamer:
                 if cand in self.reserved or self.input_at(cand) is not None or self._avoids(cand):
                     continue
                 if os.path.lexists(cand):
-                    if not clash or not (self.skip_existing or self.overwrite):
-                        continue
+                    if not clash or not (self.skip_existing or self.overwrite) or not written_by_smartcrop(cand):
+                        continue  # another file there (the user's own): never taken over
                     self.reserved.add(cand)
                     return Claim(cand, "exists" if self.skip_existing else None)
                 self.reserved.add(cand)

@@ -722,6 +722,14 @@ def test_long_stems_fit_or_fail_alone(sw, stem_bytes, ok):
         sw.check(res, 1, failed=["255"], done=["p0.jpg", "p1.jpg", "p2.jpg"])
 
 
+def test_a_name_made_too_long_by_a_planned_clash_suffix_says_why(sw):
+    a = sw.photo("s" * 246 + ".jpg")
+    b = sw.photo("s" * 246 + ".png", seed=1)
+    res = sw.run(a, b, "-o", sw.out, "--ratio", "16:9", "--format", "jpg", "--json")
+    sw.check(res, 1, failed=[b.name], done=[a.name], lines=1)
+    assert "its name is another input's too, and with the suffix -1 its output name would be 257" in res.lines[0]
+
+
 def test_a_name_that_fits_until_a_clash_adds_its_suffix_says_why_it_fails(sw):
     long = sw.photo("s" * 246 + ".jpg")  # its crop's name is 255 bytes; with "-1" it would be 257
     sw.run(long, "-o", sw.out, "--ratio", "16:9")
@@ -823,6 +831,22 @@ def test_a_clash_that_could_not_be_planned_adds_no_copy_on_re_runs(sw, flag):
         assert sw.outputs() == first
         if flag == "--skip-existing":
             assert [r["skipped"] for r in res.records] == ["exists", "exists"]
+
+
+@pytest.mark.parametrize("flag", ["--skip-existing", "--overwrite"])
+def test_a_file_of_the_users_under_a_clash_suffix_is_never_taken_over(sw, flag):
+    gif = Image.new("P", (96, 64), 1)
+    gif.paste(0, (0, 0, 96, 16))
+    gif.putpalette([0, 0, 0, 200, 60, 40] + [0] * 762)
+    gif.save(sw.src / "logo.gif", transparency=0)
+    sw.photo("logo.png", seed=1)
+    mine = draw_photo(sw.out / "logo_1x1-1.png", seed=5)  # the user's own picture, not a crop
+    before = sha(mine)
+    res = sw.run(sw.src / "logo.gif", sw.src / "logo.png", "-o", sw.out, "--json", "--ratio", "1:1", flag)
+    sw.check(res, 0, outside=["out/logo_1x1-1.png"])
+    assert sha(mine) == before
+    assert [(Path(r["output"]).name, r.get("skipped")) for r in res.records] == \
+        [("logo_1x1.png", None), ("logo_1x1-2.png", None)]
 
 
 def test_one_ratio_spelt_twice_is_one_crop(sw):
