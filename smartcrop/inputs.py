@@ -97,6 +97,11 @@ def list_lines(data: bytes) -> list[str]:
     such a file exists; otherwise with those spaces trimmed (a hand-edited list's stray blanks).  A list of
     NUL-terminated names (``find -print0``: it ends in a NUL byte, or holds no newline) is split at the NULs
     instead, its names taken exactly (no path contains a NUL; a stray one in a line is that line's error)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its byte order mark (PowerShell's `>`)
+        try:
+            data = os.fsencode(data.decode("utf-16"))
+        except UnicodeError:
+            return []
     data = data.removeprefix(b"\xef\xbb\xbf")
     if b"\0" in data and (data.endswith(b"\0") or b"\n" not in data):
         return [os.fsdecode(n) for n in data.split(b"\0") if n]
@@ -200,6 +205,9 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
             except (OSError, ValueError) as e:
                 raise UsageError(f"{shown(list_file)}: cannot read file list "
                                  f"({_stat_problem(e, list_file)})") from None
+            if looks_like_image(data):
+                raise UsageError(f"--from-file {shown(list_file)}: an image, not a list of paths (crop it by "
+                                 "naming it)")
         names += list_lines(data)
     if "-" in names and list_file == "-":
         raise UsageError("stdin cannot be both a file list and an input")
@@ -213,7 +221,9 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
             items.append(InputItem("<stdin>", None, Path(), "stdin", "", data))
             continue
         listed = list_lines(data)
-        if any(_lexists(x) for x in listed):  # a list of paths
+        # "." alone proves nothing: binary data split at its NUL bytes holds one often, and it would crop the
+        # whole current folder
+        if any(_lexists(x) for x in listed if x not in (".", "..")):  # a list of paths
             expanded += listed
         else:  # random bytes, an SVG, a list from another folder: one line, not one per "line" of it
             first = f" (its first line: '{listed[0]}')" if listed and listed[0] == shown(listed[0]) else ""

@@ -274,15 +274,15 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
     them = "them" if len(passed.own) > 1 else "it"
     own = (f"{_crops(passed.own)} in the output folder, never cropped into it again (copy {them} elsewhere or "
            f"give another -o to crop {them})")
-    walked = f"{_crops(passed.crops)}, which a folder never gives again (name them as files to crop them)"
+    name = "name them as files to crop them" if len(passed.crops) > 1 else "name it as a file to crop it"
     if not items and not errors:
         raise UsageError("no image files found in the inputs" + (
-            f": the {own}" if passed.own else f": its {walked}" if passed.crops
+            f": the {own}" if passed.own else
+            f": its {_crops(passed.crops)}, which a folder never gives again ({name})" if passed.crops
             else "" if recursive else " (use -r for sub-folders)"))
     if on_note is not None:
         if passed.crops:
-            on_note(f"note: in the folders given, {_crops(passed.crops)}: not cropped again (name them as files "
-                    "to crop them)")
+            on_note(f"note: in the folders given, {_crops(passed.crops)}: not cropped again ({name})")
         if passed.own:
             on_note(f"note: {own}")
         if passed.folder_links:

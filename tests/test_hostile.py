@@ -981,6 +981,31 @@ def test_a_list_whose_first_name_starts_like_a_bmp_is_a_list_and_a_bmp_on_stdin_
     assert [r["input"] for r in res.records] == ["<stdin>"]
 
 
+def test_a_utf16_list_is_read_and_binary_data_never_walks_the_current_folder(sw, monkeypatch):
+    """PowerShell's `>` writes UTF-16 with a byte order mark: read as the list it is (its NUL bytes split it into
+    junk, one piece "." — the current folder, walked and cropped whole). A PPM on stdin (not an input format)
+    whose pixels hold a "." between NULs: one line, nothing cropped."""
+    sw.photo("a.jpg")
+    sw.photo("c.jpg", seed=1)
+    monkeypatch.chdir(sw.src)
+    res = sw.run("-", "--ratio", "1:1", "-o", sw.out, "--json", stdin="\ufeffa.jpg\r\n".encode("utf-16-le"))
+    sw.check(res, 0, done=["a.jpg"])
+    assert [r["input"] for r in res.records] == ["a.jpg"]
+    ppm = Image.new("RGB", (16, 16))
+    ppm.putpixel((5, 5), (46, 0, 0))
+    buf = io.BytesIO()
+    ppm.save(buf, "PPM")
+    res = sw.run("-", "--ratio", "1:1", "-o", sw.root / "o2", stdin=buf.getvalue())
+    assert res.code == 1 and len(res.lines) == 1 and "neither an image" in res.lines[0], res.err
+    assert not (sw.root / "o2").exists()
+
+
+def test_an_image_given_as_the_file_list_is_a_usage_error(sw):
+    a = sw.photo("a.jpg")
+    res = sw.run("--from-file", a, "-o", sw.out)
+    sw.check(res, 2, failed=["an image, not a list of paths"], lines=1)
+
+
 def test_a_nul_separated_list_keeps_names_whole(sw):
     odd = sw.photo("new\nline.jpg")
     res = sw.run("-", "--ratio", "1:1", "-o", sw.out, "--json", stdin=os.fsencode(odd) + b"\0")
