@@ -305,7 +305,6 @@ def run(
                                               "('auto', or HOST:PORT); default: start a local Ray."),
 ):
     """Crop photos to the requested aspect ratios with the best-scoring crops."""
-    from .progress import stderr_is_tty
     from .plan import plan_run
     from .runner import crop_photos
     from .weights import checked_model_path
@@ -348,11 +347,7 @@ def run(
             err(("terminated" if term.received else "interrupted")
                 + ": finished files are complete, nothing partial was left")
             raise typer.Exit(143 if term.received else 130) from None
-    if summary.fewer:
-        err(summary.fewer_note(plan.opts.top_k))
-    if stderr_is_tty():
-        err(summary.describe(plan.opts, len(plan.input_errors)))
-    raise typer.Exit(1 if summary.failed or summary.incomplete or plan.input_errors else 0)
+    raise typer.Exit(summary.close(plan.opts, len(plan.input_errors), err))
 
 
 def _adapt_min() -> int:

@@ -1048,10 +1048,5 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
     if failure is not None:
         on_error(failure)
         return 130 if failure.startswith("interrupted") else 1
-    if summary.fewer:
-        on_error(summary.fewer_note(opts.top_k))
-    if stderr_is_tty():
-        summary.records = range(crops)  # describe() counts them; millions of records are not kept
-        shown = replace(opts, out_dir=out_root) if not opts.dry_run else opts
-        on_error(summary.describe(shown, len(input_errors)))
-    return 1 if summary.failed or summary.incomplete or input_errors else 0
+    summary.records = range(crops)  # describe() counts them; millions of records are not kept
+    return summary.close(replace(opts, out_dir=out_root) if not opts.dry_run else opts, len(input_errors), on_error)

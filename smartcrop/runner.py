@@ -27,6 +27,7 @@ from .inputs import InputItem
 from .naming import OutputNamer, output_ext
 from .plan import RunOptions
 from .pool import WorkerPool, import_torch, keep_freed_memory, usable_cores
+from .progress import stderr_is_tty
 from .stages import (PER_FILE_ERRORS, PRELOAD_ENV, WorkerModel, crop_job, finish, prepare, prepare_and_score,
                      may_crop_losslessly, warm_lossless)
 
@@ -93,12 +94,16 @@ class RunSummary:
     skipped: int = 0
     records: list = field(default_factory=list)
 
-    def fewer_note(self, top_k: int) -> str | None:
-        """The run's closing note when some photos had fewer than ``top_k`` distinct crops for a ratio."""
-        if not self.fewer:
-            return None
-        return (f"note: {self.fewer} photo{'s' if self.fewer > 1 else ''} had fewer than {top_k} distinct crops for "
-                "a ratio (a crop overlapping a better one by more than 60 % is not another)")
+    def close(self, opts: RunOptions, input_errors: int, say: Callable[[str], None]) -> int:
+        """The run's closing lines, said to ``say`` — a note when some photos had fewer than ``--top-k``
+        distinct crops for a ratio, and on a terminal the summary (:meth:`describe`) — and its exit code: 1 when
+        a photo failed or was written without some of its crops, or an input could not be collected."""
+        if self.fewer:
+            say(f"note: {self.fewer} photo{'s' if self.fewer > 1 else ''} had fewer than {opts.top_k} distinct "
+                "crops for a ratio (a crop overlapping a better one by more than 60 % is not another)")
+        if stderr_is_tty():
+            say(self.describe(opts, input_errors))
+        return 1 if self.failed or self.incomplete or input_errors else 0
 
     def describe(self, opts: RunOptions, input_errors: int = 0) -> str:
         """The one-line summary shown on a terminal."""
