@@ -195,9 +195,6 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
     if list_file is not None:
         if list_file == "-":
             data = (stdin or sys.stdin.buffer).read()
-            if looks_like_image(data):
-                raise UsageError("--from-file -: standard input holds an image, not a list of paths (crop it with "
-                                 "`smartcrop run -`)")
         else:
             try:
                 with open(list_file, "rb") as f:  # may be a pipe: --from-file <(find ...)
@@ -205,9 +202,10 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
             except (OSError, ValueError) as e:
                 raise UsageError(f"{shown(list_file)}: cannot read file list "
                                  f"({_stat_problem(e, list_file)})") from None
-            if looks_like_image(data):
-                raise UsageError(f"--from-file {shown(list_file)}: an image, not a list of paths (crop it by "
-                                 "naming it)")
+        if looks_like_image(data):
+            raise UsageError(f"--from-file {shown(list_file)}: " + (
+                "standard input holds an image, not a list of paths (crop it with `smartcrop run -`)"
+                if list_file == "-" else "an image, not a list of paths (crop it by naming it)"))
         names += list_lines(data)
     if "-" in names and list_file == "-":
         raise UsageError("stdin cannot be both a file list and an input")
