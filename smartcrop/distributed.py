@@ -368,7 +368,7 @@ def _predictable(opts) -> bool:
 
 def _already_done(row: dict, opts, out_root: str | None) -> list[str] | None:
     """With --skip-existing: the outputs of a photo whose every crop exists already (it is then neither
-    decoded nor scored: a re-run of an interrupted job costs a listing), else None."""
+    decoded nor scored: a re-run of an interrupted job costs a listing and a marker read a crop), else None."""
     from .imageio import OUTPUT_FORMATS
 
     if not (opts.skip_existing and out_root and not opts.dry_run and _predictable(opts)):
@@ -382,8 +382,15 @@ def _already_done(row: dict, opts, out_root: str | None) -> list[str] | None:
     ext = output_ext(me, opts.out_format, None)
     targets = [str(namer.target(me, r, k, ext, opts.size or (0, 0)))
                for r in opts.ratios for k in range(1, opts.top_k + 1)]
-    exists = uri_exists if is_uri(out_root) else os.path.lexists
-    return targets if all(exists(t) for t in targets) else None
+    if is_uri(out_root):
+        return targets if all(uri_exists(t) for t in targets) else None
+    from .imageio import output_source
+    from .naming import source_of
+
+    # a crop there that names another input is that one's (a photo added since took this one's name)
+    mine = source_of(me)
+    done = all(os.path.lexists(t) and output_source(t) in (None, mine) for t in targets)
+    return targets if done else None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -626,7 +633,7 @@ def _finish_batch(table, *, opts, out_root, faults, return_bytes):
 def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes: bool) -> list[dict]:
     """One scored photo through the stage shared with the local engine (:func:`smartcrop.stages.crop_job`),
     then :func:`~smartcrop.stages.finish`; a remote output is written here from the returned bytes."""
-    from .naming import output_ext
+    from .naming import output_ext, source_of
     from .runner import fewer_than_asked
     from .stages import crop_job, finish
 
@@ -640,7 +647,8 @@ def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes:
     crops = [(c["ratio"], c["box"], c["score"]) for c in r["crops"] or []]
     refused: list[str] = []
     decisions, job = crop_job(item.display, _source(r), crops, ext, opts, claim,
-                              write=claim is not None or return_bytes, on_refused=refused.append)
+                              write=claim is not None or return_bytes, on_refused=refused.append,
+                              mark=source_of(item))
     recs = [{**base, "ratio": d.ratio, "box": list(d.box), "score": d.score, "size": list(d.size),
              **({"output": d.output, "skipped": d.skipped} if d.skipped else {})} for d in decisions]
     if refused:  # the crops left out, said once with the photo's first record (the driver counts it incomplete)
@@ -666,7 +674,7 @@ def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes:
         if remote:
             from .imageio import mark_output
 
-            write_uri(target, mark_output(w.data))
+            write_uri(target, mark_output(w.data, job.mark))
             rec["output"] = target
         elif w.data is not None:
             rec["data"] = w.data

@@ -65,12 +65,15 @@ __all__ = [
     "load_full",
     "load_image",
     "mark_output",
+    "output_marker",
+    "output_source",
     "pillow_output_format",
     "remove_stale_temps",
     "reset_orientation",
     "reset_xmp_orientation",
     "safe_name",
     "save_image",
+    "source_tag",
     "temp_name",
     "temp_owner",
     "write_atomic",
@@ -943,7 +946,8 @@ def encode_image(img: Image.Image, format: str, *, quality: int = 95, exif: byte
     return buf.getvalue()
 
 
-def write_file(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False, mark: bool = True) -> Path:
+def write_file(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False, mark: bool = True,
+               source: bytes | None = None) -> Path:
     """Write encoded image ``data`` to ``path``: complete or not at all.
 
     The bytes go to a new temporary file next to ``path`` (:func:`temp_name`: created with ``O_EXCL`` and
@@ -952,13 +956,14 @@ def write_file(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = F
     file system has them, so an existing ``path`` is never replaced unless ``overwrite``: FileExistsError) and
     the folder fsynced.  On any failure the temporary file is removed; a full disk (ENOSPC, EDQUOT, EFBIG)
     raises :class:`OutputFullError`, which says so.  With ``mark``, a JPEG, PNG, WebP, TIFF or AVIF file gets
-    a small "written by smartcrop" marker (:func:`mark_output`) so that later runs never take it as input.
+    a small "written by smartcrop" marker (:func:`mark_output`, naming ``source`` when given) so that later runs
+    never take it as input.
     """
     path = Path(path)
     if not overwrite and os.path.lexists(path):
         raise FileExistsError(errno.EEXIST, "file exists", str(path))
     if mark:
-        data = mark_output(data)
+        data = mark_output(data, source)
     tmp = None
     try:
         fd, tmp = _create_temp(path)
@@ -1025,47 +1030,77 @@ def _fsync_dir(folder: Path) -> None:
 # ------------------------------------------------------------------------------------------ output marker
 
 #: Bytes embedded in every file smartcrop writes (a JPEG comment, a PNG text chunk, a WebP chunk, trailing
-#: bytes of a TIFF, a ``free`` box of an AVIF), so that a later run recognises its own outputs.
+#: bytes of a TIFF, a ``free`` box of an AVIF), so that a later run recognises its own outputs.  A crop's marker
+#: goes on with `` from `` and the :func:`source_tag` of the input it was cut from.
 OUTPUT_MARKER = b"written by smartcrop"
+_MARKER_RE = re.compile(re.escape(OUTPUT_MARKER) + rb"(?: from ([0-9a-f]{12}))?")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def mark_output(data: bytes) -> bytes:
+def source_tag(name: str) -> bytes:
+    """The 12 hex digits by which a crop's marker names its input ``name`` (its path under the folder it was
+    found in): a hash, so nothing of the name can be read from the crop."""
+    import hashlib
+
+    return hashlib.sha256(os.fsencode(name)).hexdigest()[:12].encode()
+
+
+def _marker(source: bytes | None) -> bytes:
+    return OUTPUT_MARKER + (b" from " + source if source else b"")
+
+
+def mark_output(data: bytes, source: bytes | None = None) -> bytes:
     """``data`` (an encoded image) with :data:`OUTPUT_MARKER` embedded where its format allows extra data that
-    every reader ignores; unchanged when already marked or of another format.  Pixels and metadata are kept."""
+    every reader ignores, naming ``source`` (a :func:`source_tag`) when given; unchanged when already marked
+    so, or of another format.  A JPEG loses the markers it carried (a crop of a crop keeps its source's
+    comments).  Pixels and metadata are kept."""
     data = bytes(data)
+    marker = _marker(source)
     try:
-        if _has_marker(data, len(data), _bytes_reader(data)):
+        if _read_marker(data, len(data), _bytes_reader(data)) == marker:
             return data
         if data[:3] == b"\xff\xd8\xff":  # JPEG: a COM segment after the APPn segments (EXIF stays first)
+            data = _without_jpeg_markers(data)
             pos = 2
             while pos + 4 <= len(data) and data[pos] == 0xFF and 0xE0 <= data[pos + 1] <= 0xEF:
                 pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-            return data[:pos] + _jpeg_segment(0xFE, OUTPUT_MARKER) + data[pos:]
+            return data[:pos] + _jpeg_segment(0xFE, marker) + data[pos:]
         if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":  # PNG: a tEXt chunk right after IHDR
             import zlib
 
-            body = b"tEXt" + b"Comment\x00" + OUTPUT_MARKER
+            body = b"tEXt" + b"Comment\x00" + marker
             chunk = len(body[4:]).to_bytes(4, "big") + body + (zlib.crc32(body) & 0xFFFFFFFF).to_bytes(4, "big")
             pos = 8 + 12 + int.from_bytes(data[8:12], "big")
             return data[:pos] + chunk + data[pos:]
         if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            return _mark_webp(data)
+            return _mark_webp(data, marker)
         if data[:4] in (b"II*\x00", b"MM\x00*"):  # TIFF: unreferenced trailing bytes (readers follow offsets)
-            return data + OUTPUT_MARKER
+            return data + marker
         if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis", b"mif1"):  # ISOBMFF: a top-level free box
-            return data + (8 + len(OUTPUT_MARKER)).to_bytes(4, "big") + b"free" + OUTPUT_MARKER
+            return data + (8 + len(marker)).to_bytes(4, "big") + b"free" + marker
     except (IndexError, ValueError):
         pass
     return data
 
 
-def _mark_webp(data: bytes) -> bytes:
+def _without_jpeg_markers(data: bytes) -> bytes:
+    """A JPEG without the COM segments before its image data that hold a smartcrop marker."""
+    out, pos, last = [], 2, 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] not in (0xDA, 0xD9):
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if data[pos + 1] == 0xFE and _MARKER_RE.fullmatch(data[pos + 4:end]):
+            out.append(data[last:pos])
+            last = end
+        pos = end
+    return data[:2] + b"".join(out)[2:] + data[last:] if out else data
+
+
+def _mark_webp(data: bytes, marker: bytes) -> bytes:
     """A WebP with an extra ``SCRP`` chunk; a simple-format file (one VP8/VP8L chunk) becomes the extended
     format first (a VP8X header), as unknown chunks are only allowed there."""
     import struct
 
-    chunk = b"SCRP" + struct.pack("<I", len(OUTPUT_MARKER)) + OUTPUT_MARKER + b"\x00" * (len(OUTPUT_MARKER) & 1)
+    chunk = b"SCRP" + struct.pack("<I", len(marker)) + marker + b"\x00" * (len(marker) & 1)
     body = data[12:]
     kind = body[:4]
     if kind in (b"VP8 ", b"VP8L"):
@@ -1095,11 +1130,13 @@ def _bytes_reader(data: bytes):
     return read
 
 
-def _has_marker(head: bytes, size: int, read) -> bool:
-    """Whether a file (its first bytes ``head``, total ``size``, ``read(pos, n)`` for more) carries
-    :data:`OUTPUT_MARKER`: in the first 4 KiB, in a JPEG comment before the image data, or in the last 4 KiB."""
-    if OUTPUT_MARKER in head[:4096]:
-        return True
+def _read_marker(head: bytes, size: int, read) -> bytes | None:
+    """The smartcrop marker a file carries (its first bytes ``head``, total ``size``, ``read(pos, n)`` for
+    more), None without one: in the first 4 KiB, in a JPEG comment before the image data, or in the last
+    4 KiB."""
+    found = _MARKER_RE.search(head[:4096])
+    if found:
+        return found.group(0)
     if head[:2] == b"\xff\xd8":
         pos = 2
         for _ in range(256):  # the header segments, each read by its length
@@ -1107,34 +1144,51 @@ def _has_marker(head: bytes, size: int, read) -> bool:
             if len(seg) < 4 or seg[0] != 0xFF or seg[1] in (0xDA, 0xD9):
                 break
             length = int.from_bytes(seg[2:4], "big")
-            if seg[1] == 0xFE and length == 2 + len(OUTPUT_MARKER) and read(pos + 4, length - 2) == OUTPUT_MARKER:
-                return True
+            if seg[1] == 0xFE and length - 2 <= len(_marker(b"0" * 12)):
+                found = _MARKER_RE.fullmatch(read(pos + 4, length - 2))
+                if found:
+                    return found.group(0)
             pos += 2 + length
-    return OUTPUT_MARKER in read(max(0, size - 4096), 4096)
+    found = _MARKER_RE.search(read(max(0, size - 4096), 4096))
+    return found.group(0) if found else None
 
 
-def written_by_smartcrop(path: str | os.PathLike[str]) -> bool:
-    """True if ``path`` is a regular file that smartcrop wrote (it carries :data:`OUTPUT_MARKER`).
+def output_marker(path: str | os.PathLike[str]) -> bytes | None:
+    """The marker (:data:`OUTPUT_MARKER`, with its source tag when it has one) of a regular file smartcrop
+    wrote, None for any other file.
 
     Opened without blocking and only when it is a regular file (never a FIFO or a device); unreadable files
     are not smartcrop's.  Reads at most a few KiB."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError:
-        return False
+        return None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return False
+            return None
 
         def read(pos: int, n: int) -> bytes:
             return os.pread(fd, n, pos) if hasattr(os, "pread") else b""
 
-        return _has_marker(read(0, 4096), st.st_size, read)
+        return _read_marker(read(0, 4096), st.st_size, read)
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)
+
+
+def written_by_smartcrop(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a regular file that smartcrop wrote (it carries :data:`OUTPUT_MARKER`)."""
+    return output_marker(path) is not None
+
+
+def output_source(path: str | os.PathLike[str]) -> bytes | None:
+    """The :func:`source_tag` of the input a file smartcrop wrote was cut from; None when it names none (any
+    other file, or a crop written by an earlier smartcrop, which did not record it)."""
+    marker = output_marker(path)
+    found = _MARKER_RE.fullmatch(marker) if marker else None
+    return found.group(1) if found else None
 
 
 def format_for_path(path: str | os.PathLike[str]) -> str:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from .anchors import ratio_label
 from .errors import SmartcropError, UsageError
-from .imageio import OUTPUT_FORMATS, default_output_format, safe_name, written_by_smartcrop
+from .imageio import OUTPUT_FORMATS, default_output_format, output_source, safe_name, source_tag, written_by_smartcrop
 from .inputs import InputItem
 
 TEMPLATE_FIELDS = {"stem", "ratio", "ext", "rank", "w", "h", "name"}
@@ -122,7 +122,7 @@ class OutputNamer:
         self._index = {id(it): k for k, it in enumerate(self.items)}
         self._masked = "w" not in self._fields() and "h" not in self._fields()
         self._slots: dict[tuple[str, int], dict[int, int]] = {}  # (ratio, rank) → item index → suffix
-        self._planned: dict[tuple[str, int], set[str]] = {}  # (ratio, rank) → every deterministic name
+        self._planned: dict[tuple[str, int], dict[str, int]] = {}  # (ratio, rank) → deterministic name → item
         self.reserved: set[Path] = set()
         self._avoided: set[str] = set()  # entries (folder resolved) no crop may take: the run's preview
         self.lock = threading.RLock()
@@ -187,7 +187,7 @@ class OutputNamer:
         key = (ratio, rank)
         if key in self._slots:
             return
-        taken: set[str] = set()
+        taken: dict[str, int] = {}
         slots: dict[int, int] = {}
         for k, it in enumerate(self.items):
             try:
@@ -198,7 +198,7 @@ class OutputNamer:
             while cand in taken:
                 j += 1
                 cand = _suffixed(rel, j)
-            taken.add(cand)
+            taken[cand] = k
             slots[k] = j
         self._slots[key] = slots
         self._planned[key] = taken
@@ -239,18 +239,20 @@ class OutputNamer:
         self.check_not_input(path)
         with self.lock:
             if path not in self.reserved and not self._avoids(path):
+                if self.skip_existing:  # this input's crop from an earlier run, wherever a clash put it
+                    own = self._earlier_crop(item, rel, j, ratio, rank, path)
+                    if own is not None:
+                        self.reserved.add(own)
+                        return Claim(own, "exists")
                 if self.overwrite or not os.path.lexists(path):
                     self.reserved.add(path)
                     return Claim(path)
-                if self.skip_existing:
-                    self.reserved.add(path)
-                    return Claim(path, "exists")
             # taken on disk (or by another crop of this run, whose name could not be planned: a transparent GIF
             # written as PNG, say): the next free suffix that is no other input's deterministic name.  Taken by
             # this run, a crop smartcrop wrote under that suffix is this crop's from an earlier run: skipped with
             # --skip-existing, replaced with --overwrite (a re-run must not add a copy each time)
             clash = path in self.reserved or self._avoids(path)
-            planned = self._planned.get((ratio, rank), set()) if self._masked else set()
+            planned = self._planned.get((ratio, rank), {}) if self._masked else {}
             for n in range(j + 1, j + 100_000):
                 cand_rel = _suffixed(rel, n)
                 if cand_rel in planned:
@@ -269,6 +271,39 @@ class OutputNamer:
                 self.reserved.add(cand)
                 return Claim(cand)
         raise OutputError(f"no free output name next to {safe_name(path)}")
+
+    def _earlier_crop(self, item: InputItem, rel: str, j: int, ratio: str, rank: int, path: Path) -> Path | None:
+        """With --skip-existing: where an earlier run wrote this crop, None if it did not.
+
+        Its own name when a file is there whose marker names no other input (crops of earlier versions name
+        none).  Otherwise (missing, or another input's crop: a photo added since that sorts before this one
+        and took its name) the file among the name's clash suffixes whose marker names this input, and not
+        under the name of another input that the marker could name as well (same path under its folder: two
+        cameras' IMG_0001.jpg); the suffixes are looked at up to the first missing one that is no input's name."""
+        mine = source_of(item)
+        if os.path.lexists(path):
+            tag = output_source(path)
+            if tag is None or tag == mine:
+                return path
+        planned = self._planned.get((ratio, rank), {}) if self._masked else {}
+        for n in range(0, j + 100_000):
+            cand_rel = _suffixed(rel, n)
+            if n == j:
+                continue
+            try:
+                cand = self._path(cand_rel)
+            except OutputError:
+                return None
+            if not os.path.lexists(cand):
+                if cand_rel in planned:
+                    continue
+                return None
+            owner = planned.get(cand_rel)
+            if owner is not None and source_of(self.items[owner]) == mine:
+                continue  # as much that input's crop as this one's: its own name decides
+            if cand not in self.reserved and output_source(cand) == mine:
+                return cand
+        return None
 
     def avoid(self, path: Path) -> None:
         """No crop is given ``path`` (another file this run writes)."""
@@ -331,6 +366,13 @@ class OutputNamer:
         if it is not None:
             raise InputCollision(f"output {safe_name(path)} would replace the input {safe_name(it.display)}: "
                                  "originals are never written (choose another -o or --name)")
+
+
+def source_of(item: InputItem) -> bytes:
+    """The tag by which the marker of a crop names ``item`` (:func:`smartcrop.imageio.source_tag` of its path
+    under the folder it was found in): a later ``--skip-existing`` run tells this input's crop from another's
+    that took its name."""
+    return source_tag(str(PurePosixPath(*Path(item.rel_dir).parts, f"{item.stem}{item.suffix}")))
 
 
 def output_ext(item: InputItem, out_format: str | None, loaded_format: str | None, has_alpha: bool = False) -> str:

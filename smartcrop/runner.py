@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 from .errors import StreamError, UsageError, one_line
 from .imageio import safe_name
 from .inputs import InputItem
-from .naming import OutputNamer, output_ext
+from .naming import OutputNamer, output_ext, source_of
 from .plan import RunOptions
 from .pool import WorkerPool, import_torch, keep_freed_memory, usable_cores
 from .progress import stderr_is_tty
@@ -309,7 +309,7 @@ class Runner:
         refused: list[str] = []
         decisions, job = crop_job(item.display, _source(item), [(c.ratio, c.box, c.score) for c in crops],
                                   output_ext(item, opts.out_format, p.format, p.has_alpha), opts, claim,
-                                  on_refused=refused.append)
+                                  on_refused=refused.append, mark=source_of(item))
         for line in refused:
             self.on_error(f"{item.display}: {line}")
         summary.incomplete += bool(refused)

@@ -70,6 +70,7 @@ class FinishJob:
     lossless: bool = True  # allow DCT-domain JPEG crops
     retried: bool = False  # resubmitted after the worker running it died
     skip_existing: bool = False  # a name another process took since it was claimed: skipped, not renamed
+    mark: bytes | None = None  # the input's tag in each crop's marker (:func:`smartcrop.naming.source_of`)
 
 
 @dataclass
@@ -102,7 +103,8 @@ class Decision:
     spec: int | None = None
 
 
-def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: bool = True, on_refused=None):
+def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: bool = True, on_refused=None,
+             mark: bytes | None = None):
     """Stage 2½, shared by every engine: from a photo's chosen crops to ``(decisions, FinishJob or None)``.
 
     ``crops``: ``(ratio, box, score)`` triples, best first per ratio; ``ext``: the default output extension;
@@ -112,7 +114,7 @@ def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: boo
     check only.  A crop that cannot be written as asked (:func:`check_crop`: too small, would need
     upscaling) is left out and said to ``on_refused``, one line a ratio ("ratio 10:1: the best crop is only
     …"), the photo's other crops going on; without ``on_refused``, or when no crop is left, :class:`CropError` is
-    raised (that photo fails) before anything is written.
+    raised (that photo fails) before anything is written.  ``mark``: the input's tag for the crops' markers.
     """
     decisions: list[Decision] = []
     specs: list[CropSpec] = []
@@ -154,7 +156,7 @@ def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: boo
     job = None
     if specs:
         job = FinishJob(source, exts.pop(), specs, quality=opts.quality, strip=opts.strip, overwrite=opts.overwrite,
-                        lossless=not opts.reencode, skip_existing=opts.skip_existing)
+                        lossless=not opts.reencode, skip_existing=opts.skip_existing, mark=mark)
     return decisions, job
 
 
@@ -328,14 +330,14 @@ def finish(job: FinishJob) -> list[Written]:
 
             raise OutputError(f"cannot write {target}: a file is in the way of its folder") from None
         try:
-            write_file(target, data, overwrite=job.overwrite)
+            write_file(target, data, overwrite=job.overwrite, source=job.mark)
         except FileExistsError:
             # another process (a second run into this folder) wrote that name since it was claimed: it is never
             # replaced; the crop is skipped (--skip-existing) or written under the next free suffix
             if job.skip_existing:
                 out.append(Written(box, str(target), was_lossless, skipped="exists"))
                 continue
-            target = _write_under_free_name(target, data)
+            target = _write_under_free_name(target, data, job.mark)
         out.append(Written(box, str(target), was_lossless))
     return out
 
@@ -344,7 +346,7 @@ def finish(job: FinishJob) -> list[Written]:
 MAX_RACE_SUFFIX = 999
 
 
-def _write_under_free_name(target: Path, data: bytes) -> Path:
+def _write_under_free_name(target: Path, data: bytes, mark: bytes | None = None) -> Path:
     """Write ``data`` as ``target``'s stem with the first free ``-1``, ``-2`` … suffix (each claimed atomically,
     never replacing a file) and return that path."""
     from .imageio import write_file
@@ -352,7 +354,7 @@ def _write_under_free_name(target: Path, data: bytes) -> Path:
     for k in range(1, MAX_RACE_SUFFIX + 1):
         path = target.with_name(f"{target.stem}-{k}{target.suffix}")
         try:
-            write_file(path, data, overwrite=False)
+            write_file(path, data, overwrite=False, source=mark)
             return path
         except FileExistsError:
             continue

@@ -691,11 +691,11 @@ def test_a_name_another_run_takes_meanwhile_is_never_replaced(sw, monkeypatch, f
     theirs = imageio.encode_image(Image.new("RGB", (8, 8), (0, 200, 0)), "jpg")
     real = imageio.write_file
 
-    def racing(path, data, *, overwrite=False, mark=True):
+    def racing(path, data, **kw):
         p = Path(path)
         if p.name == "p1_16x9.jpg" and not p.exists():
             real(p, theirs)  # the other run, just before this one
-        return real(path, data, overwrite=overwrite, mark=mark)
+        return real(path, data, **kw)
 
     monkeypatch.setattr(imageio, "write_file", racing)
     res = sw.run(sw.src, "-o", sw.out, "--ratio", "16:9", "--json", *flags)
@@ -878,6 +878,40 @@ def test_skip_existing_decides_per_input(sw):
     sw.check(res, 0, done=["IMG_0001.jpg"])
     assert [(r.get("skipped"), Path(r["output"]).name) for r in res.records] == \
         [("exists", "IMG_0001_16x9.jpg"), (None, "IMG_0001_16x9-1.jpg")]
+
+
+def test_a_photo_added_that_takes_an_earlier_ones_name_is_cropped_on_a_skip_existing_re_run(sw):
+    """b.jpg cropped; then b.jpeg added, which sorts first and so is planned on b_1x1.jpg. --skip-existing took
+    b.jpg's crop there for b.jpeg's (reported skipped, never cropped) and wrote b.jpg's again as -1."""
+    sw.photo("b.jpg", seed=1)
+    args = [sw.src, "-o", sw.out, "--json", "--ratio", "1:1"]
+    sw.check(sw.run(*args), 0)
+    first = (sw.out / "b_1x1.jpg").read_bytes()
+    sw.photo("b.jpeg", seed=2)
+    res = sw.run(*args, "--skip-existing")
+    sw.check(res, 0, done=["b.jpeg"])
+    assert [(Path(r["input"]).name, Path(r["output"]).name, r.get("skipped")) for r in res.records] == \
+        [("b.jpeg", "b_1x1-2.jpg", None), ("b.jpg", "b_1x1.jpg", "exists")]
+    assert sw.outputs() == ["b_1x1-2.jpg", "b_1x1.jpg"] and (sw.out / "b_1x1.jpg").read_bytes() == first
+    for _ in range(2):  # and from then on, both skipped where they are
+        res = sw.run(*args, "--skip-existing")
+        sw.check(res, 0)
+        assert [(Path(r["output"]).name, r.get("skipped")) for r in res.records] == \
+            [("b_1x1-2.jpg", "exists"), ("b_1x1.jpg", "exists")]
+        assert sw.outputs() == ["b_1x1-2.jpg", "b_1x1.jpg"]
+
+
+def test_same_named_photos_of_two_folders_are_each_made_again_when_their_crop_is_missing(sw):
+    """Their crops' markers name the same input (IMG_0001.jpg under its folder): the other's crop is not taken
+    for the missing one, whichever is missing."""
+    _two_cameras(sw)
+    args = [sw.src / "cam1", sw.src / "cam2", "-o", sw.out, "--json", "--ratio", "16:9"]
+    sw.run(*args)
+    (sw.out / "IMG_0001_16x9.jpg").unlink()
+    res = sw.run(*args, "--skip-existing")
+    sw.check(res, 0, done=["IMG_0001.jpg"])
+    assert [(r.get("skipped"), Path(r["output"]).name) for r in res.records] == \
+        [(None, "IMG_0001_16x9.jpg"), ("exists", "IMG_0001_16x9-1.jpg")]
 
 
 def test_rerun_without_flags_never_replaces_and_overwrite_replaces_in_place(sw):
@@ -1613,6 +1647,37 @@ def test_marker_survives_every_output_format(tmp_path):
         q = tmp_path / f"plain.{ext}"
         q.write_bytes(imageio.encode_image(img, ext))
         assert not imageio.written_by_smartcrop(q)
+
+
+def test_a_crops_marker_names_its_input_by_a_tag_in_every_output_format(tmp_path):
+    img = Image.new("RGBA", (40, 30), (200, 10, 10, 128))
+    tag = imageio.source_tag("sub/IMG_0001.jpg")
+    assert len(tag) == 12 and tag != imageio.source_tag("sub/IMG_0001.jpeg") and b"IMG" not in tag
+    for ext in ["jpg", "png", "webp", "tif"] + (["avif"] if imageio._pillow_has_avif() else []):
+        data = imageio.encode_image(img, ext)
+        p = imageio.write_file(tmp_path / f"o.{ext}", data, source=tag)
+        assert imageio.written_by_smartcrop(p) and imageio.output_source(p) == tag, ext
+        with Image.open(p) as im:
+            im.load()
+            assert im.size == (40, 30)
+        old = imageio.write_file(tmp_path / f"old.{ext}", data)  # as earlier versions marked: no tag
+        assert imageio.written_by_smartcrop(old) and imageio.output_source(old) is None, ext
+
+
+def test_a_crop_of_a_crop_is_marked_with_its_own_input_only(tmp_path):
+    """A JPEG crop keeps its source's comments (losslessly cut, or re-encoded by Pillow, which writes the comment
+    it read back): the marker of the crop it was cut from must not stay in front of its own."""
+    first = imageio.mark_output(imageio.encode_image(Image.new("RGB", (64, 48), (9, 99, 9)), "jpg"),
+                                imageio.source_tag("a.jpg"))
+    again = imageio.mark_output(first, imageio.source_tag("a_1x1.jpg"))
+    assert again.count(imageio.OUTPUT_MARKER) == 1
+    p = tmp_path / "c.jpg"
+    p.write_bytes(again)
+    assert imageio.output_source(p) == imageio.source_tag("a_1x1.jpg")
+    with Image.open(p) as im:
+        im.load()
+        assert im.size == (64, 48)
+    assert imageio.mark_output(again, imageio.source_tag("a_1x1.jpg")) == again
 
 
 def test_temp_names_are_short_and_carry_the_pid():
