@@ -92,6 +92,7 @@ class RunSummary:
     fewer: int = 0  # photos with fewer than --top-k distinct crops for some ratio
     written: int = 0
     skipped: int = 0
+    boxes: int = 0  # crops chosen, whether written, skipped or (a dry run) only computed
     records: list = field(default_factory=list)
 
     def close(self, opts: RunOptions, input_errors: int, say: Callable[[str], None]) -> int:
@@ -108,7 +109,7 @@ class RunSummary:
     def describe(self, opts: RunOptions, input_errors: int = 0) -> str:
         """The one-line summary shown on a terminal."""
         failed = self.failed + input_errors
-        done = len(self.records) if opts.dry_run else self.written  # records also hold the crops skipped
+        done = self.boxes if opts.dry_run else self.written
         what = ("box computed" if done == 1 else "boxes computed") if opts.dry_run else \
             ("crop written" if done == 1 else "crops written")
         return (f"{self.images} photo{'' if self.images == 1 else 's'}, {done} {what}"
@@ -216,6 +217,7 @@ class Runner:
                     summary.skipped += 1
                 elif not opts.dry_run:
                     summary.written += 1
+                summary.boxes += 1
                 summary.records.append(rec)
                 self.on_record(rec)
             bar.advance()

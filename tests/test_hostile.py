@@ -861,12 +861,12 @@ def test_the_summary_counts_crops_written_not_crops_skipped():
     from smartcrop.runner import RunSummary
 
     opts = RunOptions(out_dir=Path("out"))
-    assert RunSummary(images=1, written=0, skipped=1, records=[object()]).describe(opts) == \
+    assert RunSummary(images=1, written=0, skipped=1, boxes=1).describe(opts) == \
         "1 photo, 0 crops written, 1 skipped (exist) → out"
-    assert RunSummary(images=2, written=1, skipped=1, records=[object()] * 2).describe(opts, 1) == \
+    assert RunSummary(images=2, written=1, skipped=1, boxes=2).describe(opts, 1) == \
         "2 photos, 1 crop written, 1 skipped (exist), 1 failed → out"
     dry = RunOptions(out_dir=Path("out"), dry_run=True)
-    assert RunSummary(images=3, records=[object()] * 3).describe(dry) == "3 photos, 3 boxes computed"
+    assert RunSummary(images=3, boxes=3).describe(dry) == "3 photos, 3 boxes computed"
 
 
 def test_skip_existing_decides_per_input(sw):
