@@ -374,23 +374,20 @@ def _already_done(row: dict, opts, out_root: str | None) -> list[str] | None:
     if not (opts.skip_existing and out_root and not opts.dry_run and _predictable(opts)):
         return None
     item = _item(row)
+    namer, me = _namer(row, item, opts, out_root)
+    if not is_uri(out_root):
+        from .plan import earlier_crops
+
+        found = earlier_crops(namer, me, opts)
+        return None if found is None else [str(p) for _, p in found]
     if not opts.out_format and item.suffix.lower() not in OUTPUT_FORMATS:
         return None  # the extension depends on the decoded format
     from .naming import output_ext
 
-    namer, me = _namer(row, item, opts, out_root)
     ext = output_ext(me, opts.out_format, None)
     targets = [str(namer.target(me, r, k, ext, opts.size or (0, 0)))
                for r in opts.ratios for k in range(1, opts.top_k + 1)]
-    if is_uri(out_root):
-        return targets if all(uri_exists(t) for t in targets) else None
-    from .imageio import output_source
-    from .naming import source_of
-
-    # a crop there that names another input is that one's (a photo added since took this one's name)
-    mine = source_of(me)
-    done = all(os.path.lexists(t) and output_source(t) in (None, mine) for t in targets)
-    return targets if done else None
+    return targets if all(uri_exists(t) for t in targets) else None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -971,16 +968,13 @@ def _count_and_print(row: dict, summary, opts, as_json: bool, out) -> None:
     """One crop row of the CLI: counted, and printed as the local engine prints its records."""
     from .runner import CropRecord
 
-    rec = CropRecord(row["input"], row["output"], row["ratio"], row["box"], row["score"] or 0.0, row["size"],
-                     row["skipped"], row["lossless"])
+    rec = CropRecord(row["input"], row["output"], row["ratio"], row["box"], row["score"], row["size"],
+                     row["skipped"], row["lossless"])  # box, score and size None: skipped before decoding
     if rec.skipped:
         summary.skipped += 1
     elif not opts.dry_run:
         summary.written += 1
-    line = None
-    if as_json and row["score"] is None:  # skipped before decoding: no box was computed
-        line = dict(rec.to_json(), box=None, score=None, size=None)
-    rec.print(as_json=as_json, dry_run=opts.dry_run, line=line, out=out)
+    rec.print(as_json=as_json, dry_run=opts.dry_run, out=out)
 
 
 def run_command(engine: str, inputs: Sequence[str], *, address: str | None = None, from_file: str | None = None,

@@ -272,8 +272,16 @@ class OutputNamer:
                 return Claim(cand)
         raise OutputError(f"no free output name next to {safe_name(path)}")
 
+    def earlier(self, item: InputItem, ratio: str, rank: int, ext: str, size: tuple = (0, 0)) -> Path | None:
+        """With --skip-existing: where an earlier run wrote this crop (its name, or a clash suffix whose marker
+        names this input; see :meth:`claim`), None if it did not."""
+        rel, j = self._locate(item, ratio, rank, ext, size)
+        path = self._suffixed_path(rel, j)
+        with self.lock:
+            return self._earlier_crop(item, rel, j, ratio, rank, path)
+
     def _earlier_crop(self, item: InputItem, rel: str, j: int, ratio: str, rank: int, path: Path) -> Path | None:
-        """With --skip-existing: where an earlier run wrote this crop, None if it did not.
+        """:meth:`earlier`, ``rel``/``j``/``path`` located.
 
         Its own name when a file is there whose marker names no other input (crops of earlier versions name
         none).  Otherwise (missing, or another input's crop: a photo added since that sorts before this one

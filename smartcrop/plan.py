@@ -108,6 +108,9 @@ class RunPlan:
     items: list  # InputItem
     opts: RunOptions
     input_errors: list  # one line per input that could not be collected (already reported)
+    #: with --skip-existing: index of an item whose every crop an earlier run wrote → [(ratio, path)], in
+    #: ratio × rank order; such photos are neither decoded nor scored
+    done: dict = field(default_factory=dict)
 
 
 def parse_format(name: str | None) -> str | None:
@@ -319,9 +322,10 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
         items, planned = _check_outputs(namer, items, opts, report)
     if preview is not None:
         _check_preview(preview, namer, planned, overwrite)
-    if opts.out_dir is not None and not dry_run and items:
+    done = already_done(namer, items, opts) if planned and skip_existing and preview is None else {}
+    if opts.out_dir is not None and not dry_run and len(done) < len(items):
         opts.made_dirs = prepare_output_dir(opts.out_dir)
-    return RunPlan(items, opts, errors)
+    return RunPlan(items, opts, errors, done)
 
 
 def _check_outputs(namer: OutputNamer, items: list, opts: RunOptions, report) -> tuple[list, set]:
@@ -344,6 +348,33 @@ def _check_outputs(namer: OutputNamer, items: list, opts: RunOptions, report) ->
         planned.update(paths)
         keep.append(it)
     return keep, planned
+
+
+def already_done(namer: OutputNamer, items: list, opts: RunOptions) -> dict:
+    """With ``--skip-existing`` (names known before decoding): :attr:`RunPlan.done`, the items whose every crop
+    an earlier run wrote (:func:`earlier_crops`)."""
+    found = ((i, earlier_crops(namer, it, opts)) for i, it in enumerate(items))
+    return {i: crops for i, crops in found if crops is not None}
+
+
+def earlier_crops(namer: OutputNamer, item, opts: RunOptions) -> list | None:
+    """``[(ratio, path)]`` of every crop of ``item`` that an earlier run wrote, in ratio × rank order
+    (:meth:`~smartcrop.naming.OutputNamer.earlier`); None when one is missing, or when the output extension
+    depends on the decoded format (not an output format's, no ``--format``)."""
+    if not opts.out_format and item.suffix.lower() not in OUTPUT_FORMATS:
+        return None
+    ext = output_ext(item, opts.out_format, None)
+    found = []
+    for ratio in opts.ratios:
+        for rank in range(1, opts.top_k + 1):
+            try:
+                path = namer.earlier(item, ratio, rank, ext, opts.size or (0, 0))
+            except OutputError:
+                return None
+            if path is None:
+                return None
+            found.append((ratio, path))
+    return found
 
 
 def _check_preview(preview: Path, namer: OutputNamer, planned: set, overwrite: bool) -> None:

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 from collections import deque
-from concurrent.futures import BrokenExecutor
+from concurrent.futures import BrokenExecutor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,33 +41,36 @@ class _NoBar:
 
 @dataclass
 class CropRecord:
+    """One crop of a run.  ``box``, ``score`` and ``size`` are None for a crop skipped before its photo was
+    decoded (--skip-existing found every crop of that photo)."""
+
     input: str
     output: str | None
     ratio: str
-    box: list
-    score: float
-    size: list
+    box: list | None
+    score: float | None
+    size: list | None
     skipped: str | None = None  # "exists": --skip-existing found the output already there
     lossless: bool | None = None  # a DCT-domain JPEG crop (None: nothing written)
 
     def to_json(self) -> dict:
         out = {"input": self.input, "output": self.output, "ratio": self.ratio, "box": self.box,
-               "score": round(self.score, 4), "size": self.size}
+               "score": None if self.score is None else round(self.score, 4), "size": self.size}
         if self.skipped:
             out["skipped"] = self.skipped
         if self.lossless is not None:
             out["lossless"] = self.lossless
         return out
 
-    def print(self, *, as_json: bool, dry_run: bool, line: dict | None = None, out=None) -> None:
-        """This crop's line on ``out`` (default stdout), as every engine prints it: its JSON (``line`` instead
-        of :meth:`to_json` when given) with ``--json``, tab-separated input, ratio, box and score with
-        ``--dry-run``, nothing otherwise.  A stream that cannot take it raises :class:`StreamError` (the run
-        stops: e.g. ``| head -1`` closed the pipe, or a full disk behind ``> file``)."""
+    def print(self, *, as_json: bool, dry_run: bool, out=None) -> None:
+        """This crop's line on ``out`` (default stdout), as every engine prints it: its JSON with ``--json``,
+        tab-separated input, ratio, box and score with ``--dry-run``, nothing otherwise.  A stream that cannot
+        take it raises :class:`StreamError` (the run stops: e.g. ``| head -1`` closed the pipe, or a full disk
+        behind ``> file``)."""
         out = sys.stdout if out is None else out
         try:
             if as_json:
-                print(json.dumps(self.to_json() if line is None else line), file=out, flush=True)
+                print(json.dumps(self.to_json()), file=out, flush=True)
             elif dry_run:
                 print(f"{safe_name(self.input)}\t{self.ratio}\t{' '.join(map(str, self.box))}\t{self.score:.3f}",
                       file=out, flush=True)
@@ -77,6 +80,15 @@ class CropRecord:
 
 # --------------------------------------------------------------------------------------------------------------
 # the run
+
+
+_EXISTS = object()  # what a photo found done "prepares" to
+
+
+def _completed(value) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
 
 
 def fewer_than_asked(ratios_found: list, opts: RunOptions) -> bool:
@@ -126,7 +138,7 @@ class Runner:
                  on_error: Callable[[str], None] | None = None, progress: bool | None = None,
                  pool: WorkerPool | None = None, worker_model: WorkerModel | None = None):
         """``cropper`` scores in this process; or ``worker_model`` (then ``cropper`` is None): the workers
-        score."""
+        score; neither when every photo is done (:attr:`RunPlan.done`)."""
         self.cropper = cropper
         self.worker_model = worker_model
         self.opts = opts
@@ -136,9 +148,10 @@ class Runner:
         self.pool = pool
         self.thumbs: list = []
 
-    def run(self, items: Sequence[InputItem], prepared: dict | None = None) -> RunSummary:
+    def run(self, items: Sequence[InputItem], prepared: dict | None = None, done: dict | None = None) -> RunSummary:
         """Crop ``items``.  ``prepared`` maps item indices to futures of :func:`~smartcrop.stages.prepare`
-        submitted before the model was loaded (see :func:`crop_photos`)."""
+        submitted before the model was loaded (see :func:`crop_photos`); ``done`` (:attr:`RunPlan.done`) the
+        items whose every crop exists: reported skipped, never decoded."""
         from .progress import progress_bar
 
         opts = self.opts
@@ -155,11 +168,14 @@ class Runner:
         if wm is not None:
             size = (wm.short_side, wm.max_long_side)
             batch = 1
+        elif self.cropper is None:  # every photo is done: nothing is decoded
+            size, batch = None, 1
         else:
             size = (self.cropper.config.short_side, self.cropper.config.max_long_side)
             batch = opts.batch or (1 if str(getattr(self.cropper, "device", "cpu")) == "cpu" else 16)
         window = _window(pool.workers, batch)
         early = dict(prepared or {})
+        done = done or {}
         queue = iter(range(len(items)))
         preps: deque = deque()  # (index, future of prepare)
         retried: set = set()  # photos whose decode was resubmitted after a worker died
@@ -180,7 +196,7 @@ class Runner:
                 i = next(queue, None)
                 if i is None:
                     return
-                preps.append((i, early.pop(i, None) or submit_prep(i)))
+                preps.append((i, early.pop(i, None) or (_completed(_EXISTS) if i in done else submit_prep(i))))
 
         def drain(block: bool, bar) -> None:
             while writes and (block or writes[0][2] is None or writes[0][2].done() or len(writes) > window // 2):
@@ -244,7 +260,13 @@ class Runner:
                     while preps and len(todo) < batch and (not todo or preps[0][1].done()):
                         i, fut = preps.popleft()
                         try:
-                            todo.append((i, fut.result()))
+                            got = fut.result()
+                            if got is _EXISTS:
+                                summary.images += 1
+                                writes.append((i, [CropRecord(items[i].display, str(path), ratio, None, None, None,
+                                                              "exists") for ratio, path in done[i]], None, None))
+                                continue
+                            todo.append((i, got))
                         except BrokenExecutor as e:  # the worker died: once more in a fresh one
                             if i not in retried:
                                 retried.add(i)
@@ -363,6 +385,9 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
     opts = plan.opts
     path = resolve_model(weights, model)
     size = input_size(path)
+    if plan.items and len(plan.done) == len(plan.items) and not adapt_epochs:  # nothing to decode: no model
+        return Runner(None, opts, on_record=on_record, on_error=on_error, progress=progress,
+                      pool=WorkerPool(1)).run(plan.items, done=plan.done)
     if scoring_in_workers(opts.scoring, device, max(1, opts.workers or usable_cores()), adapt=bool(adapt_epochs),
                           known_size=size):
         # every worker scores; on Linux they are forked from a server that imported torch and loaded the model
@@ -371,13 +396,14 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
             wm = WorkerModel(str(path), tuple(opts.ratios), opts.top_k, *size, choice=opts.choice)
             runner = Runner(None, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool,
                             worker_model=wm)
-            return runner.run(plan.items)
+            return runner.run(plan.items, done=plan.done)
     with _tidied(WorkerPool(opts.workers, warm=warm_lossless if may_crop_losslessly(opts) else None), opts) as pool:
         early = {}
         if size is not None and not adapt_epochs:
             n = min(len(plan.items), max(_window(pool.workers, opts.batch or 1),
                                          min(EARLY_MAX, EARLY_PER_WORKER * pool.workers)))
-            early = {i: pool.submit(prepare, _source(plan.items[i]), *size, opts.choice.faces) for i in range(n)}
+            early = {i: pool.submit(prepare, _source(plan.items[i]), *size, opts.choice.faces) for i in range(n)
+                     if i not in plan.done}
         import_torch(freeze=own_process)
         from .cropper import Cropper, resolve_device
 
@@ -401,7 +427,7 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
             cropper = adapt_cropper(cropper, [it.path for it in plan.items if it.path is not None], adapt_epochs,
                                     log=on_error or print)
         runner = Runner(cropper, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool)
-        return runner.run(plan.items, early)
+        return runner.run(plan.items, early, plan.done)
 
 
 @contextmanager

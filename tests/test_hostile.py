@@ -901,6 +901,41 @@ def test_a_photo_added_that_takes_an_earlier_ones_name_is_cropped_on_a_skip_exis
         assert sw.outputs() == ["b_1x1-2.jpg", "b_1x1.jpg"]
 
 
+def test_a_skip_existing_re_run_decodes_only_the_photos_with_a_crop_missing(sw, monkeypatch):
+    """Resuming an interrupted folder decoded and scored every photo again, those whose every crop exists too."""
+    import smartcrop.runner as runner_mod
+    from smartcrop import stages
+
+    ins = three(sw)
+    args = [sw.src, "-o", sw.out, "--json", "--ratio", "16:9", "--ratio", "1:1"]
+    sw.check(sw.run(*args), 0)
+    (sw.out / "p1_1x1.jpg").unlink()
+    decoded = []
+
+    def counting(source, *a):
+        decoded.append(Path(source).name)
+        return stages.prepare(source, *a)
+
+    monkeypatch.setattr(runner_mod, "prepare", counting)
+    res = sw.run(*args, "--skip-existing")
+    sw.check(res, 0, done=["p1.jpg"])
+    assert decoded == ["p1.jpg"]
+    assert [(Path(r["output"]).name, r.get("skipped"), r["box"] is None) for r in res.records] == \
+        [("p0_16x9.jpg", "exists", True), ("p0_1x1.jpg", "exists", True),
+         ("p1_16x9.jpg", "exists", False), ("p1_1x1.jpg", None, False),
+         ("p2_16x9.jpg", "exists", True), ("p2_1x1.jpg", "exists", True)]
+    assert res.records[0] == {"input": str(ins[0]), "output": str(sw.out / "p0_16x9.jpg"), "ratio": "16:9",
+                              "box": None, "score": None, "size": None, "skipped": "exists"}
+    # every crop there: nothing decoded, and no model loaded either
+    import smartcrop.cropper as cropper_mod
+
+    monkeypatch.setattr(cropper_mod.Cropper, "__init__", lambda *a, **k: pytest.fail("model loaded"))
+    decoded.clear()
+    res = sw.run(*args, "--skip-existing")
+    sw.check(res, 0)
+    assert decoded == [] and [r["skipped"] for r in res.records] == ["exists"] * 6
+
+
 def test_same_named_photos_of_two_folders_are_each_made_again_when_their_crop_is_missing(sw):
     """Their crops' markers name the same input (IMG_0001.jpg under its folder): the other's crop is not taken
     for the missing one, whichever is missing."""
