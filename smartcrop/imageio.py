@@ -65,6 +65,7 @@ __all__ = [
     "load_full",
     "load_image",
     "mark_output",
+    "marker_source",
     "output_marker",
     "output_source",
     "pillow_output_format",
@@ -1038,8 +1039,8 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def source_tag(name: str) -> bytes:
-    """The 12 hex digits by which a crop's marker names its input ``name`` (its path under the folder it was
-    found in): a hash, so nothing of the name can be read from the crop."""
+    """The 12 hex digits by which a crop's marker names its input's file ``name``: a hash, so nothing of the
+    name can be read from the crop."""
     import hashlib
 
     return hashlib.sha256(os.fsencode(name)).hexdigest()[:12].encode()
@@ -1057,7 +1058,7 @@ def mark_output(data: bytes, source: bytes | None = None) -> bytes:
     data = bytes(data)
     marker = _marker(source)
     try:
-        if _read_marker(data, len(data), _bytes_reader(data)) == marker:
+        if _read_marker(len(data), _bytes_reader(data)) == marker:
             return data
         if data[:3] == b"\xff\xd8\xff":  # JPEG: a COM segment after the APPn segments (EXIF stays first)
             data = _without_jpeg_markers(data)
@@ -1084,15 +1085,16 @@ def mark_output(data: bytes, source: bytes | None = None) -> bytes:
 
 
 def _without_jpeg_markers(data: bytes) -> bytes:
-    """A JPEG without the COM segments before its image data that hold a smartcrop marker."""
-    out, pos, last = [], 2, 2
+    """A JPEG without the COM segments before its image data that hold a smartcrop marker; every other byte
+    kept."""
+    kept, pos, last = [], 2, 0
     while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] not in (0xDA, 0xD9):
         end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
         if data[pos + 1] == 0xFE and _MARKER_RE.fullmatch(data[pos + 4:end]):
-            out.append(data[last:pos])
+            kept.append(data[last:pos])
             last = end
         pos = end
-    return data[:2] + b"".join(out)[2:] + data[last:] if out else data
+    return b"".join(kept) + data[last:] if kept else data
 
 
 def _mark_webp(data: bytes, marker: bytes) -> bytes:
@@ -1130,13 +1132,17 @@ def _bytes_reader(data: bytes):
     return read
 
 
-def _read_marker(head: bytes, size: int, read) -> bytes | None:
-    """The smartcrop marker a file carries (its first bytes ``head``, total ``size``, ``read(pos, n)`` for
-    more), None without one: in the first 4 KiB, in a JPEG comment before the image data, or in the last
-    4 KiB."""
-    found = _MARKER_RE.search(head[:4096])
-    if found:
-        return found.group(0)
+_MARKER_MAX = len(_marker(b"0" * 12))  # the longest marker
+
+
+def _read_marker(size: int, read) -> bytes | None:
+    """The smartcrop marker a file carries (``size`` bytes, ``read(pos, n)`` reads them), None without one:
+    starting in the first 4 KiB (read whole, tag included), in a JPEG comment before the image data, or in the
+    last 4 KiB."""
+    head = read(0, 4096 + _MARKER_MAX)
+    start = head.find(OUTPUT_MARKER, 0, 4096 + len(OUTPUT_MARKER) - 1)
+    if start >= 0:
+        return _MARKER_RE.match(head, start).group(0)
     if head[:2] == b"\xff\xd8":
         pos = 2
         for _ in range(256):  # the header segments, each read by its length
@@ -1144,7 +1150,7 @@ def _read_marker(head: bytes, size: int, read) -> bytes | None:
             if len(seg) < 4 or seg[0] != 0xFF or seg[1] in (0xDA, 0xD9):
                 break
             length = int.from_bytes(seg[2:4], "big")
-            if seg[1] == 0xFE and length - 2 <= len(_marker(b"0" * 12)):
+            if seg[1] == 0xFE and length - 2 <= _MARKER_MAX:
                 found = _MARKER_RE.fullmatch(read(pos + 4, length - 2))
                 if found:
                     return found.group(0)
@@ -1171,7 +1177,7 @@ def output_marker(path: str | os.PathLike[str]) -> bytes | None:
         def read(pos: int, n: int) -> bytes:
             return os.pread(fd, n, pos) if hasattr(os, "pread") else b""
 
-        return _read_marker(read(0, 4096), st.st_size, read)
+        return _read_marker(st.st_size, read)
     except OSError:
         return None
     finally:
@@ -1187,7 +1193,12 @@ def output_source(path: str | os.PathLike[str]) -> bytes | None:
     """The :func:`source_tag` of the input a file smartcrop wrote was cut from; None when it names none (any
     other file, or a crop written by an earlier smartcrop, which did not record it)."""
     marker = output_marker(path)
-    found = _MARKER_RE.fullmatch(marker) if marker else None
+    return None if marker is None else marker_source(marker)
+
+
+def marker_source(marker: bytes) -> bytes | None:
+    """The :func:`source_tag` a marker (:func:`output_marker`) names, None if it names none."""
+    found = _MARKER_RE.fullmatch(marker)
     return found.group(1) if found else None
 
 

@@ -13,6 +13,7 @@ ever written to the path of an input (:class:`InputCollision`).
 from __future__ import annotations
 
 import os
+import re
 import stat
 import string
 import threading
@@ -22,7 +23,8 @@ from typing import Sequence
 
 from .anchors import ratio_label
 from .errors import SmartcropError, UsageError
-from .imageio import OUTPUT_FORMATS, default_output_format, output_source, safe_name, source_tag, written_by_smartcrop
+from .imageio import (OUTPUT_FORMATS, default_output_format, marker_source, output_marker, output_source, safe_name,
+                      source_tag)
 from .inputs import InputItem
 
 TEMPLATE_FIELDS = {"stem", "ratio", "ext", "rank", "w", "h", "name"}
@@ -95,6 +97,13 @@ def _check_relative(rendered: str, template: str) -> None:
                          "'{stem}/{ratio}.{ext}'")
 
 
+def _suffixes(names, stem: str, suffix: str) -> list[int]:
+    """The clash suffixes (0 for none) of those ``names`` that are ``stem + suffix`` or ``stem-k + suffix``."""
+    pattern = re.compile(re.escape(stem) + r"(?:-([1-9][0-9]*))?" + re.escape(suffix))
+    found = (pattern.fullmatch(name) for name in names)
+    return [int(m.group(1) or 0) for m in found if m]
+
+
 def _suffixed(rel: str, k: int) -> str:
     """``a/b_16x9.jpg`` → ``a/b_16x9-k.jpg`` (k > 0)."""
     p = PurePosixPath(rel)
@@ -127,6 +136,7 @@ class OutputNamer:
         self._avoided: set[str] = set()  # entries (folder resolved) no crop may take: the run's preview
         self.lock = threading.RLock()
         self._dirs: dict[str, Path] = {}  # folder → its resolution (symlinks followed)
+        self._by_tag: dict[str, dict] = {}  # output folder → :meth:`_tagged`
         self._inputs: dict = {}  # resolved path / entry path / (st_dev, st_ino) → the input
         for it in self.items:
             if it.path is None:
@@ -238,20 +248,21 @@ class OutputNamer:
         path = self._suffixed_path(rel, j)
         self.check_not_input(path)
         with self.lock:
-            if path not in self.reserved and not self._avoids(path):
-                if self.skip_existing:  # this input's crop from an earlier run, wherever a clash put it
-                    own = self._earlier_crop(item, rel, j, ratio, rank, path)
-                    if own is not None:
-                        self.reserved.add(own)
-                        return Claim(own, "exists")
-                if self.overwrite or not os.path.lexists(path):
-                    self.reserved.add(path)
-                    return Claim(path)
+            free = path not in self.reserved and not self._avoids(path)
+            if self.skip_existing:  # this input's crop from an earlier run, wherever a clash put it
+                own = self._earlier_crop(item, rel, j, ratio, rank, path if free else None)
+                if own is not None:
+                    self.reserved.add(own)
+                    return Claim(own, "exists")
+            if free and (self.overwrite or not os.path.lexists(path)):
+                self.reserved.add(path)
+                return Claim(path)
             # taken on disk (or by another crop of this run, whose name could not be planned: a transparent GIF
             # written as PNG, say): the next free suffix that is no other input's deterministic name.  Taken by
-            # this run, a crop smartcrop wrote under that suffix is this crop's from an earlier run: skipped with
-            # --skip-existing, replaced with --overwrite (a re-run must not add a copy each time)
-            clash = path in self.reserved or self._avoids(path)
+            # this run, a crop smartcrop wrote under that suffix whose marker names this input or none (earlier
+            # versions) is this crop's from an earlier run: skipped with --skip-existing, replaced with
+            # --overwrite (a re-run must not add a copy each time)
+            clash = not free
             planned = self._planned.get((ratio, rank), {}) if self._masked else {}
             for n in range(j + 1, j + 100_000):
                 cand_rel = _suffixed(rel, n)
@@ -264,7 +275,7 @@ class OutputNamer:
                 if cand in self.reserved or self.input_at(cand) is not None or self._avoids(cand):
                     continue
                 if os.path.lexists(cand):
-                    if not clash or not (self.skip_existing or self.overwrite) or not written_by_smartcrop(cand):
+                    if not clash or not (self.skip_existing or self.overwrite) or not _ours(cand, item):
                         continue  # another file there (the user's own): never taken over
                     self.reserved.add(cand)
                     return Claim(cand, "exists" if self.skip_existing else None)
@@ -280,38 +291,48 @@ class OutputNamer:
         with self.lock:
             return self._earlier_crop(item, rel, j, ratio, rank, path)
 
-    def _earlier_crop(self, item: InputItem, rel: str, j: int, ratio: str, rank: int, path: Path) -> Path | None:
-        """:meth:`earlier`, ``rel``/``j``/``path`` located.
+    def _earlier_crop(self, item: InputItem, rel: str, j: int, ratio: str, rank: int,
+                      path: Path | None) -> Path | None:
+        """:meth:`earlier`, ``rel``/``j``/``path`` located (``path`` None: this run took that name already).
 
         Its own name when a file is there whose marker names no other input (crops of earlier versions name
         none).  Otherwise (missing, or another input's crop: a photo added since that sorts before this one
-        and took its name) the file among the name's clash suffixes whose marker names this input, and not
-        under the name of another input that the marker could name as well (same path under its folder: two
-        cameras' IMG_0001.jpg); the suffixes are looked at up to the first missing one that is no input's name."""
+        took its name) the first of the name's clash suffixes whose marker names this input — unless it is the
+        name of another input that the marker names as well (the same file name in two folders given:
+        ``cam1/IMG_0001.jpg``, ``cam2/IMG_0001.jpg``), whose crop it is as much."""
         mine = source_of(item)
-        if os.path.lexists(path):
+        if path is not None and os.path.lexists(path):
             tag = output_source(path)
             if tag is None or tag == mine:
                 return path
+        full = self._path(rel)
         planned = self._planned.get((ratio, rank), {}) if self._masked else {}
-        for n in range(0, j + 100_000):
+        for n in sorted(_suffixes(self._tagged(full.parent).get(mine, ()), full.stem, full.suffix)):
             cand_rel = _suffixed(rel, n)
-            if n == j:
-                continue
-            try:
-                cand = self._path(cand_rel)
-            except OutputError:
-                return None
-            if not os.path.lexists(cand):
-                if cand_rel in planned:
-                    continue
-                return None
             owner = planned.get(cand_rel)
-            if owner is not None and source_of(self.items[owner]) == mine:
-                continue  # as much that input's crop as this one's: its own name decides
-            if cand not in self.reserved and output_source(cand) == mine:
+            if n == j or (owner is not None and source_of(self.items[owner]) == mine):
+                continue
+            cand = self._path(cand_rel)
+            if cand not in self.reserved:
                 return cand
         return None
+
+    def _tagged(self, folder: Path) -> dict:
+        """The files smartcrop wrote in ``folder`` by the tag of the input each names (tag → names), read once
+        a run (a few KiB a file): what earlier runs left there."""
+        key = str(folder)
+        got = self._by_tag.get(key)
+        if got is None:
+            got = self._by_tag[key] = {}
+            try:
+                names = os.listdir(folder)
+            except OSError:
+                names = []
+            for name in names:
+                tag = output_source(folder / name)
+                if tag is not None:
+                    got.setdefault(tag, []).append(name)
+        return got
 
     def avoid(self, path: Path) -> None:
         """No crop is given ``path`` (another file this run writes)."""
@@ -377,10 +398,17 @@ class OutputNamer:
 
 
 def source_of(item: InputItem) -> bytes:
-    """The tag by which the marker of a crop names ``item`` (:func:`smartcrop.imageio.source_tag` of its path
-    under the folder it was found in): a later ``--skip-existing`` run tells this input's crop from another's
-    that took its name."""
-    return source_tag(str(PurePosixPath(*Path(item.rel_dir).parts, f"{item.stem}{item.suffix}")))
+    """The tag by which the marker of a crop names ``item`` (:func:`smartcrop.imageio.source_tag` of its file
+    name; its folder is the crop's, whichever folder was given): a later ``--skip-existing`` run tells this
+    input's crop from another's that took its name."""
+    return source_tag(f"{item.stem}{item.suffix}")
+
+
+def _ours(path: Path, item: InputItem) -> bool:
+    """Whether smartcrop wrote ``path`` from ``item``, or from an input its marker does not name (earlier
+    versions)."""
+    marker = output_marker(path)
+    return marker is not None and marker_source(marker) in (None, source_of(item))
 
 
 def output_ext(item: InputItem, out_format: str | None, loaded_format: str | None, has_alpha: bool = False) -> str:

@@ -936,6 +936,72 @@ def test_a_skip_existing_re_run_decodes_only_the_photos_with_a_crop_missing(sw, 
     assert decoded == [] and [r["skipped"] for r in res.records] == ["exists"] * 6
 
 
+def test_a_skip_existing_re_run_finds_its_crop_past_a_gap_in_the_suffixes(sw):
+    """b.jpeg, added after b.jpg, was cropped as -2 (-1 is b.jpg's name); b.jpg removed, the search for b.jpeg's
+    crop stopped at the missing -1 and wrote it again there."""
+    sw.photo("b.jpg", seed=1)
+    args = [sw.src, "-o", sw.out, "--json", "--ratio", "1:1", "--skip-existing"]
+    sw.run(*args)
+    sw.photo("b.jpeg", seed=2)
+    sw.run(*args)
+    (sw.src / "b.jpg").unlink()
+    res = sw.run(*args)
+    sw.check(res, 0)
+    assert [(Path(r["output"]).name, r.get("skipped")) for r in res.records] == [("b_1x1-2.jpg", "exists")]
+    assert sw.outputs() == ["b_1x1-2.jpg", "b_1x1.jpg"]
+
+
+def test_a_new_photo_is_not_skipped_for_another_ones_crop_under_a_clash_suffix(sw):
+    """With a template without {stem} every photo of a folder clashes: a, b, c gave 1x1/1, 1x1/1-1, 1x1/1-2;
+    a and c removed and d added, d (planned on -1, which b holds) was skipped against c's crop under -2."""
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        sw.photo(f"{name}.jpg", seed=seed)
+    args = [sw.src, "-o", sw.out, "--json", "--ratio", "1:1", "--ratio", "3:2", "--name", "{ratio}/{rank}.{ext}",
+            "--skip-existing"]
+    sw.run(*args)
+    (sw.src / "a.jpg").unlink()
+    (sw.src / "c.jpg").unlink()
+    (sw.out / "3x2" / "1-1.jpg").unlink()  # b's other crop: b is cropped again, taking its 1:1 name first
+    sw.photo("d.jpg", seed=4)
+    res = sw.run(*args)
+    sw.check(res, 0, done=["d.jpg"])
+    assert [(Path(r["input"]).name, Path(r["output"]).relative_to(sw.out).as_posix(), r.get("skipped"))
+            for r in res.records] == [("b.jpg", "1x1/1-1.jpg", "exists"), ("b.jpg", "3x2/1-3.jpg", None),
+                                      ("d.jpg", "1x1/1-3.jpg", None), ("d.jpg", "3x2/1-1.jpg", None)]
+
+
+def test_a_folder_cropped_again_from_a_sub_folder_is_skipped(sw):
+    """in/ -r wrote out/sub/b_1x1.jpg; in/sub -o out/sub --skip-existing took it for another photo's (the tag was
+    the path under the folder given) and wrote b_1x1-1.jpg."""
+    sw.photo("sub/b.jpg", seed=1)
+    sw.run(sw.src, "-r", "-o", sw.out, "--ratio", "1:1")
+    res = sw.run(sw.src / "sub", "-o", sw.out / "sub", "--json", "--ratio", "1:1", "--skip-existing")
+    sw.check(res, 0)
+    assert [r.get("skipped") for r in res.records] == ["exists"] and sw.outputs() == ["sub/b_1x1.jpg"]
+
+
+def test_skip_existing_claims_stay_linear_when_every_photo_clashes(tmp_path, monkeypatch):
+    """A template without {stem}: each claim whose name was missing read the suffixes one by one from 0 —
+    quadratic in the photos (2,000 claims: 214 s)."""
+    from smartcrop import naming
+    from smartcrop.inputs import InputItem
+
+    out = tmp_path / "out"
+    (out / "1x1").mkdir(parents=True)
+    items = [InputItem(f"p{k:04d}.jpg", tmp_path / f"p{k:04d}.jpg", Path(""), f"p{k:04d}", ".jpg")
+             for k in range(300)]
+    for k in range(0, 300, 3):  # an earlier run's crops of every third photo
+        imageio.write_file(out / "1x1" / (f"1-{k}.jpg" if k else "1.jpg"), imageio.encode_image(
+            Image.new("RGB", (8, 8)), "jpg"), source=naming.source_of(items[k]))
+    reads = []
+    real = naming.output_source
+    monkeypatch.setattr(naming, "output_source", lambda p: reads.append(p) or real(p))
+    namer = naming.OutputNamer(out, "{ratio}/{rank}.{ext}", skip_existing=True, items=items)
+    claims = [namer.claim(it, "1:1", 1, "jpg", (8, 8)) for it in items]
+    assert [c.skip for c in claims] == ["exists" if k % 3 == 0 else None for k in range(300)]
+    assert len(reads) <= 2 * 100 + 300
+
+
 def test_same_named_photos_of_two_folders_are_each_made_again_when_their_crop_is_missing(sw):
     """Their crops' markers name the same input (IMG_0001.jpg under its folder): the other's crop is not taken
     for the missing one, whichever is missing."""
@@ -1713,6 +1779,40 @@ def test_a_crop_of_a_crop_is_marked_with_its_own_input_only(tmp_path):
         im.load()
         assert im.size == (64, 48)
     assert imageio.mark_output(again, imageio.source_tag("a_1x1.jpg")) == again
+
+
+def test_remarking_a_jpeg_replaces_only_the_old_marker_comment():
+    """The first version dropped the two bytes after SOI (the first APPn's marker) with the old comment: a
+    camera JPEG (Exif first, with a thumbnail) cropped twice would not decode."""
+    plain = imageio.encode_image(Image.new("RGB", (64, 48), (9, 99, 9)), "jpg")
+    app1 = imageio._jpeg_segment(0xE1, b"Exif\x00\x00" + b"\x11" * 300)
+    exif_first = plain[:2] + app1 + plain[2:]
+    for data in (plain, exif_first):
+        a, b = imageio.source_tag("a.jpg"), imageio.source_tag("a_1x1.jpg")
+        first = imageio.mark_output(data, a)
+        again = imageio.mark_output(first, b)
+        com = lambda tag: imageio._jpeg_segment(0xFE, imageio.OUTPUT_MARKER + b" from " + tag)  # noqa: E731
+        assert first.count(com(a)) == 1 and again == first.replace(com(a), com(b))
+        with Image.open(io.BytesIO(again)) as im:
+            im.load()
+
+
+def test_a_marker_starting_near_the_end_of_the_first_4_kib_is_read_whole(tmp_path):
+    """A comment starting a few bytes before 4096 (after a 4 KiB Exif) was read cut at 4096: untagged."""
+    plain = imageio.encode_image(Image.new("RGB", (64, 48), (9, 99, 9)), "jpg")
+    tag = imageio.source_tag("b.jpg")
+
+    def marked(n: int) -> bytes:
+        app1 = imageio._jpeg_segment(0xE1, b"Exif\x00\x00" + b"x" * n)
+        return imageio.mark_output(plain[:2] + app1 + plain[2:], tag)
+
+    base = marked(0).index(imageio.OUTPUT_MARKER)
+    for start in (4050, 4070, 4080, 4090, 4100, 5000):
+        data = marked(start - base)
+        assert data.index(imageio.OUTPUT_MARKER) == start
+        p = tmp_path / f"m{start}.jpg"
+        p.write_bytes(data)
+        assert imageio.output_source(p) == tag, start
 
 
 def test_temp_names_are_short_and_carry_the_pid():
