@@ -120,7 +120,11 @@ class OutputNamer:
     """
 
     def __init__(self, out_dir: Path, template: str, overwrite: bool = False, skip_existing: bool = False,
-                 items: Sequence[InputItem] = (), *, out_format: str | None = None):
+                 items: Sequence[InputItem] = (), *, out_format: str | None = None, size: tuple | None = None,
+                 run_id: str | None = None):
+        """``size``: every crop's output size when the run fixes it (``--size``), so that names with ``{w}``
+        and ``{h}`` are planned too; ``run_id``: namers of one run share what earlier runs left in the output
+        folders (:func:`earlier_outputs`)."""
         self.out_dir = Path(out_dir)
         self.root = self.out_dir.resolve()
         self.template = template
@@ -129,14 +133,15 @@ class OutputNamer:
         self.items = list(items)
         self.out_format = out_format
         self._index = {id(it): k for k, it in enumerate(self.items)}
-        self._masked = "w" not in self._fields() and "h" not in self._fields()
+        self._size = size
+        self._masked = size is not None or ("w" not in self._fields() and "h" not in self._fields())
         self._slots: dict[tuple[str, int], dict[int, int]] = {}  # (ratio, rank) → item index → suffix
         self._planned: dict[tuple[str, int], dict[str, int]] = {}  # (ratio, rank) → deterministic name → item
         self.reserved: set[Path] = set()
         self._avoided: set[str] = set()  # entries (folder resolved) no crop may take: the run's preview
         self.lock = threading.RLock()
         self._dirs: dict[str, Path] = {}  # folder → its resolution (symlinks followed)
-        self._by_tag: dict[str, dict] = {}  # output folder → :meth:`_tagged`
+        self._by_tag: dict[str, dict] = earlier_outputs(run_id)  # output folder → :meth:`_tagged`
         self._inputs: dict = {}  # resolved path / entry path / (st_dev, st_ino) → the input
         for it in self.items:
             if it.path is None:
@@ -148,7 +153,8 @@ class OutputNamer:
     def for_run(cls, out_dir: Path, opts, items: Sequence[InputItem]) -> "OutputNamer":
         """The namer of a run's options (a :class:`smartcrop.plan.RunOptions`): template, overwrite/skip and the
         forced format, which every input's deterministic name must be planned with."""
-        namer = cls(out_dir, opts.template(), opts.overwrite, opts.skip_existing, items, out_format=opts.out_format)
+        namer = cls(out_dir, opts.template(), opts.overwrite, opts.skip_existing, items, out_format=opts.out_format,
+                    size=opts.size, run_id=getattr(opts, "run_id", None))
         if getattr(opts, "preview", None) is not None:  # written last: no crop may take its name meanwhile
             namer.avoid(Path(opts.preview))
         return namer
@@ -201,7 +207,7 @@ class OutputNamer:
         slots: dict[int, int] = {}
         for k, it in enumerate(self.items):
             try:
-                rel = self._render(it, ratio, rank, output_ext(it, self.out_format, None), (0, 0))
+                rel = self._render(it, ratio, rank, output_ext(it, self.out_format, None), self._size or (0, 0))
             except OutputError:
                 continue
             j, cand = 0, rel
@@ -295,16 +301,16 @@ class OutputNamer:
                       path: Path | None) -> Path | None:
         """:meth:`earlier`, ``rel``/``j``/``path`` located (``path`` None: this run took that name already).
 
-        Its own name when a file is there whose marker names no other input (crops of earlier versions name
-        none).  Otherwise (missing, or another input's crop: a photo added since that sorts before this one
-        took its name) the first of the name's clash suffixes whose marker names this input — unless it is the
-        name of another input that the marker names as well (the same file name in two folders given:
-        ``cam1/IMG_0001.jpg``, ``cam2/IMG_0001.jpg``), whose crop it is as much."""
+        Its own name when the file there names this input; else the first of the name's clash suffixes whose
+        marker names this input (its name was taken: by a photo added since that sorts before this one, or by a
+        file of the user's) — unless it is the name of another input that the marker names as well (two copies
+        of one photo in two folders given), whose crop it is as much; else its own name when the file there
+        names no input (a crop of an earlier version, or any other file: --skip-existing skips it by name)."""
         mine = source_of(item)
-        if path is not None and os.path.lexists(path):
-            tag = output_source(path)
-            if tag is None or tag == mine:
-                return path
+        there = path is not None and os.path.lexists(path)
+        tag = output_source(path) if there else None
+        if there and tag == mine:
+            return path
         full = self._path(rel)
         planned = self._planned.get((ratio, rank), {}) if self._masked else {}
         for n in sorted(_suffixes(self._tagged(full.parent).get(mine, ()), full.stem, full.suffix)):
@@ -315,15 +321,15 @@ class OutputNamer:
             cand = self._path(cand_rel)
             if cand not in self.reserved:
                 return cand
-        return None
+        return path if there and tag is None else None  # a file naming no input: taken by name, as always
 
     def _tagged(self, folder: Path) -> dict:
         """The files smartcrop wrote in ``folder`` by the tag of the input each names (tag → names), read once
-        a run (a few KiB a file): what earlier runs left there."""
+        a run (a few KiB a file; :func:`earlier_outputs`): what earlier runs left there."""
         key = str(folder)
         got = self._by_tag.get(key)
         if got is None:
-            got = self._by_tag[key] = {}
+            got = {}
             try:
                 names = os.listdir(folder)
             except OSError:
@@ -332,6 +338,7 @@ class OutputNamer:
                 tag = output_source(folder / name)
                 if tag is not None:
                     got.setdefault(tag, []).append(name)
+            got = self._by_tag.setdefault(key, got)
         return got
 
     def avoid(self, path: Path) -> None:
@@ -398,10 +405,41 @@ class OutputNamer:
 
 
 def source_of(item: InputItem) -> bytes:
-    """The tag by which the marker of a crop names ``item`` (:func:`smartcrop.imageio.source_tag` of its file
-    name; its folder is the crop's, whichever folder was given): a later ``--skip-existing`` run tells this
-    input's crop from another's that took its name."""
-    return source_tag(f"{item.stem}{item.suffix}")
+    """The tag by which the marker of a crop names ``item``: :func:`smartcrop.imageio.source_tag` of its file
+    name and byte size (not its folder: the crop's folder is that already, whichever folder was given).  A
+    later ``--skip-existing`` run tells this input's crop from another's that took its name — another card's
+    ``IMG_0001.jpg`` is another photo, and so is this one changed since (cropped again under a new suffix)."""
+    if item.data is not None:
+        size = str(len(item.data))
+    else:
+        try:
+            size = str(os.stat(item.path).st_size)
+        except (OSError, TypeError, ValueError):  # an URI (Ray): by name
+            size = ""
+    return source_tag(f"{item.stem}{item.suffix}\0{size}")
+
+
+#: run id → output folder → :meth:`OutputNamer._tagged` (a Ray worker serving runs one after another keeps the
+#: latest few)
+_EARLIER: dict[str, dict] = {}
+_EARLIER_RUNS = 4
+
+
+def earlier_outputs(run_id: str | None) -> dict:
+    """What earlier runs left in the output folders, as the namers of one run share it: each folder is read
+    once a run (and process), before or while it writes there."""
+    if run_id is None:
+        return {}
+    with _EARLIER_LOCK:
+        got = _EARLIER.get(run_id)
+        if got is None:
+            while len(_EARLIER) >= _EARLIER_RUNS:
+                _EARLIER.pop(next(iter(_EARLIER)))
+            got = _EARLIER[run_id] = {}
+        return got
+
+
+_EARLIER_LOCK = threading.Lock()
 
 
 def _ours(path: Path, item: InputItem) -> bool:

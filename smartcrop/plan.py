@@ -49,6 +49,9 @@ class RunOptions:
     choice: Choice = Choice()  # how a crop is chosen among the scored anchors (--fuse, --refine, --faces, --free-grid)
     preview: Path | None = None
     made_dirs: tuple = ()  # the folders the plan created for out_dir, deepest first (removed again if left empty)
+    #: one run's identity: the output namers of its plan, its runner and its Ray tasks share what earlier runs
+    #: left in the output folders (:func:`smartcrop.naming.earlier_outputs`)
+    run_id: str = field(default_factory=lambda: os.urandom(8).hex())
 
     def __post_init__(self) -> None:
         if self.choice.faces:  # a missing extra is the request's error (exit 2), not every photo's

@@ -72,8 +72,9 @@ class CropRecord:
             if as_json:
                 print(json.dumps(self.to_json()), file=out, flush=True)
             elif dry_run:
-                print(f"{safe_name(self.input)}\t{self.ratio}\t{' '.join(map(str, self.box))}\t{self.score:.3f}",
-                      file=out, flush=True)
+                box = "-" if self.box is None else " ".join(map(str, self.box))
+                score = "-" if self.score is None else f"{self.score:.3f}"
+                print(f"{safe_name(self.input)}\t{self.ratio}\t{box}\t{score}", file=out, flush=True)
         except OSError as e:
             raise StreamError(e) from None
 
@@ -385,7 +386,7 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
     opts = plan.opts
     path = resolve_model(weights, model)
     size = input_size(path)
-    if plan.items and len(plan.done) == len(plan.items) and not adapt_epochs:  # nothing to decode: no model
+    if plan.items and len(plan.done) == len(plan.items):  # nothing to decode: no model (nor --adapt)
         return Runner(None, opts, on_record=on_record, on_error=on_error, progress=progress,
                       pool=WorkerPool(1)).run(plan.items, done=plan.done)
     if scoring_in_workers(opts.scoring, device, max(1, opts.workers or usable_cores()), adapt=bool(adapt_epochs),

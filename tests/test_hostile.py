@@ -906,7 +906,7 @@ def test_a_skip_existing_re_run_decodes_only_the_photos_with_a_crop_missing(sw, 
     import smartcrop.runner as runner_mod
     from smartcrop import stages
 
-    ins = three(sw)
+    ins = three(sw) + [sw.photo("p3.jpg", seed=3)]  # --adapt needs 4
     args = [sw.src, "-o", sw.out, "--json", "--ratio", "16:9", "--ratio", "1:1"]
     sw.check(sw.run(*args), 0)
     (sw.out / "p1_1x1.jpg").unlink()
@@ -923,17 +923,19 @@ def test_a_skip_existing_re_run_decodes_only_the_photos_with_a_crop_missing(sw, 
     assert [(Path(r["output"]).name, r.get("skipped"), r["box"] is None) for r in res.records] == \
         [("p0_16x9.jpg", "exists", True), ("p0_1x1.jpg", "exists", True),
          ("p1_16x9.jpg", "exists", False), ("p1_1x1.jpg", None, False),
-         ("p2_16x9.jpg", "exists", True), ("p2_1x1.jpg", "exists", True)]
+         ("p2_16x9.jpg", "exists", True), ("p2_1x1.jpg", "exists", True),
+         ("p3_16x9.jpg", "exists", True), ("p3_1x1.jpg", "exists", True)]
     assert res.records[0] == {"input": str(ins[0]), "output": str(sw.out / "p0_16x9.jpg"), "ratio": "16:9",
                               "box": None, "score": None, "size": None, "skipped": "exists"}
     # every crop there: nothing decoded, and no model loaded either
     import smartcrop.cropper as cropper_mod
 
     monkeypatch.setattr(cropper_mod.Cropper, "__init__", lambda *a, **k: pytest.fail("model loaded"))
-    decoded.clear()
-    res = sw.run(*args, "--skip-existing")
-    sw.check(res, 0)
-    assert decoded == [] and [r["skipped"] for r in res.records] == ["exists"] * 6
+    for extra in ([], ["--adapt"]):  # nor fine-tuned for photos it will not crop
+        decoded.clear()
+        res = sw.run(*args, "--skip-existing", *extra)
+        sw.check(res, 0)
+        assert decoded == [] and [r["skipped"] for r in res.records] == ["exists"] * 8
 
 
 def test_a_skip_existing_re_run_finds_its_crop_past_a_gap_in_the_suffixes(sw):
@@ -1000,6 +1002,79 @@ def test_skip_existing_claims_stay_linear_when_every_photo_clashes(tmp_path, mon
     claims = [namer.claim(it, "1:1", 1, "jpg", (8, 8)) for it in items]
     assert [c.skip for c in claims] == ["exists" if k % 3 == 0 else None for k in range(300)]
     assert len(reads) <= 2 * 100 + 300
+
+
+def test_another_folders_photo_of_the_same_name_is_cropped_not_skipped(sw):
+    """Card 2 cropped first, then cards 1 and 2 into the same folder: card 1's IMG_0001.jpg (first in order, so
+    planned on card 2's crop) was skipped against card 2's crop on every run — the tag named the file name."""
+    _two_cameras(sw)
+    sw.run(sw.src / "cam2", "-o", sw.out, "--ratio", "16:9")
+    args = [sw.src / "cam1", sw.src / "cam2", "-o", sw.out, "--json", "--ratio", "16:9", "--skip-existing"]
+    res = sw.run(*args)
+    sw.check(res, 0, done=["IMG_0001.jpg"])
+    assert [(Path(r["input"]).parent.name, Path(r["output"]).name, r.get("skipped")) for r in res.records] == \
+        [("cam1", "IMG_0001_16x9-2.jpg", None), ("cam2", "IMG_0001_16x9.jpg", "exists")]
+    res = sw.run(*args)
+    assert [r.get("skipped") for r in res.records] == ["exists", "exists"] and len(sw.outputs()) == 2
+
+
+def test_copies_of_one_photo_named_by_size_are_each_made_again_when_missing(sw):
+    """Two identical copies (one tag) with --size and {w}x{h} in the name: the names were not planned, so the
+    other copy's crop was taken for the missing one's."""
+    a = sw.photo("cam1/IMG.jpg", seed=1)
+    (sw.src / "cam2").mkdir()
+    (sw.src / "cam2" / "IMG.jpg").write_bytes(a.read_bytes())
+    args = [sw.src / "cam1", sw.src / "cam2", "-o", sw.out, "--json", "--ratio", "1:1", "--size", "40x40",
+            "--name", "{stem}_{w}x{h}.{ext}"]
+    sw.run(*args)
+    (sw.out / "IMG_40x40.jpg").unlink()
+    res = sw.run(*args, "--skip-existing")
+    sw.check(res, 0)
+    assert [(Path(r["output"]).name, r.get("skipped")) for r in res.records] == \
+        [("IMG_40x40.jpg", None), ("IMG_40x40-1.jpg", "exists")]
+
+
+def test_a_crop_under_a_suffix_beats_a_users_file_under_its_name(sw):
+    """The user's own picture at p0_16x9.jpg, the crop written as -1: --skip-existing reported the user's file
+    as the crop."""
+    sw.photo("p0.jpg")
+    draw_photo(sw.out / "p0_16x9.jpg", seed=9)
+    args = [sw.src, "-o", sw.out, "--json", "--ratio", "16:9"]
+    sw.run(*args)
+    res = sw.run(*args, "--skip-existing")
+    sw.check(res, 0)
+    assert [(Path(r["output"]).name, r.get("skipped")) for r in res.records] == [("p0_16x9-1.jpg", "exists")]
+
+
+def test_the_namers_of_one_run_read_an_output_folder_once(tmp_path, monkeypatch):
+    """The Ray engine makes a namer per photo: each read every marker of the output folder again (quadratic)."""
+    from smartcrop import naming
+    from smartcrop.inputs import InputItem
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for k in range(20):
+        (out / f"x{k}.jpg").write_bytes(imageio.mark_output(imageio.encode_image(Image.new("RGB", (8, 8)), "jpg"),
+                                                             imageio.source_tag(f"x{k}")))
+    reads = []
+    real = naming.output_source
+    monkeypatch.setattr(naming, "output_source", lambda p: reads.append(p) or real(p))
+    items = [InputItem(f"p{k}.jpg", tmp_path / f"p{k}.jpg", Path(""), f"p{k}", ".jpg") for k in range(10)]
+    for it in items:  # one namer a photo, as in a Ray task
+        naming.OutputNamer(out, "{stem}_{ratio}.{ext}", skip_existing=True, items=[it], run_id="run1") \
+            .claim(it, "1:1", 1, "jpg", (8, 8))
+    assert len(reads) == 20
+    naming.OutputNamer(out, "{stem}_{ratio}.{ext}", skip_existing=True, items=items[:1], run_id="run2") \
+        .claim(items[0], "1:1", 1, "jpg", (8, 8))
+    assert len(reads) == 40  # another run reads it afresh
+
+
+def test_a_crop_record_without_a_box_prints_dashes_in_a_dry_run_line():
+    from smartcrop.runner import CropRecord
+
+    out = io.StringIO()
+    CropRecord("a.jpg", "o/a_1x1.jpg", "1:1", None, None, None, "exists").print(as_json=False, dry_run=True, out=out)
+    assert out.getvalue() == "a.jpg\t1:1\t-\t-\n"
 
 
 def test_same_named_photos_of_two_folders_are_each_made_again_when_their_crop_is_missing(sw):
