@@ -1038,12 +1038,12 @@ _MARKER_RE = re.compile(re.escape(OUTPUT_MARKER) + rb"(?: from ([0-9a-f]{12}))?"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def source_tag(name: str) -> bytes:
-    """The 12 hex digits by which a crop's marker names its input's file ``name``: a hash, so nothing of the
-    name can be read from the crop."""
+def source_tag(key: str | bytes) -> bytes:
+    """The 12 hex digits by which a crop's marker names its input: a hash of ``key`` (what identifies the input:
+    some of its bytes, or its name), so nothing of it can be read from the crop."""
     import hashlib
 
-    return hashlib.sha256(os.fsencode(name)).hexdigest()[:12].encode()
+    return hashlib.sha256(key if isinstance(key, bytes) else os.fsencode(key)).hexdigest()[:12].encode()
 
 
 def _marker(source: bytes | None) -> bytes:

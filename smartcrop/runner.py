@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 from .errors import StreamError, UsageError, one_line
 from .imageio import safe_name
 from .inputs import InputItem
-from .naming import OutputNamer, output_ext, source_of
+from .naming import OutputNamer, forget_run, output_ext, source_of
 from .plan import RunOptions
 from .pool import WorkerPool, import_torch, keep_freed_memory, usable_cores
 from .progress import stderr_is_tty
@@ -298,6 +298,7 @@ class Runner:
             report_finished()
             raise
         finally:
+            forget_run(opts.run_id)
             if own_pool:
                 pool.close()
         self._write_preview(summary)

@@ -1018,6 +1018,45 @@ def test_another_folders_photo_of_the_same_name_is_cropped_not_skipped(sw):
     assert [r.get("skipped") for r in res.records] == ["exists", "exists"] and len(sw.outputs()) == 2
 
 
+def test_same_named_photos_of_one_byte_size_from_two_folders_are_both_cropped(sw):
+    """Uncompressed TIFFs of one size: the tag (file name and size) was the same, so the second card's photo was
+    skipped against the first's crop for ever."""
+    sw.photo("cam1/IMG_0001.tif", seed=1)
+    sw.photo("cam2/IMG_0001.tif", seed=2)
+    assert (sw.src / "cam1/IMG_0001.tif").stat().st_size == (sw.src / "cam2/IMG_0001.tif").stat().st_size
+    sw.run(sw.src / "cam2", "-o", sw.out, "--ratio", "16:9")
+    args = [sw.src / "cam1", sw.src / "cam2", "-o", sw.out, "--json", "--ratio", "16:9", "--skip-existing"]
+    res = sw.run(*args)
+    sw.check(res, 0)
+    assert [(Path(r["input"]).parent.name, Path(r["output"]).name, r.get("skipped")) for r in res.records] == \
+        [("cam1", "IMG_0001_16x9-2.tif", None), ("cam2", "IMG_0001_16x9.tif", "exists")]
+
+
+def test_a_photo_renamed_but_for_its_extension_keeps_its_crop(sw):
+    sw.photo("b.jpg", seed=1)
+    args = [sw.src, "-o", sw.out, "--json", "--ratio", "16:9", "--skip-existing"]
+    sw.run(*args)
+    (sw.src / "b.jpg").rename(sw.src / "b.JPEG")
+    res = sw.run(*args)
+    sw.check(res, 0)
+    assert [r.get("skipped") for r in res.records] == ["exists"] and sw.outputs() == ["b_16x9.jpg"]
+
+
+def test_a_photo_edited_since_is_cropped_once_more_even_by_a_plan_run_twice(sw):
+    """An edited photo (other bytes) gets a new crop under a suffix, the old one kept; running the same plan
+    again through the library (a retry) reused the run's listing, without that crop, and added one each time."""
+    from smartcrop.plan import plan_run
+    from smartcrop.runner import crop_photos
+
+    sw.photo("a.jpg", seed=1)
+    sw.run(sw.src, "-o", sw.out, "--ratio", "16:9")
+    sw.photo("a.jpg", seed=2)  # edited
+    plan = plan_run([str(sw.src)], output=sw.out, ratios=["16:9"], skip_existing=True, workers=1)
+    outputs = [[r.output for r in crop_photos(plan, weights=sw.model).records] for _ in range(3)]
+    assert outputs == [[str(sw.out / "a_16x9-1.jpg")]] * 3
+    assert sw.outputs() == ["a_16x9-1.jpg", "a_16x9.jpg"]
+
+
 def test_copies_of_one_photo_named_by_size_are_each_made_again_when_missing(sw):
     """Two identical copies (one tag) with --size and {w}x{h} in the name: the names were not planned, so the
     other copy's crop was taken for the missing one's."""
