@@ -417,7 +417,7 @@ def source_of(item: InputItem) -> bytes:
         st = os.stat(item.path)
         if stat.S_ISREG(st.st_mode):
             return _content_tag(os.fspath(item.path), st.st_size, st.st_mtime_ns, st.st_ino)
-    except (OSError, TypeError, ValueError):
+    except (OSError, TypeError, ValueError):  # an URI, or unreadable (that photo fails when it is decoded)
         pass
     return source_tag(f"{item.stem}{item.suffix}")
 
@@ -440,15 +440,11 @@ def _fingerprint(size: int, read) -> bytes:
 
 @functools.lru_cache(maxsize=4096)
 def _content_tag(path: str, size: int, mtime_ns: int, ino: int) -> bytes:
-    """:func:`source_of` of a file (read once while it stays the same file, unchanged)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    except OSError:
-        return source_tag(b"")
+    """:func:`source_of` of a file (read once while it stays the same file, unchanged); OSError if it cannot
+    be read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
         return source_tag(_fingerprint(size, lambda pos, n: os.pread(fd, n, pos)))
-    except OSError:
-        return source_tag(b"")
     finally:
         os.close(fd)
 
