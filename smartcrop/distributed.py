@@ -42,7 +42,6 @@ import logging
 import os
 import posixpath
 import re
-import string
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
@@ -319,6 +318,11 @@ class _UriNamer:
         j, _ = self._slot(item, ratio, rank)
         return self._uri(_suffixed(self._render(item, ratio, rank, ext, size), j))
 
+    def earlier(self, item, ratio, rank, ext, size=(0, 0)) -> str | None:
+        """With --skip-existing: this crop's URI when an object is there (by name: no marker is read there)."""
+        uri = self.target(item, ratio, rank, ext, size)
+        return uri if uri_exists(uri) else None
+
     def claim(self, item, ratio, rank, ext, size):
         from .naming import Claim, OutputError
 
@@ -360,34 +364,18 @@ def _namer(row: dict, item, opts, out_root: str):
     return OutputNamer.for_run(Path(out_root), opts, items), me
 
 
-def _predictable(opts) -> bool:
-    """Every output name is known before decoding (no {w}/{h} in the template, or an exact --size)."""
-    fields = {f for _, f, _, _ in string.Formatter().parse(opts.template()) if f is not None}
-    return not ({"w", "h"} & fields) or opts.size is not None
-
-
 def _already_done(row: dict, opts, out_root: str | None) -> list[str] | None:
     """With --skip-existing: the outputs of a photo whose every crop exists already (it is then neither
     decoded nor scored: a re-run of an interrupted job costs a listing and a marker read a crop), else None."""
-    from .imageio import OUTPUT_FORMATS
+    from .naming import names_known
 
-    if not (opts.skip_existing and out_root and not opts.dry_run and _predictable(opts)):
+    if not (opts.skip_existing and out_root and not opts.dry_run and names_known(opts.template(), opts.size)):
         return None
-    item = _item(row)
-    namer, me = _namer(row, item, opts, out_root)
-    if not is_uri(out_root):
-        from .plan import earlier_crops
+    from .plan import earlier_crops
 
-        found = earlier_crops(namer, me, opts)
-        return None if found is None else [str(p) for _, p in found]
-    if not opts.out_format and item.suffix.lower() not in OUTPUT_FORMATS:
-        return None  # the extension depends on the decoded format
-    from .naming import output_ext
-
-    ext = output_ext(me, opts.out_format, None)
-    targets = [str(namer.target(me, r, k, ext, opts.size or (0, 0)))
-               for r in opts.ratios for k in range(1, opts.top_k + 1)]
-    return targets if all(uri_exists(t) for t in targets) else None
+    namer, me = _namer(row, _item(row), opts, out_root)
+    found = earlier_crops(namer, me, opts)
+    return None if found is None else [str(p) for _, p in found]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -941,8 +929,9 @@ def _plan_uris(inputs, names, out, report, errors, *, recursive=False, ratios=()
         if is_uri(root):
             inputs_set = {r["path"] for r in rows}
             namer = _UriNamer(root, opts.template(), overwrite, skip_existing, [], opts.out_format)
-            if _predictable(opts):
-                from .naming import output_ext
+            from .naming import names_known, output_ext
+
+            if names_known(opts.template(), opts.size):
 
                 for r in rows:
                     it = _item(r)

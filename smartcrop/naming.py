@@ -98,6 +98,16 @@ def _check_relative(rendered: str, template: str) -> None:
                          "'{stem}/{ratio}.{ext}'")
 
 
+def names_known(template: str, size: tuple | None) -> bool:
+    """Whether every output name is known before the crops are chosen: the template uses neither ``{w}`` nor
+    ``{h}``, or the run fixes the output size (``--size``)."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError:
+        fields = set()
+    return size is not None or not ({"w", "h"} & fields)
+
+
 def _suffixes(names, stem: str, suffix: str) -> list[int]:
     """The clash suffixes (0 for none) of those ``names`` that are ``stem + suffix`` or ``stem-k + suffix``."""
     pattern = re.compile(re.escape(stem) + r"(?:-([1-9][0-9]*))?" + re.escape(suffix))
@@ -135,7 +145,7 @@ class OutputNamer:
         self.out_format = out_format
         self._index = {id(it): k for k, it in enumerate(self.items)}
         self._size = size
-        self._masked = size is not None or ("w" not in self._fields() and "h" not in self._fields())
+        self._masked = names_known(template, size)
         self._slots: dict[tuple[str, int], dict[int, int]] = {}  # (ratio, rank) → item index → suffix
         self._planned: dict[tuple[str, int], dict[str, int]] = {}  # (ratio, rank) → deterministic name → item
         self.reserved: set[Path] = set()
@@ -159,12 +169,6 @@ class OutputNamer:
         if getattr(opts, "preview", None) is not None:  # written last: no crop may take its name meanwhile
             namer.avoid(Path(opts.preview))
         return namer
-
-    def _fields(self) -> set:
-        try:
-            return {f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None}
-        except ValueError:
-            return set()
 
     # -- names ----------------------------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-import string
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from .cropper import Choice
 from .errors import UsageError, one_line
 from .imageio import OUTPUT_FORMATS, existing_parent, safe_name
 from .inputs import Passed, collect_inputs, shown
-from .naming import InputCollision, OutputError, OutputNamer, check_template, output_ext
+from .naming import InputCollision, OutputError, OutputNamer, check_template, names_known, output_ext
 from .progress import is_tty
 
 #: ``--format`` names and their aliases → output extension
@@ -335,8 +334,7 @@ def _check_outputs(namer: OutputNamer, items: list, opts: RunOptions, report) ->
     """Every output name that can be known before the crops are chosen (all of them unless the template uses
     {w}/{h} without --size): none may be an input's path (InputCollision, a usage error), and an input that
     gets no valid name fails alone (reported, dropped).  Returns the remaining items and the planned paths."""
-    fields = {f for _, f, _, _ in string.Formatter().parse(opts.template()) if f is not None}
-    if {"w", "h"} & fields and opts.size is None:
+    if not names_known(opts.template(), opts.size):
         return items, set()
     planned: set[Path] = set()
     keep = []
@@ -360,10 +358,11 @@ def already_done(namer: OutputNamer, items: list, opts: RunOptions) -> dict:
     return {i: crops for i, crops in found if crops is not None}
 
 
-def earlier_crops(namer: OutputNamer, item, opts: RunOptions) -> list | None:
+def earlier_crops(namer, item, opts: RunOptions) -> list | None:
     """``[(ratio, path)]`` of every crop of ``item`` that an earlier run wrote, in ratio × rank order
-    (:meth:`~smartcrop.naming.OutputNamer.earlier`); None when one is missing, or when the output extension
-    depends on the decoded format (not an output format's, no ``--format``)."""
+    (``namer.earlier``: an :class:`~smartcrop.naming.OutputNamer`, or the Ray engine's namer of an URI); None
+    when one is missing, or when the output extension depends on the decoded format (not an output format's,
+    no ``--format``)."""
     if not opts.out_format and item.suffix.lower() not in OUTPUT_FORMATS:
         return None
     ext = output_ext(item, opts.out_format, None)
