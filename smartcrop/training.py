@@ -37,7 +37,7 @@ class TrainConfig:
     weight_decay: float = 1e-4  # Adam's L2 term (the paper's); with adamw: decoupled, on weight matrices only
     adamw: bool = False  # AdamW: weight decay decoupled from the gradient, on conv/linear weights, not on biases/BN
     lr_step: int = 4  # multiply lr by 0.1 at this epoch (1-based count of finished epochs)
-    crops_per_image: int = 64
+    crops_per_image: int = 64  # GAICD crops drawn per image and step (the paper's 64; >= its anchors: all)
     pairs_per_image: int = 256  # P
     eta: float = 0.5  # MOS gap of the pairs used by L_cls
     lambda_cls: float = 1.0

@@ -590,6 +590,21 @@ def test_distillation_draws_its_own_anchor_count_and_rank_consistency_keeps_its_
     assert seen["boxes"] == 6
 
 
+def test_gaicd_crops_sets_how_many_scored_crops_a_step_draws_and_more_than_there_are_draws_them_all(
+        tiny_gaicd, tiny_fcdb, tiny_album):
+    g = samples(make_trainer(), tiny_gaicd, tiny_fcdb, tiny_album)[0][0]
+    n = len(g.boxes)
+    assert n > 4
+    for k, want in ((4, 4), (n - 1, n - 1), (n + 30, n)):
+        tr = make_trainer(crops_per_image=k)
+        boxes, targets = tr._labeled_draw(g, flip=False)
+        assert len(boxes) == len(targets) == want
+        rows = {tuple(b) for b in boxes.tolist()}
+        assert len(rows) == want and rows <= {tuple(b) for b in g.boxes.tolist()}
+        assert {(tuple(b), t) for b, t in zip(boxes.tolist(), targets.tolist())} <= \
+            {(tuple(b), t) for b, t in zip(g.boxes.tolist(), g.targets.tolist())}
+
+
 def test_cuda_setup_turns_cudnn_off_for_training_and_on_for_scoring():
     """cuDNN's first training step at each new network size took 8–13 s on an H200: the GPU recipe trains
     without it and scoring keeps it (``cropper.cuda_setup``); neither autotunes."""
