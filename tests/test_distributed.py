@@ -106,21 +106,20 @@ def test_a_corrupt_photo_is_one_error_line_and_exit_1_the_rest_done(tmp_path, sm
                               "--engine", "ray"])
         assert code == 1 and not out and "broken.jpg" in err
         assert not (tmp_path / "none").exists()
-    # a ratio too thin for a photo fails alone, named, as in the local engine; its other crops are written
+    # a ratio too thin for a photo fails alone, named, as in the local engine; its other crops are written; and
+    # fewer distinct crops than --top-k asked: one note at the end, as the local engine says it
     thin = tmp_path / "thin"
     draw_photo(thin / "small.png", size=(64, 48), seed=2)
-    code, out, err = run([thin, "--ratio", "1:1", "--ratio", "10:1", "--json", "-o", tmp_path / "thin_out",
-                          "--weights", small_model_file, "--engine", "ray"])
-    assert code == 1 and [r["ratio"] for r in jsonl(out)] == ["1:1"]
+    code, out, err = run([thin, "--ratio", "1:1", "--ratio", "10:1", "--top-k", "20", "--json", "-o",
+                          tmp_path / "thin_out", "--weights", small_model_file, "--engine", "ray"])
+    recs = jsonl(out)
+    assert code == 1 and 1 <= len(recs) < 20 and {r["ratio"] for r in recs} == {"1:1"}
+    assert sorted(Path(r["output"]).name for r in recs) == [f"small_1x1_{k}.png" for k in range(1, len(recs) + 1)]
+    assert all(Path(r["output"]).is_file() for r in recs)
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "small.png: ratio 10:1: the best crop is only 60x6 pixels" in lines[0], lines
-    # fewer distinct crops than --top-k asked: one note at the end, as the local engine says it
-    code, out, err = run([thin, "--ratio", "1:1", "--top-k", "20", "--dry-run", "--weights", small_model_file,
-                          "--engine", "ray"])
-    assert code == 0 and 1 <= len(out.splitlines()) < 20
-    assert [ln for ln in err.splitlines() if ln.strip()] == [
-        "smartcrop: note: 1 photo had fewer than 20 distinct crops for a ratio (a crop overlapping a better one "
-        "by more than 60 % is not another)"]
+    assert len(lines) == 2 and "small.png: ratio 10:1: the best crop is only 60x6 pixels" in lines[0], lines
+    assert lines[1] == ("smartcrop: note: 1 photo had fewer than 20 distinct crops for a ratio (a crop overlapping "
+                        "a better one by more than 60 % is not another)")
 
 
 def test_wire_round_trips_every_string_and_leaves_valid_names_alone():
@@ -157,15 +156,17 @@ def test_names_that_are_not_utf8_are_cropped_and_reported_as_the_local_engine_do
                                                                                      b"plain_1x1.jpg"]
     strip = [{k: v for k, v in r.items() if k != "output"} for r in out["local"]]
     assert [{k: v for k, v in r.items() if k != "output"} for r in out["ray"]] == strip
-    code, text, err = run([*args, "-o", tmp_path / "ray", "--engine", "ray", "--skip-existing"])
-    assert code == 1 and [r.get("skipped") for r in jsonl(text)] == ["exists", "exists"]
-    # the same names in a file list (a byte order mark and CRLF line ends too): read as bytes, as the OS names them
+    # the same names in a file list (a byte order mark and CRLF line ends too) are read as bytes, as the OS names
+    # them: a --skip-existing re-run from that list finds both crops, by those names, and writes nothing
     lst = tmp_path / "list.txt"
     lst.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(os.fsencode(src / n) for n in (good, "plain.jpg")) + b"\r\n")
-    code, text, err = run(["--from-file", lst, *args[1:], "-o", tmp_path / "listed", "--engine", "ray"])
+    code, text, err = run(["--from-file", lst, *args[1:], "-o", tmp_path / "ray", "--engine", "ray",
+                           "--skip-existing"])
     assert code == 0, err
-    assert sorted(os.fsencode(p.name) for p in (tmp_path / "listed").iterdir()) == [b"caf\xe9_1x1.jpg",
-                                                                                    b"plain_1x1.jpg"]
+    again = sorted(jsonl(text), key=lambda r: r["input"])
+    assert [(Path(r["input"]).name, r.get("skipped")) for r in again] == [(good, "exists"), ("plain.jpg", "exists")]
+    assert sorted(os.fsencode(p.name) for p in (tmp_path / "ray").iterdir()) == [b"caf\xe9_1x1.jpg",
+                                                                                 b"plain_1x1.jpg"]
 
 
 def test_a_worker_dying_mid_batch_is_retried_and_the_run_completes(tmp_path, small_model_file, ray_2cpu,
@@ -223,7 +224,8 @@ def test_python_entry_point_on_a_from_items_dataset(tmp_path, small_model_file, 
 
 
 def test_ray_engine_keeps_faces_whole_as_the_local_engine_does(tmp_path, input_size_model_file, ray_2cpu):
-    """`--faces` reaches the Ray scorers: the same crops as the local engine's, and not the crops without it."""
+    """`--faces` reaches the Ray scorers: the same crops as the local engine's with it, not its crops without it
+    (the engines give the same crops otherwise: test_ray_engine_gives_the_local_engines_crops_names_and_bytes)."""
     pytest.importorskip("cv2", reason="--faces needs the faces extra (opencv-python-headless)")
     from test_faces import draw_face
 
@@ -231,10 +233,10 @@ def test_ray_engine_keeps_faces_whole_as_the_local_engine_does(tmp_path, input_s
     for k, x in enumerate((50, 80, 120, 150, 165)):
         draw_face(src / f"p{k}.jpg", size=(240, 120), centre=(x, 58), r=22, seed=k)
     boxes = {}
-    for engine, flag in (("local", "--faces"), ("ray", "--faces"), ("ray", "--no-faces")):
+    for engine, flag in (("local", "--faces"), ("ray", "--faces"), ("local", "--no-faces")):
         code, out, err = run([src, "--ratio", "1:1", "--ratio", "4:5", "--json", "--dry-run", "--fuse", "1", flag,
                               "--engine", engine, "--weights", input_size_model_file])
         assert code == 0, err
         boxes[engine, flag] = {(Path(r["input"]).name, r["ratio"]): r["box"] for r in jsonl(out)}
     assert len(boxes["ray", "--faces"]) == 10
-    assert boxes["ray", "--faces"] == boxes["local", "--faces"] != boxes["ray", "--no-faces"]
+    assert boxes["ray", "--faces"] == boxes["local", "--faces"] != boxes["local", "--no-faces"]
