@@ -509,6 +509,9 @@ def train(
     no_rc: bool = typer.Option(False, "--no-rc", help="Without the rank-consistency loss."),
     gaicd_crops: int = typer.Option(64, "--gaicd-crops", min=2, help="Scored crops of each GAICD image trained on "
                                     "per step, drawn at random (the paper's 64; 90 or more: all of its anchors)."),
+    pairs: int = typer.Option(256, "--pairs", min=1, help="Crop pairs per labeled image and step for the ranking "
+                              "losses, drawn from those apart by more than the MOS gap (GAICD) or the IoU gap (FCDB) "
+                              "(the paper's P = 256)."),
     rc_anchors: Optional[int] = typer.Option(None, "--rc-anchors", min=2, max=90, help="Crops of each unlabeled "
                                              "photo compared pairwise by rank consistency per step (default 16: "
                                              "120 pairs)."),
@@ -647,7 +650,7 @@ def train(
                                  backbone_lr_mult=backbone_lr_mult, scales=scales,
                                  gaicd_rank_weight=gaicd_rank_weight, distill_weight=distill_weight,
                                  distill_anchors=distill_anchors, jitter_views=jitter_views, rc_anchors=rc_anchors,
-                                 crops_per_image=gaicd_crops,
+                                 crops_per_image=gaicd_crops, pairs_per_image=pairs,
                                  rc_weight=rc_weight,
                                  centred_mos=centred_mos, top_weight=top_weight, fcdb_border=fcdb_border,
                                  fcdb_tau=fcdb_tau, fcdb_listwise=fcdb_listwise,

@@ -64,14 +64,14 @@ def test_train_augmentations_and_rc_anchors_are_recorded_and_useless_flags_noted
                            "--val-fraction", "0", "--device", "cpu", "--frozen-layers", frozen, "--jitter-views",
                            "2", "--no-rc", "--rc-anchors", "24", "--crop-views", "2", "--crop-margin", "0.2",
                            "--batch-size", batch, "--adamw", "--weight-decay", "0.5", "--gaicd-share", "0.6",
-                           "--rc-weight", "4", "--gaicd-crops", "90", "--out", out)
+                           "--rc-weight", "4", "--gaicd-crops", "90", "--pairs", "100", "--out", out)
         assert code == 0, err
         config = read_card(out)["training"]["config"]
         assert (config["jitter_views"], config["rc_anchors"], config["crop_views"], config["crop_margin"]) == \
             (2, 24, 2, 0.2)
         assert (config["adamw"], config["weight_decay"], config["gaicd_share"], config["rc_weight"]) == \
             (True, 0.5, 0.6, 4.0)
-        assert config["crops_per_image"] == 90
+        assert (config["crops_per_image"], config["pairs_per_image"]) == (90, 100)
         assert ("note:" in err) == bool(noted) and noted in err
 
 
