@@ -86,6 +86,8 @@ def _cropper(weights: Optional[Path], model: Optional[str], device: str):
 WEIGHTS_OPT = typer.Option(None, "--weights", "-w", help="Model file (.safetensors); default: the shipped model.")
 MODEL_OPT = typer.Option(None, "--model", "-m", help="Name of one of your models (see `smartcrop models`).")
 DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
+SEED_MAX = 2**32 - 1  # NumPy's and torch's seeds are unsigned 32-bit
+ADAPT_EPOCHS = 2  # run --adapt's fine-tune
 FREE_GRID_OPT = typer.Option("border", "--free-grid", help="The candidates of a free-ratio crop: border (GAIC's "
                              "grid with corners on its lines, so an edge can lie on the photo's border; none over "
                              "90% of the photo) or gaic (the paper's grid, corners at the cells' centres: tighter "
@@ -297,7 +299,7 @@ def run(
                                 "auto (workers on a CPU run with at least 8 workers, else main)."),
     adapt: bool = typer.Option(False, "--adapt", help="First fine-tune a copy of the model on these very photos "
                                "(rank consistency), then crop with it. The shipped model is not changed."),
-    adapt_epochs: int = typer.Option(2, "--adapt-epochs", min=1, help="Epochs of the --adapt fine-tune."),
+    adapt_epochs: int = typer.Option(ADAPT_EPOCHS, "--adapt-epochs", min=1, help="Epochs of the --adapt fine-tune."),
     engine: str = typer.Option("local", "--engine", help="local: this machine's cores; ray: Ray Data (a local Ray, "
                                "or a cluster with --ray-address); inputs and -o may then be URIs (s3://, gs://, "
                                "hdfs://). Needs pip install 'smartcrop\\[ray]'."),
@@ -310,6 +312,8 @@ def run(
     from .weights import checked_model_path
 
     choice = _choice(fuse, refine, faces, free_grid)
+    if adapt_epochs != ADAPT_EPOCHS and not adapt:
+        err("note: --adapt-epochs (the epochs of --adapt) changes nothing in this run")
     if output == "":  # `-o "$DIR"` with DIR unset: not the current folder, silently
         from .errors import UsageError
 
@@ -373,7 +377,7 @@ def finetune(
                                   help="Weight of the anchoring term to the base model's scores."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Checkpoint (OUT.ckpt) to resume from."),
     device: str = DEVICE_OPT,
-    seed: int = typer.Option(0, "--seed", help="Random seed (data order, initialisation)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Random seed (data order, initialisation)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output model and its checkpoint "
                                "(files not made by smartcrop are never replaced)."),
 ):
@@ -382,14 +386,16 @@ def finetune(
     from .errors import UsageError
     from .finetune import FinetuneConfig, TooFewPhotos, finetune, labeled_sources, output_path, save_finetuned
     from .training import check_outputs, check_resume
-    from .weights import resolve_model, user_models_dir
+    from .weights import resolve_model, sha256_file, user_models_dir
 
     _finite(ctx)
     out_path = output_path(out)
-    check_resume(resume, "finetune")
-    check_outputs(out_path, resume, force, log_file=False, inputs=[resolve_model(weights, model)])
+    base = resolve_model(weights, model)
+    base_sha = sha256_file(base)
+    check_resume(resume, "finetune", lr=lr, base=base_sha)
+    check_outputs(out_path, resume, force, log_file=False, inputs=[base])
     try:
-        photos = list_images(albums, recursive=True)
+        photos = list_images(albums, recursive=True, on_error=err)
     except OSError as e:
         raise UsageError(str(e)) from None
     if len(photos) < FinetuneConfig.min_photos:  # too few even if all decode: before the model is loaded
@@ -400,7 +406,7 @@ def finetune(
     cfg = FinetuneConfig(epochs=epochs, lr=lr, distill=distill, seed=seed)
     with _training_interrupts(out_path.with_suffix(".ckpt")):
         history = finetune(cropper.net, photos, cfg, labeled, out_path.with_suffix(".ckpt"), resume,
-                           cropper.device, log=err, labeled_items=labeled_items)
+                           cropper.device, log=err, labeled_items=labeled_items, base=base_sha)
         card = save_finetuned(cropper.net, out_path, base_path=cropper.path, albums=albums, photos=len(photos),
                               labeled=labeled, cfg=cfg, history=history, argv=sys.argv[2:])
     err(f"saved {out_path} (sha256 {card['sha256'][:12]}…)"
@@ -595,13 +601,15 @@ def train(
     force: bool = typer.Option(False, "--force", help="Replace an existing output model and its checkpoint "
                                "(files not made by smartcrop are never replaced)."),
     device: str = DEVICE_OPT,
-    seed: int = typer.Option(0, "--seed", help="Random seed (data order, initialisation)."),
-    branch_seed: Optional[int] = typer.Option(None, "--branch-seed", help="With --resume: draw the remaining "
-                                              "epochs from this seed instead of the checkpoint's random state "
-                                              "(runs branched from one checkpoint share their first epochs)."),
-    init_seed: Optional[int] = typer.Option(None, "--init-seed", help="Seed of the new heads' random "
-                                            "initialisation alone (default: --seed); runs that share it and "
-                                            "differ in --seed start from the same weights."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Random seed (data order, initialisation)."),
+    branch_seed: Optional[int] = typer.Option(None, "--branch-seed", min=0, max=SEED_MAX,
+                                              help="With --resume: draw the remaining epochs from this seed instead "
+                                              "of the checkpoint's random state (runs branched from one checkpoint "
+                                              "share their first epochs)."),
+    init_seed: Optional[int] = typer.Option(None, "--init-seed", min=0, max=SEED_MAX,
+                                            help="Seed of the new heads' random initialisation alone (default: "
+                                            "--seed); runs that share it and differ in --seed start from the same "
+                                            "weights."),
 ):
     """Train a crop scorer: human scores, expert crops and rank consistency on unlabeled photos."""
     import shlex
@@ -612,7 +620,7 @@ def train(
     from .weights import sha256_file
 
     _finite(ctx)
-    check_resume(resume, "train")
+    check_resume(resume, "train", lr=lr)
     check_outputs(out, resume, force, inputs=[*([init] if init is not None else []), *teacher])
     try:
         scales = tuple(float(v) for v in scale_aug.split(",") if v.strip())

@@ -244,18 +244,32 @@ def list_images(paths: Iterable[str | os.PathLike], recursive: bool = True,
     outputs skipped).
 
     A missing path raises ``FileNotFoundError`` naming it; an unreadable sub-folder or a non-file entry is
-    reported through ``on_error`` (default: a warning) and skipped.
+    reported through ``on_error`` (default: a warning) and skipped.  A file reached twice (given twice, given and
+    in a folder given, or through a link) is listed once, where first reached.
     """
     from .inputs import walk_folder
 
     report = on_error or (lambda line: warnings.warn(line, stacklevel=3))
     out: list[Path] = []
+    seen: set = set()
+
+    def add(f: Path) -> None:
+        try:
+            st = os.stat(f)
+            key: tuple = (st.st_dev, st.st_ino)
+        except OSError:
+            key = ("path", os.path.realpath(f))
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+
     for p in paths:
         p = Path(p)
         if p.is_file():
-            out.append(p)
+            add(p)
         elif p.is_dir():
-            out.extend(f for f, _ in walk_folder(p, recursive, report))
+            for f, _ in walk_folder(p, recursive, report):
+                add(f)
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
     return out

@@ -144,13 +144,14 @@ def cache_photos(net, sources: Sequence, log: Callable[[str], None], progress=No
 
 
 class Finetuner:
-    def __init__(self, net, cfg: FinetuneConfig, device: str = "cpu"):
+    def __init__(self, net, cfg: FinetuneConfig, device: str = "cpu", base: str | None = None):
         import torch
 
         self.torch = torch
         self.net = net
         self.cfg = cfg
         self.device = device
+        self.base = base  # sha256 of the model file fine-tuned, recorded in the checkpoint (checked on --resume)
         self.rng = np.random.default_rng(cfg.seed)
         self.opt = torch.optim.Adam(_trainable(net), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.epoch = 0
@@ -211,8 +212,8 @@ class Finetuner:
 
     def save_checkpoint(self, path: Path) -> None:
         write_checkpoint({"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch,
-                          "history": json.dumps(self.history), "rng": json.dumps(self.rng.bit_generator.state)},
-                         path)
+                          "history": json.dumps(self.history), "rng": json.dumps(self.rng.bit_generator.state),
+                          **({"base": self.base} if self.base else {})}, path)
 
     def load_checkpoint(self, path: Path) -> None:
         """Continue the fine-tuning saved in ``path``; one of another model's architecture is a one-line
@@ -245,10 +246,12 @@ def labeled_sources(root: Path, on_note: Callable[[str], None] | None = None,
 
 def finetune(net, photos: Sequence[Path], cfg: FinetuneConfig, labeled_root: Path | None = None,
              checkpoint: Path | None = None, resume: Path | None = None, device: str = "cpu",
-             log: Callable[[str], None] = print, progress=None, labeled_items: tuple[str, list] | None = None):
+             log: Callable[[str], None] = print, progress=None, labeled_items: tuple[str, list] | None = None,
+             base: str | None = None):
     """Fine-tune ``net`` in place on ``photos``; returns the list of epoch records.  ``labeled_items``: what
     :func:`labeled_sources` read from ``labeled_root``, when the caller read it first (to refuse bad data
-    before any work).
+    before any work).  ``base``: the sha256 of the model file ``net`` was loaded from, recorded in the
+    checkpoints (``smartcrop.training.check_resume`` refuses to continue them on another model).
 
     The global RNGs are seeded here (from ``cfg.seed``) and the model's mode is switched here only: eval while
     photos are cached, train for each epoch, eval when done.
@@ -272,7 +275,7 @@ def finetune(net, photos: Sequence[Path], cfg: FinetuneConfig, labeled_root: Pat
         if not labeled:
             raise AlbumError(f"{labeled_root}: no usable labeled photos")
         cfg = replace(cfg, distill=0.0)
-    ft = Finetuner(net, cfg, device)
+    ft = Finetuner(net, cfg, device, base)
     if resume is not None:
         ft.load_checkpoint(resume)
         log(f"resumed from {resume} after epoch {ft.epoch}")

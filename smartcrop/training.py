@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import random
 import time
@@ -1010,20 +1011,19 @@ def validate(model, data: TrainData, device: str) -> dict:
 
 
 def write_checkpoint(state: dict, path: str | Path) -> None:
-    """``torch.save`` ``state`` to ``path`` through a temporary file beside it, renamed over ``path`` once
-    complete: an interrupted save (Ctrl-C, SIGTERM, a full disk) removes the temporary file and leaves the last
-    checkpoint as it was."""
+    """``torch.save`` ``state`` to ``path`` as every smartcrop output is written
+    (:func:`~smartcrop.imageio.write_atomic`: a fresh temporary file beside it, never one already there nor
+    what a link there points to, length-checked, fsynced and renamed over ``path``): an interrupted save
+    (Ctrl-C, SIGTERM, a full disk) leaves the last checkpoint as it was."""
+    import io
+
     import torch
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)  # made with the first file written in it
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from .imageio import write_atomic
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(path, buf.getvalue())  # makes the folder with the first file written in it
 
 
 #: what a smartcrop checkpoint (``Trainer.save_checkpoint``, ``finetune.Finetuner.save_checkpoint``) holds
@@ -1050,10 +1050,14 @@ def checkpoint_kind(path: Path) -> str | None:
     return "train" if "train_config" in st else "finetune"
 
 
-def check_resume(resume: Path | None, command: str) -> None:
+def check_resume(resume: Path | None, command: str, lr: float | None = None, base: str | None = None) -> None:
     """Refuse, before any work, a ``--resume`` file of ``command`` (``"train"`` or ``"finetune"``) that is
-    missing, not a smartcrop checkpoint (the model file given instead of its ``.ckpt``) or the other command's:
-    a one-line :class:`~smartcrop.errors.UsageError`."""
+    missing, not a smartcrop checkpoint (the model file given instead of its ``.ckpt``) or the other command's,
+    one whose run started at another learning rate than ``lr`` (the optimizer's state would keep its own while
+    the card recorded ``lr``), or one of a fine-tuning of another model than ``base`` (its sha256; checkpoints
+    that record one): a one-line :class:`~smartcrop.errors.UsageError`."""
+    import torch
+
     from .errors import UsageError
     from .imageio import safe_name
 
@@ -1068,6 +1072,16 @@ def check_resume(resume: Path | None, command: str) -> None:
     if kind != command:
         what = "a training" if kind == "train" else "a fine-tuning"
         raise UsageError(f"{safe_name(resume)}: {what} checkpoint: continue it with smartcrop {kind} --resume")
+    st = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
+    if base is not None and isinstance(st.get("base"), str) and st["base"] != base:
+        raise UsageError(f"{safe_name(resume)}: its run fine-tuned another model (sha256 {st['base'][:12]}…): "
+                         "resume with the --weights or --model it started from")
+    groups = (st["optimizer"] or {}).get("param_groups") if isinstance(st["optimizer"], dict) else None
+    if lr is not None and groups:
+        saved = groups[0].get("initial_lr", groups[0].get("lr"))
+        if isinstance(saved, float) and not math.isclose(saved, lr, rel_tol=1e-6):
+            raise UsageError(f"{safe_name(resume)}: its run started at learning rate {saved:g}, not {lr:g}: "
+                             f"resume with --lr {saved:g}")
 
 
 def _is_training_log(path: Path) -> bool:
@@ -1084,16 +1098,18 @@ def check_outputs(out: Path, resume: Path | None, force: bool, log_file: bool = 
                   inputs: Sequence[Path] = ()) -> None:
     """Refuse (:class:`~smartcrop.errors.UsageError`) a training or fine-tuning run that would overwrite or
     remove a file it was not asked to: ``out`` and its card as :func:`~smartcrop.weights.check_model_path` says
-    (``inputs``: the model files it reads; ``resume``: ``out`` may be replaced), and the run's sidecars
+    (``inputs``: the model files it reads; ``resume`` from ``OUT.ckpt``: ``out`` may be replaced), and the run's sidecars
     ``OUT.ckpt`` (rewritten every epoch) and, with ``log_file``, ``OUT.log.jsonl`` (appended to).  A sidecar
     that is not smartcrop's own is never touched, ``force`` or not; one of an earlier run needs ``force`` (or,
     for the checkpoint, ``--resume`` from it)."""
     from .errors import UsageError
     from .weights import check_model_path
 
-    out = check_model_path(out, inputs, force, replace=resume is not None)
-    ckpt = out.with_suffix(".ckpt")
+    # only a run resumed from its own checkpoint (OUT.ckpt) may replace OUT: any other needs --force
+    ckpt = Path(out).with_suffix(".ckpt")
     resuming = resume is not None and ckpt.exists() and os.path.samefile(resume, ckpt)
+    out = check_model_path(out, inputs, force, replace=resuming)
+    ckpt = out.with_suffix(".ckpt")
     if (ckpt.exists() or ckpt.is_symlink()) and not resuming:
         if not ckpt.is_file() or not is_checkpoint(ckpt):
             raise UsageError(f"{ckpt} exists and is not a smartcrop checkpoint; this run would write its "

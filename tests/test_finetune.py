@@ -344,19 +344,26 @@ def test_an_interrupted_finetune_names_its_checkpoint_and_leaves_no_partial_file
     import os
     import signal
 
+    import smartcrop.imageio as imageio
+
     out = tmp_path / "m.safetensors"
-    real_save, saves = torch.save, []
+    real_write, saves = imageio.write_atomic, []
 
-    def save(obj, f, *a, **kw):  # the second epoch's checkpoint is cut off halfway
-        saves.append(f)
-        if len(saves) == 2:
-            Path(f).write_bytes(b"half a checkpoint")
-            if signal_name == "SIGTERM":
-                os.kill(os.getpid(), signal.SIGTERM)
-            raise KeyboardInterrupt
-        return real_save(obj, f, *a, **kw)
+    def interrupted(fd):
+        if signal_name == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", save)
+    def write_atomic(path, data):  # the second epoch's checkpoint is cut off once its bytes are in the file
+        if str(path).endswith(".ckpt"):
+            saves.append(path)
+            if len(saves) == 2:
+                with monkeypatch.context() as m:
+                    m.setattr(imageio.os, "fsync", interrupted)
+                    return real_write(path, data)
+        return real_write(path, data)
+
+    monkeypatch.setattr(imageio, "write_atomic", write_atomic)
     code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "3")
     assert code == (143 if signal_name == "SIGTERM" else 130)
     ckpt = out.with_suffix(".ckpt")
@@ -364,7 +371,8 @@ def test_an_interrupted_finetune_names_its_checkpoint_and_leaves_no_partial_file
                                             f": the last finished epoch is in {ckpt}: go on with --resume {ckpt}")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file
     assert not out.exists() and torch.load(ckpt, weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(torch, "save", real_save)
+    assert len(saves) == 2
+    monkeypatch.setattr(imageio, "write_atomic", real_write)
     code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "3",
                        "--resume", ckpt)
     assert code == 0, err
@@ -379,3 +387,92 @@ def test_run_adapt_without_enough_photo_files_is_refused_before_any_folder_is_ma
     r = CliRunner().invoke(app, ["run", "-", "--ratio", "1:1", "--adapt", "--weights", str(small_model_file)],
                            input=one.read_bytes())
     assert r.exit_code == 2 and "cannot adapt to an image on stdin" in r.stderr and r.stdout_bytes == b""
+
+
+def test_an_output_path_through_a_missing_folder_and_up_again_is_checked_where_it_lands(tmp_path, tiny_album,
+                                                                                        small_model_file):
+    """`-o new/../base.safetensors`: `new` does not exist yet, so the path did not exist either and passed every
+    check — then the run made `new` and wrote over the model it adapted (or another program's file)."""
+    import shutil
+
+    base = tmp_path / "base.safetensors"
+    shutil.copy(small_model_file, base)
+    shutil.copy(small_model_file.with_suffix(".json"), base.with_suffix(".json"))
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_text("someone else's file")
+    before = {p: p.read_bytes() for p in (base, base.with_suffix(".json"), foreign)}
+    for out, words in ((tmp_path / "new" / ".." / "base.safetensors", "would replace an input"),
+                       (tmp_path / "new2" / ".." / "foreign.safetensors", "is not a smartcrop model")):
+        code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", base, "--epochs", "1", "--force")
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_the_checkpoint_is_written_through_a_fresh_temporary_file_never_through_a_link(tmp_path, tiny_album,
+                                                                                       small_model_file):
+    """The checkpoint's temporary file had a fixed name (`.OUT.ckpt.tmp`) and its write followed a link there:
+    a link to the base model turned that model into a checkpoint."""
+    import shutil
+
+    base = tmp_path / "base.safetensors"
+    shutil.copy(small_model_file, base)
+    before = base.read_bytes()
+    (tmp_path / ".m.ckpt.tmp").symlink_to(base)
+    code, _, err = cli("finetune", tiny_album, "-o", tmp_path / "m.safetensors", "--weights", base, "--epochs", "1")
+    assert code == 0, err
+    assert base.read_bytes() == before and (tmp_path / ".m.ckpt.tmp").is_symlink()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".smartcrop-")]
+
+
+def test_resume_replaces_only_its_own_output_and_continues_only_its_own_run(tmp_path, tiny_album, small_model_file):
+    """--resume from another run's checkpoint replaced an existing --out without --force; a checkpoint of another
+    base model or started at another learning rate was continued as if it were this run's (the card then
+    recorded the wrong base or rate)."""
+    from smartcrop.finetune import FinetuneConfig, finetune
+    from smartcrop.weights import load_model, sha256_file
+
+    photos = sorted(tiny_album.rglob("p*.jpg"))
+    mine = sha256_file(small_model_file)
+    ckpts = {}
+    for name, lr, base in (("other", 5e-5, mine), ("fast", 1e-3, mine), ("elsewhere", 5e-5, "0" * 64)):
+        ckpts[name] = tmp_path / f"{name}.ckpt"
+        finetune(load_model(small_model_file), photos, FinetuneConfig(epochs=1, lr=lr), checkpoint=ckpts[name],
+                 log=lambda s: None, progress=False, base=base)
+    out = tmp_path / "m.safetensors"
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
+    assert code == 0, err
+    made = out.read_bytes()
+    for resume, words in ((ckpts["other"], "m.safetensors exists"), (ckpts["fast"], "learning rate 0.001, not 5e-05"),
+                          (ckpts["elsewhere"], "its run fine-tuned another model")):
+        code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "2",
+                           "--resume", resume)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (resume, err)
+        assert out.read_bytes() == made
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "2",
+                       "--resume", ckpts["fast"], "--lr", "1e-3", "--force")
+    assert code == 0, err
+
+
+def test_a_photo_given_twice_counts_once_and_seeds_are_checked_before_any_work(tmp_path, small_model_file,
+                                                                               monkeypatch):
+    import smartcrop.cli
+
+    photos = [draw_photo(tmp_path / "three" / f"t{k}.jpg", seed=k) for k in range(3)]
+    (tmp_path / "three" / "link.jpg").symlink_to(photos[0])
+    monkeypatch.setattr(smartcrop.cli, "_cropper", lambda *a: pytest.fail("the model was loaded first"))
+    for given in ([photos[0], *photos], [tmp_path / "three", photos[1]]):
+        code, _, err = cli("finetune", *given, "-o", tmp_path / "m.safetensors", "--weights", small_model_file)
+        assert code == 2 and "only 3 usable photo" in err, err
+    for seed in ("-1", str(2**32)):
+        code, _, err = cli("finetune", tmp_path / "three", "-o", tmp_path / "m.safetensors", "--weights",
+                           small_model_file, "--seed", seed)
+        assert code == 2 and "--seed" in err, err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_adapt_epochs_without_adapt_is_noted(tmp_path, small_model_file):
+    p = draw_photo(tmp_path / "a.jpg")
+    code, out, err = cli("run", p, "--ratio", "1:1", "--adapt-epochs", "5", "--dry-run", "--weights",
+                         small_model_file)
+    assert code == 0 and out
+    assert err.strip() == "smartcrop: note: --adapt-epochs (the epochs of --adapt) changes nothing in this run"
