@@ -178,8 +178,8 @@ def check_model_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]
                      replace: bool = False) -> Path:
     """Refuse (:class:`~smartcrop.errors.UsageError`, before any work) a model output ``out`` that
     :func:`save_model` could not or should not write: not ``.safetensors``; a folder, or under something that
-    is not one; the file or its card (``OUT.json``) one of ``inputs`` (model files read, and their cards);
-    an existing ``out`` unless ``force`` or ``replace`` (a resumed run's own output); and, whatever the flags, an
+    is not one or a folder where no file can be made; the file or its card (``OUT.json``) one of ``inputs``
+    (model files read, and their cards); an existing ``out`` unless ``force`` or ``replace`` (a resumed run's own output); and, whatever the flags, an
     ``out`` or card that smartcrop did not write (another program's file is never replaced).  Returns ``out``
     (with its folder resolved where it holds a ``..``: the file it names once missing folders are made)."""
     from .errors import UsageError
@@ -197,6 +197,13 @@ def check_model_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     parent = existing_parent(out)
     if parent is not None and not parent.is_dir():
         raise UsageError(f"cannot write {out}: {parent} is not a folder")
+    if parent is not None:  # the folder it goes in, or the one its missing folders would be made in
+        from .plan import _probe
+
+        try:
+            _probe(parent)
+        except OSError as e:
+            raise UsageError(f"cannot write {out}: {parent} is not writable ({e.strerror or e})") from None
     for f in inputs:
         for p, q in ((out, Path(f)), (card, card_path(f))):
             if p.exists() and q.exists() and os.path.samefile(p, q) or p.absolute() == q.absolute():

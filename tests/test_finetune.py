@@ -476,3 +476,26 @@ def test_adapt_epochs_without_adapt_is_noted(tmp_path, small_model_file):
                          small_model_file)
     assert code == 0 and out
     assert err.strip() == "smartcrop: note: --adapt-epochs (the epochs of --adapt) changes nothing in this run"
+
+
+def test_an_output_folder_where_no_file_can_be_made_is_refused_before_any_work(tmp_path, tiny_album,
+                                                                              small_model_file, monkeypatch):
+    """It failed with a traceback after the album was decoded and an epoch trained (simulated: as root, the
+    permission bits would not stop the write)."""
+    import errno
+
+    import smartcrop.cli
+    import smartcrop.plan
+
+    def probe(folder):
+        if Path(folder) == tmp_path / "ro":
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(smartcrop.plan, "_probe", probe)
+    monkeypatch.setattr(smartcrop.cli, "_cropper", lambda *a: pytest.fail("the model was loaded first"))
+    for out in (tmp_path / "ro" / "m.safetensors", tmp_path / "ro" / "new" / "m.safetensors"):
+        code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file)
+        assert code == 2 and err.strip() == f"smartcrop: cannot write {out}: {tmp_path / 'ro'} is not writable " \
+            "(Permission denied)", err
+    assert list((tmp_path / "ro").iterdir()) == []
