@@ -246,13 +246,36 @@ def save_model(model, path: str | os.PathLike, info: dict | None = None, half: b
                     if v.is_floating_point() and v.numel()):
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     data = save(state, metadata={"smartcrop": json.dumps(header, sort_keys=True)})
-    write_atomic(path, data)
     card = dict(header)
     card["sha256"] = hashlib.sha256(data).hexdigest()
     card["parameters"] = count_parameters(model)
     card["file"] = path.name
-    write_atomic(card_path(path), (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
+    with _interrupts_held():  # a model beside the card of the one it replaced would not load (checksum)
+        write_atomic(path, data)
+        write_atomic(card_path(path), (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
     return card
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """SIGINT and SIGTERM held back (raised again, to the handlers in place before, as the block ends), so that
+    Ctrl-C or a ``kill`` never falls between two writes that belong together.  Only from the main thread (the
+    one Python runs signal handlers in); elsewhere the block runs as it is."""
+    import signal
+
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or any(signal.getsignal(s) is None for s in sigs):
+        yield
+        return
+    held: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def average_models(paths: Sequence[str | os.PathLike]) -> tuple:

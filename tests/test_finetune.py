@@ -499,3 +499,30 @@ def test_an_output_folder_where_no_file_can_be_made_is_refused_before_any_work(t
         assert code == 2 and err.strip() == f"smartcrop: cannot write {out}: {tmp_path / 'ro'} is not writable " \
             "(Permission denied)", err
     assert list((tmp_path / "ro").iterdir()) == []
+
+
+def test_ctrl_c_while_a_model_is_saved_never_leaves_it_beside_the_old_card(tmp_path, tiny_album, small_model_file,
+                                                                          monkeypatch):
+    """The model and its card are two renames: a Ctrl-C between them left the new model beside the card of the
+    one it replaced, and neither loaded again ("checksum mismatch")."""
+    import os
+    import signal
+
+    import smartcrop.imageio as imageio
+    from smartcrop.weights import load_model
+
+    out = tmp_path / "m.safetensors"
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
+    assert code == 0, err
+    real_write = imageio.write_atomic
+
+    def write_atomic(path, data):
+        real_write(path, data)
+        if Path(path) == out:  # Ctrl-C just after the model is in place, before its card is
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(imageio, "write_atomic", write_atomic)
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1", "--seed",
+                       "3", "--force")
+    assert code == 130 and "interrupted" in err, err
+    load_model(out)  # model and card of one run
