@@ -373,8 +373,16 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verif
     if not path.is_file():
         raise WeightsError(f"{path}: no such model file")
     if path.suffix in _TORCH_SUFFIXES:
+        import pickle
+        import warnings
+
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's business
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never
+            raise WeightsError(f"{path}: holds Python objects beyond tensors, which smartcrop never unpickles "
+                               "(they can run code); save its state dict, or the model as .safetensors") from None
         except Exception as e:
             raise WeightsError(f"{path}: cannot be read safely ({str(e).splitlines()[0][:200]})") from None
         state = obj.get("model", obj) if isinstance(obj, dict) else None
