@@ -37,9 +37,14 @@ if _option_type is not None:  # typer >= 0.28 (older ones have no such hook: the
     TyperOption.display_type_rich = _flag_type
 
 
+#: Click's UsageError (typer >= 0.29 bundles its own copy of Click): the class typer's BadParameter derives from
+_USAGE_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
 class _Commands(TyperGroup):
     """Every :class:`SmartcropError` that escapes a command is one line on stderr and its ``exit_code`` (2 for a
-    refused request)."""
+    refused request); so is a command line Click cannot parse (an unknown option, a value out of range: exit 2,
+    where Click would draw a box of several lines)."""
 
     def invoke(self, ctx):
         try:
@@ -47,6 +52,25 @@ class _Commands(TyperGroup):
         except SmartcropError as e:
             err(str(e))
             raise typer.Exit(e.exit_code) from None
+        except _USAGE_ERRORS as e:
+            _usage_error(e)
+            raise
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _USAGE_ERRORS as e:  # `smartcrop --bogus`
+            _usage_error(e)
+            raise
+
+
+def _usage_error(e) -> None:
+    """A command line Click cannot parse: one line and exit 2 (:class:`typer.Exit`), unless Click has already said
+    it otherwise (no arguments: the help is shown)."""
+    what = " ".join(e.format_message().split())
+    if what:
+        err(f"{what} (see {e.ctx.command_path if e.ctx is not None else 'smartcrop'} --help)")
+        raise typer.Exit(2) from None
 
 
 app = typer.Typer(

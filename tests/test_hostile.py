@@ -1933,3 +1933,20 @@ def test_temp_names_are_short_and_carry_the_pid():
     name = imageio.temp_name()
     assert len(name.encode()) <= 32 and imageio.temp_owner(name) == os.getpid()
     assert imageio.temp_owner(".IMG_0001.jpg.abcd1234.tmp") is None
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["run", "a.jpg", "--quality", "500"], "Invalid value for '--quality'"),
+    (["run", "a.jpg", "--bogus"], "No such option: --bogus"),
+    (["finetune", "album", "-o", "m.safetensors", "--epochs", "0"], "Invalid value for '--epochs'"),
+    (["eval", "fcdb"], "Missing argument"),
+    (["bogus"], "No such command 'bogus'"),
+    (["--bogus"], "No such option: --bogus"),
+])
+def test_a_command_line_that_cannot_be_parsed_is_one_line_and_exit_2(tmp_path, argv, words):
+    """Click drew a box of five lines (usage, a hint, a framed error) for these: a pipeline's log wants one."""
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 2 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("smartcrop: ") and words in lines[0] and "--help)" in lines[0], \
+        r.stderr
