@@ -1076,7 +1076,7 @@ def check_resume(resume: Path | None, command: str, lr: float | None = None, bas
     if base is not None and isinstance(st.get("base"), str) and st["base"] != base:
         raise UsageError(f"{safe_name(resume)}: its run fine-tuned another model (sha256 {st['base'][:12]}…): "
                          "resume with the --weights or --model it started from")
-    groups = (st["optimizer"] or {}).get("param_groups") if isinstance(st["optimizer"], dict) else None
+    groups = st["optimizer"].get("param_groups") if isinstance(st["optimizer"], dict) else None
     if lr is not None and groups:
         saved = groups[0].get("initial_lr", groups[0].get("lr"))
         if isinstance(saved, float) and not math.isclose(saved, lr, rel_tol=1e-6):
@@ -1098,8 +1098,8 @@ def check_outputs(out: Path, resume: Path | None, force: bool, log_file: bool = 
                   inputs: Sequence[Path] = ()) -> None:
     """Refuse (:class:`~smartcrop.errors.UsageError`) a training or fine-tuning run that would overwrite or
     remove a file it was not asked to: ``out`` and its card as :func:`~smartcrop.weights.check_model_path` says
-    (``inputs``: the model files it reads; ``resume`` from ``OUT.ckpt``: ``out`` may be replaced), and the run's sidecars
-    ``OUT.ckpt`` (rewritten every epoch) and, with ``log_file``, ``OUT.log.jsonl`` (appended to).  A sidecar
+    (``inputs``: the model files it reads; ``resume`` from ``OUT.ckpt``: ``out`` may be replaced), and the run's
+    sidecars ``OUT.ckpt`` (rewritten every epoch) and, with ``log_file``, ``OUT.log.jsonl`` (appended to).  A sidecar
     that is not smartcrop's own is never touched, ``force`` or not; one of an earlier run needs ``force`` (or,
     for the checkpoint, ``--resume`` from it)."""
     from .errors import UsageError

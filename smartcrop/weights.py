@@ -179,16 +179,17 @@ def check_model_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     """Refuse (:class:`~smartcrop.errors.UsageError`, before any work) a model output ``out`` that
     :func:`save_model` could not or should not write: not ``.safetensors``; a folder, or under something that
     is not one or a folder where no file can be made; the file or its card (``OUT.json``) one of ``inputs``
-    (model files read, and their cards); an existing ``out`` unless ``force`` or ``replace`` (a resumed run's own output); and, whatever the flags, an
-    ``out`` or card that smartcrop did not write (another program's file is never replaced).  Returns ``out``
-    (with its folder resolved where it holds a ``..``: the file it names once missing folders are made)."""
+    (model files read, and their cards); an existing ``out`` unless ``force`` or ``replace`` (a resumed run's
+    own output); and, whatever the flags, an ``out`` or card that smartcrop did not write (another program's
+    file is never replaced).  Returns ``out`` (with its folder resolved where it holds a ``..``: the file it
+    names once missing folders are made)."""
     from .errors import UsageError
     from .imageio import existing_parent
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UsageError(f"--out {out}: a model file must end in .safetensors")
-    if ".." in out.parts:  # where it lands once the folders are made: `new/../model.safetensors` is model.safetensors
+    if ".." in out.parts:  # where it lands once its folders are made: `new/../m.safetensors` is m.safetensors
         out = Path(os.path.realpath(out.parent)) / out.name
     card = card_path(out)
     for p in (out, card):
