@@ -522,7 +522,12 @@ def test_ctrl_c_while_a_model_is_saved_never_leaves_it_beside_the_old_card(tmp_p
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(imageio, "write_atomic", write_atomic)
-    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1", "--seed",
-                       "3", "--force")
+    # a suite started in the background inherits SIGINT ignored (Python keeps it so): Ctrl-C as a terminal's
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1",
+                           "--seed", "3", "--force")
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert code == 130 and "interrupted" in err, err
     load_model(out)  # model and card of one run
