@@ -137,7 +137,7 @@ def prepare_output_dir(out_dir: Path) -> tuple[Path, ...]:
     killed smartcrop runs left there; returns the folders it created, deepest first (see
     :func:`remove_if_empty`).
 
-    The check creates a file there and removes it (:func:`_probe`)."""
+    The check creates a file there and removes it (:func:`probe_writable`)."""
     from .imageio import remove_stale_temps
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -152,7 +152,7 @@ def prepare_output_dir(out_dir: Path) -> tuple[Path, ...]:
         d = d.parent
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _probe(out_dir)
+        probe_writable(out_dir)
     except OSError as e:
         remove_if_empty(made)
         raise UsageError(f"{safe_name(out_dir)}: output folder is not writable ({e.strerror or e})") from None
@@ -160,7 +160,7 @@ def prepare_output_dir(out_dir: Path) -> tuple[Path, ...]:
     return tuple(made)
 
 
-def _probe(folder: Path) -> None:
+def probe_writable(folder: Path) -> None:
     """Create a file in ``folder`` and remove it again (OSError when it cannot be created): named like
     smartcrop's temporary files and made with ``O_EXCL | O_NOFOLLOW``, so it never follows a symlink planted
     there, and its random name cannot be predicted.  Unlike ``os.access`` it also answers for root, and for a
@@ -394,7 +394,7 @@ def _check_preview(preview: Path, namer: OutputNamer, planned: set, overwrite: b
         raise UsageError(f"cannot write the preview {safe_name(preview)}: {safe_name(above)} is not a folder")
     if above is not None:
         try:
-            _probe(above)
+            probe_writable(above)
         except OSError as e:
             raise UsageError(f"cannot write the preview {safe_name(preview)}: {safe_name(above)} is not writable "
                              f"({e.strerror or e})") from None

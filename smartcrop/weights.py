@@ -199,10 +199,10 @@ def check_model_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     if parent is not None and not parent.is_dir():
         raise UsageError(f"cannot write {out}: {parent} is not a folder")
     if parent is not None:  # the folder it goes in, or the one its missing folders would be made in
-        from .plan import _probe
+        from .plan import probe_writable
 
         try:
-            _probe(parent)
+            probe_writable(parent)
         except OSError as e:
             raise UsageError(f"cannot write {out}: {parent} is not writable ({e.strerror or e})") from None
     for f in inputs:

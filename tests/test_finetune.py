@@ -492,7 +492,7 @@ def test_an_output_folder_where_no_file_can_be_made_is_refused_before_any_work(t
             raise PermissionError(errno.EACCES, "Permission denied")
 
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(smartcrop.plan, "_probe", probe)
+    monkeypatch.setattr(smartcrop.plan, "probe_writable", probe)
     monkeypatch.setattr(smartcrop.cli, "_cropper", lambda *a: pytest.fail("the model was loaded first"))
     for out in (tmp_path / "ro" / "m.safetensors", tmp_path / "ro" / "new" / "m.safetensors"):
         code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file)
