@@ -160,6 +160,21 @@ def prepare_output_dir(out_dir: Path) -> tuple[Path, ...]:
     return tuple(made)
 
 
+def check_can_make(path: Path, what: str) -> None:
+    """A :class:`UsageError` ("cannot write WHAT: …") unless a file can be made at ``path``: the nearest folder
+    that exists above it (where its missing folders would be made) is a folder, and a file can be created
+    there (:func:`probe_writable`)."""
+    above = existing_parent(path)
+    if above is None:
+        return
+    if not above.is_dir():
+        raise UsageError(f"cannot write {what}: {safe_name(above)} is not a folder")
+    try:
+        probe_writable(above)
+    except OSError as e:
+        raise UsageError(f"cannot write {what}: {safe_name(above)} is not writable ({e.strerror or e})") from None
+
+
 def probe_writable(folder: Path) -> None:
     """Create a file in ``folder`` and remove it again (OSError when it cannot be created): named like
     smartcrop's temporary files and made with ``O_EXCL | O_NOFOLLOW``, so it never follows a symlink planted
@@ -389,15 +404,7 @@ def _check_preview(preview: Path, namer: OutputNamer, planned: set, overwrite: b
     if preview.is_dir():
         raise UsageError(f"the preview {safe_name(preview)} is a folder: give an image file name")
     # its folder is made when the sheet is written; something in the way that is not a folder is refused now
-    above = existing_parent(preview)
-    if above is not None and not above.is_dir():
-        raise UsageError(f"cannot write the preview {safe_name(preview)}: {safe_name(above)} is not a folder")
-    if above is not None:
-        try:
-            probe_writable(above)
-        except OSError as e:
-            raise UsageError(f"cannot write the preview {safe_name(preview)}: {safe_name(above)} is not writable "
-                             f"({e.strerror or e})") from None
+    check_can_make(preview, f"the preview {safe_name(preview)}")
     if os.path.lexists(preview) and not overwrite:
         raise UsageError(f"the preview {safe_name(preview)} exists: choose another name or pass --overwrite")
     resolved = {p.parent.resolve() / p.name for p in planned}

@@ -1039,15 +1039,22 @@ def is_checkpoint(path: Path) -> bool:
 def checkpoint_kind(path: Path) -> str | None:
     """``"train"`` (written by ``smartcrop train``), ``"finetune"`` or None (not a smartcrop checkpoint), read as
     :func:`is_checkpoint` reads it."""
+    return _kind(_read_checkpoint(path))
+
+
+def _kind(st: dict | None) -> str | None:
+    return None if st is None else "train" if "train_config" in st else "finetune"
+
+
+def _read_checkpoint(path: Path) -> dict | None:
+    """A smartcrop checkpoint's contents (tensors memory-mapped, not read), or None for anything else."""
     import torch
 
     try:
         st = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a zip-format torch file, or one holding anything beyond tensors and containers
         return None
-    if not (isinstance(st, dict) and CHECKPOINT_KEYS <= st.keys()):
-        return None
-    return "train" if "train_config" in st else "finetune"
+    return st if isinstance(st, dict) and CHECKPOINT_KEYS <= st.keys() else None
 
 
 def check_resume(resume: Path | None, command: str, lr: float | None = None, base: str | None = None) -> None:
@@ -1056,8 +1063,6 @@ def check_resume(resume: Path | None, command: str, lr: float | None = None, bas
     one whose run started at another learning rate than ``lr`` (the optimizer's state would keep its own while
     the card recorded ``lr``), or one of a fine-tuning of another model than ``base`` (its sha256; checkpoints
     that record one): a one-line :class:`~smartcrop.errors.UsageError`."""
-    import torch
-
     from .errors import UsageError
     from .imageio import safe_name
 
@@ -1065,14 +1070,14 @@ def check_resume(resume: Path | None, command: str, lr: float | None = None, bas
         return
     if not Path(resume).is_file():
         raise UsageError(f"{safe_name(resume)}: no such checkpoint")
-    kind = checkpoint_kind(resume)
+    st = _read_checkpoint(resume)
+    kind = _kind(st)
     if kind is None:
         raise UsageError(f"{safe_name(resume)}: not a smartcrop checkpoint (--resume takes the OUT.ckpt a run "
                          "writes beside its model, not the model)")
     if kind != command:
         what = "a training" if kind == "train" else "a fine-tuning"
         raise UsageError(f"{safe_name(resume)}: {what} checkpoint: continue it with smartcrop {kind} --resume")
-    st = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
     if base is not None and isinstance(st.get("base"), str) and st["base"] != base:
         raise UsageError(f"{safe_name(resume)}: its run fine-tuned another model (sha256 {st['base'][:12]}…): "
                          "resume with the --weights or --model it started from")

@@ -184,7 +184,6 @@ def check_model_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     file is never replaced).  Returns ``out`` (with its folder resolved where it holds a ``..``: the file it
     names once missing folders are made)."""
     from .errors import UsageError
-    from .imageio import existing_parent
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -195,16 +194,9 @@ def check_model_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     for p in (out, card):
         if p.is_dir():
             raise UsageError(f"{p} is a folder")
-    parent = existing_parent(out)
-    if parent is not None and not parent.is_dir():
-        raise UsageError(f"cannot write {out}: {parent} is not a folder")
-    if parent is not None:  # the folder it goes in, or the one its missing folders would be made in
-        from .plan import probe_writable
+    from .plan import check_can_make
 
-        try:
-            probe_writable(parent)
-        except OSError as e:
-            raise UsageError(f"cannot write {out}: {parent} is not writable ({e.strerror or e})") from None
+    check_can_make(out, str(out))
     for f in inputs:
         for p, q in ((out, Path(f)), (card, card_path(f))):
             if p.exists() and q.exists() and os.path.samefile(p, q) or p.absolute() == q.absolute():
