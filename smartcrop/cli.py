@@ -409,14 +409,16 @@ def finetune(
     from .data import list_images
     from .errors import UsageError
     from .finetune import FinetuneConfig, TooFewPhotos, finetune, labeled_sources, output_path, save_finetuned
-    from .training import check_outputs, check_resume
+    from .training import check_outputs, check_resume, output_lock, run_sources
     from .weights import resolve_model, sha256_file, user_models_dir
 
     _finite(ctx)
     out_path = output_path(out)
     base = resolve_model(weights, model)
     base_sha = sha256_file(base)
-    check_resume(resume, "finetune", lr=lr, base=base_sha)
+    sources = run_sources(albums=albums, labeled=[labeled] if labeled is not None else [])
+    check_resume(resume, "finetune", lr=lr, base=base_sha, sources=sources)
+    ctx.with_resource(output_lock(out_path))  # held until the command ends: a second run writing it is refused
     check_outputs(out_path, resume, force, log_file=False, inputs=[base])
     try:
         photos = list_images(albums, recursive=True, on_error=err)
@@ -430,7 +432,7 @@ def finetune(
     cfg = FinetuneConfig(epochs=epochs, lr=lr, distill=distill, seed=seed)
     with _training_interrupts(out_path.with_suffix(".ckpt")):
         history = finetune(cropper.net, photos, cfg, labeled, out_path.with_suffix(".ckpt"), resume,
-                           cropper.device, log=err, labeled_items=labeled_items, base=base_sha)
+                           cropper.device, log=err, labeled_items=labeled_items, base=base_sha, sources=sources)
         card = save_finetuned(cropper.net, out_path, base_path=cropper.path, albums=albums, photos=len(photos),
                               labeled=labeled, cfg=cfg, history=history, argv=sys.argv[2:])
     err(f"saved {out_path} (sha256 {card['sha256'][:12]}…)"
@@ -640,11 +642,14 @@ def train(
 
     from .cropper import resolve_device
     from .errors import UsageError
-    from .training import TrainConfig, build_model, check_outputs, check_resume, load_train_data, run_training
+    from .training import (TrainConfig, build_model, check_outputs, check_resume, gaicd_spec, load_train_data,
+                           output_lock, run_sources, run_training)
     from .weights import sha256_file
 
     _finite(ctx)
-    check_resume(resume, "train", lr=lr)
+    sources = run_sources(gaicd=[gaicd_spec(g) for g in gaicd], fcdb=fcdb, unlabeled=unlabeled)
+    check_resume(resume, "train", lr=lr, sources=sources)
+    ctx.with_resource(output_lock(out))  # held until the command ends: a second run writing it is refused
     check_outputs(out, resume, force, inputs=[*([init] if init is not None else []), *teacher])
     try:
         scales = tuple(float(v) for v in scale_aug.split(",") if v.strip())
@@ -705,7 +710,7 @@ def train(
         info["training"]["branch"] = {"from": str(resume), "seed": branch_seed}
     with _training_interrupts(out.with_suffix(".ckpt")):
         run_training(net, data, cfg, out, dev, resume, info, log=err, workers=workers, teachers=teacher,
-                     branch_seed=branch_seed)
+                     branch_seed=branch_seed, sources=sources)
 
 
 @contextlib.contextmanager

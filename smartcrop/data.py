@@ -105,6 +105,8 @@ def read_gaicd(root: str | os.PathLike, split: str, on_error: Callable[[str], No
     labeled splits there are); a malformed annotation line raises ``ValueError`` naming the file and line —
     or, with ``on_error``, is reported there in one line and that image skipped.
     """
+    if split in {"", ".", ".."} or "/" in split or "\\" in split:
+        raise ValueError(f"{_short(split)} is not a split name (a folder of ROOT/images/ and ROOT/annotations/)")
     root = Path(root)
     img_dir = root / "images" / split
     ann_dir = root / "annotations" / split

@@ -144,7 +144,8 @@ def cache_photos(net, sources: Sequence, log: Callable[[str], None], progress=No
 
 
 class Finetuner:
-    def __init__(self, net, cfg: FinetuneConfig, device: str = "cpu", base: str | None = None):
+    def __init__(self, net, cfg: FinetuneConfig, device: str = "cpu", base: str | None = None,
+                 sources: str | None = None):
         import torch
 
         self.torch = torch
@@ -152,6 +153,7 @@ class Finetuner:
         self.cfg = cfg
         self.device = device
         self.base = base  # sha256 of the model file fine-tuned, recorded in the checkpoint (checked on --resume)
+        self.sources = sources  # the album and labeled data (training.run_sources), recorded there too
         self.rng = np.random.default_rng(cfg.seed)
         self.opt = torch.optim.Adam(_trainable(net), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.epoch = 0
@@ -213,7 +215,8 @@ class Finetuner:
     def save_checkpoint(self, path: Path) -> None:
         write_checkpoint({"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch,
                           "history": json.dumps(self.history), "rng": json.dumps(self.rng.bit_generator.state),
-                          **({"base": self.base} if self.base else {})}, path)
+                          **({"base": self.base} if self.base else {}),
+                          **({"sources": self.sources} if self.sources else {})}, path)
 
     def load_checkpoint(self, path: Path) -> None:
         """Continue the fine-tuning saved in ``path``; one of another model's architecture is a one-line
@@ -234,24 +237,29 @@ def labeled_sources(root: Path, on_note: Callable[[str], None] | None = None,
     root = Path(root)
     with reading(on_note):
         if (root / "annotations").is_dir():
-            items = []
+            kind, items = "gaicd", []
             for split in gaicd_splits(root):
                 if (root / "images" / split).is_dir():
                     items += read_gaicd(root, split, on_error)
-            return "gaicd", items
-        if (root / "cropping_training_set.json").is_file():
-            return "fcdb", read_fcdb(root, "train")
-    raise AlbumError(f"{root}: neither a GAICD layout (images/, annotations/) nor an FCDB one (cropping_*_set.json)")
+        elif (root / "cropping_training_set.json").is_file():
+            kind, items = "fcdb", read_fcdb(root, "train")
+        else:
+            raise AlbumError(f"{root}: neither a GAICD layout (images/, annotations/) nor an FCDB one "
+                             "(cropping_*_set.json)")
+    if not items:  # e.g. annotations whose photos are not there: say so before the model loads
+        raise AlbumError(f"{root}: no labeled photos there")
+    return kind, items
 
 
 def finetune(net, photos: Sequence[Path], cfg: FinetuneConfig, labeled_root: Path | None = None,
              checkpoint: Path | None = None, resume: Path | None = None, device: str = "cpu",
              log: Callable[[str], None] = print, progress=None, labeled_items: tuple[str, list] | None = None,
-             base: str | None = None):
+             base: str | None = None, sources: str | None = None):
     """Fine-tune ``net`` in place on ``photos``; returns the list of epoch records.  ``labeled_items``: what
     :func:`labeled_sources` read from ``labeled_root``, when the caller read it first (to refuse bad data
     before any work).  ``base``: the sha256 of the model file ``net`` was loaded from, recorded in the
-    checkpoints (``smartcrop.training.check_resume`` refuses to continue them on another model).
+    checkpoints (``smartcrop.training.check_resume`` refuses to continue them on another model), as is
+    ``sources``, the album and labeled data read (:func:`~smartcrop.training.run_sources`).
 
     The global RNGs are seeded here (from ``cfg.seed``) and the model's mode is switched here only: eval while
     photos are cached, train for each epoch, eval when done.
@@ -275,7 +283,7 @@ def finetune(net, photos: Sequence[Path], cfg: FinetuneConfig, labeled_root: Pat
         if not labeled:
             raise AlbumError(f"{labeled_root}: no usable labeled photos")
         cfg = replace(cfg, distill=0.0)
-    ft = Finetuner(net, cfg, device, base)
+    ft = Finetuner(net, cfg, device, base, sources)
     if resume is not None:
         ft.load_checkpoint(resume)
         log(f"resumed from {resume} after epoch {ft.epoch}")
@@ -299,7 +307,7 @@ def output_path(out: str) -> Path:
     models folder (then usable as ``--model NAME``)."""
     from .weights import DEFAULT_MODEL, user_models_dir, valid_model_name
 
-    if out.endswith(".safetensors"):
+    if out.lower().endswith(".safetensors"):  # a path (`Holiday.SAFETENSORS` is refused as one, not renamed)
         return Path(out)
     if out == DEFAULT_MODEL:
         raise UsageError(f"{out!r} is the shipped model's name (--model {out}): choose another")

@@ -145,18 +145,30 @@ def prepare_output_dir(out_dir: Path) -> tuple[Path, ...]:
     if out_dir.is_symlink() and not out_dir.exists():
         raise UsageError(f"{safe_name(out_dir)}: the output folder is a symlink to {safe_name(os.readlink(out_dir))}, "
                          "which does not exist")
-    made = []
-    d = out_dir
-    while not os.path.lexists(d) and d != d.parent:
-        made.append(d)
-        d = d.parent
+    made: tuple[Path, ...] = ()
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        made = make_folder(out_dir)
         probe_writable(out_dir)
     except OSError as e:
         remove_if_empty(made)
         raise UsageError(f"{safe_name(out_dir)}: output folder is not writable ({e.strerror or e})") from None
     remove_stale_temps(out_dir)
+    return made
+
+
+def make_folder(folder: Path) -> tuple[Path, ...]:
+    """Create ``folder`` and its missing parents; returns the folders it created, deepest first (see
+    :func:`remove_if_empty`).  An ``OSError`` is raised once what it made is removed again."""
+    made = []
+    d = folder
+    while not os.path.lexists(d) and d != d.parent:
+        made.append(d)
+        d = d.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        remove_if_empty(made)
+        raise
     return tuple(made)
 
 

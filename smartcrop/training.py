@@ -347,6 +347,7 @@ class Trainer:
         self.ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
         self.epoch = 0
         self.history: list[dict] = []
+        self.sources: str | None = None  # what the run reads (run_sources), recorded in its checkpoints
 
     # -- data ------------------------------------------------------------------------------------------------
 
@@ -733,6 +734,7 @@ class Trainer:
             "history": json.dumps(self.history), "train_config": json.dumps(asdict(self.cfg)),
             "rng": json.dumps(self.rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
             **({"ema": self.ema.state()} if self.ema is not None else {}),
+            **({"sources": self.sources} if self.sources else {}),
         }
 
     def save_checkpoint(self, path: str | Path) -> None:
@@ -1057,12 +1059,14 @@ def _read_checkpoint(path: Path) -> dict | None:
     return st if isinstance(st, dict) and CHECKPOINT_KEYS <= st.keys() else None
 
 
-def check_resume(resume: Path | None, command: str, lr: float | None = None, base: str | None = None) -> None:
+def check_resume(resume: Path | None, command: str, lr: float | None = None, base: str | None = None,
+                 sources: str | None = None) -> None:
     """Refuse, before any work, a ``--resume`` file of ``command`` (``"train"`` or ``"finetune"``) that is
     missing, not a smartcrop checkpoint (the model file given instead of its ``.ckpt``) or the other command's,
     one whose run started at another learning rate than ``lr`` (the optimizer's state would keep its own while
-    the card recorded ``lr``), or one of a fine-tuning of another model than ``base`` (its sha256; checkpoints
-    that record one): a one-line :class:`~smartcrop.errors.UsageError`."""
+    the card recorded ``lr``), one of a fine-tuning of another model than ``base`` (its sha256), or one of a run
+    that read other data than ``sources`` (:func:`run_sources`; the last two where the checkpoint records
+    them): a one-line :class:`~smartcrop.errors.UsageError`."""
     from .errors import UsageError
     from .imageio import safe_name
 
@@ -1078,6 +1082,9 @@ def check_resume(resume: Path | None, command: str, lr: float | None = None, bas
     if kind != command:
         what = "a training" if kind == "train" else "a fine-tuning"
         raise UsageError(f"{safe_name(resume)}: {what} checkpoint: continue it with smartcrop {kind} --resume")
+    if sources is not None and isinstance(st.get("sources"), str) and st["sources"] != sources:
+        raise UsageError(f"{safe_name(resume)}: its run read other data ({_sources_change(st['sources'], sources)}): "
+                         "resume with the data it started with, or start over")
     if base is not None and isinstance(st.get("base"), str) and st["base"] != base:
         raise UsageError(f"{safe_name(resume)}: its run fine-tuned another model (sha256 {st['base'][:12]}…): "
                          "resume with the --weights or --model it started from")
@@ -1087,6 +1094,90 @@ def check_resume(resume: Path | None, command: str, lr: float | None = None, bas
         if isinstance(saved, float) and not math.isclose(saved, lr, rel_tol=1e-6):
             raise UsageError(f"{safe_name(resume)}: its run started at learning rate {saved:g}, not {lr:g}: "
                              f"resume with --lr {saved:g}")
+
+
+def run_sources(**sets: Sequence) -> str:
+    """What a run reads, as its checkpoints record it and :func:`check_resume` compares: each named set's
+    paths (or ``(root, split)`` pairs, :func:`gaicd_spec`), resolved, in a canonical order, as JSON."""
+    def resolved(p) -> str:
+        root, split = p if isinstance(p, tuple) else (p, None)
+        return os.path.realpath(root) + (f":{split}" if split is not None else "")
+
+    return json.dumps({k: sorted(resolved(p) for p in v) for k, v in sets.items()}, sort_keys=True)
+
+
+@contextmanager
+def output_lock(out: Path):
+    """Hold ``out`` for one run of ``train`` or ``finetune``: a second run writing the same model (or its
+    checkpoint and log) while this one runs is a one-line :class:`~smartcrop.errors.UsageError` before it does
+    any work, instead of both reporting success while the later rename wins.  The lock is an ``flock`` on a
+    hidden ``.OUT.lock`` beside ``out`` (its missing folders are made first, and removed again at the end if
+    still empty); the file is removed when the run ends (one left by a killed run is harmless: the kernel
+    released its lock).  Where ``fcntl`` is missing (Windows) nothing is locked."""
+    from .errors import UsageError
+    from .imageio import safe_name
+    from .plan import check_can_make, make_folder, remove_if_empty
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux/macOS
+        yield
+        return
+    out = Path(out)
+    folder = Path(os.path.realpath(out.parent))  # one lock whatever the spelling (links, `new/..`)
+    check_can_make(folder / out.name, str(out))  # "not a folder", "not writable": before any folder is made
+    try:
+        made = make_folder(folder)
+    except OSError as e:
+        raise UsageError(f"cannot write {safe_name(out)}: {e.strerror or e}") from None
+    lock = folder / f".{out.name}.lock"
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        try:
+            fd = os.open(lock, flags, 0o600)
+        except OSError as e:
+            remove_if_empty(made)
+            raise UsageError(f"cannot write {safe_name(out)}: {safe_name(lock)}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            remove_if_empty(made)
+            raise UsageError(f"{safe_name(out)} is being written by another smartcrop run"
+                             + (f" (process {holder})" if holder.isdigit() else "")
+                             + ": wait for it to end, or choose another output") from None
+        try:  # the file a finishing run removed after we opened it: lock the new one instead
+            same = os.path.samestat(os.fstat(fd), os.stat(lock, follow_symlinks=False))
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+        remove_if_empty(made)
+
+
+def _sources_change(saved: str, now: str) -> str:
+    """The first set of :func:`run_sources` that differs, for a one-line message: ``--NAME was A, B``."""
+    from .imageio import safe_name
+
+    try:
+        old, new = json.loads(saved), json.loads(now)
+    except ValueError:
+        return "not recorded readably"
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            was = ", ".join(old.get(key) or []) or "none"
+            return f"--{key} was {safe_name(was if len(was) <= 120 else was[:119] + '…')}"
+    return "recorded differently"
 
 
 def _is_training_log(path: Path) -> bool:
@@ -1131,7 +1222,7 @@ def check_outputs(out: Path, resume: Path | None, force: bool, log_file: bool = 
 def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: str = "cpu",
                  resume: Path | None = None, info: dict | None = None, log: Callable[[str], None] = print,
                  progress: bool | None = None, workers: int = 0, teachers: Sequence = (),
-                 branch_seed: int | None = None) -> dict:
+                 branch_seed: int | None = None, sources: str | None = None) -> dict:
     """Train ``model`` on ``data``; checkpoint every epoch to ``OUT.ckpt``, log to ``OUT.log.jsonl``, save ``OUT``.
 
     ``workers``: processes decoding the training images (0: one per usable core, at most 8; 1: none).
@@ -1153,6 +1244,7 @@ def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: st
     log_path = out.with_suffix(".log.jsonl")
     seed_everything(cfg.seed)
     trainer = Trainer(model, cfg, device, log)
+    trainer.sources = sources
     if resume is not None:
         trainer.load_checkpoint(resume)
         log(f"resumed from {resume} after epoch {trainer.epoch}")

@@ -79,7 +79,7 @@ def shipped_model_path() -> Path | None:
 def user_models_dir() -> Path:
     """Per-user folder of fine-tuned models: ``$SMARTCROP_HOME/models`` or ``$XDG_DATA_HOME/smartcrop/models``."""
     if os.environ.get("SMARTCROP_HOME"):
-        base = Path(os.environ["SMARTCROP_HOME"])
+        base = Path(os.environ["SMARTCROP_HOME"]).expanduser()  # `~/sc` quoted in a shell profile
     else:
         base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "smartcrop"
     return base / "models"

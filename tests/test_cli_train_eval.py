@@ -177,6 +177,12 @@ def test_train_branches_resumed_with_their_own_seeds_share_the_checkpoint_and_th
     assert not torch.equal(st["a"][key], st["plain"][key])  # unlike the checkpoint's own continuation
     assert read_card(outs["b"])["training"]["branch"] == {"from": str(base.with_suffix(".ckpt")), "seed": 6}
     assert "branch" not in read_card(outs["plain"])["training"]
+    # a checkpoint goes on only with the data its run read (it was continued on any, the card naming those)
+    other = [*common[:6], tiny_album / "sub", *common[7:]]
+    code, _, err = cli(*other, "--epochs", "2", "--resume", base.with_suffix(".ckpt"), "--out",
+                       tmp_path / "o.safetensors")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"its run read other data (--unlabeled was {tiny_album.resolve()})" in err
 
 
 def test_eval_gaicd_and_fcdb_json(tiny_gaicd, tiny_fcdb, small_model_file):

@@ -531,3 +531,98 @@ def test_ctrl_c_while_a_model_is_saved_never_leaves_it_beside_the_old_card(tmp_p
         signal.signal(signal.SIGINT, before)
     assert code == 130 and "interrupted" in err, err
     load_model(out)  # model and card of one run
+
+
+def test_a_second_run_writing_the_same_model_is_refused_while_one_runs(tmp_path, tiny_album, small_model_file,
+                                                                       monkeypatch):
+    """Two finetunes (or trains) writing one --out at once both reported success: they shared OUT.ckpt and the
+    later rename won."""
+    import os
+
+    import smartcrop.cli
+    from smartcrop.training import output_lock
+
+    out = tmp_path / "new" / "m.safetensors"
+    lock = tmp_path / "new" / ".m.safetensors.lock"
+    with monkeypatch.context() as m:
+        m.setattr(smartcrop.cli, "_cropper", lambda *a: pytest.fail("the model was loaded"))
+        with output_lock(out):  # another run holds it (a second open file description: flock says no)
+            assert lock.read_text() == str(os.getpid())
+            for o in (out, tmp_path / "new" / ".." / "new" / "m.safetensors"):
+                code, _, err = cli("finetune", tiny_album, "-o", o, "--weights", small_model_file)
+                assert code == 2 and len(err.strip().splitlines()) == 1, err
+                assert f"is being written by another smartcrop run (process {os.getpid()})" in err
+            code, _, err = cli("train", "--unlabeled", tiny_album, "-o", out)
+            assert code == 2 and "being written by another smartcrop run" in err, err
+        assert not (tmp_path / "new").exists()  # made for the lock, removed with it
+        few = tmp_path / "few"
+        for k in range(2):
+            draw_photo(few / f"f{k}.jpg", seed=k)
+        code, _, err = cli("finetune", few, "-o", tmp_path / "fresh" / "m.safetensors", "--weights", small_model_file)
+        assert code == 2 and "only 2 usable photo" in err and not (tmp_path / "fresh").exists()
+    lock.parent.mkdir()
+    lock.write_text("12345")  # left by a killed run: its lock went with it
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
+    assert code == 0, err
+    assert sorted(os.listdir(out.parent)) == ["m.json", "m.safetensors"]
+
+
+def test_resume_continues_only_a_run_on_the_same_photos(tmp_path, tiny_album, tiny_gaicd, small_model_file):
+    """A checkpoint of a fine-tuning on another album was continued on this one; the card then named only this
+    album."""
+    from smartcrop.finetune import FinetuneConfig, finetune
+    from smartcrop.training import run_sources
+    from smartcrop.weights import load_model, read_card, sha256_file
+
+    other = tmp_path / "other"
+    photos = [draw_photo(other / f"o{k}.jpg", seed=50 + k) for k in range(4)]
+    ckpt = tmp_path / "m.ckpt"
+    finetune(load_model(small_model_file), photos, FinetuneConfig(epochs=1), checkpoint=ckpt, log=lambda s: None,
+             progress=False, base=sha256_file(small_model_file), sources=run_sources(albums=[other], labeled=[]))
+    out = tmp_path / "m.safetensors"
+    for given, words in (([tiny_album], f"its run read other data (--albums was {other.resolve()})"),
+                         ([other, "--labeled", tiny_gaicd], "its run read other data (--labeled was none)")):
+        code, _, err = cli("finetune", *given, "-o", out, "--weights", small_model_file, "--epochs", "2",
+                           "--resume", ckpt)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    code, _, err = cli("finetune", tmp_path / "." / "other", "-o", out, "--weights", small_model_file, "--epochs",
+                       "2", "--resume", ckpt)
+    assert code == 0, err
+    assert read_card(out)["finetune"]["history"][0]["epoch"] == 1  # continued, not started over
+
+
+def test_small_output_and_data_names_are_read_as_meant(tmp_path, tiny_album, tiny_gaicd, small_model_file,
+                                                       monkeypatch):
+    """`-o Holiday.SAFETENSORS` became `Holiday.SAFETENSORS.safetensors` in the models folder; SMARTCROP_HOME=~/sc
+    made a folder named `~`; --labeled data whose photos are missing was refused only after the model loaded;
+    `eval gaicd --split ../x` read a folder outside ROOT/images."""
+    import shutil
+
+    import smartcrop.cli
+    from smartcrop.weights import user_models_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SMARTCROP_HOME", "~/sc")
+    assert user_models_dir() == tmp_path / "home" / "sc" / "models"
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("finetune", tiny_album, "-o", "Holiday.SAFETENSORS", "--weights", small_model_file)
+    assert code == 2 and "must end in .safetensors" in err, err
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_gaicd / "annotations", bare / "annotations")
+    (bare / "images" / "train").mkdir(parents=True)
+    with monkeypatch.context() as m:
+        m.setattr(smartcrop.cli, "_cropper", lambda *a: pytest.fail("the model was loaded"))
+        code, _, err = cli("finetune", tiny_album, "-o", "m.safetensors", "--weights", small_model_file,
+                           "--labeled", bare)
+    *notes, last = err.strip().splitlines()  # the reader's note says why: 3 annotations have no photo
+    assert code == 2 and "no labeled photos there" in last and [n for n in notes if "no image" in n], err
+    odd = tmp_path / "odd"  # ROOT/images/../train and ROOT/annotations/../train both exist: it was read
+    shutil.copytree(tiny_gaicd / "images" / "train", odd / "train")
+    shutil.copytree(tiny_gaicd / "annotations" / "train", odd / "train", dirs_exist_ok=True)
+    (odd / "images").mkdir()
+    (odd / "annotations").mkdir()
+    for split in ("../train", ".."):
+        code, _, err = cli("eval", "gaicd", odd, "--split", split, "--weights", small_model_file)
+        assert code == 2 and "is not a split name" in err and len(err.strip().splitlines()) == 1, (split, err)
+    assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "home").exists()
