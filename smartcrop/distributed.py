@@ -51,6 +51,7 @@ from typing import Callable, Sequence
 from .anchors import FREE_GRID
 from .cropper import FUSE_K, Choice
 from .errors import SmartcropError, UsageError, one_line
+from .naming import suffixed
 
 INSTALL_HINT = "the Ray engine needs Ray Data: pip install 'smartcrop[ray]' (or: pip install 'ray[data]')"
 FAULT_ENV = "SMARTCROP_RAY_FAULT"
@@ -235,16 +236,12 @@ def _item(row: dict):
 def _masked_name(item, opts, ratio: str, rank: int) -> str | None:
     """The name of one crop before the crop is known (width and height 0, the extension predicted from the
     input's name), relative to the output folder: what makes names collide between inputs."""
-    from .anchors import ratio_label
-    from .naming import output_ext
+    from .naming import OutputError, output_ext, render_name
 
-    ext = output_ext(item, opts.out_format, None)
     try:
-        name = opts.template().format(stem=item.stem, ratio=ratio_label(ratio), ext=ext, rank=rank, w=0, h=0,
-                                      name=f"{item.stem}{item.suffix}")
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return render_name(opts.template(), item, ratio, rank, output_ext(item, opts.out_format, None), (0, 0))
+    except OutputError:  # the crop's own claim says why, in its error line
         return None
-    return str(PurePosixPath(*Path(item.rel_dir).parts, *Path(name).parts)) if name else None
 
 
 def mark_collisions(rows: list[dict], opts) -> None:
@@ -288,15 +285,9 @@ class _UriNamer:
         return f"{self.root}/{rel}" + (f"?{self.query}" if self.query else "")
 
     def _render(self, item, ratio, rank, ext, size) -> str:
-        from .anchors import ratio_label
-        from .naming import OutputError
+        from .naming import render_name
 
-        name = self.template.format(stem=item.stem, ratio=ratio_label(ratio), ext=ext, rank=rank, w=size[0],
-                                    h=size[1], name=f"{item.stem}{item.suffix}")
-        rel = posixpath.normpath(posixpath.join(Path(item.rel_dir).as_posix(), name))
-        if not name or name.startswith("/") or rel.startswith("..") or rel in {".", ""}:
-            raise OutputError(f"its output name '{name}' would leave the output folder")
-        return rel
+        return render_name(self.template, item, ratio, rank, ext, size)
 
     def _slot(self, item, ratio, rank) -> tuple[int, set]:
         from .naming import output_ext
@@ -308,7 +299,7 @@ class _UriNamer:
             j, cand = 0, rel
             while cand in taken:
                 j += 1
-                cand = _suffixed(rel, j)
+                cand = suffixed(rel, j)
             taken.add(cand)
             if it is item:
                 mine = j
@@ -316,7 +307,7 @@ class _UriNamer:
 
     def target(self, item, ratio, rank, ext, size=(0, 0)) -> str:
         j, _ = self._slot(item, ratio, rank)
-        return self._uri(_suffixed(self._render(item, ratio, rank, ext, size), j))
+        return self._uri(suffixed(self._render(item, ratio, rank, ext, size), j))
 
     def earlier(self, item, ratio, rank, ext, size=(0, 0)) -> str | None:
         """With --skip-existing: this crop's URI when an object is there (by name: no marker is read there)."""
@@ -328,7 +319,7 @@ class _UriNamer:
 
         rel = self._render(item, ratio, rank, ext, size)
         j, planned = self._slot(item, ratio, rank)
-        uri = self._uri(_suffixed(rel, j))
+        uri = self._uri(suffixed(rel, j))
         if uri not in self.reserved:
             if self.overwrite or not uri_exists(uri):
                 self.reserved.add(uri)
@@ -337,17 +328,12 @@ class _UriNamer:
                 self.reserved.add(uri)
                 return Claim(uri, "exists")
         for n in range(j + 1, j + 100_000):
-            cand = _suffixed(rel, n)
+            cand = suffixed(rel, n)
             if cand in planned or self._uri(cand) in self.reserved or uri_exists(self._uri(cand)):
                 continue
             self.reserved.add(self._uri(cand))
             return Claim(self._uri(cand))
         raise OutputError(f"no free output name next to {uri}")
-
-
-def _suffixed(rel: str, k: int) -> str:
-    p = PurePosixPath(rel)
-    return str(p.with_name(f"{p.stem}-{k}{p.suffix}")) if k else rel
 
 
 def _namer(row: dict, item, opts, out_root: str):

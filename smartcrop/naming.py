@@ -115,10 +115,27 @@ def _suffixes(names, stem: str, suffix: str) -> list[int]:
     return [int(m.group(1) or 0) for m in found if m]
 
 
-def _suffixed(rel: str, k: int) -> str:
-    """``a/b_16x9.jpg`` → ``a/b_16x9-k.jpg`` (k > 0)."""
+def suffixed(rel: str, k: int) -> str:
+    """``a/b_16x9.jpg`` → ``a/b_16x9-k.jpg`` (k > 0): the name of an input whose output name clashes."""
     p = PurePosixPath(rel)
     return str(p.with_name(f"{p.stem}-{k}{p.suffix}")) if k else rel
+
+
+def render_name(template: str, item: InputItem, ratio: str, rank: int, ext: str, size: tuple) -> str:
+    """``template`` rendered for one crop, relative to the output folder (POSIX separators); one that cannot
+    be rendered or would leave the output folder is an :class:`OutputError`.  The one naming rule of both
+    engines' outputs, to a folder (:class:`OutputNamer`) or to an URI (``smartcrop.distributed``)."""
+    try:
+        name = template.format(stem=item.stem, ratio=ratio_label(ratio), ext=ext, rank=rank, w=size[0], h=size[1],
+                               name=f"{item.stem}{item.suffix}")
+    except _FORMAT_ERRORS as e:
+        raise OutputError(f"cannot make an output name ({type(e).__name__}: {e})") from None
+    rel = PurePosixPath(*Path(item.rel_dir).parts, *Path(name).parts) if name else PurePosixPath()
+    parts = rel.parts
+    if not name or Path(name).is_absolute() or ".." in parts or not parts or parts[-1] in {"", "."} \
+            or name.endswith(("/", os.sep)):
+        raise OutputError(f"its output name '{safe_name(name)}' would leave the output folder")
+    return str(rel)
 
 
 class OutputNamer:
@@ -173,18 +190,7 @@ class OutputNamer:
     # -- names ----------------------------------------------------------------------------------------------
 
     def _render(self, item: InputItem, ratio: str, rank: int, ext: str, size: tuple) -> str:
-        """The template rendered for one crop, relative to the output folder (POSIX separators)."""
-        try:
-            name = self.template.format(stem=item.stem, ratio=ratio_label(ratio), ext=ext, rank=rank, w=size[0],
-                                        h=size[1], name=f"{item.stem}{item.suffix}")
-        except _FORMAT_ERRORS as e:
-            raise OutputError(f"cannot make an output name ({type(e).__name__}: {e})") from None
-        rel = PurePosixPath(*Path(item.rel_dir).parts, *Path(name).parts) if name else PurePosixPath()
-        parts = rel.parts
-        if not name or Path(name).is_absolute() or ".." in parts or not parts or parts[-1] in {"", "."} \
-                or name.endswith(("/", os.sep)):
-            raise OutputError(f"its output name '{safe_name(name)}' would leave the output folder")
-        return str(rel)
+        return render_name(self.template, item, ratio, rank, ext, size)
 
     def _path(self, rel: str) -> Path:
         """Output path of a relative name, checked: every component fits, and it stays in the output folder."""
@@ -218,7 +224,7 @@ class OutputNamer:
             j, cand = 0, rel
             while cand in taken:
                 j += 1
-                cand = _suffixed(rel, j)
+                cand = suffixed(rel, j)
             taken[cand] = k
             slots[k] = j
         self._slots[key] = slots
@@ -237,7 +243,7 @@ class OutputNamer:
     def _suffixed_path(self, rel: str, j: int) -> Path:
         """:meth:`_path` of ``rel`` with its clash suffix ``j``, saying so when the suffix made it too long."""
         try:
-            return self._path(_suffixed(rel, j))
+            return self._path(suffixed(rel, j))
         except OutputError as e:
             if not j:
                 raise
@@ -276,7 +282,7 @@ class OutputNamer:
             clash = not free
             planned = self._planned.get((ratio, rank), {}) if self._masked else {}
             for n in range(j + 1, j + 100_000):
-                cand_rel = _suffixed(rel, n)
+                cand_rel = suffixed(rel, n)
                 if cand_rel in planned:
                     continue
                 try:
@@ -319,7 +325,7 @@ class OutputNamer:
         full = self._path(rel)
         planned = self._planned.get((ratio, rank), {}) if self._masked else {}
         for n in sorted(_suffixes(self._tagged(full.parent).get(mine, ()), full.stem, full.suffix)):
-            cand_rel = _suffixed(rel, n)
+            cand_rel = suffixed(rel, n)
             owner = planned.get(cand_rel)
             if n == j or (owner is not None and source_of(self.items[owner]) == mine):
                 continue
