@@ -11,6 +11,7 @@ folder; results are reported in input order.  With one worker (``-j 1``) everyth
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -30,6 +31,19 @@ from .pool import WorkerPool, import_torch, keep_freed_memory, usable_cores
 from .progress import stderr_is_tty
 from .stages import (PER_FILE_ERRORS, PRELOAD_ENV, WorkerModel, crop_job, finish, prepare, prepare_and_score,
                      may_crop_losslessly, warm_lossless)
+
+
+def write_all(stream, data: bytes) -> None:
+    """Write every byte of ``data`` to ``stream`` and flush it: a write that takes only part of it (a pipe whose
+    reader stopped, e.g. ``| head -c 10``) is continued, and one that takes nothing is an ``OSError`` — never a
+    short image passed on as complete."""
+    view = memoryview(data)
+    while view:
+        n = stream.write(view)
+        if not n:
+            raise OSError(errno.EPIPE, "the reader took no more")
+        view = view[n:]
+    stream.flush()
 
 
 class _NoBar:
@@ -224,8 +238,7 @@ class Runner:
                 rec.lossless = None if w.skipped else w.lossless
                 if w.data is not None:
                     try:
-                        sys.stdout.buffer.write(w.data)
-                        sys.stdout.buffer.flush()
+                        write_all(sys.stdout.buffer, w.data)
                     except OSError as e:
                         raise StreamError(e) from None
                     rec.output = "-"

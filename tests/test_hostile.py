@@ -1677,6 +1677,24 @@ def test_stdout_that_cannot_be_written_stops_the_run_with_one_line(sw, args):
             im.load()
 
 
+def test_an_image_to_a_reader_that_stops_early_is_one_line_and_exit_1(sw):
+    """``smartcrop run - < big.jpg | head -c 10``: the write that the pipe took only part of was ignored, so
+    the run passed a cut image on with exit 0 and no word (a crop larger than the pipe's 64 KiB buffer)."""
+    rng = np.random.default_rng(0)
+    big = sw.root / "noise.jpg"
+    Image.fromarray((rng.random((400, 400, 3)) * 255).astype(np.uint8)).save(big, quality=100)
+    with open(big, "rb") as stdin:
+        p = subprocess.Popen([sys.executable, "-c", "from smartcrop.cli import main; main()", "run", "-", "-j", "1",
+                              "--ratio", "1:1", "--weights", str(sw.model)], stdin=stdin, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=ROOT)
+        assert len(p.stdout.read(10)) == 10
+        p.stdout.close()  # the reader stops, as `head -c 10` does
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=120) == 1, err
+    assert err.splitlines() == ["smartcrop: cannot write to standard output (Broken pipe): stopped; the files "
+                                "already written are complete"]
+
+
 def test_stdout_that_is_the_input_file_is_refused(sw):
     """``smartcrop run - < a.jpg 1<> a.jpg`` (stdout opened on the input without truncating it) would write the
     crop over the original: refused in one line, exit 2, the photo unchanged."""
