@@ -347,7 +347,9 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
                 from None
     namer = OutputNamer.for_run(opts.out_dir or Path("."), opts, items)
     planned: set[Path] = set()
-    if opts.out_dir is not None and not dry_run:
+    if opts.out_dir is not None:  # a dry run refuses what the run would (an output over an input, a file as folder)
+        if dry_run and opts.out_dir.exists() and not opts.out_dir.is_dir():
+            raise UsageError(f"{safe_name(opts.out_dir)}: the output folder is a file")
         items, planned = _check_outputs(namer, items, opts, report)
     if preview is not None:
         _check_preview(preview, namer, planned, overwrite)

@@ -204,6 +204,13 @@ def test_stdin_image_to_stdout_and_stdin_list(tmp_path, small_model_file):
                          stdin=f"{p}\n{q}\n".encode())
     assert code == 0, err
     assert sorted(Path(r["output"]).name for r in jsonl(out)) == ["a_1x1.jpg", "b_1x1.png"]
+    # two lists: Click kept the last, and the first list's photos were dropped without a word
+    (tmp_path / "la.txt").write_text(f"{p}\n")
+    (tmp_path / "lb.txt").write_text(f"{q}\n")
+    code, out, err = run(["--from-file", tmp_path / "la.txt", "--from-file", tmp_path / "lb.txt", "--dry-run",
+                          "--weights", small_model_file])
+    assert code == 2 and not out and err.strip() == ("smartcrop: --from-file is given more than once: give one list "
+                                                     "(e.g. cat a.txt b.txt | smartcrop run --from-file -)")
 
 
 def test_names_clashes_reruns_and_mirroring(tmp_path, small_model_file):
@@ -955,3 +962,20 @@ def test_free_grid_chooses_among_its_own_candidates_in_every_scoring_path(tmp_pa
     assert code == 0, err
     w, h = Image.open(src / "p0.jpg").size
     assert jsonl(out)[0]["box"] in np.round(gaic_anchors(w, h)).astype(int).tolist()
+
+
+def test_a_dry_run_refuses_what_the_run_would(tmp_path, small_model_file):
+    """A dry run passed requests the run refuses (an output over its input, a file as output folder) and listed
+    as to be made the crops `--skip-existing` would skip."""
+    p = draw_photo(tmp_path / "in" / "a.jpg", size=(300, 200))
+    base = ["--dry-run", "--json", "--ratio", "1:1", "--weights", small_model_file]
+    code, out, err = run([p, "-o", tmp_path / "in", "--name", "{stem}.{ext}", "--overwrite", *base])
+    assert code == 2 and not out and "would replace the input" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "afile").write_text("notes\n")
+    code, out, err = run([p, "-o", tmp_path / "afile", *base])
+    assert code == 2 and not out and err.strip() == f"smartcrop: {tmp_path / 'afile'}: the output folder is a file"
+    assert run([p, "-o", tmp_path / "o", "--ratio", "1:1", "--weights", small_model_file])[0] == 0
+    code, out, err = run([p, "-o", tmp_path / "o", "--skip-existing", *base])
+    assert code == 0 and [r["skipped"] for r in jsonl(out)] == ["exists"], err
+    code, out, err = run([p, "-o", tmp_path / "new", *base])
+    assert code == 0 and [r["output"] for r in jsonl(out)] == [None] and not (tmp_path / "new").exists()
