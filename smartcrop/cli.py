@@ -275,7 +275,7 @@ def run(
                                     "crop of free ratio. Default: any (or the ratio of --size)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Walk folders recursively (sub-folders are "
                                    "mirrored in the output folder)."),
-    from_file: Optional[str] = typer.Option(None, "--from-file", help="Read input paths from this file ('-': stdin)."),
+    from_files: List[str] = typer.Option([], "--from-file", help="Read input paths from this file ('-': stdin)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (default: ./cropped; "
                                           "stdout for a single image read from stdin)."),
     name: Optional[str] = typer.Option(None, "--name", help="Output name template; fields {stem} {ratio} {ext} "
@@ -338,10 +338,14 @@ def run(
     choice = _choice(fuse, refine, faces, free_grid)
     if adapt_epochs != ADAPT_EPOCHS and not adapt:
         err("note: --adapt-epochs (the epochs of --adapt) changes nothing in this run")
-    if output == "":  # `-o "$DIR"` with DIR unset: not the current folder, silently
-        from .errors import UsageError
+    from .errors import UsageError
 
+    if output == "":  # `-o "$DIR"` with DIR unset: not the current folder, silently
         raise UsageError("--output is empty (the current folder is -o .)")
+    if len(from_files) > 1:  # Click keeps the last one: the other lists' photos would be dropped, silently
+        raise UsageError("--from-file is given more than once: give one list (e.g. cat a.txt b.txt | smartcrop "
+                         "run --from-file -)")
+    from_file = from_files[0] if from_files else None
     output = Path(output) if output is not None else None
     # a missing, unknown or foreign model is a usage error before any folder is made (its header alone is read)
     checked_model_path(weights, model)
@@ -406,6 +410,8 @@ def finetune(
                                "(files not made by smartcrop are never replaced)."),
 ):
     """Adapt a model to your own photos with rank consistency (no labels needed)."""
+    from dataclasses import asdict
+
     from .data import list_images
     from .errors import UsageError
     from .finetune import FinetuneConfig, TooFewPhotos, finetune, labeled_sources, output_path, save_finetuned
@@ -417,7 +423,9 @@ def finetune(
     base = resolve_model(weights, model)
     base_sha = sha256_file(base)
     sources = run_sources(albums=albums, labeled=[labeled] if labeled is not None else [])
-    check_resume(resume, "finetune", lr=lr, base=base_sha, sources=sources)
+    # with labeled data, the labeled losses replace the distillation term (finetune.finetune)
+    cfg = FinetuneConfig(epochs=epochs, lr=lr, distill=0.0 if labeled is not None else distill, seed=seed)
+    check_resume(resume, "finetune", lr=lr, base=base_sha, sources=sources, config=asdict(cfg))
     ctx.with_resource(output_lock(out_path))  # held until the command ends: a second run writing it is refused
     check_outputs(out_path, resume, force, log_file=False, inputs=[base])
     try:
@@ -429,8 +437,7 @@ def finetune(
     # read now, so that bad labeled data is refused before the model loads and the album is decoded
     labeled_items = labeled_sources(labeled, on_note=err, on_error=err) if labeled is not None else None
     cropper = _cropper(weights, model, device)
-    cfg = FinetuneConfig(epochs=epochs, lr=lr, distill=distill, seed=seed)
-    with _training_interrupts(out_path.with_suffix(".ckpt")):
+    with _training_interrupts(out_path.with_suffix(".ckpt"), resume):
         history = finetune(cropper.net, photos, cfg, labeled, out_path.with_suffix(".ckpt"), resume,
                            cropper.device, log=err, labeled_items=labeled_items, base=base_sha, sources=sources)
         card = save_finetuned(cropper.net, out_path, base_path=cropper.path, albums=albums, photos=len(photos),
@@ -536,7 +543,8 @@ def train(
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this smartcrop model instead."),
     epochs: int = typer.Option(5, "--epochs", min=1, help="Passes over the training data."),
     lr: float = typer.Option(1e-4, "--lr", help="Learning rate (Adam)."),
-    lr_step: int = typer.Option(4, "--lr-step", help="Multiply the learning rate by 0.1 after this many epochs."),
+    lr_step: int = typer.Option(4, "--lr-step", min=1, help="Multiply the learning rate by 0.1 every this many "
+                                "epochs (the recipe: once, after epoch 4 of 5)."),
     no_saf: bool = typer.Option(False, "--no-saf", help="Without the spatial-aware feature (the basic model)."),
     no_rc: bool = typer.Option(False, "--no-rc", help="Without the rank-consistency loss."),
     gaicd_crops: int = typer.Option(64, "--gaicd-crops", min=2, help="Scored crops of each GAICD image trained on "
@@ -549,7 +557,7 @@ def train(
                                              "120 pairs)."),
     rc_weight: float = typer.Option(1.0, "--rc-weight", min=0.0, help="Weight of the rank-consistency loss on the "
                                     "unlabeled photos (the paper's and the recipe's: 1)."),
-    fcdb_weight: float = typer.Option(0.5, "--fcdb-weight", help="Weight of the FCDB ranking losses."),
+    fcdb_weight: float = typer.Option(0.5, "--fcdb-weight", min=0.0, help="Weight of the FCDB ranking losses."),
     fcdb_tau: float = typer.Option(0.2, "--fcdb-tau", min=0.0, max=1.0, help="An FCDB pair's least gap in IoU with "
                                    "the expert's crop."),
     fcdb_border: bool = typer.Option(False, "--fcdb-border/--no-fcdb-border", help="FCDB's candidate crops also "
@@ -647,7 +655,8 @@ def train(
     from .weights import sha256_file
 
     _finite(ctx)
-    sources = run_sources(gaicd=[gaicd_spec(g) for g in gaicd], fcdb=fcdb, unlabeled=unlabeled)
+    sources = run_sources(gaicd=[gaicd_spec(g) for g in gaicd], fcdb=fcdb, unlabeled=unlabeled,
+                          val_fraction=[val_fraction])
     check_resume(resume, "train", lr=lr, sources=sources)
     ctx.with_resource(output_lock(out))  # held until the command ends: a second run writing it is refused
     check_outputs(out, resume, force, inputs=[*([init] if init is not None else []), *teacher])
@@ -708,21 +717,34 @@ def train(
     }
     if branch_seed is not None:
         info["training"]["branch"] = {"from": str(resume), "seed": branch_seed}
-    with _training_interrupts(out.with_suffix(".ckpt")):
+    with _training_interrupts(out.with_suffix(".ckpt"), resume):
         run_training(net, data, cfg, out, dev, resume, info, log=err, workers=workers, teachers=teacher,
                      branch_seed=branch_seed, sources=sources)
 
 
+def _stat_key(path: Path):
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 @contextlib.contextmanager
-def _training_interrupts(ckpt: Path):
-    """Ctrl-C or SIGTERM during `train` or `finetune`: one line naming the checkpoint to go on from, exit 130
-    or 143 (a checkpoint or model being written is removed, never left partial)."""
+def _training_interrupts(ckpt: Path, resume: Optional[Path] = None):
+    """Ctrl-C or SIGTERM during `train` or `finetune`: one line naming the checkpoint to go on from — one this
+    run wrote, or the one it resumed from — exit 130 or 143 (a checkpoint or model being written is removed,
+    never left partial).  An earlier run's checkpoint there (replaced with --force) is not this run's."""
+    before = _stat_key(ckpt)
     with _sigterm_as_interrupt() as term:
         try:
             yield
         except KeyboardInterrupt:
-            done = (f"the last finished epoch is in {ckpt}: go on with --resume {ckpt}" if ckpt.is_file()
-                    else "no epoch had finished")
+            now = _stat_key(ckpt)
+            resumed = resume is not None and now is not None and now == _stat_key(Path(resume))
+            done = (f"the last finished epoch is in {ckpt}: go on with --resume {ckpt}"
+                    if now is not None and (now != before or resumed)
+                    else "no epoch of this run had finished")
             err(f"{'terminated' if term.received else 'interrupted'}: {done}")
             raise typer.Exit(143 if term.received else 130) from None
 

@@ -117,7 +117,7 @@ def read_gaicd(root: str | os.PathLike, split: str, on_error: Callable[[str], No
             raise FileNotFoundError(f"{img_dir}: no such GAICD image folder (expected ROOT/images/{split}/{here})")
         raise FileNotFoundError(f"{ann_dir}: no such GAICD annotation folder (expected ROOT/annotations/{split}/"
                                 f"{here})")
-    items, flat = [], 0
+    items, flat, empty = [], 0, 0
     images = [p for p in img_dir.iterdir()
               if p.suffix.lower() in GAICD_IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()]
     by_stem: dict[str, Path] = {}
@@ -137,6 +137,7 @@ def read_gaicd(root: str | os.PathLike, split: str, on_error: Callable[[str], No
             continue
         if len(np.unique(mos)) < 2:  # nothing to rank (one crop, or all tied): SRCC 0 and Acc 100 mean nothing
             flat += bool(len(mos))
+            empty += not len(mos)
             continue
         items.append(GaicdItem(img.stem, img, boxes, mos))
     orphans = sum(1 for a in ann_dir.glob("*.txt") if a.stem not in by_stem and not a.name.startswith("."))
@@ -145,6 +146,9 @@ def read_gaicd(root: str | os.PathLike, split: str, on_error: Callable[[str], No
     if flat:
         warnings.warn(f"{ann_dir}: {flat} annotation files score fewer than two crops differently (nothing to "
                       "rank); skipped", stacklevel=2)
+    if empty:
+        warnings.warn(f"{ann_dir}: {empty} annotation files score no crop (empty, or every crop unrated); skipped",
+                      stacklevel=2)
     return items
 
 

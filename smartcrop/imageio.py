@@ -1383,14 +1383,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+def remove_stale_temps(folder: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
     """Remove the temporary files of smartcrop processes that no longer run (killed mid-write) from ``folder``
-    and its sub-folders; returns the removed paths.
+    and (``recursive``) its sub-folders; returns the removed paths.
 
     Only regular files named like :func:`temp_name` whose embedded process id is not alive are removed;
     symlinks are neither followed nor removed, and unreadable folders are skipped."""
     removed: list[Path] = []
-    for dirpath, _dirs, files in os.walk(folder):
+    for dirpath, dirs, files in os.walk(folder):
+        if not recursive:
+            dirs.clear()
         for name in files:
             pid = temp_owner(name)
             if pid is None or _pid_alive(pid):

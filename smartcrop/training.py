@@ -754,8 +754,10 @@ class Trainer:
                              f"{'with' if saved.get('adamw') else 'without'} --adamw")
         restore_run(self, st, self.model, path, "the model and optimizer these options make",
                     "resume with the options its run started with")
-        self.sched.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["torch_rng"])
+        changed = config_change(saved, asdict(self.cfg))
+        if changed:  # the checkpoint's optimizer and scheduler would keep theirs while the card said the new one
+            raise UsageError(f"{path}: its run trained with {changed}: resume it with the options it started with "
+                             "(--epochs may change)")
         if self.ema is not None and "ema" in st:
             self.ema.load(st["ema"])
         elif self.ema is not None:  # a checkpoint of a run without the average: start it from these weights
@@ -765,8 +767,9 @@ class Trainer:
 def restore_run(run, st: dict, model, path: str | Path, fits: str, hint: str) -> None:
     """Put the state of checkpoint ``st`` (read from ``path``) into ``run``, a :class:`Trainer` or a
     :class:`~smartcrop.finetune.Finetuner`: ``model``'s and ``run.opt``'s weights, ``run.epoch``,
-    ``run.history`` and ``run.rng``.  A checkpoint whose tensors do not fit is a one-line
-    :class:`~smartcrop.errors.UsageError`: "PATH: the checkpoint does not fit ``fits`` (why); ``hint``"."""
+    ``run.history`` and ``run.rng`` (and a Trainer's scheduler and torch generator).  A checkpoint whose
+    tensors do not fit is a one-line :class:`~smartcrop.errors.UsageError`: "PATH: the checkpoint does not fit
+    ``fits`` (why); ``hint``"; one missing a part or holding a malformed one, likewise."""
     from .errors import UsageError, one_line
 
     try:
@@ -774,9 +777,15 @@ def restore_run(run, st: dict, model, path: str | Path, fits: str, hint: str) ->
         run.opt.load_state_dict(st["optimizer"])
     except (RuntimeError, ValueError) as e:
         raise UsageError(f"{path}: the checkpoint does not fit {fits} ({one_line(e, 160)}); {hint}") from None
-    run.epoch = int(st["epoch"])
-    run.history = json.loads(st["history"])
-    run.rng.bit_generator.state = json.loads(st["rng"])
+    try:
+        run.epoch = int(st["epoch"])
+        run.history = json.loads(st["history"])
+        run.rng.bit_generator.state = json.loads(st["rng"])
+        if hasattr(run, "sched"):  # a training run's
+            run.sched.load_state_dict(st["scheduler"])
+            run.torch.set_rng_state(st["torch_rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # edited by hand, or written by other code
+        raise UsageError(f"{path}: not a complete smartcrop checkpoint ({one_line(e, 120)}); {hint}") from None
 
 
 def teacher_targets(teachers: Sequence, image, size: tuple[int, int]) -> np.ndarray | None:
@@ -956,9 +965,33 @@ def load_train_data(gaicd: Sequence[str] = (), fcdb: Sequence[Path] = (), unlabe
             data.unlabeled = list_images(unlabeled, recursive=True)
     if not data.gaicd and not data.fcdb:
         raise UsageError("no labeled data: give GAICD (ROOT[:SPLIT]) and/or FCDB training data")
+    # a photo reached twice (a set given twice, a link with its own annotation) would weigh double and could
+    # sit on both sides of the validation split
+    data.gaicd = _each_file_once(data.gaicd, "GAICD", on_note)
+    data.fcdb = _each_file_once(data.fcdb, "FCDB", on_note)
     data.gaicd, data.val_gaicd = split_validation(data.gaicd, val_fraction)
     data.fcdb, data.val_fcdb = split_validation(data.fcdb, val_fraction / 2)
     return data
+
+
+def _each_file_once(items: list, what: str, on_note: Callable[[str], None] | None) -> list:
+    """``items`` (annotated photos) without those whose photo is a file an earlier one already is (the same
+    device and inode, else the same absolute path), said in one note."""
+    seen: set = set()
+    kept = []
+    for it in items:
+        try:
+            st = os.stat(it.image_path)
+            key: tuple = (st.st_dev, st.st_ino)
+        except OSError:  # not there: its loader says so
+            key = ("path", os.path.abspath(it.image_path))
+        if key not in seen:
+            seen.add(key)
+            kept.append(it)
+    if len(kept) < len(items) and on_note is not None:
+        on_note(f"note: {len(items) - len(kept)} {what} photo(s) reached more than once (the same file): each is "
+                "used once, with its first annotation")
+    return kept
 
 
 def build_model(init: Path | None = None, backbone: str | None = None, saf: bool = True,
@@ -996,19 +1029,22 @@ def build_model(init: Path | None = None, backbone: str | None = None, saf: bool
     return net, load_backbone_weights(net, backbone_weights)
 
 
-def validate(model, data: TrainData, device: str) -> dict:
-    """Metrics of ``model`` (in eval mode) on the held-out GAICD and FCDB items of ``data``."""
+def validate(model, data: TrainData, device: str, on_error: Callable[[str], None] | None = None) -> dict:
+    """Metrics of ``model`` (in eval mode) on the held-out GAICD and FCDB items of ``data``; a held-out photo
+    that cannot be read goes to ``on_error`` and is left out, and a metric of no photo at all is None (not NaN,
+    which JSON readers refuse)."""
     from .cropper import Cropper
     from .evaluate import evaluate_fcdb, evaluate_gaicd
+
+    def rounded(m: dict) -> dict:
+        return {k: (round(v, 4) if math.isfinite(v) else None) if isinstance(v, float) else v for k, v in m.items()}
 
     cropper = Cropper(net=model, device=device)
     res = {}
     if data.val_gaicd:
-        m = evaluate_gaicd(cropper, data.val_gaicd, progress=False)
-        res["gaicd"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+        res["gaicd"] = rounded(evaluate_gaicd(cropper, data.val_gaicd, progress=False, on_error=on_error))
     if data.val_fcdb:
-        m = evaluate_fcdb(cropper, data.val_fcdb, "any", progress=False)
-        res["fcdb_any"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+        res["fcdb_any"] = rounded(evaluate_fcdb(cropper, data.val_fcdb, "any", progress=False, on_error=on_error))
     return res
 
 
@@ -1060,13 +1096,14 @@ def _read_checkpoint(path: Path) -> dict | None:
 
 
 def check_resume(resume: Path | None, command: str, lr: float | None = None, base: str | None = None,
-                 sources: str | None = None) -> None:
+                 sources: str | None = None, config: dict | None = None) -> None:
     """Refuse, before any work, a ``--resume`` file of ``command`` (``"train"`` or ``"finetune"``) that is
     missing, not a smartcrop checkpoint (the model file given instead of its ``.ckpt``) or the other command's,
     one whose run started at another learning rate than ``lr`` (the optimizer's state would keep its own while
     the card recorded ``lr``), one of a fine-tuning of another model than ``base`` (its sha256), or one of a run
     that read other data than ``sources`` (:func:`run_sources`; the last two where the checkpoint records
-    them): a one-line :class:`~smartcrop.errors.UsageError`."""
+    them), or one of a fine-tuning with other settings than ``config`` (but its epochs): a one-line
+    :class:`~smartcrop.errors.UsageError`."""
     from .errors import UsageError
     from .imageio import safe_name
 
@@ -1094,12 +1131,31 @@ def check_resume(resume: Path | None, command: str, lr: float | None = None, bas
         if isinstance(saved, float) and not math.isclose(saved, lr, rel_tol=1e-6):
             raise UsageError(f"{safe_name(resume)}: its run started at learning rate {saved:g}, not {lr:g}: "
                              f"resume with --lr {saved:g}")
+    changed = config_change(json.loads(st["config"]), config) \
+        if config is not None and isinstance(st.get("config"), str) else None
+    if changed:
+        raise UsageError(f"{safe_name(resume)}: its run fine-tuned with {changed}: resume it with the options it "
+                         "started with (--epochs may change)")
+
+
+def config_change(saved: dict, now: dict, free: Sequence[str] = ("epochs", "seed")) -> str | None:
+    """The first setting a resumed run would change, as ``name=old, not new`` (None: none); settings in ``free``
+    may change (the seed: a resumed run draws from the checkpoint's random state, whatever it is), and those one
+    side does not record (a checkpoint of older code) are not compared."""
+    now = json.loads(json.dumps(now))  # tuples as the checkpoint's JSON holds them (lists)
+    for key in sorted(saved.keys() & now.keys()):
+        if key not in free and saved[key] != now[key]:
+            return f"{key}={saved[key]!r}, not {now[key]!r}"
+    return None
 
 
 def run_sources(**sets: Sequence) -> str:
     """What a run reads, as its checkpoints record it and :func:`check_resume` compares: each named set's
-    paths (or ``(root, split)`` pairs, :func:`gaicd_spec`), resolved, in a canonical order, as JSON."""
+    paths (or ``(root, split)`` pairs, :func:`gaicd_spec`), resolved, in a canonical order, as JSON; a number
+    (the share held out for validation) as it is."""
     def resolved(p) -> str:
+        if isinstance(p, (int, float)):
+            return f"{p:g}"
         root, split = p if isinstance(p, tuple) else (p, None)
         return os.path.realpath(root) + (f":{split}" if split is not None else "")
 
@@ -1113,17 +1169,20 @@ def output_lock(out: Path):
     any work, instead of both reporting success while the later rename wins.  The lock is an ``flock`` on a
     hidden ``.OUT.lock`` beside ``out`` (its missing folders are made first, and removed again at the end if
     still empty); the file is removed when the run ends (one left by a killed run is harmless: the kernel
-    released its lock).  Where ``fcntl`` is missing (Windows) nothing is locked."""
+    released its lock).  Once held, the temporary files that killed smartcrop processes left in that folder
+    (a checkpoint or model being written) are removed.  Where ``fcntl`` is missing (Windows) nothing is
+    locked."""
     from .errors import UsageError
-    from .imageio import safe_name
+    from .imageio import remove_stale_temps, safe_name
     from .plan import check_can_make, make_folder, remove_if_empty
+    from .weights import check_model_suffix
 
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on Linux/macOS
         yield
         return
-    out = Path(out)
+    out = check_model_suffix(out)  # `-o ''` is no name to lock
     folder = Path(os.path.realpath(out.parent))  # one lock whatever the spelling (links, `new/..`)
     check_can_make(folder / out.name, str(out))  # "not a folder", "not writable": before any folder is made
     try:
@@ -1157,6 +1216,7 @@ def output_lock(out: Path):
     try:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
+        remove_stale_temps(folder, recursive=False)  # a checkpoint or model a killed run was writing
         yield
     finally:
         with contextlib.suppress(OSError):
@@ -1176,13 +1236,16 @@ def _sources_change(saved: str, now: str) -> str:
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             was = ", ".join(old.get(key) or []) or "none"
-            return f"--{key} was {safe_name(was if len(was) <= 120 else was[:119] + '…')}"
+            return f"--{key.replace('_', '-')} was {safe_name(was if len(was) <= 120 else was[:119] + '…')}"
     return "recorded differently"
 
 
 def _is_training_log(path: Path) -> bool:
-    """Whether ``path`` starts as :func:`run_training`'s ``OUT.log.jsonl`` does (a ``start`` record)."""
+    """Whether ``path`` starts as :func:`run_training`'s ``OUT.log.jsonl`` does (a ``start`` record), or is an
+    empty file (a run killed before its first record reached the disk)."""
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            return True
         with open(path, "rb") as f:
             first = json.loads(f.readline(1 << 20))
     except (OSError, ValueError):
@@ -1199,10 +1262,10 @@ def check_outputs(out: Path, resume: Path | None, force: bool, log_file: bool = 
     that is not smartcrop's own is never touched, ``force`` or not; one of an earlier run needs ``force`` (or,
     for the checkpoint, ``--resume`` from it)."""
     from .errors import UsageError
-    from .weights import check_model_path
+    from .weights import check_model_path, check_model_suffix
 
     # only a run resumed from its own checkpoint (OUT.ckpt) may replace OUT: any other needs --force
-    ckpt = Path(out).with_suffix(".ckpt")
+    ckpt = check_model_suffix(out).with_suffix(".ckpt")
     resuming = resume is not None and ckpt.exists() and os.path.samefile(resume, ckpt)
     out = check_model_path(out, inputs, force, replace=resuming)
     ckpt = out.with_suffix(".ckpt")
@@ -1276,11 +1339,19 @@ def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: st
         raise UsageError("no labeled training image could be read")
     if cfg.rc and not unl:
         log("note: no unlabeled photos given: training without the rank-consistency loss")
+    reported: set[str] = set()
+
+    def val_error(message: str) -> None:  # once a run, not once an epoch
+        if message not in reported:
+            reported.add(message)
+            log(f"warning: validation photo skipped: {message}")
+
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as lf:
         lf.write(json.dumps({"event": "start", "config": asdict(cfg), "model": model.config.to_dict(),
                              "n_gaicd": len(gaicd), "n_fcdb": len(fcdb), "n_unlabeled": len(unl),
                              "prepare_seconds": round(prep_s, 1), "info": info or {}}) + "\n")
+        lf.flush()  # on disk now: a run killed in its first epoch leaves a log the next run knows as its own
         while trainer.epoch < cfg.epochs:
             plan = trainer.epoch_plan(gaicd, fcdb)
             model.train()
@@ -1288,7 +1359,7 @@ def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: st
                 rec = trainer.train_epoch(plan, unl, bar)
             model.eval()
             with trainer.ema.swapped() if trainer.ema is not None else contextlib.nullcontext():
-                rec["val"] = validate(model, data, device)
+                rec["val"] = validate(model, data, device, on_error=val_error)
             trainer.history.append(rec)
             trainer.save_checkpoint(ckpt)
             lf.write(json.dumps(rec) + "\n")
@@ -1312,8 +1383,9 @@ def _epoch_line(rec: dict) -> str:
     val = []
     g = rec.get("val", {}).get("gaicd")
     if g:
-        val.append(f"val GAICD srcc={g['srcc']:.3f} acc5={g['acc5']:.1f} acc10={g['acc10']:.1f}")
+        val.append(f"val GAICD srcc={g['srcc']:.3f} acc5={g['acc5']:.1f} acc10={g['acc10']:.1f}"
+                   if g["srcc"] is not None else "val GAICD: no photo read")
     f = rec.get("val", {}).get("fcdb_any")
     if f:
-        val.append(f"val FCDB iou={f['iou']:.3f}")
+        val.append(f"val FCDB iou={f['iou']:.3f}" if f["iou"] is not None else "val FCDB: no photo read")
     return f"epoch {rec['epoch']}: {rec['seconds']:.0f} s, {loss}" + ("; " + ", ".join(val) if val else "")

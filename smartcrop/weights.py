@@ -174,6 +174,17 @@ def _is_smartcrop_model(path: Path) -> bool:
     return True
 
 
+def check_model_suffix(out: str | os.PathLike) -> Path:
+    """``out`` as a path, or a one-line :class:`~smartcrop.errors.UsageError` when it does not end in
+    ``.safetensors`` (an empty ``--out`` included)."""
+    from .errors import UsageError
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out {out}: a model file must end in .safetensors")
+    return out
+
+
 def check_model_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), force: bool = False,
                      replace: bool = False) -> Path:
     """Refuse (:class:`~smartcrop.errors.UsageError`, before any work) a model output ``out`` that
@@ -185,9 +196,7 @@ def check_model_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     names once missing folders are made)."""
     from .errors import UsageError
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise UsageError(f"--out {out}: a model file must end in .safetensors")
+    out = check_model_suffix(out)
     if ".." in out.parts:  # where it lands once its folders are made: `new/../m.safetensors` is m.safetensors
         out = Path(os.path.realpath(out.parent)) / out.name
     card = card_path(out)

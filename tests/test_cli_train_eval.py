@@ -183,6 +183,21 @@ def test_train_branches_resumed_with_their_own_seeds_share_the_checkpoint_and_th
                        tmp_path / "o.safetensors")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"its run read other data (--unlabeled was {tiny_album.resolve()})" in err
+    # ... and only with the settings it started with (the checkpoint's scheduler and optimizer won, the card
+    # said otherwise; another validation share moved photos across the split); a part missing: one line
+    ckpt = base.with_suffix(".ckpt")
+    for extra, words in ((["--lr-step", "1"], "its run trained with lr_step=4, not 1"),
+                         (["--weight-decay", "0.5"], "its run trained with weight_decay=0.0001, not 0.5"),
+                         (["--val-fraction", "0.5"], "its run read other data (--val-fraction was 0)")):
+        code, _, err = cli(*common, *extra, "--epochs", "2", "--resume", ckpt, "--out", tmp_path / "o.safetensors")
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (extra, err)
+    st = torch.load(ckpt, weights_only=True)
+    del st["scheduler"]
+    torch.save(st, tmp_path / "cut.ckpt")
+    code, _, err = cli(*common, "--epochs", "2", "--resume", tmp_path / "cut.ckpt", "--out",
+                       tmp_path / "o.safetensors")
+    assert code == 2 and "not a complete smartcrop checkpoint" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_eval_gaicd_and_fcdb_json(tiny_gaicd, tiny_fcdb, small_model_file):

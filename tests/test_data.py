@@ -208,3 +208,21 @@ def test_list_images(tmp_path):
     assert mixed == [tmp_path / "notes.txt", tmp_path / "sub" / "deeper" / "w.TIFF"]
     with pytest.raises(FileNotFoundError, match="nope"):
         list_images([tmp_path / "nope"])
+
+
+def test_an_annotation_that_scores_no_crop_is_named_in_a_note(tmp_path):
+    """An empty (or whitespace-only) annotation file dropped its image without a word."""
+    import warnings
+
+    from conftest import draw_photo
+
+    for k in range(2):
+        draw_photo(tmp_path / "images" / "dev" / f"i{k}.jpg", seed=k)
+    (tmp_path / "annotations" / "dev").mkdir(parents=True)
+    (tmp_path / "annotations" / "dev" / "i0.txt").write_text("")
+    (tmp_path / "annotations" / "dev" / "i1.txt").write_text("  \n\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_gaicd(tmp_path, "dev") == []
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / 'annotations' / 'dev'}: 2 annotation files score no crop (empty, or every crop unrated); skipped"]

@@ -626,3 +626,32 @@ def test_small_output_and_data_names_are_read_as_meant(tmp_path, tiny_album, tin
         code, _, err = cli("eval", "gaicd", odd, "--split", split, "--weights", small_model_file)
         assert code == 2 and "is not a split name" in err and len(err.strip().splitlines()) == 1, (split, err)
     assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "home").exists()
+
+
+def test_an_interrupt_before_a_runs_first_epoch_names_no_earlier_checkpoint(tmp_path, tiny_album,
+                                                                            small_model_file, monkeypatch):
+    """Started over with --force beside an earlier run's checkpoint and stopped before an epoch finished, it told
+    the user to resume that other run; resumed with other settings (`--distill`), it went on with the
+    checkpoint's optimizer while the card recorded the new ones."""
+    import smartcrop.finetune as ft
+    from smartcrop.finetune import FinetuneConfig, finetune
+    from smartcrop.weights import load_model
+
+    out = tmp_path / "m.safetensors"
+    ckpt = out.with_suffix(".ckpt")
+    finetune(load_model(small_model_file), sorted(tiny_album.rglob("p*.jpg")), FinetuneConfig(epochs=1),
+             checkpoint=ckpt, log=lambda s: None, progress=False)
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "2",
+                       "--resume", ckpt, "--distill", "0.5")
+    assert code == 2 and "its run fine-tuned with distill=1.0, not 0.5" in err and len(err.strip().splitlines()) == 1
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft.Finetuner, "train_epoch", stop)
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--force")
+    assert code == 130 and err.strip().splitlines()[-1] == "smartcrop: interrupted: no epoch of this run had finished"
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "2",
+                       "--resume", ckpt)  # where it goes on from is still that checkpoint: named
+    assert code == 130 and err.strip().splitlines()[-1] == (f"smartcrop: interrupted: the last finished epoch is in "
+                                                            f"{ckpt}: go on with --resume {ckpt}")

@@ -155,6 +155,73 @@ def test_split_validation_is_deterministic_and_disjoint(tiny_gaicd):
     assert not {i.name for i in a} & {i.name for i in b}
 
 
+def test_a_photo_reached_twice_is_trained_on_once_and_never_on_both_sides_of_the_split(tiny_gaicd, tiny_fcdb,
+                                                                                        tmp_path):
+    """`--gaicd R:train --gaicd R/:train`, or a link to a photo with its own annotation: every image counted
+    twice (and a validation image could also be trained on through its twin)."""
+    import shutil
+
+    from smartcrop.training import load_train_data
+
+    imgs, anns = tiny_gaicd / "images" / "train", tiny_gaicd / "annotations" / "train"
+    (imgs / "zz.jpg").symlink_to(imgs / "img0.jpg")
+    shutil.copy(anns / "img0.txt", anns / "zz.txt")
+    notes = []
+    data = load_train_data([f"{tiny_gaicd}:train", f"{tiny_gaicd}/:train"], [tiny_fcdb, tiny_fcdb],
+                           val_fraction=0.34, on_note=notes.append)
+    names = [it.name for it in data.gaicd + data.val_gaicd]
+    assert sorted(names) == ["img0", "img1", "img2"] and len(data.fcdb) + len(data.val_fcdb) == 3
+    assert "note: 5 GAICD photo(s) reached more than once (the same file): each is used once, with its first " \
+        "annotation" in notes
+    assert "note: 3 FCDB photo(s) reached more than once (the same file): each is used once, with its first " \
+        "annotation" in notes
+
+
+def test_what_a_killed_run_left_does_not_block_the_next(tmp_path):
+    """A run killed in its first epoch left an empty OUT.log.jsonl (its start record not yet flushed), which the
+    next run refused as "not a smartcrop training log", --force or not; and its checkpoint's temporary file
+    stayed for good."""
+    import subprocess
+    import sys
+
+    from smartcrop.errors import UsageError
+    from smartcrop.training import check_outputs, output_lock
+
+    out = tmp_path / "m.safetensors"
+    log = out.with_suffix(".log.jsonl")
+    log.write_bytes(b"")
+    check_outputs(out, None, False)  # an empty log is appended to: nothing of anyone's lost
+    log.write_text("my notes\n")
+    with pytest.raises(UsageError, match="not a smartcrop training log"):
+        check_outputs(out, None, True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".smartcrop-{dead.pid}-0123abcd.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    deeper = tmp_path / "sub" / stale.name  # another folder's: not this output's to clean
+    deeper.parent.mkdir()
+    deeper.write_bytes(b"x")
+    with output_lock(out):
+        assert not stale.exists() and deeper.exists()
+
+
+def test_a_validation_photo_that_cannot_be_read_is_named_and_no_nan_is_recorded(tiny_gaicd, small_model):
+    """Its only held-out photo unreadable: the epoch line said `srcc=nan` without naming it, and the card (JSON)
+    held NaN, which strict JSON readers refuse."""
+    import json
+
+    from smartcrop.training import _epoch_line, validate
+
+    items = read_gaicd(tiny_gaicd, "train")
+    items[0].image_path.write_bytes(b"not a jpeg")
+    errors = []
+    res = validate(small_model, TrainData(val_gaicd=items[:1]), "cpu", on_error=errors.append)
+    assert res["gaicd"]["srcc"] is None and res["gaicd"]["n_images"] == 0
+    assert len(errors) == 1 and str(items[0].image_path) in errors[0]
+    json.dumps(res, allow_nan=False)
+    assert _epoch_line({"epoch": 1, "seconds": 1.0, "loss": {}, "val": res}).endswith("val GAICD: no photo read")
+
+
 def test_weight_average_follows_the_steps_and_survives_a_resume(tiny_gaicd, tiny_fcdb, tiny_album, tmp_path,
                                                                  one_thread):
     """--ema: the average moves towards the trained weights but lags them, it is what validation and the saved
