@@ -27,7 +27,7 @@ import numpy as np
 
 from .anchors import flip_boxes, gaic_anchors, scale_boxes
 from .errors import UsageError
-from .training import TrainConfig, config_change, restore_run, write_checkpoint
+from .training import TrainConfig, check_same_config, restore_run, write_checkpoint
 
 
 class AlbumError(UsageError):
@@ -223,11 +223,8 @@ class Finetuner:
         """Continue the fine-tuning saved in ``path``; one of another model's architecture, or whose run used
         other settings than ``cfg`` (but the epochs), is a one-line :class:`UsageError`."""
         st = self.torch.load(path, map_location="cpu", weights_only=True)
-        changed = config_change(json.loads(st["config"]), asdict(self.cfg)) if isinstance(st.get("config"), str) \
-            else None
-        if changed:
-            raise UsageError(f"{path}: its run fine-tuned with {changed}: resume it with the options it started "
-                             "with (--epochs may change)")
+        if isinstance(st.get("config"), str):
+            check_same_config(path, json.loads(st["config"]), asdict(self.cfg), "fine-tuned")
         restore_run(self, st, self.net, path, "the model being fine-tuned",
                     "resume with the --weights or --model its run started from")
 

@@ -754,10 +754,7 @@ class Trainer:
                              f"{'with' if saved.get('adamw') else 'without'} --adamw")
         restore_run(self, st, self.model, path, "the model and optimizer these options make",
                     "resume with the options its run started with")
-        changed = config_change(saved, asdict(self.cfg))
-        if changed:  # the checkpoint's optimizer and scheduler would keep theirs while the card said the new one
-            raise UsageError(f"{path}: its run trained with {changed}: resume it with the options it started with "
-                             "(--epochs may change)")
+        check_same_config(path, saved, asdict(self.cfg), "trained")
         if self.ema is not None and "ema" in st:
             self.ema.load(st["ema"])
         elif self.ema is not None:  # a checkpoint of a run without the average: start it from these weights
@@ -1131,22 +1128,24 @@ def check_resume(resume: Path | None, command: str, lr: float | None = None, bas
         if isinstance(saved, float) and not math.isclose(saved, lr, rel_tol=1e-6):
             raise UsageError(f"{safe_name(resume)}: its run started at learning rate {saved:g}, not {lr:g}: "
                              f"resume with --lr {saved:g}")
-    changed = config_change(json.loads(st["config"]), config) \
-        if config is not None and isinstance(st.get("config"), str) else None
-    if changed:
-        raise UsageError(f"{safe_name(resume)}: its run fine-tuned with {changed}: resume it with the options it "
-                         "started with (--epochs may change)")
+    if config is not None and isinstance(st.get("config"), str):
+        check_same_config(resume, json.loads(st["config"]), config, "fine-tuned")
 
 
-def config_change(saved: dict, now: dict, free: Sequence[str] = ("epochs", "seed")) -> str | None:
-    """The first setting a resumed run would change, as ``name=old, not new`` (None: none); settings in ``free``
-    may change (the seed: a resumed run draws from the checkpoint's random state, whatever it is), and those one
-    side does not record (a checkpoint of older code) are not compared."""
+def check_same_config(path, saved: dict, now: dict, verb: str, free: Sequence[str] = ("epochs", "seed")) -> None:
+    """A one-line :class:`~smartcrop.errors.UsageError` naming the first setting a run resumed from ``path``
+    would change (its optimizer and scheduler would keep the checkpoint's while the card recorded the new one):
+    "PATH: its run VERB with NAME=old, not new".  Settings in ``free`` may change (the seed: a resumed run draws
+    from the checkpoint's random state, whatever it is); those one side does not record (a checkpoint of older
+    code) are not compared."""
+    from .errors import UsageError
+    from .imageio import safe_name
+
     now = json.loads(json.dumps(now))  # tuples as the checkpoint's JSON holds them (lists)
     for key in sorted(saved.keys() & now.keys()):
         if key not in free and saved[key] != now[key]:
-            return f"{key}={saved[key]!r}, not {now[key]!r}"
-    return None
+            raise UsageError(f"{safe_name(path)}: its run {verb} with {key}={saved[key]!r}, not {now[key]!r}: "
+                             "resume it with the options it started with (--epochs may change)")
 
 
 def run_sources(**sets: Sequence) -> str:
