@@ -734,19 +734,27 @@ def _stat_key(path: Path):
 def _training_interrupts(ckpt: Path, resume: Optional[Path] = None):
     """Ctrl-C or SIGTERM during `train` or `finetune`: one line naming the checkpoint to go on from — one this
     run wrote, or the one it resumed from — exit 130 or 143 (a checkpoint or model being written is removed,
-    never left partial).  An earlier run's checkpoint there (replaced with --force) is not this run's."""
+    never left partial).  An earlier run's checkpoint there (replaced with --force) is not this run's.  A full
+    disk while a checkpoint or the model is written: its one line and where to go on from, exit 1."""
+    from .imageio import OutputFullError
+
     before = _stat_key(ckpt)
+
+    def where_to_go_on() -> str:
+        now = _stat_key(ckpt)
+        resumed = resume is not None and now is not None and now == _stat_key(Path(resume))
+        return (f"the last finished epoch is in {ckpt}: go on with --resume {ckpt}"
+                if now is not None and (now != before or resumed) else "no epoch of this run had finished")
+
     with _sigterm_as_interrupt() as term:
         try:
             yield
         except KeyboardInterrupt:
-            now = _stat_key(ckpt)
-            resumed = resume is not None and now is not None and now == _stat_key(Path(resume))
-            done = (f"the last finished epoch is in {ckpt}: go on with --resume {ckpt}"
-                    if now is not None and (now != before or resumed)
-                    else "no epoch of this run had finished")
-            err(f"{'terminated' if term.received else 'interrupted'}: {done}")
+            err(f"{'terminated' if term.received else 'interrupted'}: {where_to_go_on()}")
             raise typer.Exit(143 if term.received else 130) from None
+        except OutputFullError as e:  # a checkpoint or the model could not be written: nothing partial is left
+            err(f"{e}; {where_to_go_on()}")
+            raise typer.Exit(1) from None
 
 
 class _ClosedStdout(io.TextIOBase):

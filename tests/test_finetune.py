@@ -655,3 +655,25 @@ def test_an_interrupt_before_a_runs_first_epoch_names_no_earlier_checkpoint(tmp_
                        "--resume", ckpt)  # where it goes on from is still that checkpoint: named
     assert code == 130 and err.strip().splitlines()[-1] == (f"smartcrop: interrupted: the last finished epoch is in "
                                                             f"{ckpt}: go on with --resume {ckpt}")
+
+
+def test_a_full_disk_when_the_model_is_written_names_the_checkpoint_to_go_on_from(tmp_path, tiny_album,
+                                                                                  small_model_file, monkeypatch):
+    """It said only "the output disk is full", exit 2 (a usage error's), though every epoch was in OUT.ckpt."""
+    import smartcrop.imageio as imageio
+
+    real_write = imageio.write_atomic
+
+    def write_atomic(path, data):
+        if str(path).endswith(".safetensors"):
+            raise imageio.OutputFullError(f"cannot write {path}: the output disk is full (No space left on device)")
+        return real_write(path, data)
+
+    monkeypatch.setattr(imageio, "write_atomic", write_atomic)
+    out = tmp_path / "m.safetensors"
+    ckpt = out.with_suffix(".ckpt")
+    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
+    assert code == 1 and not out.exists() and ckpt.is_file()
+    assert err.strip().splitlines()[-1] == (f"smartcrop: cannot write {out}: the output disk is full (No space left "
+                                            f"on device); the last finished epoch is in {ckpt}: go on with --resume "
+                                            f"{ckpt}")
