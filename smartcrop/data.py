@@ -243,6 +243,16 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def file_identity(path: str | os.PathLike) -> tuple:
+    """What makes two paths the same file: its (st_dev, st_ino), links followed; for a path that cannot be
+    stat'ed, its resolved form.  How a photo reached twice (given twice, through a link) is counted once."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return (st.st_dev, st.st_ino)
+
+
 def list_images(paths: Iterable[str | os.PathLike], recursive: bool = True,
                 on_error: Callable[[str], None] | None = None) -> list[Path]:
     """Image files among ``paths``: files as given, folders walked (recursively by default) with the one folder
@@ -260,11 +270,7 @@ def list_images(paths: Iterable[str | os.PathLike], recursive: bool = True,
     seen: set = set()
 
     def add(f: Path) -> None:
-        try:
-            st = os.stat(f)
-            key: tuple = (st.st_dev, st.st_ino)
-        except OSError:
-            key = ("path", os.path.realpath(f))
+        key = file_identity(f)
         if key not in seen:
             seen.add(key)
             out.append(f)

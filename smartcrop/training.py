@@ -972,16 +972,14 @@ def load_train_data(gaicd: Sequence[str] = (), fcdb: Sequence[Path] = (), unlabe
 
 
 def _each_file_once(items: list, what: str, on_note: Callable[[str], None] | None) -> list:
-    """``items`` (annotated photos) without those whose photo is a file an earlier one already is (the same
-    device and inode, else the same absolute path), said in one note."""
+    """``items`` (annotated photos) without those whose photo is a file an earlier one already is
+    (:func:`~smartcrop.data.file_identity`), said in one note."""
+    from .data import file_identity
+
     seen: set = set()
     kept = []
     for it in items:
-        try:
-            st = os.stat(it.image_path)
-            key: tuple = (st.st_dev, st.st_ino)
-        except OSError:  # not there: its loader says so
-            key = ("path", os.path.abspath(it.image_path))
+        key = file_identity(it.image_path)  # a photo not there: its loader says so
         if key not in seen:
             seen.add(key)
             kept.append(it)
