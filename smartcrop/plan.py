@@ -132,6 +132,16 @@ def parse_format(name: str | None) -> str | None:
     return fmt
 
 
+def check_output_folder(out_dir: Path) -> None:
+    """A :class:`UsageError` when ``out_dir`` cannot be the output folder as it is: a file, or a symlink to
+    nothing.  Nothing is made (a dry run checks this too)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{safe_name(out_dir)}: the output folder is a file")
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise UsageError(f"{safe_name(out_dir)}: the output folder is a symlink to {safe_name(os.readlink(out_dir))}, "
+                         "which does not exist")
+
+
 def prepare_output_dir(out_dir: Path) -> tuple[Path, ...]:
     """Create the output folder, check that a file can be created in it, and remove the temporary files that
     killed smartcrop runs left there; returns the folders it created, deepest first (see
@@ -140,11 +150,7 @@ def prepare_output_dir(out_dir: Path) -> tuple[Path, ...]:
     The check creates a file there and removes it (:func:`probe_writable`)."""
     from .imageio import remove_stale_temps
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{safe_name(out_dir)}: the output folder is a file")
-    if out_dir.is_symlink() and not out_dir.exists():
-        raise UsageError(f"{safe_name(out_dir)}: the output folder is a symlink to {safe_name(os.readlink(out_dir))}, "
-                         "which does not exist")
+    check_output_folder(out_dir)
     made: tuple[Path, ...] = ()
     try:
         made = make_folder(out_dir)
@@ -348,8 +354,8 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
     namer = OutputNamer.for_run(opts.out_dir or Path("."), opts, items)
     planned: set[Path] = set()
     if opts.out_dir is not None:  # a dry run refuses what the run would (an output over an input, a file as folder)
-        if dry_run and opts.out_dir.exists() and not opts.out_dir.is_dir():
-            raise UsageError(f"{safe_name(opts.out_dir)}: the output folder is a file")
+        if dry_run:
+            check_output_folder(opts.out_dir)
         items, planned = _check_outputs(namer, items, opts, report)
     if preview is not None:
         _check_preview(preview, namer, planned, overwrite)
