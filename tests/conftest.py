@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,16 @@ import pytest
 from PIL import Image, ImageDraw
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one test process per usable core, at most 4.  Many tests start a
+    `smartcrop run -j 2` or a training run of their own, so more processes than that only queue for the cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
 
 
 def sha(p: Path) -> str:

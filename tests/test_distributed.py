@@ -17,6 +17,9 @@ from smartcrop.cli import app  # noqa: E402
 
 from conftest import draw_photo, sha  # noqa: E402
 
+# every test here in one test process, so that they share the module's one local Ray (pyproject: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("ray")
+
 
 def run(args):
     r = CliRunner().invoke(app, ["run", *map(str, args)])
