@@ -99,8 +99,9 @@ def read_gaicd(root: str | os.PathLike, split: str, on_error: Callable[[str], No
                ) -> list[GaicdItem]:
     """Annotated images of one split (any split name), sorted by name.
 
-    Images (.jpg/.jpeg/.png) without an annotation file are unlabeled and skipped, as are images whose crops
-    are all unrated and (counted in one ``UserWarning``) those with fewer than two differently scored crops.
+    Images (.jpg/.jpeg/.png) without an annotation file (``STEM.txt``, the suffix in any case) are unlabeled
+    and skipped, as are images whose crops are all unrated and (counted in one ``UserWarning``) those with
+    fewer than two differently scored crops.
     A missing ``images/SPLIT`` or ``annotations/SPLIT`` folder raises ``FileNotFoundError`` (naming the
     labeled splits there are); a malformed annotation line raises ``ValueError`` naming the file and line —
     or, with ``on_error``, is reported there in one line and that image skipped.
@@ -120,11 +121,19 @@ def read_gaicd(root: str | os.PathLike, split: str, on_error: Callable[[str], No
     items, flat, empty = [], 0, 0
     images = [p for p in img_dir.iterdir()
               if p.suffix.lower() in GAICD_IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()]
+    # annotation files by stem, the suffix in any case (a.txt, a.TXT: cameras and Windows tools write both)
+    anns: dict[str, list[Path]] = {}
+    for a in ann_dir.iterdir():
+        if a.suffix.lower() == ".txt" and not a.name.startswith(".") and a.is_file():
+            anns.setdefault(a.stem, []).append(a)
     by_stem: dict[str, Path] = {}
     for img in sorted(images, key=lambda p: (p.stem, p.name)):
-        ann = ann_dir / f"{img.stem}.txt"
-        if not ann.is_file():
+        if img.stem not in anns:
             continue
+        if len(anns[img.stem]) > 1:
+            names = " and ".join(sorted(a.name for a in anns[img.stem]))
+            raise ValueError(f"{ann_dir}: {names} both annotate {img.name}: keep one")
+        ann = anns[img.stem][0]
         if img.stem in by_stem:
             raise ValueError(f"{ann}: annotates both {by_stem[img.stem].name} and {img.name}: keep one")
         by_stem[img.stem] = img
@@ -140,7 +149,7 @@ def read_gaicd(root: str | os.PathLike, split: str, on_error: Callable[[str], No
             empty += not len(mos)
             continue
         items.append(GaicdItem(img.stem, img, boxes, mos))
-    orphans = sum(1 for a in ann_dir.glob("*.txt") if a.stem not in by_stem and not a.name.startswith("."))
+    orphans = sum(len(v) for stem, v in anns.items() if stem not in by_stem)
     if orphans:
         warnings.warn(f"{ann_dir}: {orphans} annotation files have no image in {img_dir}; skipped", stacklevel=2)
     if flat:

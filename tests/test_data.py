@@ -78,6 +78,20 @@ def test_read_gaicd_any_split_name_and_suffixes(tmp_path, split):
     assert [it.image_path.name for it in items][2:] == ["d.PNG", "e.jpeg"]
 
 
+def test_read_gaicd_reads_an_annotation_whose_suffix_is_upper_case(tmp_path):
+    make_gaicd(tmp_path, "dev")
+    ann = tmp_path / "annotations" / "dev"
+    (ann / "c.TXT").write_text("0 0 30 40 4\n1 1 20 20 2\n")  # c.jpg's, as a Windows tool names it
+    (ann / "z.Txt").write_text("0 0 30 40 4\n")  # no z image: counted with the orphans
+    with pytest.warns(UserWarning, match="1 annotation files have no image"):
+        items = read_gaicd(tmp_path, "dev")
+    assert [it.name for it in items] == ["a", "b", "c"]
+    assert items[2].mos.tolist() == [4, 2]
+    (ann / "c.txt").write_text("0 0 30 40 1\n1 1 20 20 5\n")  # two files for one image: which is meant?
+    with pytest.raises(ValueError, match=r"c\.TXT and c\.txt both annotate c\.jpg: keep one"):
+        read_gaicd(tmp_path, "dev")
+
+
 def test_read_gaicd_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="images/test"):
         read_gaicd(tmp_path, "test")
