@@ -360,13 +360,32 @@ def read_header(path: str | os.PathLike) -> dict:
     return header
 
 
+def torch_load_safely(path: Path, advice: str):
+    """A ``.pt``/``.pth`` file's contents through ``torch.load(weights_only=True)``; anything it refuses or cannot
+    read is one :class:`WeightsError` line naming ``path`` (``advice``: what to save instead of Python objects).
+    torch's own text would suggest ``weights_only=False`` (never), and its warnings are not the user's business."""
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # e.g. its note on pickle protocols
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise WeightsError(f"{path}: holds Python objects beyond tensors, which smartcrop never unpickles (they "
+                           f"can run code); {advice}") from None
+    except Exception as e:  # noqa: BLE001 - truncated, not a torch file at all: one line naming it
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise WeightsError(f"{path}: cannot be read safely ({msg})") from None
+
+
 def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verify: bool = True):
     """Load a SACNet from a smartcrop ``.safetensors`` file (or ``.pt`` state dict, safely) in eval mode.
 
     The file is validated first (see the module docstring); any problem raises :class:`WeightsError`.
     """
-    import torch
-
     from .model import ModelConfig
 
     path = Path(path) if path is not None else resolve_model()
@@ -375,18 +394,7 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verif
     if not path.is_file():
         raise WeightsError(f"{path}: no such model file")
     if path.suffix in _TORCH_SUFFIXES:
-        import pickle
-        import warnings
-
-        try:
-            with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's business
-                warnings.simplefilter("ignore")
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never
-            raise WeightsError(f"{path}: holds Python objects beyond tensors, which smartcrop never unpickles "
-                               "(they can run code); save its state dict, or the model as .safetensors") from None
-        except Exception as e:
-            raise WeightsError(f"{path}: cannot be read safely ({str(e).splitlines()[0][:200]})") from None
+        obj = torch_load_safely(path, "save its state dict, or the model as .safetensors")
         state = obj.get("model", obj) if isinstance(obj, dict) else None
         if not isinstance(state, dict) or not any(str(k).startswith("backbone.") for k in state):
             raise WeightsError(f"{path}: not a smartcrop model state dict (an ImageNet backbone? those are backbone weights, for training)")
@@ -846,16 +854,16 @@ def load_backbone_weights(model, path: str | os.PathLike | None = None, normaliz
                               / "mobilenet_v2_imagenet.pth")
     for p in candidates:
         if p.is_file():
-            try:
-                if p.suffix == ".safetensors":
-                    from safetensors.torch import load_file
+            if p.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
+                try:
                     state = load_file(str(p))
-                else:
-                    state = torch.load(p, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - truncated, not a pickle, a refused type: one line naming it
-                msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-                raise WeightsError(f"{p}: cannot read backbone weights ({type(e).__name__}: {msg})") from None
+                except Exception as e:  # noqa: BLE001 - truncated, not safetensors: one line naming it
+                    msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                    raise WeightsError(f"{p}: cannot read backbone weights ({type(e).__name__}: {msg})") from None
+            else:
+                state = torch_load_safely(p, "save the backbone's state_dict() instead")
             if not isinstance(state, dict):
                 raise WeightsError(f"{p}: not a state dict of backbone weights (a {type(state).__name__})")
             try:

@@ -117,8 +117,12 @@ def test_pickles_never_execute_code(tmp_path, monkeypatch):
         assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
     from smartcrop.model import ModelConfig, SACNet
 
-    with pytest.raises(Exception):
-        load_backbone_weights(SACNet(ModelConfig(short_side=64)), p)
+    for f in (p, tmp_path / "evil_zip.pt"):  # the same for ImageNet weights (`train --backbone-weights`)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(WeightsError, match="never unpickles.*save the backbone's state_dict") as e:
+                load_backbone_weights(SACNet(ModelConfig(short_side=64)), f)
+        assert str(e.value).startswith(str(f)) and "weights_only" not in str(e.value) and "\n" not in str(e.value)
     assert not marker.exists()
 
 
