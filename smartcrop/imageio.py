@@ -247,9 +247,11 @@ def load_image(source: Source, *, target_short_side: int | None = None, max_pixe
             with _quiet_pillow():
                 orientation, exif, xmp, iptc = _read_metadata(im, fmt)
         elif fmt == "TIFF" and orientation != 1 and ORIENTATION_TAG not in getattr(im, "tag_v2", {}):
-            # Pillow 13 makes a TIFF upright itself while loading it (its size upright from the start) and drops
-            # the tag: transposing again would rotate it twice
+            # Pillow 13 makes a TIFF upright itself while loading it and drops the tag: transposing again would
+            # rotate it twice.  Its size before load() is upright only for the TIFF tag, not for an orientation
+            # found in the XMP packet alone: the loaded pixels' size is the upright one
             orientation = 1
+            full_w, full_h = im.size
         icc = im.info.get("icc_profile") or None
         try:
             pixels = _standardize(im, keep_deep=keep_original)

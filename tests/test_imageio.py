@@ -138,14 +138,27 @@ def test_exif_orientation_load_full(tmp_path, orientation):
     assert_upright(li.original)
 
 
+@pytest.mark.parametrize("where", ["exif", "xmp"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_tiff_orientation_applied_exactly_once(tmp_path, orientation):
+def test_tiff_orientation_applied_exactly_once(tmp_path, orientation, where):
     """Pillow 13 turns a TIFF upright by its Orientation tag while loading it; reading the EXIF first must not
     switch that off (orientations 5-8 failed: "box can't exceed original image size"), nor may the image
-    then be turned a second time."""
+    then be turned a second time.  An orientation in the XMP packet alone turns it too, but Pillow's size
+    before loading is then the stored one: 5-8 were cropped in the wrong frame (boxes outside the photo)."""
     path = tmp_path / "o.tif"
     stored = np.ascontiguousarray(stored_for(upright_array(120, 80), orientation))
-    Image.fromarray(stored).save(path, exif=exif_with(orientation, make="Cam"))
+    if where == "exif":
+        Image.fromarray(stored).save(path, exif=exif_with(orientation, make="Cam"))
+    else:
+        from PIL import TiffImagePlugin
+
+        info = TiffImagePlugin.ImageFileDirectory_v2()
+        info[0x010F] = "Cam"
+        info[700] = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-'
+                     f'syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation='
+                     f'"{orientation}"/></rdf:RDF></x:xmpmeta>').encode()
+        info.tagtype[700] = 1  # bytes
+        Image.fromarray(stored).save(path, tiffinfo=info)
     for li in (load_image(path), load_image(path, target_short_side=40)):
         assert li.full_size == (120, 80) and li.image.size == ((120, 80) if li.scale == 1 else (60, 40))
         assert_upright(li.image)
