@@ -841,15 +841,20 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     """Rescale a single-channel 16-bit, 32-bit integer or float image to "L" (rounded, not clipped).
 
     16-bit modes map 0..65535 to 0..255.  For "I" and "F" the range is inferred from the data: [0, 1] (float
-    only), [0, 255] and [0, 65535] are taken as nominal ranges; anything else is stretched min..max.
+    only), [0, 255] and [0, 65535] are taken as nominal ranges; anything else is stretched min..max.  Float
+    data's NaN and infinite samples do not count for the range (NaN and -inf become 0, +inf 255).
     """
     if im.mode in _SIXTEEN_BIT_MODES:
         lo, hi = 0.0, 65535.0
     else:
         lo, hi = im.getextrema()
-        if lo != lo or hi != hi:  # NaN in float data: no usable range
-            lo, hi = 0.0, 1.0
-        elif lo >= 0:
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN or ±inf in float data: the finite samples' range
+            import numpy as np
+
+            a = np.asarray(im)
+            finite = a[np.isfinite(a)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if lo >= 0:
             nominal = (1.0,) if im.mode == "F" else ()
             hi = next((top for top in nominal + (255.0, 65535.0) if hi <= top), hi)
             lo = 0.0

@@ -352,6 +352,18 @@ def test_float_tiff_scaled(tmp_path):
     assert [li.image.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_a_float_image_with_a_non_finite_sample_keeps_its_picture(tmp_path, bad):
+    """One infinite sample made the range infinite and the whole image (and its crop) black.  The finite samples
+    set the range; NaN and -inf become black, +inf white."""
+    for lo, hi in ((0.0, 1.0), (0.0, 255.0), (-3.0, 5.0)):  # nominal 0..1 and 0..255; -3..5 stretched
+        a = np.array([[lo, (lo + hi) / 2, hi, bad]], np.float32)
+        Image.fromarray(a, "F").save(tmp_path / "f.tif")
+        li = load_image(tmp_path / "f.tif")
+        got = [li.image.getpixel((x, 0))[0] for x in range(4)]
+        assert got == [0, 128, 255, 255 if bad > 0 else 0], (lo, hi)
+
+
 def test_cmyk_jpeg(tmp_path):
     Image.new("CMYK", (32, 24), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=95)
     li = load_image(tmp_path / "cmyk.jpg")
