@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Collection, Iterable, Iterator, Mapping, Sequence
@@ -149,6 +150,41 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def _ratio_list(ratios) -> list:
+    """``ratios`` as :meth:`Cropper.crop` and :meth:`Cropper.best_crops` take them: one ratio (``"16:9"``, a
+    number, ``"any"``; None: ``"any"``) or an iterable of them, as a list, each checked (a one-line
+    ``ValueError`` for a bad one, a ``TypeError`` for what is no ratio or list of them at all)."""
+    if ratios is None:
+        return ["any"]
+    if isinstance(ratios, (str, numbers.Real)):
+        return _ratio_list([ratios])
+    wrong = TypeError(f"ratios must be a ratio ('16:9', 1.5 or 'any') or a list of them, not "
+                      f"{type(ratios).__name__}")
+    if isinstance(ratios, (bytes, bytearray, memoryview, Mapping)):
+        raise wrong
+    try:
+        out = list(ratios)
+    except TypeError:
+        raise wrong from None
+    for r in out:
+        if not is_free(r):
+            as_ratio(r)
+    return out
+
+
+def _check_top_k(top_k) -> None:
+    if not (_is_int(top_k) and top_k >= 1):
+        raise ValueError(f"top_k must be a whole number of 1 or more, not {top_k!r}")
+
+
+def _check_image(image, what: str = "a PIL image (crop() also takes a path or bytes)") -> None:
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        hint = " (PIL.Image.fromarray makes one of an array)" if isinstance(image, np.ndarray) else ""
+        raise TypeError(f"the image must be {what}, not {type(image).__name__}{hint}")
+
+
 def _check_flags(**flags) -> None:
     """A one-line ``ValueError`` for the first of ``flags`` that is not True or False (``refine="no"`` would
     count as true)."""
@@ -243,6 +279,10 @@ class Cropper:
         is the (w, h) of the image the boxes are expressed in (``None``: the image's own size).  A box that is
         not one inside that image (NaN, empty, beyond its border) is a one-line ``ValueError``.
         """
+        _check_image(image)
+        if not isinstance(box_sets, Mapping):
+            raise TypeError(f"box_sets must map names to boxes, such as {{'mine': [[x1, y1, x2, y2]]}}, not "
+                            f"{type(box_sets).__name__}")
         fw, fh = full_size or image.size
         if not (fw >= 1 and fh >= 1):
             raise ValueError(f"the image must be at least 1x1 pixels, not {fw}x{fh}")
@@ -331,7 +371,12 @@ class Cropper:
                          faces: Sequence | None = None) -> list:
         """:meth:`best_crops` for several ``(image, full_size)`` pairs, batching the backbone where possible.
         ``faces``: with :attr:`faces`, each image's faces if already found (``run``'s decoding workers find
-        them, :func:`~smartcrop.stages.prepare`); None: :meth:`find_faces` here."""
+        them, :func:`~smartcrop.stages.prepare`); None: :meth:`find_faces` here.  ``ratios`` and ``top_k`` are
+        checked as :meth:`crop` checks them."""
+        ratios = _ratio_list(ratios)
+        _check_top_k(top_k)
+        for img, _ in images:
+            _check_image(img)
         box_sets = []
         for img, full in images:
             fw, fh = full or img.size
@@ -415,7 +460,8 @@ class Cropper:
 
     def best_crops(self, image, full_size: tuple[int, int] | None, ratios: Sequence[str] = ("any",),
                    top_k: int = 1) -> list[Crop]:
-        """The ``top_k`` best distinct crops for every ratio, from one backbone pass."""
+        """The ``top_k`` best distinct crops for every ratio, from one backbone pass (``image`` a PIL image,
+        ``full_size`` as in :meth:`score_boxes`; ``ratios`` and ``top_k`` as in :meth:`crop`)."""
         return self.best_crops_batch([(image, full_size)], ratios, top_k)[0]
 
     def crop(self, image, ratios: Iterable[str] | str = ("any",), top_k: int = 1) -> list[Crop]:
@@ -429,12 +475,10 @@ class Cropper:
         """
         from PIL import Image
 
-        ratios = ["any"] if ratios is None else [ratios] if isinstance(ratios, str) else list(ratios)
-        for r in ratios:
-            if not is_free(r):
-                as_ratio(r)  # a one-line ValueError for a bad one
-        if not (_is_int(top_k) and top_k >= 1):
-            raise ValueError(f"top_k must be a whole number of 1 or more, not {top_k!r}")
+        ratios = _ratio_list(ratios)
+        _check_top_k(top_k)
+        if not isinstance(image, (Image.Image, str, os.PathLike, bytes, bytearray, memoryview)):
+            _check_image(image, "a path, bytes or a PIL image")
         if isinstance(image, Image.Image):
             from .imageio import as_rgb
 
@@ -449,4 +493,4 @@ class Cropper:
                     raise ImageError(f"{safe_name(image)}: {e}") from None
                 raise
             loaded_img, full = li.image, li.full_size
-        return self.best_crops(loaded_img, full, list(ratios), top_k)
+        return self.best_crops(loaded_img, full, ratios, top_k)

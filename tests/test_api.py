@@ -74,6 +74,47 @@ def test_numeric_ratios_crop_as_their_text_does(cropper, tmp_path):
     assert [c.box for c in cropper.crop(gray, None)] == [c.box for c in cropper.crop(gray, "any")]
 
 
+def test_one_number_is_one_ratio_and_what_is_no_ratio_is_a_type_error(cropper, tmp_path):
+    gray = _gray(tmp_path)
+    assert [c.box for c in cropper.crop(gray, 1.5)] == [c.box for c in cropper.crop(gray, "3:2")]
+    assert [c.box for c in cropper.crop(gray, np.float64(1.5))] == [c.box for c in cropper.crop(gray, [1.5])]
+    for ratios in (b"16:9", {"16:9": 1}, object()):
+        with pytest.raises(TypeError, match="ratios must be a ratio .* or a list of them") as e:
+            cropper.crop(gray, ratios)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("call", ["best_crops", "best_crops_batch"])
+def test_best_crops_checks_ratios_and_top_k_as_crop_does(cropper, tmp_path, call):
+    """The lower-level calls took top_k 0 for every distinct crop and read "16" as the ratios "1" and "6"."""
+    gray = _gray(tmp_path).convert("RGB")
+
+    def best(ratios, top_k=1):
+        if call == "best_crops":
+            return cropper.best_crops(gray, None, ratios, top_k)
+        return cropper.best_crops_batch([(gray, None)], ratios, top_k)[0]
+
+    for top_k in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="top_k must be a whole number"):
+            best(["1:1"], top_k)
+    with pytest.raises(ValueError, match="bad aspect ratio '16': must lie between"):
+        best("16")
+    assert [c.box for c in best("16:9")] == [c.box for c in cropper.crop(gray, "16:9")]
+    assert [c.ratio for c in best("16:9")] == ["16:9"]
+
+
+def test_what_is_not_an_image_is_a_type_error_that_says_what_is(cropper, tmp_path):
+    arr = np.zeros((90, 120, 3), np.uint8)
+    with pytest.raises(TypeError, match=r"must be a path, bytes or a PIL image, not ndarray \(PIL.Image.fromarray"):
+        cropper.crop(arr, "1:1")
+    with pytest.raises(TypeError, match=r"must be a PIL image \(crop\(\) also takes a path or bytes\), not str"):
+        cropper.score_boxes(str(tmp_path / "p.jpg"), None, {"m": [[0, 0, 10, 10]]})
+    with pytest.raises(TypeError, match="must be a PIL image .*not ndarray"):
+        cropper.best_crops(arr, None, ["1:1"])
+    with pytest.raises(TypeError, match="box_sets must map names to boxes"):
+        cropper.score_boxes(_gray(tmp_path), None, [[0, 0, 10, 10]])
+
+
 @pytest.mark.parametrize("kwargs, words", [({"fuse": 2.5}, "fuse must be a whole number"),
                                            ({"fuse": "3"}, "fuse must be a whole number"),
                                            ({"fuse": 0}, "fuse must be a whole number"),
