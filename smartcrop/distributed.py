@@ -377,7 +377,7 @@ def _schemas(return_bytes: bool):
              ("suffix", pa.string()), ("group", pa.string()), ("gpos", pa.int32())]
     photo = pa.schema(ident + [
         ("format", pa.string()), ("full_w", pa.int32()), ("full_h", pa.int32()), ("reduced_depth", pa.int32()),
-        ("has_alpha", pa.bool_()),
+        ("gray_depth", pa.int32()), ("has_alpha", pa.bool_()),
         ("done", pa.list_(pa.string())), ("error", pa.string()), ("data", pa.binary())])
     prepared = photo.append(pa.field("image", pa.binary())).append(pa.field("width", pa.int32())) \
         .append(pa.field("height", pa.int32()))
@@ -510,7 +510,7 @@ def _prepare_batch(table, *, short_side: int, max_long_side: int, opts, out_root
                 img = p.image if p.image.mode == "RGB" else p.image.convert("RGB")
                 row.update(image=img.tobytes(), width=img.width, height=img.height, full_w=p.full_size[0],
                            full_h=p.full_size[1], format=p.format, reduced_depth=int(p.reduced_depth),
-                           has_alpha=bool(p.has_alpha))
+                           gray_depth=int(p.gray_depth), has_alpha=bool(p.has_alpha))
         except per_file as e:
             row["error"] = _describe(e)
         rows.append(_wired(row))
@@ -606,7 +606,7 @@ def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes:
     then :func:`~smartcrop.stages.finish`; a remote output is written here from the returned bytes."""
     from .naming import output_ext, source_of
     from .runner import fewer_than_asked
-    from .stages import crop_job, finish
+    from .stages import crop_job, depth_lost, finish
 
     item = _item(r)
     ext = output_ext(item, opts.out_format, r["format"], bool(r.get("has_alpha")))
@@ -628,10 +628,11 @@ def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes:
         recs[0]["fewer"] = True
     if job is None:
         return recs
-    if r["reduced_depth"]:
+    bits = depth_lost(r["reduced_depth"] or 0, r.get("gray_depth") or 0, ext)
+    if bits:
         from .imageio import depth_note
 
-        recs[0]["note"] = depth_note(r["reduced_depth"])
+        recs[0]["note"] = depth_note(bits)
     targets = [s.target for s in job.crops]
     if remote:  # finish returns the bytes; they go to the URI from here
         for s in job.crops:

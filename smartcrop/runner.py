@@ -29,8 +29,8 @@ from .naming import OutputNamer, forget_run, output_ext, source_of
 from .plan import RunOptions
 from .pool import WorkerPool, import_torch, keep_freed_memory, usable_cores
 from .progress import stderr_is_tty
-from .stages import (PER_FILE_ERRORS, PRELOAD_ENV, WorkerModel, crop_job, finish, prepare, prepare_and_score,
-                     may_crop_losslessly, warm_lossless)
+from .stages import (PER_FILE_ERRORS, PRELOAD_ENV, WorkerModel, crop_job, depth_lost, finish, prepare,
+                     prepare_and_score, may_crop_losslessly, warm_lossless)
 
 
 def write_all(stream, data: bytes) -> None:
@@ -346,19 +346,20 @@ class Runner:
             self.thumbs.append(thumbnail_with_boxes(p.image, p.full_size, crops, Path(item.display).name))
         claim = None if namer is None else (lambda *a: namer.claim(item, *a))
         refused: list[str] = []
+        ext = output_ext(item, opts.out_format, p.format, p.has_alpha)
         decisions, job = crop_job(item.display, _source(item), [(c.ratio, c.box, c.score) for c in crops],
-                                  output_ext(item, opts.out_format, p.format, p.has_alpha), opts, claim,
-                                  on_refused=refused.append, mark=source_of(item))
+                                  ext, opts, claim, on_refused=refused.append, mark=source_of(item))
         for line in refused:
             self.on_error(f"{item.display}: {line}")
         summary.incomplete += bool(refused)
         summary.fewer += fewer_than_asked([c.ratio for c in crops], opts)
         recs = [CropRecord(item.display, d.output if d.skipped else None, d.ratio, list(d.box), d.score,
                            list(d.size), d.skipped) for d in decisions]
-        if p.reduced_depth and job is not None:
+        bits = depth_lost(p.reduced_depth, p.gray_depth, ext)
+        if bits and job is not None:
             from .imageio import depth_note
 
-            self.on_error(f"{item.display}: {depth_note(p.reduced_depth)}")
+            self.on_error(f"{item.display}: {depth_note(bits)}")
         return index, recs, None if job is None else pool.submit(finish, job), job
 
     def _write_preview(self, summary: RunSummary) -> None:

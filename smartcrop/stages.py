@@ -39,6 +39,18 @@ class Prepared:
     has_alpha: bool = False
     reduced_depth: int = 0  # bits per sample of a deeper source whose crops will be 8-bit (0: none)
     faces: object = None  # with --faces: the faces found on ``image`` (full-size pixels, faces.detect_faces)
+    gray_depth: int = 0  # bits per sample of a 16-bit grayscale source: PNG and TIFF crops keep them, others not
+
+
+def depth_lost(reduced_depth: int, gray_depth: int, ext: str) -> int:
+    """Bits per sample of a deep source that its crops written as ``ext`` reduce to 8 (0: none): any deep
+    source's (``Prepared.reduced_depth``), and 16-bit grayscale's (``Prepared.gray_depth``) unless the crops are
+    PNG or TIFF."""
+    from .imageio import OUTPUT_FORMATS
+
+    if gray_depth and OUTPUT_FORMATS.get("." + ext.lower().lstrip(".")) not in ("PNG", "TIFF"):
+        return gray_depth
+    return reduced_depth
 
 
 @dataclass
@@ -190,8 +202,9 @@ def prepare(source, short_side: int, max_long_side: int, faces: bool = False) ->
 
         one_thread()  # one photo per worker and core, as for torch
         found = detect_for_model(img, li.full_size, size)
-    return Prepared(img, li.full_size, li.format, li.has_alpha,
-                    li.bit_depth if li.reduced_depth else 0, found)
+    deep = li.bit_depth if li.bit_depth > 8 else 0
+    return Prepared(img, li.full_size, li.format, li.has_alpha, deep if li.reduced_depth else 0, found,
+                    gray_depth=0 if li.reduced_depth else deep)
 
 
 class ScoringError(SmartcropError):

@@ -1775,6 +1775,20 @@ def test_deep_sources_get_a_note_with_their_own_depth(sw):
     assert res.lines == [f"smartcrop: {sw.src / 'deep.tif'}: note: 32-bit samples reduced to 8 bits in the crops"]
 
 
+@pytest.mark.parametrize("fmt, reduced", [("png", False), ("tif", False), ("jpg", True), ("webp", True)])
+def test_sixteen_bit_grayscale_gets_the_note_where_its_crops_lose_the_depth(sw, fmt, reduced):
+    """16-bit grayscale keeps its depth in PNG and TIFF crops; written as JPEG or WebP it lost it without the note
+    every other deep source gets."""
+    a = (np.arange(64 * 96).reshape(64, 96) * 10 % 65536).astype(np.uint16)
+    Image.fromarray(a).save(sw.src / "gray16.png")
+    res = sw.run(sw.src, "--ratio", "1:1", "--format", fmt, "--json", "-o", sw.out)
+    sw.check(res, 0, lines=int(reduced))
+    note = f"smartcrop: {sw.src / 'gray16.png'}: note: 16-bit samples reduced to 8 bits in the crops"
+    assert res.lines == ([note] if reduced else [])
+    with Image.open(res.records[0]["output"]) as out:
+        assert (out.mode in ("L", "RGB")) == reduced
+
+
 def test_image_to_a_terminal_is_refused(sw):
     pty = pytest.importorskip("pty")
     a, *_ = three(sw)
