@@ -162,7 +162,8 @@ def parse_ratio(text: str) -> Fraction:
         else:
             raise ValueError
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"bad aspect ratio {_short_repr(text)}: expected W:H such as 16:9") from None
+        raise ValueError(f"bad aspect ratio {_short_repr(text)}: expected W:H such as 16:9 (plain numbers, "
+                         "without a sign or an exponent)") from None
     if w <= 0 or h <= 0:
         raise ValueError(f"bad aspect ratio {_short_repr(text)}: width and height must be positive")
     return _in_range(w / h, text)

@@ -343,6 +343,8 @@ def _open_image(fp: IO[bytes], max_pixels: int, container: str | None = None) ->
     except Image.DecompressionBombError as e:
         raise ImageError(_bomb_message(e, max_pixels)) from e
     except OSError as e:
+        if e.errno is None:  # a plugin's own (a truncated WebP: "could not create decoder object"), not the disk's
+            raise ImageError(f"truncated or corrupt image file ({_detail(e)})") from e
         raise ImageError(f"cannot read file ({e.strerror or e})") from e
     except Exception as e:  # plugins may raise ValueError, struct.error, ... on mangled headers
         raise ImageError(f"corrupt image header ({_detail(e)})") from e

@@ -78,6 +78,13 @@ def test_parse_ratio_rejects_bad(bad):
         parse_ratio(bad)
 
 
+@pytest.mark.parametrize("bad", ["1e9:1", "1:1e9", "+16:9", "1e3"])
+def test_a_ratio_in_a_form_not_read_says_which_numbers_are(bad):
+    """"1e9:1" is in W:H form: "expected W:H such as 16:9" alone did not say what was wrong with it."""
+    with pytest.raises(ValueError, match="without a sign or an exponent"):
+        parse_ratio(bad)
+
+
 def test_parse_ratio_forms_and_labels():
     assert parse_ratio("16:9") == parse_ratio("16x9") == parse_ratio("32/18")
     assert float(parse_ratio("1.5")) == 1.5

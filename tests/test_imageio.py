@@ -265,6 +265,18 @@ def test_truncated_png(tmp_path):
     assert_one_line_error(ei, "truncated or corrupt")
 
 
+@pytest.mark.parametrize("keep", [0.9, 0.5, 30])
+def test_truncated_webp_is_named_truncated_not_unreadable(keep):
+    """libwebp refuses a cut file when Pillow opens it: that said "cannot read file", as if the disk had failed."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (100, 100, 3), np.uint8)).save(buf, "WEBP")
+    data = buf.getvalue()
+    with pytest.raises(ImageError) as ei:
+        load_image(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    assert_one_line_error(ei, "truncated or corrupt")
+    assert "cannot read file" not in str(ei.value)
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(ImageError) as ei:
         load_image(tmp_path / "nope.jpg")
