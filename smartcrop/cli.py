@@ -27,6 +27,32 @@ def err(msg: str) -> None:
     print(f"smartcrop: {safe_name(msg)}", file=sys.stderr, flush=True)
 
 
+class _LeftOut:
+    """The photos a `train` or `finetune` run leaves out, each said in its own line as it goes (unreadable,
+    annotations that do not fit it, a malformed annotation, a validation photo that cannot be read): counted,
+    so that the run ends as `run` and `eval` do when a photo was left out — the model written, exit 1."""
+
+    def __init__(self) -> None:
+        from .training import SKIPPING, VAL_SKIPPED
+
+        self.count = 0
+        self.skipped = (SKIPPING, VAL_SKIPPED)
+
+    def error(self, line: str) -> None:
+        self.count += 1
+        err(line)
+
+    def log(self, line: str) -> None:
+        self.count += line.startswith(self.skipped)
+        err(line)
+
+    def exit_if_any(self) -> None:
+        if self.count:
+            err(f"{self.count} photo{'s' if self.count != 1 else ''} left out (named above): the model was trained "
+                "without them")
+            raise typer.Exit(1)
+
+
 def _flag_type(self, ctx):
     """Help shows boolean flags as plain flags (no ``<bool>``); other options keep their type."""
     return None if self.is_flag else _option_type(self, ctx)
@@ -428,22 +454,26 @@ def finetune(
     check_resume(resume, "finetune", lr=lr, base=base_sha, sources=sources, config=asdict(cfg))
     ctx.with_resource(output_lock(out_path))  # held until the command ends: a second run writing it is refused
     check_outputs(out_path, resume, force, log_file=False, inputs=[base])
+    left_out = _LeftOut()
     try:
-        photos = list_images(albums, recursive=True, on_error=err)
+        photos = list_images(albums, recursive=True, on_error=left_out.error)
     except OSError as e:
         raise UsageError(str(e)) from None
     if len(photos) < FinetuneConfig.min_photos:  # too few even if all decode: before the model is loaded
         raise TooFewPhotos(len(photos), FinetuneConfig.min_photos)
     # read now, so that bad labeled data is refused before the model loads and the album is decoded
-    labeled_items = labeled_sources(labeled, on_note=err, on_error=err) if labeled is not None else None
+    labeled_items = (labeled_sources(labeled, on_note=err, on_error=left_out.error) if labeled is not None
+                     else None)
     cropper = _cropper(weights, model, device)
     with _training_interrupts(out_path.with_suffix(".ckpt"), resume):
         history = finetune(cropper.net, photos, cfg, labeled, out_path.with_suffix(".ckpt"), resume,
-                           cropper.device, log=err, labeled_items=labeled_items, base=base_sha, sources=sources)
+                           cropper.device, log=left_out.log, labeled_items=labeled_items, base=base_sha,
+                           sources=sources)
         card = save_finetuned(cropper.net, out_path, base_path=cropper.path, albums=albums, photos=len(photos),
                               labeled=labeled, cfg=cfg, history=history, argv=sys.argv[2:])
     err(f"saved {out_path} (sha256 {card['sha256'][:12]}…)"
         + (f"; use it with --model {out_path.stem}" if out_path.parent == user_models_dir() else ""))
+    left_out.exit_if_any()
 
 
 @app.command()
@@ -679,7 +709,8 @@ def train(
     if dev.startswith("cuda"):
         err("note: the GPU recipe (end to end, 8 images a step) was measured on one fold only, below the CPU "
             "recipe's GAICD accuracy there (docs/performance.md); --device cpu trains the shipped recipe")
-    data = load_train_data(gaicd, fcdb, unlabeled, val_fraction, on_note=err, on_error=err)
+    left_out = _LeftOut()
+    data = load_train_data(gaicd, fcdb, unlabeled, val_fraction, on_note=err, on_error=left_out.error)
     if fcdb_mix is not None and not fcdb_head:
         raise UsageError("--fcdb-mix needs --fcdb-head")
     if top_weight > 0 and centred_mos is not None:
@@ -718,8 +749,9 @@ def train(
     if branch_seed is not None:
         info["training"]["branch"] = {"from": str(resume), "seed": branch_seed}
     with _training_interrupts(out.with_suffix(".ckpt"), resume):
-        run_training(net, data, cfg, out, dev, resume, info, log=err, workers=workers, teachers=teacher,
+        run_training(net, data, cfg, out, dev, resume, info, log=left_out.log, workers=workers, teachers=teacher,
                      branch_seed=branch_seed, sources=sources)
+    left_out.exit_if_any()
 
 
 def _stat_key(path: Path):

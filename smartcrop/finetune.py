@@ -27,7 +27,7 @@ import numpy as np
 
 from .anchors import flip_boxes, gaic_anchors, scale_boxes
 from .errors import UsageError
-from .training import TrainConfig, check_same_config, restore_run, write_checkpoint
+from .training import SKIPPING, TrainConfig, check_same_config, restore_run, write_checkpoint
 
 
 class AlbumError(UsageError):
@@ -109,13 +109,13 @@ def cache_photos(net, sources: Sequence, log: Callable[[str], None], progress=No
             try:
                 li = load_image(path, target_short_side=cfg.short_side)
             except ImageError as e:
-                log(f"warning: skipping {path}: {e}")
+                log(f"{SKIPPING}{path}: {e}")
                 bar.advance()
                 continue
             fw, fh = li.full_size
             outside = None if kind == "album" else annotation_outside(src, fw, fh)
             if outside is not None:
-                log(f"warning: skipping {path}: {outside}")
+                log(f"{SKIPPING}{path}: {outside}")
                 bar.advance()
                 continue
             w, h = network_size(fw, fh, cfg.short_side, cfg.max_long_side)
@@ -344,7 +344,7 @@ def adapt_cropper(cropper, photos: Sequence[Path], epochs: int = 2, log: Callabl
     # a photo that cannot be read is reported by the run that crops it: not a second time here
     try:
         finetune(net, photos, FinetuneConfig(epochs=epochs), device=cropper.device,
-                 log=lambda line: None if line.startswith("warning: skipping ") else log(line))
+                 log=lambda line: None if line.startswith(SKIPPING) else log(line))
     except TooFewPhotos as e:  # the photos that do decode are still cropped, by the model as it is
         log(f"not adapted: {e}; cropping with the model as it is")
         return cropper

@@ -863,6 +863,11 @@ def _decode_for_training(path, short_side: int):
     return li.image, li.full_size
 
 
+#: how the log line of a photo a training or fine-tuning run leaves out begins (the command line counts them)
+SKIPPING = "warning: skipping "
+VAL_SKIPPED = "warning: validation photo skipped"
+
+
 def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None], progress=None,
                     workers: int = 1, teachers: Sequence = ()) -> tuple:
     """Decode and prepare every training image (``Trainer.prepare``; the unlabeled photos with the targets of
@@ -901,13 +906,13 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
                     except BrokenExecutor:  # its worker died (e.g. killed for memory): once more, here
                         image, full_size = _decode_for_training(path, short)
                 except ImageError as e:
-                    log(f"warning: skipping {path}: {e}")
+                    log(f"{SKIPPING}{path}: {e}")
                     skipped += 1
                     bar.advance()
                     continue
                 outside = None if kind == "unlabeled" else annotation_outside(it, *full_size)
                 if outside is not None:
-                    log(f"warning: skipping {path}: {outside}")
+                    log(f"{SKIPPING}{path}: {outside}")
                     skipped += 1
                     bar.advance()
                     continue
@@ -1341,7 +1346,7 @@ def run_training(model, data: TrainData, cfg: TrainConfig, out: Path, device: st
     def val_error(message: str) -> None:  # once a run, not once an epoch
         if message not in reported:
             reported.add(message)
-            log(f"warning: validation photo skipped: {message}")
+            log(f"{VAL_SKIPPED}: {message}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as lf:

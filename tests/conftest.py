@@ -87,6 +87,13 @@ def tiny_album(tmp_path):
     return d
 
 
+@pytest.fixture
+def clean_album(tiny_album):
+    """:func:`tiny_album` without its unreadable photo: a `finetune` or `train` on it leaves nothing out (exit 0)."""
+    (tiny_album / "broken.jpg").unlink()
+    return tiny_album
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int):
     torch = pytest.importorskip("torch")

@@ -23,8 +23,11 @@ def test_train_from_init_writes_a_model_with_its_card(tmp_path, tiny_gaicd, tiny
     code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--unlabeled", tiny_album,
                        "--init", small_model_file, "--epochs", "1", "--val-fraction", "0.34", "--device", "cpu",
                        "--fcdb-tau", "0.1", "--fcdb-border", "--out", out)
-    assert code == 0, err
-    assert "broken.jpg" in err  # the unreadable unlabeled photo is named and skipped
+    # the unreadable unlabeled photo is named and left out; the model is written, and the exit status says one
+    # photo was left out, as `run` and `eval` do
+    assert code == 1 and "broken.jpg" in err, err
+    assert err.strip().splitlines()[-1] == ("smartcrop: 1 photo left out (named above): the model was trained "
+                                            "without them")
     card = read_card(out)
     tr = card["training"]
     assert tr["n_gaicd"] == 2 and tr["n_fcdb"] == 3 and tr["n_unlabeled"] == 5  # one GAICD image held out
@@ -155,10 +158,10 @@ def test_train_init_seed_sets_the_heads_initialisation_apart_from_the_data_seed(
 
 
 def test_train_branches_resumed_with_their_own_seeds_share_the_checkpoint_and_then_differ(
-        tmp_path, tiny_gaicd, tiny_fcdb, tiny_album, small_model_file, one_thread):
+        tmp_path, tiny_gaicd, tiny_fcdb, clean_album, small_model_file, one_thread):
     from smartcrop.weights import load_model, read_card
 
-    common = ["train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--unlabeled", tiny_album,
+    common = ["train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--unlabeled", clean_album,
               "--init", small_model_file, "--val-fraction", "0", "--device", "cpu", "-j", "1"]
     base = tmp_path / "base.safetensors"
     code, _, err = cli(*common, "--epochs", "1", "--out", base)
@@ -178,11 +181,11 @@ def test_train_branches_resumed_with_their_own_seeds_share_the_checkpoint_and_th
     assert read_card(outs["b"])["training"]["branch"] == {"from": str(base.with_suffix(".ckpt")), "seed": 6}
     assert "branch" not in read_card(outs["plain"])["training"]
     # a checkpoint goes on only with the data its run read (it was continued on any, the card naming those)
-    other = [*common[:6], tiny_album / "sub", *common[7:]]
+    other = [*common[:6], clean_album / "sub", *common[7:]]
     code, _, err = cli(*other, "--epochs", "2", "--resume", base.with_suffix(".ckpt"), "--out",
                        tmp_path / "o.safetensors")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert f"its run read other data (--unlabeled was {tiny_album.resolve()})" in err
+    assert f"its run read other data (--unlabeled was {clean_album.resolve()})" in err
     # ... and only with the settings it started with (the checkpoint's scheduler and optimizer won, the card
     # said otherwise; another validation share moved photos across the split); a part missing: one line
     ckpt = base.with_suffix(".ckpt")
@@ -355,11 +358,11 @@ def test_train_with_the_lite0_backbone_freezes_its_own_prefix(tmp_path, tiny_gai
     assert "efficientnet_lite0, not mobilenet_v2" in err and not (tmp_path / "n.safetensors").exists()
 
 
-def test_train_with_teachers_distils_and_records_them(tmp_path, tiny_gaicd, tiny_fcdb, tiny_album, small_model_file):
+def test_train_with_teachers_distils_and_records_them(tmp_path, tiny_gaicd, tiny_fcdb, clean_album, small_model_file):
     from smartcrop.weights import read_card, sha256_file
 
     out = tmp_path / "m.safetensors"
-    code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--unlabeled", tiny_album,
+    code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--fcdb", tiny_fcdb, "--unlabeled", clean_album,
                        "--init", small_model_file, "--teacher", small_model_file, "--teacher", small_model_file,
                        "--epochs", "1", "--val-fraction", "0", "--device", "cpu", "--no-rc", "--out", out)
     assert code == 0, err
@@ -550,7 +553,7 @@ def test_eval_notes_photos_missing_from_a_benchmark_in_one_line(tmp_path, tiny_f
 
 def test_a_malformed_gaicd_annotation_fails_that_image_alone(tmp_path, tiny_gaicd, small_model_file):
     """eval: the image is named with the file and line, left out, the others scored, exit 1; train: the same
-    line, trained on the others."""
+    line, trained on the others, exit 1."""
     ann = tiny_gaicd / "annotations" / "train" / "img1.txt"
     ann.write_text(ann.read_text() + "0 0 x 40 3\n")
     code, out, err = cli("eval", "gaicd", tiny_gaicd, "--split", "train", "--weights", small_model_file, "--json")
@@ -560,7 +563,27 @@ def test_a_malformed_gaicd_annotation_fails_that_image_alone(tmp_path, tiny_gaic
         lines[0].endswith("img1.jpg skipped"), lines
     code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--epochs", "1",
                        "--val-fraction", "0", "--device", "cpu", "--out", tmp_path / "t.safetensors")
-    assert code == 0 and "img1.jpg skipped" in err and "prepared 2 GAICD" in err, err
+    assert code == 1 and "img1.jpg skipped" in err and "prepared 2 GAICD" in err, err
+    assert (tmp_path / "t.safetensors").is_file()
+    assert err.strip().splitlines()[-1].endswith("1 photo left out (named above): the model was trained without them")
+
+
+def test_train_counts_a_validation_photo_it_cannot_read_as_left_out(tmp_path, tiny_gaicd, small_model_file):
+    from smartcrop.weights import read_card
+
+    out = tmp_path / "t.safetensors"
+    args = ["train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--epochs", "2",
+            "--val-fraction", "0.34", "--device", "cpu", "--out", out]
+    code, _, err = cli(*args)
+    assert code == 0, err
+    held_out = read_card(out)["training"]["val_gaicd"]
+    assert len(held_out) == 1
+    (tiny_gaicd / "images" / "train" / f"{held_out[0]}.jpg").write_bytes(b"not a jpeg")
+    code, _, err = cli(*args, "--force")
+    lines = err.strip().splitlines()
+    assert code == 1 and sum("validation photo skipped" in ln for ln in lines) == 1, err  # once, not once an epoch
+    assert out.is_file()
+    assert lines[-1] == "smartcrop: 1 photo left out (named above): the model was trained without them"
 
 
 def test_eval_skips_a_photo_whose_annotations_lie_outside_it_in_one_line(tmp_path, tiny_gaicd, tiny_fcdb,

@@ -24,8 +24,11 @@ def test_finetune_album_writes_a_loadable_model_that_moved(tmp_path, tiny_album,
     base_sha = sha(small_model_file)
     code, _, err = cli("finetune", tiny_album, "-o", "holiday-2026", "--weights", small_model_file,
                        "--epochs", "2", "--lr", "1e-3", "--distill", "0")
-    assert code == 0, err
-    assert "broken.jpg" in err  # the unreadable photo is named and skipped
+    assert code == 1 and "broken.jpg" in err, err  # the unreadable photo is named and left out: exit 1
+    assert err.strip().splitlines()[-2:] == [
+        f"smartcrop: saved {tmp_path / 'home' / 'models' / 'holiday-2026.safetensors'} (sha256 "
+        f"{sha(tmp_path / 'home' / 'models' / 'holiday-2026.safetensors')[:12]}…); use it with --model holiday-2026",
+        "smartcrop: 1 photo left out (named above): the model was trained without them"]
     out = tmp_path / "home" / "models" / "holiday-2026.safetensors"
     assert out.is_file() and not out.with_suffix(".ckpt").exists()
     assert sha(small_model_file) == base_sha  # the base model is never touched
@@ -74,9 +77,9 @@ def test_distillation_keeps_the_model_close_to_its_base(tmp_path, tiny_album, sm
     assert drift(10.0) < drift(0.0)
 
 
-def test_finetune_with_labeled_data_and_resume(tmp_path, tiny_album, tiny_gaicd, small_model_file):
+def test_finetune_with_labeled_data_and_resume(tmp_path, clean_album, tiny_gaicd, small_model_file):
     out = tmp_path / "m.safetensors"
-    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1",
+    code, _, err = cli("finetune", clean_album, "-o", out, "--weights", small_model_file, "--epochs", "1",
                        "--labeled", tiny_gaicd)
     assert code == 0, err
     from smartcrop.weights import read_card
@@ -88,7 +91,7 @@ def test_finetune_with_labeled_data_and_resume(tmp_path, tiny_album, tiny_gaicd,
     from smartcrop.finetune import FinetuneConfig, finetune
     from smartcrop.weights import load_model
 
-    photos = sorted(p for p in tiny_album.rglob("p*.jpg"))
+    photos = sorted(p for p in clean_album.rglob("p*.jpg"))
     net = load_model(small_model_file)
     ck = tmp_path / "f.ckpt"
     finetune(net, photos, FinetuneConfig(epochs=1), checkpoint=ck, log=lambda s: None, progress=False)
@@ -235,7 +238,7 @@ def test_resume_takes_only_its_own_commands_checkpoint_refused_before_any_work(t
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "t.safetensors").exists()
 
 
-def test_bad_labeled_data_is_one_line_before_any_work_and_its_notes_are_notes(tmp_path, tiny_album, tiny_gaicd,
+def test_bad_labeled_data_is_one_line_before_any_work_and_its_notes_are_notes(tmp_path, clean_album, tiny_gaicd,
                                                                               tiny_fcdb, small_model_file,
                                                                               monkeypatch):
     import smartcrop.cli
@@ -245,7 +248,7 @@ def test_bad_labeled_data_is_one_line_before_any_work_and_its_notes_are_notes(tm
     monkeypatch.setattr(smartcrop.cli, "_cropper", lambda *a: pytest.fail("the model was loaded first"))
     (tiny_fcdb / "cropping_training_set.json").write_text('[{"url": "https://x/0_x_b.jpg", "crop": "1234"}]')
     for data, words in ((tiny_fcdb, "entry 0: crop '1234' is not a box"), (tmp_path / "nowhere", "neither a GAICD")):
-        code, _, err = cli("finetune", tiny_album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file,
+        code, _, err = cli("finetune", clean_album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file,
                            "--labeled", data)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     monkeypatch.undo()
@@ -253,16 +256,17 @@ def test_bad_labeled_data_is_one_line_before_any_work_and_its_notes_are_notes(tm
     # annotation without its photo) is a note line, not a Python warning
     ann.write_text(good + "0 0 50 50 9\n")
     (ann.parent / "lost.txt").write_text(good)
-    code, _, err = cli("finetune", tiny_album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file,
+    code, _, err = cli("finetune", clean_album, "-o", tmp_path / "m.safetensors", "--weights", small_model_file,
                        "--labeled", tiny_gaicd, "--epochs", "1")
-    assert code == 0, err
+    assert code == 1 and err.strip().splitlines()[-1].endswith("1 photo left out (named above): the model was "
+                                                                "trained without them"), err
     bad = [ln for ln in err.splitlines() if "img1.txt:" in ln]
     assert len(bad) == 1 and "outside GAICD's 1 to 5" in bad[0] and bad[0].endswith("img1.jpg skipped"), err
     notes = [ln for ln in err.splitlines() if "annotation files have no image" in ln]
     assert len(notes) == 1 and notes[0].startswith("smartcrop: note: ") and "UserWarning" not in err, err
     code, _, err = cli("train", "--gaicd", f"{tiny_gaicd}:train", "--init", small_model_file, "--epochs", "1",
                        "--val-fraction", "0", "--device", "cpu", "--out", tmp_path / "t.safetensors")
-    assert code == 0, err
+    assert code == 1 and "img1.jpg skipped" in err, err  # the same image left out
     notes = [ln for ln in err.splitlines() if "annotation files have no image" in ln]
     assert len(notes) == 1 and notes[0].startswith("smartcrop: note: ") and "UserWarning" not in err, err
 
@@ -283,17 +287,17 @@ def test_run_adapt_crops_with_an_adapted_copy_and_leaves_the_model_untouched(tmp
     assert abs((x2 - x1) * 5 - (y2 - y1) * 4) <= 5 and np.isfinite(recs[0]["score"])
 
 
-def test_finetune_never_replaces_or_removes_a_checkpoint_it_did_not_write(tmp_path, tiny_album, small_model_file):
+def test_finetune_never_replaces_or_removes_a_checkpoint_it_did_not_write(tmp_path, clean_album, small_model_file):
     out = tmp_path / "m.safetensors"
     ckpt = out.with_suffix(".ckpt")
     torch.save({"state_dict": {"w": torch.zeros(2)}}, ckpt)  # e.g. a Lightning checkpoint beside it
     before = ckpt.read_bytes()
     for extra in ([], ["--force"]):
-        code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1", *extra)
+        code, _, err = cli("finetune", clean_album, "-o", out, "--weights", small_model_file, "--epochs", "1", *extra)
         assert code == 2 and "not a smartcrop checkpoint" in err and ckpt.read_bytes() == before
         assert not out.exists()
     ckpt.unlink()
-    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
+    code, _, err = cli("finetune", clean_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
     assert code == 0, err
     assert out.is_file() and not ckpt.exists()  # its own checkpoint is removed once the model is saved
 
@@ -338,7 +342,7 @@ def test_models_lists_what_model_can_choose_whatever_the_models_folder_holds(tmp
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_an_interrupted_finetune_names_its_checkpoint_and_leaves_no_partial_file(tmp_path, tiny_album,
+def test_an_interrupted_finetune_names_its_checkpoint_and_leaves_no_partial_file(tmp_path, clean_album,
                                                                                  small_model_file, monkeypatch,
                                                                                  signal_name):
     import os
@@ -364,7 +368,7 @@ def test_an_interrupted_finetune_names_its_checkpoint_and_leaves_no_partial_file
         return real_write(path, data)
 
     monkeypatch.setattr(imageio, "write_atomic", write_atomic)
-    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "3")
+    code, _, err = cli("finetune", clean_album, "-o", out, "--weights", small_model_file, "--epochs", "3")
     assert code == (143 if signal_name == "SIGTERM" else 130)
     ckpt = out.with_suffix(".ckpt")
     assert err.strip().splitlines()[-1] == (f"smartcrop: {'terminated' if signal_name == 'SIGTERM' else 'interrupted'}"
@@ -373,7 +377,7 @@ def test_an_interrupted_finetune_names_its_checkpoint_and_leaves_no_partial_file
     assert not out.exists() and torch.load(ckpt, weights_only=True)["epoch"] == 1
     assert len(saves) == 2
     monkeypatch.setattr(imageio, "write_atomic", real_write)
-    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "3",
+    code, _, err = cli("finetune", clean_album, "-o", out, "--weights", small_model_file, "--epochs", "3",
                        "--resume", ckpt)
     assert code == 0, err
     assert out.is_file() and not ckpt.exists()
@@ -408,7 +412,7 @@ def test_an_output_path_through_a_missing_folder_and_up_again_is_checked_where_i
     assert {p: p.read_bytes() for p in before} == before
 
 
-def test_the_checkpoint_is_written_through_a_fresh_temporary_file_never_through_a_link(tmp_path, tiny_album,
+def test_the_checkpoint_is_written_through_a_fresh_temporary_file_never_through_a_link(tmp_path, clean_album,
                                                                                        small_model_file):
     """The checkpoint's temporary file had a fixed name (`.OUT.ckpt.tmp`) and its write followed a link there:
     a link to the base model turned that model into a checkpoint."""
@@ -418,20 +422,20 @@ def test_the_checkpoint_is_written_through_a_fresh_temporary_file_never_through_
     shutil.copy(small_model_file, base)
     before = base.read_bytes()
     (tmp_path / ".m.ckpt.tmp").symlink_to(base)
-    code, _, err = cli("finetune", tiny_album, "-o", tmp_path / "m.safetensors", "--weights", base, "--epochs", "1")
+    code, _, err = cli("finetune", clean_album, "-o", tmp_path / "m.safetensors", "--weights", base, "--epochs", "1")
     assert code == 0, err
     assert base.read_bytes() == before and (tmp_path / ".m.ckpt.tmp").is_symlink()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".smartcrop-")]
 
 
-def test_resume_replaces_only_its_own_output_and_continues_only_its_own_run(tmp_path, tiny_album, small_model_file):
+def test_resume_replaces_only_its_own_output_and_continues_only_its_own_run(tmp_path, clean_album, small_model_file):
     """--resume from another run's checkpoint replaced an existing --out without --force; a checkpoint of another
     base model or started at another learning rate was continued as if it were this run's (the card then
     recorded the wrong base or rate)."""
     from smartcrop.finetune import FinetuneConfig, finetune
     from smartcrop.weights import load_model, sha256_file
 
-    photos = sorted(tiny_album.rglob("p*.jpg"))
+    photos = sorted(clean_album.rglob("p*.jpg"))
     mine = sha256_file(small_model_file)
     ckpts = {}
     for name, lr, base in (("other", 5e-5, mine), ("fast", 1e-3, mine), ("elsewhere", 5e-5, "0" * 64)):
@@ -439,16 +443,16 @@ def test_resume_replaces_only_its_own_output_and_continues_only_its_own_run(tmp_
         finetune(load_model(small_model_file), photos, FinetuneConfig(epochs=1, lr=lr), checkpoint=ckpts[name],
                  log=lambda s: None, progress=False, base=base)
     out = tmp_path / "m.safetensors"
-    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
+    code, _, err = cli("finetune", clean_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
     assert code == 0, err
     made = out.read_bytes()
     for resume, words in ((ckpts["other"], "m.safetensors exists"), (ckpts["fast"], "learning rate 0.001, not 5e-05"),
                           (ckpts["elsewhere"], "its run fine-tuned another model")):
-        code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "2",
+        code, _, err = cli("finetune", clean_album, "-o", out, "--weights", small_model_file, "--epochs", "2",
                            "--resume", resume)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (resume, err)
         assert out.read_bytes() == made
-    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "2",
+    code, _, err = cli("finetune", clean_album, "-o", out, "--weights", small_model_file, "--epochs", "2",
                        "--resume", ckpts["fast"], "--lr", "1e-3", "--force")
     assert code == 0, err
 
@@ -501,7 +505,7 @@ def test_an_output_folder_where_no_file_can_be_made_is_refused_before_any_work(t
     assert list((tmp_path / "ro").iterdir()) == []
 
 
-def test_ctrl_c_while_a_model_is_saved_never_leaves_it_beside_the_old_card(tmp_path, tiny_album, small_model_file,
+def test_ctrl_c_while_a_model_is_saved_never_leaves_it_beside_the_old_card(tmp_path, clean_album, small_model_file,
                                                                           monkeypatch):
     """The model and its card are two renames: a Ctrl-C between them left the new model beside the card of the
     one it replaced, and neither loaded again ("checksum mismatch")."""
@@ -512,7 +516,7 @@ def test_ctrl_c_while_a_model_is_saved_never_leaves_it_beside_the_old_card(tmp_p
     from smartcrop.weights import load_model
 
     out = tmp_path / "m.safetensors"
-    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
+    code, _, err = cli("finetune", clean_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
     assert code == 0, err
     real_write = imageio.write_atomic
 
@@ -525,7 +529,7 @@ def test_ctrl_c_while_a_model_is_saved_never_leaves_it_beside_the_old_card(tmp_p
     # a suite started in the background inherits SIGINT ignored (Python keeps it so): Ctrl-C as a terminal's
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1",
+        code, _, err = cli("finetune", clean_album, "-o", out, "--weights", small_model_file, "--epochs", "1",
                            "--seed", "3", "--force")
     finally:
         signal.signal(signal.SIGINT, before)
@@ -533,7 +537,7 @@ def test_ctrl_c_while_a_model_is_saved_never_leaves_it_beside_the_old_card(tmp_p
     load_model(out)  # model and card of one run
 
 
-def test_a_second_run_writing_the_same_model_is_refused_while_one_runs(tmp_path, tiny_album, small_model_file,
+def test_a_second_run_writing_the_same_model_is_refused_while_one_runs(tmp_path, clean_album, small_model_file,
                                                                        monkeypatch):
     """Two finetunes (or trains) writing one --out at once both reported success: they shared OUT.ckpt and the
     later rename won."""
@@ -549,10 +553,10 @@ def test_a_second_run_writing_the_same_model_is_refused_while_one_runs(tmp_path,
         with output_lock(out):  # another run holds it (a second open file description: flock says no)
             assert lock.read_text() == str(os.getpid())
             for o in (out, tmp_path / "new" / ".." / "new" / "m.safetensors"):
-                code, _, err = cli("finetune", tiny_album, "-o", o, "--weights", small_model_file)
+                code, _, err = cli("finetune", clean_album, "-o", o, "--weights", small_model_file)
                 assert code == 2 and len(err.strip().splitlines()) == 1, err
                 assert f"is being written by another smartcrop run (process {os.getpid()})" in err
-            code, _, err = cli("train", "--unlabeled", tiny_album, "-o", out)
+            code, _, err = cli("train", "--unlabeled", clean_album, "-o", out)
             assert code == 2 and "being written by another smartcrop run" in err, err
         assert not (tmp_path / "new").exists()  # made for the lock, removed with it
         few = tmp_path / "few"
@@ -562,7 +566,7 @@ def test_a_second_run_writing_the_same_model_is_refused_while_one_runs(tmp_path,
         assert code == 2 and "only 2 usable photo" in err and not (tmp_path / "fresh").exists()
     lock.parent.mkdir()
     lock.write_text("12345")  # left by a killed run: its lock went with it
-    code, _, err = cli("finetune", tiny_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
+    code, _, err = cli("finetune", clean_album, "-o", out, "--weights", small_model_file, "--epochs", "1")
     assert code == 0, err
     assert sorted(os.listdir(out.parent)) == ["m.json", "m.safetensors"]
 
