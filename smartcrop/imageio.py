@@ -127,6 +127,8 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 #: for Python, pillow-heif's x265, makes its wheels GPL and takes seconds per photo).
 OUTPUT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF",
                   ".tiff": "TIFF", ".avif": "AVIF"}
+#: The output formats a 16-bit grayscale crop keeps its depth in (the others get 8 bits).
+DEEP_FORMATS = ("PNG", "TIFF")
 
 #: Default file extension for each writable Pillow format name.
 FORMAT_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "AVIF": ".avif"}
@@ -1286,7 +1288,7 @@ def _encode(img: Image.Image, fp: IO[bytes], fmt: str, *, quality: int, exif: by
     :func:`encode_image`)."""
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
-    out = _standardize(img, keep_deep=fmt in ("PNG", "TIFF"))
+    out = _standardize(img, keep_deep=fmt in DEEP_FORMATS)
     if fmt == "JPEG" and out.mode == "RGBA":
         out = _flatten(out)
     elif fmt in ("WEBP", "AVIF") and out.mode == "L":

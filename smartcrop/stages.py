@@ -46,9 +46,9 @@ def depth_lost(reduced_depth: int, gray_depth: int, ext: str) -> int:
     """Bits per sample of a deep source that its crops written as ``ext`` reduce to 8 (0: none): any deep
     source's (``Prepared.reduced_depth``), and 16-bit grayscale's (``Prepared.gray_depth``) unless the crops are
     PNG or TIFF."""
-    from .imageio import OUTPUT_FORMATS
+    from .imageio import DEEP_FORMATS, OUTPUT_FORMATS
 
-    if gray_depth and OUTPUT_FORMATS.get("." + ext.lower().lstrip(".")) not in ("PNG", "TIFF"):
+    if gray_depth and OUTPUT_FORMATS.get("." + ext.lower().lstrip(".")) not in DEEP_FORMATS:
         return gray_depth
     return reduced_depth
 
