@@ -375,10 +375,9 @@ class Cropper:
         checked as :meth:`crop` checks them."""
         ratios = _ratio_list(ratios)
         _check_top_k(top_k)
-        for img, _ in images:
-            _check_image(img)
         box_sets = []
         for img, full in images:
+            _check_image(img)
             fw, fh = full or img.size
             box_sets.append({r: anchors_for(fw, fh, r, self.free_grid) for r in ratios})
         if not self.faces:
