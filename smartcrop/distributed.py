@@ -767,16 +767,40 @@ def crop(ds, ratios: Sequence[str] = ("any",), *, output: str | os.PathLike | No
 # the command line (`smartcrop run --engine ray`)
 
 
+#: seconds a cluster address is given to answer before Ray is asked to join it (:func:`_check_answers`)
+CONNECT_TIMEOUT = 10.0
+
+
+def _check_answers(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """A one-line :class:`UsageError` when nothing answers at a ``HOST:PORT`` (or ``ray://HOST:PORT``) cluster
+    address: Ray itself retries such an address for minutes, deaf to Ctrl-C.  ``auto`` and other forms are left
+    to Ray."""
+    import socket
+
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:  # refused, timed out, no such host, a port out of range
+        reason = "timed out" if isinstance(e, socket.timeout) else one_line(getattr(e, "strerror", None) or e)
+        raise UsageError(f"cannot join the Ray cluster at {address}: nothing answers there ({reason})") from None
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Join the Ray cluster at ``address`` (``auto``: the one this machine belongs to), or start a local Ray
-    with ``num_cpus`` CPUs (default: every usable core).  True when this call started or joined it (the
-    caller then shuts it down); an already initialised Ray is used as it is."""
+    """Join the Ray cluster at ``address`` (``auto``: the one this machine belongs to; None: ``$RAY_ADDRESS``,
+    as Ray's own jobs set it), or start a local Ray with ``num_cpus`` CPUs (default: every usable core).  True
+    when this call started or joined it (the caller then shuts it down); an already initialised Ray is used as
+    it is."""
     ray = _import_ray()
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     try:
         if address:
+            _check_answers(address)
             ray.init(address=address, **kwargs)
         else:
             from .pool import usable_cores
@@ -987,11 +1011,12 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
     progress = stderr_is_tty()
     summary = RunSummary(images=len(rows))
     crops, failure = 0, None
+    started = False
     with _ray_output_to(log_path) as out:
-        started = connect(address, opts.workers or None)
-        import ray
-
         try:
+            started = connect(address, opts.workers or None)
+            import ray
+
             _quiet_ray_data(progress)
             ds = build(ray.data.from_items([_wired(r) for r in rows]), opts, model=blob,
                        out_root=None if opts.dry_run else out_root,
@@ -1011,7 +1036,9 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
                 _count_and_print(row, summary, opts, as_json, out)
         except KeyboardInterrupt:
             failure = "interrupted: finished files are complete; run again with --skip-existing to go on"
-        except SmartcropError:
+        except SmartcropError:  # e.g. no cluster to join: its one line, and no log of a Ray that never ran
+            if not started and os.path.exists(log_path):
+                os.unlink(log_path)
             raise
         except Exception as e:  # noqa: BLE001 - a Ray failure that retries did not cure: one line, no traceback
             failure = f"the Ray job failed: {one_line(e)} (Ray's messages: {log_path})"

@@ -50,6 +50,60 @@ def test_without_ray_the_engine_says_how_to_get_it(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("how", ["--ray-address", "RAY_ADDRESS"])
+def test_a_cluster_address_nothing_answers_at_is_one_line_at_once(tmp_path, small_model_file, how):
+    """Ray retried such an address for minutes, deaf to Ctrl-C (and the output folder the run had made stayed).
+    `$RAY_ADDRESS` (set in Ray's own jobs) is the address when --ray-address is not given, as for Ray itself;
+    it was passed to Ray with --engine ray's own CPU count, which Ray refuses for a cluster.  A fresh
+    interpreter: this module's local Ray must not be the one found."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    pytest.importorskip("ray", reason="the Ray engine needs ray[data]: pip install 'smartcrop[ray]'")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    draw_photo(tmp_path / "in" / "a.jpg")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "smartcrop.cli", "run", str(tmp_path / "in"), "-o", str(tmp_path / "out" / "deep"),
+           "--engine", "ray", "--weights", str(small_model_file)]
+    if how == "RAY_ADDRESS":
+        env["RAY_ADDRESS"] = address
+    else:
+        cmd += ["--ray-address", address]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.splitlines() == [f"smartcrop: cannot join the Ray cluster at {address}: nothing answers there "
+                                     "(Connection refused)"]
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "out").exists()
+
+
+def test_only_host_port_addresses_are_tried_before_ray_is_asked():
+    import socket
+
+    from smartcrop.distributed import _check_answers
+    from smartcrop.errors import UsageError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"ray://127.0.0.1:{port}", f"[::1]:{port}", "nohost.invalid:6379"):
+        with pytest.raises(UsageError, match=r"cannot join the Ray cluster at .*: nothing answers there \("):
+            _check_answers(address, timeout=5)
+    with socket.socket() as s:  # one that answers
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        _check_answers(f"127.0.0.1:{s.getsockname()[1]}")
+        _check_answers(f"ray://127.0.0.1:{s.getsockname()[1]}")
+    for address in ("auto", "local", "a-head-node"):  # Ray's to read
+        _check_answers(address)
+
+
 def test_ray_engine_gives_the_local_engines_crops_names_and_bytes(tmp_path, small_model_file, ray_2cpu):
     src = tmp_path / "in"
     for k in range(22):
