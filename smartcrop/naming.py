@@ -83,10 +83,21 @@ def check_template(template: str, ratios: Sequence[str] | None = None, top_k: in
         if Path(rendered).suffix.lower() not in OUTPUT_FORMATS:
             raise UsageError(f"name template {template!r} must end in an image extension ('.{{ext}}', '.jpg', "
                              "'.png', '.webp', '.tif')")
-    if ratios is not None and len(ratios) > 1 and "ratio" not in fields:
-        raise UsageError(f"name template {template!r} gives the crops of every ratio one name: add {{ratio}}")
-    if top_k > 1 and "rank" not in fields:
-        raise UsageError(f"name template {template!r} gives the {top_k} best crops one name: add {{rank}}")
+    # each crop of a photo its own name, as rendered: a field alone is not enough ('{ratio:.0}' is empty,
+    # '{ratio:.2}' gives 16:9 and 16:10 one name); a clash would take a -1 suffix, and a --skip-existing re-run
+    # would then take one crop's file for the other's
+    named: dict[str, tuple[str, int]] = {}
+    for ratio in ratios or ["any"]:
+        for rank in range(1, min(top_k, 100) + 1):
+            rendered = template.format(stem="x", ratio=ratio_label(ratio), ext="jpg", rank=rank, w=1, h=1,
+                                       name="x.jpg")
+            other = named.setdefault(rendered, (ratio, rank))
+            if other == (ratio, rank):
+                continue
+            if other[0] != ratio:
+                raise UsageError(f"name template {template!r} gives the crops of ratios {other[0]} and {ratio} one "
+                                 "name: add {ratio}")
+            raise UsageError(f"name template {template!r} gives the {top_k} best crops one name: add {{rank}}")
 
 
 def _check_relative(rendered: str, template: str) -> None:

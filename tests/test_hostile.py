@@ -1473,12 +1473,19 @@ def test_a_template_that_names_a_folder_says_so(sw, template):
     assert "names a folder, not a file" in res.err and "outside" not in res.err and not sw.out.exists()
 
 
-@pytest.mark.parametrize("args", [["--ratio", "16:9", "--ratio", "1:1", "--name", "{stem}.{ext}"],
-                                  ["--top-k", "2", "--name", "{stem}_{ratio}.{ext}"]])
-def test_templates_that_merge_crops_are_refused(sw, args):
+@pytest.mark.parametrize("args, words", [
+    (["--ratio", "16:9", "--ratio", "1:1", "--name", "{stem}.{ext}"], "ratios 16:9 and 1:1 one name"),
+    (["--top-k", "2", "--name", "{stem}_{ratio}.{ext}"], "the 2 best crops one name"),
+    # the field is there, but renders the same for every ratio or rank: the first run named the second crop
+    # b-1.jpg, and a --skip-existing re-run took b.jpg for both (the 16:9 crop never made again)
+    (["--ratio", "1:1", "--ratio", "16:9", "--name", "{stem}{ratio:.0}.{ext}"], "ratios 1:1 and 16:9 one name"),
+    (["--ratio", "16:9", "--ratio", "16:10", "--name", "{stem}_{ratio:.2}.{ext}"], "ratios 16:9 and 16:10 one name"),
+    (["--top-k", "12", "--name", "{stem}_{rank!s:.1}.{ext}"], "the 12 best crops one name")])  # 1 and 10
+def test_templates_that_merge_crops_are_refused(sw, args, words):
     three(sw)
     res = sw.run(sw.src, "-o", sw.out, *args)
     sw.check(res, 2, lines=1)
+    assert words in res.err and not sw.out.exists(), res.err
 
 
 @pytest.mark.parametrize("ratio,code", [("11:1", 2), ("1:11", 2), ("10.5", 2), ("10:1", 0), ("1:10", 0)])
