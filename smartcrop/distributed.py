@@ -790,9 +790,9 @@ def _check_answers(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Join the Ray cluster at ``address`` (``auto``: the one this machine belongs to; None: ``$RAY_ADDRESS``,
-    as Ray's own jobs set it), or start a local Ray with ``num_cpus`` CPUs (default: every usable core).  True
-    when this call started or joined it (the caller then shuts it down); an already initialised Ray is used as
-    it is."""
+    as Ray's own jobs set it), or start a local Ray of its own with ``num_cpus`` CPUs (default: every usable
+    core; at least 2, as the scoring actor holds one while the decoding tasks need another).  True when this
+    call started or joined it (the caller then shuts it down); an already initialised Ray is used as it is."""
     ray = _import_ray()
     if ray.is_initialized():
         return False
@@ -805,7 +805,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         else:
             from .pool import usable_cores
 
-            ray.init(num_cpus=num_cpus or usable_cores(), **kwargs)
+            # "local": a Ray of its own even when a cluster runs on this machine (Ray would join that one, and
+            # refuse the CPU count); 2 CPUs at least: with one, the decoding tasks waited for ever
+            ray.init(address="local", num_cpus=max(2, num_cpus or usable_cores()), **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise UsageError(f"cannot start or join {where}: {one_line(e)}") from None

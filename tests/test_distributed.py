@@ -83,6 +83,34 @@ def test_a_cluster_address_nothing_answers_at_is_one_line_at_once(tmp_path, smal
     assert time.monotonic() - t0 < 60 and not (tmp_path / "out").exists()
 
 
+def test_a_local_ray_is_its_own_with_two_cpus_at_least(monkeypatch):
+    """`-j 1` (or a one-core machine) started a Ray of one CPU, which the scoring actor held: the decoding tasks
+    waited for ever, without a word.  And with a cluster running on the machine (`ray start --head`), Ray joined
+    that one instead of starting a local Ray, and refused the CPU count."""
+    import smartcrop.distributed as dist
+
+    calls = []
+
+    class FakeRay:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**kw):
+            calls.append(kw)
+
+    monkeypatch.setattr(dist, "_import_ray", lambda: FakeRay)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for asked, cpus in ((1, 2), (3, 3)):
+        assert dist.connect(None, asked) is True
+        assert calls[-1]["address"] == "local" and calls[-1]["num_cpus"] == cpus
+    monkeypatch.setattr(dist, "_check_answers", lambda address: None)
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # as in a Ray job: that cluster, its own CPUs
+    assert dist.connect(None, 1) is True
+    assert calls[-1]["address"] == "head:6379" and "num_cpus" not in calls[-1]
+
+
 def test_only_host_port_addresses_are_tried_before_ray_is_asked():
     import socket
 
