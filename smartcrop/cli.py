@@ -378,12 +378,21 @@ def run(
     if engine != "local":  # smartcrop.distributed plans, crops and reports like the code below
         from .distributed import run_command
 
-        raise typer.Exit(run_command(
-            engine, inputs or [], address=ray_address, from_file=from_file, output=output, preview=preview,
-            adapt=adapt, weights=weights, model=model, device=device, as_json=as_json, dry_run=dry_run, on_error=err,
-            recursive=recursive, ratios=ratio, size=size, out_format=out_format, overwrite=overwrite,
-            skip_existing=skip_existing, name_template=name, max_side=max_side, top_k=top_k, quality=quality,
-            reencode=reencode, strip=strip, workers=jobs, batch=batch, upscale=upscale, choice=choice))
+        with _sigterm_as_interrupt() as term:
+            try:
+                code = run_command(
+                    engine, inputs or [], address=ray_address, from_file=from_file, output=output, preview=preview,
+                    adapt=adapt, weights=weights, model=model, device=device, as_json=as_json, dry_run=dry_run,
+                    on_error=err, recursive=recursive, ratios=ratio, size=size, out_format=out_format,
+                    overwrite=overwrite, skip_existing=skip_existing, name_template=name, max_side=max_side,
+                    top_k=top_k, quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch,
+                    upscale=upscale, choice=choice)
+            except KeyboardInterrupt:  # records come in completion order: the last crops written may have none
+                err(("terminated" if term.received else "interrupted") + ": finished files are complete, nothing "
+                    "partial was left; crops written since the last record may have none: run again with "
+                    "--skip-existing to go on")
+                raise typer.Exit(143 if term.received else 130) from None
+        raise typer.Exit(code)
     plan = plan_run(inputs or [], from_file=from_file, recursive=recursive, ratios=ratio, size=size, output=output,
                     out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
                     skip_existing=skip_existing, on_error=err, on_note=err, name_template=name, max_side=max_side,

@@ -796,8 +796,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     ray = _import_ray()
     if ray.is_initialized():
         return False
+    import signal
+    import threading
+
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    # ray.init makes SIGTERM a bare exit (status 15, no word, no clean-up): the caller's handling is kept
+    main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main else None
     try:
         if address:
             _check_answers(address)
@@ -811,6 +817,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise UsageError(f"cannot start or join {where}: {one_line(e)}") from None
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
     return True
 
 
@@ -985,7 +994,9 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
                 on_error: Callable[[str], None] | None = None, **plan_kwargs) -> int:
     """``smartcrop run --engine ray``: plan like the local engine, crop on Ray, print the same JSON lines
     (in completion order) and stderr lines; returns the exit code (0 all done, 1 some photos failed;
-    usage errors raise :class:`UsageError`, exit 2)."""
+    usage errors raise :class:`UsageError`, exit 2).  Ctrl-C or SIGTERM (as the caller turns it into
+    ``KeyboardInterrupt``) stops Ray and raises ``KeyboardInterrupt`` again: finished files are complete, but
+    crops written since the last record printed may have none."""
     from .progress import stderr_is_tty
     from .runner import RunSummary
 
@@ -1013,7 +1024,7 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
     progress = stderr_is_tty()
     summary = RunSummary(images=len(rows))
     crops, failure = 0, None
-    started = False
+    started, interrupted = False, False
     with _ray_output_to(log_path) as out:
         try:
             started = connect(address, opts.workers or None)
@@ -1036,8 +1047,8 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
                 summary.fewer += bool(row.get("fewer"))
                 crops += 1
                 _count_and_print(row, summary, opts, as_json, out)
-        except KeyboardInterrupt:
-            failure = "interrupted: finished files are complete; run again with --skip-existing to go on"
+        except KeyboardInterrupt:  # raised again once Ray is stopped: the caller says it (exit 130 or 143)
+            interrupted = True
         except SmartcropError:  # e.g. no cluster to join: its one line, and no log of a Ray that never ran
             if not started and os.path.exists(log_path):
                 os.unlink(log_path)
@@ -1052,8 +1063,10 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
             remove_if_empty(opts.made_dirs)  # the output folders the plan made, if nothing was written there
     if failure is None and os.path.exists(log_path):
         os.unlink(log_path)
+    if interrupted:
+        raise KeyboardInterrupt
     if failure is not None:
         on_error(failure)
-        return 130 if failure.startswith("interrupted") else 1
+        return 1
     summary.boxes = crops  # the records are printed as they come: millions are not kept
     return summary.close(replace(opts, out_dir=out_root) if not opts.dry_run else opts, len(input_errors), on_error)

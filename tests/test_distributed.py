@@ -3,6 +3,7 @@ whole module: Ray's start-up is the slow part).  An untrained small model: behav
 
 import io
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -99,8 +100,10 @@ def test_a_local_ray_is_its_own_with_two_cpus_at_least(monkeypatch):
         @staticmethod
         def init(**kw):
             calls.append(kw)
+            signal.signal(signal.SIGTERM, lambda *a: sys.exit(15))  # as ray.init does
 
     monkeypatch.setattr(dist, "_import_ray", lambda: FakeRay)
+    ours = signal.getsignal(signal.SIGTERM)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for asked, cpus in ((1, 2), (3, 3)):
         assert dist.connect(None, asked) is True
@@ -109,6 +112,33 @@ def test_a_local_ray_is_its_own_with_two_cpus_at_least(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # as in a Ray job: that cluster, its own CPUs
     assert dist.connect(None, 1) is True
     assert calls[-1]["address"] == "head:6379" and "num_cpus" not in calls[-1]
+    # Ray's SIGTERM handler (a bare exit 15: no word, no clean-up) does not outlive connect()
+    assert signal.getsignal(signal.SIGTERM) is ours
+
+
+@pytest.mark.parametrize("signum, code, word", [(2, 130, "interrupted"), (15, 143, "terminated")])
+def test_a_ray_run_stopped_says_so_as_the_local_engine_does(tmp_path, small_model_file, monkeypatch, signum, code,
+                                                            word):
+    """SIGTERM ended a Ray run with status 15 and no word (ray.init's handler), and its Ray log stayed in the
+    temporary folder; Ctrl-C gave 130 and another sentence than the local engine's."""
+    import os
+
+    import smartcrop.distributed as dist
+
+    def stopped(*a, **k):
+        if signum == 15:
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dist, "run_command", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    draw_photo(tmp_path / "in" / "a.jpg")
+    code_, _, err = run([tmp_path / "in", "--engine", "ray", "-o", tmp_path / "out", "--weights", small_model_file])
+    assert code_ == code
+    assert err.splitlines() == [f"smartcrop: {word}: finished files are complete, nothing partial was left; crops "
+                                "written since the last record may have none: run again with --skip-existing to "
+                                "go on"]
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_only_host_port_addresses_are_tried_before_ray_is_asked():
