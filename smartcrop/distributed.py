@@ -352,10 +352,11 @@ def _namer(row: dict, item, opts, out_root: str):
 
 def _already_done(row: dict, opts, out_root: str | None) -> list[str] | None:
     """With --skip-existing: the outputs of a photo whose every crop exists already (it is then neither
-    decoded nor scored: a re-run of an interrupted job costs a listing and a marker read a crop), else None."""
+    decoded nor scored: a re-run of an interrupted job costs a listing and a marker read a crop), else None.
+    A dry run looks too, as the local engine's does (it only reads the output folder)."""
     from .naming import names_known
 
-    if not (opts.skip_existing and out_root and not opts.dry_run and names_known(opts.template(), opts.size)):
+    if not (opts.skip_existing and out_root and names_known(opts.template(), opts.size)):
         return None
     from .plan import earlier_crops
 
@@ -1031,8 +1032,8 @@ def run_command(engine: str, inputs: Sequence[str], *, address: str | None = Non
             import ray
 
             _quiet_ray_data(progress)
-            ds = build(ray.data.from_items([_wired(r) for r in rows]), opts, model=blob,
-                       out_root=None if opts.dry_run else out_root,
+            # a dry run writes nothing under out_root (_finish_photo) but looks there for --skip-existing
+            ds = build(ray.data.from_items([_wired(r) for r in rows]), opts, model=blob, out_root=out_root,
                        device=device)
             for row in map(_unwired, ds.iter_rows()):
                 if row["error"] is not None:

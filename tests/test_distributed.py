@@ -196,6 +196,19 @@ def test_ray_engine_gives_the_local_engines_crops_names_and_bytes(tmp_path, smal
     assert {Path(r["output"]).relative_to(tmp_path / "ray").as_posix() for r in again} == set(names)
     assert {p: sha(p) for p in (tmp_path / "ray").rglob("*") if p.is_file()} == before
 
+    # a dry run with --skip-existing marks the crops there as the local engine does (it marked none: it did not
+    # look), and writes nothing
+    (tmp_path / "ray" / "q_16x9.png").unlink()
+    dry = {}
+    for engine in ("local", "ray"):
+        code, out, err = run([*args, "-o", tmp_path / "ray", "--engine", engine, "--skip-existing", "--dry-run"])
+        assert code == 0, err
+        dry[engine] = sorted(jsonl(out), key=lambda r: (r["input"], r["ratio"]))
+    assert dry["ray"] == dry["local"]
+    skipped = {r["input"] for r in dry["ray"] if r.get("skipped") == "exists"}  # q.png's two crops: boxes again
+    assert len(skipped) == 23 and all(not i.endswith("q.png") for i in skipped) and len(dry["ray"]) == 48
+    assert not (tmp_path / "ray" / "q_16x9.png").exists()
+
 
 def test_a_corrupt_photo_is_one_error_line_and_exit_1_the_rest_done(tmp_path, small_model_file, ray_2cpu):
     src = tmp_path / "in"
