@@ -368,6 +368,8 @@ def run(
 
     if output == "":  # `-o "$DIR"` with DIR unset: not the current folder, silently
         raise UsageError("--output is empty (the current folder is -o .)")
+    if name == "":  # `--name "$TEMPLATE"` with TEMPLATE unset: not the default names, silently
+        raise UsageError("--name is empty (the default is '{stem}_{ratio}.{ext}')")
     if len(from_files) > 1:  # Click keeps the last one: the other lists' photos would be dropped, silently
         raise UsageError("--from-file is given more than once: give one list (e.g. cat a.txt b.txt | smartcrop "
                          "run --from-file -)")

@@ -296,6 +296,8 @@ def test_an_empty_output_folder_is_refused_not_taken_as_the_current_one(tmp_path
     monkeypatch.chdir(work)
     code, out, err = run([p, "--ratio", "1:1", "-o", "", "--weights", small_model_file])
     assert code == 2 and "--output is empty" in err and len(err.strip().splitlines()) == 1, err
+    code, out, err = run([p, "--ratio", "1:1", "-o", ".", "--name", "", "--weights", small_model_file])  # the same
+    assert code == 2 and "--name is empty" in err and len(err.strip().splitlines()) == 1, err
     assert list(work.iterdir()) == [] and sorted(q.name for q in p.parent.iterdir()) == ["a.jpg"]
     code, out, err = run([p, "--ratio", "1:1", "-o", ".", "--weights", small_model_file, "--json"])
     assert code == 0 and [q.name for q in work.iterdir()] == ["a_1x1.jpg"], err
