@@ -11,7 +11,7 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 from typer.core import TyperGroup, TyperOption
@@ -264,6 +264,10 @@ def eval_fcdb(
     raise typer.Exit(1 if errors else 0)
 
 
+#: what an interrupted `run` says of its outputs (either engine)
+RUN_STOPPED = "finished files are complete, nothing partial was left"
+
+
 class _sigterm_as_interrupt:
     """Within the block, SIGTERM stops the run like Ctrl-C (KeyboardInterrupt in the main thread), so it too
     finishes cleanly and says so; ``received`` tells which it was."""
@@ -275,6 +279,11 @@ class _sigterm_as_interrupt:
     def _handler(self, signum, frame):
         self.received = True
         raise KeyboardInterrupt
+
+    def stop(self, detail: str) -> NoReturn:
+        """End the command after the stop: "interrupted: DETAIL" (exit 130) or "terminated: DETAIL" (143)."""
+        err(f"{'terminated' if self.received else 'interrupted'}: {detail}")
+        raise typer.Exit(143 if self.received else 130) from None
 
     def __enter__(self):
         import signal
@@ -390,10 +399,8 @@ def run(
                     top_k=top_k, quality=quality, reencode=reencode, strip=strip, workers=jobs, batch=batch,
                     upscale=upscale, choice=choice)
             except KeyboardInterrupt:  # records come in completion order: the last crops written may have none
-                err(("terminated" if term.received else "interrupted") + ": finished files are complete, nothing "
-                    "partial was left; crops written since the last record may have none: run again with "
-                    "--skip-existing to go on")
-                raise typer.Exit(143 if term.received else 130) from None
+                term.stop(f"{RUN_STOPPED}; crops written since the last record may have none: run again with "
+                          "--skip-existing to go on")
         raise typer.Exit(code)
     plan = plan_run(inputs or [], from_file=from_file, recursive=recursive, ratios=ratio, size=size, output=output,
                     out_format=out_format, preview=preview, dry_run=dry_run, as_json=as_json, overwrite=overwrite,
@@ -413,9 +420,7 @@ def run(
                                   adapt_epochs=adapt_epochs if adapt else 0, on_record=on_record, on_error=err,
                                   own_process=True)
         except KeyboardInterrupt:
-            err(("terminated" if term.received else "interrupted")
-                + ": finished files are complete, nothing partial was left")
-            raise typer.Exit(143 if term.received else 130) from None
+            term.stop(RUN_STOPPED)
     raise typer.Exit(summary.close(plan.opts, len(plan.input_errors), err))
 
 
@@ -793,8 +798,7 @@ def _training_interrupts(ckpt: Path, resume: Optional[Path] = None):
         try:
             yield
         except KeyboardInterrupt:
-            err(f"{'terminated' if term.received else 'interrupted'}: {where_to_go_on()}")
-            raise typer.Exit(143 if term.received else 130) from None
+            term.stop(where_to_go_on())
         except OutputFullError as e:  # a checkpoint or the model could not be written: nothing partial is left
             err(f"{e}; {where_to_go_on()}")
             raise typer.Exit(1) from None
