@@ -360,6 +360,11 @@ def read_header(path: str | os.PathLike) -> dict:
     return header
 
 
+def _first_line(e: BaseException, limit: int) -> str:
+    """The first line of an exception's text (torch's and safetensors' go on for lines), cut at ``limit``."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 def torch_load_safely(path: Path, advice: str):
     """A ``.pt``/``.pth`` file's contents through ``torch.load(weights_only=True)``; anything it refuses or cannot
     read is one :class:`WeightsError` line naming ``path`` (``advice``: what to save instead of Python objects).
@@ -377,8 +382,7 @@ def torch_load_safely(path: Path, advice: str):
         raise WeightsError(f"{path}: holds Python objects beyond tensors, which smartcrop never unpickles (they "
                            f"can run code); {advice}") from None
     except Exception as e:  # noqa: BLE001 - truncated, not a torch file at all: one line naming it
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise WeightsError(f"{path}: cannot be read safely ({msg})") from None
+        raise WeightsError(f"{path}: cannot be read safely ({_first_line(e, 200)})") from None
 
 
 def load_model(path: str | os.PathLike | None = None, device: str = "cpu", verify: bool = True):
@@ -860,8 +864,8 @@ def load_backbone_weights(model, path: str | os.PathLike | None = None, normaliz
                 try:
                     state = load_file(str(p))
                 except Exception as e:  # noqa: BLE001 - truncated, not safetensors: one line naming it
-                    msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-                    raise WeightsError(f"{p}: cannot read backbone weights ({type(e).__name__}: {msg})") from None
+                    raise WeightsError(f"{p}: cannot read backbone weights ({type(e).__name__}: "
+                                       f"{_first_line(e, 160)})") from None
             else:
                 state = torch_load_safely(p, "save the backbone's state_dict() instead")
             if not isinstance(state, dict):
