@@ -207,8 +207,9 @@ def probe_writable(folder: Path) -> None:
 
 
 def _crops(outputs: Sequence) -> str:
+    """How many ``outputs`` (files carrying smartcrop's marker: its crops, and ``--preview`` contact sheets)."""
     n = len(outputs)
-    return f"{n} files are crops smartcrop wrote" if n > 1 else "1 file is a crop smartcrop wrote"
+    return f"{n} file{'s' if n > 1 else ''} written by smartcrop"
 
 
 def remove_if_empty(folders: Sequence[Path]) -> None:
@@ -316,7 +317,7 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
     if not items and not errors:
         raise UsageError("no image files found in the inputs" + (
             f": the {own}" if passed.own else
-            f": its {_crops(passed.crops)}, which a folder never gives again ({name})" if passed.crops
+            f": only {_crops(passed.crops)}, which a folder never gives again ({name})" if passed.crops
             else "" if recursive else " (use -r for sub-folders)"))
     if on_note is not None:
         if passed.crops:

@@ -1172,11 +1172,24 @@ def test_earlier_outputs_elsewhere_in_the_tree_are_recognised(sw):
     res = sw.run(sw.src, "-r", "-o", sw.out, "--ratio", "16:9", "--json")
     sw.check(res, 0, done=["p0.jpg", "p1.jpg", "p2.jpg"], lines=1)
     assert len(res.records) == 3
-    assert res.lines[0].startswith("smartcrop: note: in the folders given, 3 files are crops smartcrop wrote")
+    assert res.lines[0].startswith("smartcrop: note: in the folders given, 3 files written by smartcrop: not ")
     # a folder holding nothing but earlier crops: why nothing is cropped, and how to crop them anyway
     res = sw.run(sw.src / "crops1", "-o", sw.out / "again", "--ratio", "16:9", "--json")
-    assert res.code == 2 and len(res.lines) == 1 and "its 3 files are crops smartcrop wrote" in res.lines[0]
+    assert res.code == 2 and len(res.lines) == 1 and "inputs: only 3 files written by smartcrop, which a folder" in res.lines[0]
     assert "-r" not in res.lines[0] and not (sw.out / "again").exists()
+
+
+def test_a_preview_sheet_in_the_folder_is_passed_over_and_not_called_a_crop(sw):
+    """A --preview contact sheet written into the photos' folder carries smartcrop's marker like a crop: the next
+    run passes it over and counts it as a file smartcrop wrote, not as a crop."""
+    three(sw)
+    sw.run(sw.src, "-o", sw.out / "a", "--ratio", "1:1", "--preview", sw.src / "sheet.jpg")
+    assert (sw.src / "sheet.jpg").is_file()
+    res = sw.run(sw.src, "-o", sw.out / "b", "--ratio", "16:9", "--json")
+    sw.check(res, 0, done=["p0.jpg", "p1.jpg", "p2.jpg"], lines=1)
+    assert {Path(r["input"]).name for r in res.records} == {"p0.jpg", "p1.jpg", "p2.jpg"}
+    assert res.lines == ["smartcrop: note: in the folders given, 1 file written by smartcrop: not cropped again "
+                         "(name it as a file to crop it)"]
 
 
 def test_an_explicitly_named_output_can_still_be_cropped(sw):
@@ -1200,7 +1213,7 @@ def test_the_readmes_find_pipeline_can_be_run_again(sw, monkeypatch):
     for sep in ("\n", "\0"):
         res = sw.run("-", "--ratio", "3:2", "--json", "--skip-existing", stdin=listed(sep))
         assert res.code == 0 and [r["skipped"] for r in res.records] == ["exists"] * 3, res.err
-        assert res.lines == ["smartcrop: note: 3 files are crops smartcrop wrote in the output folder, never cropped "
+        assert res.lines == ["smartcrop: note: 3 files written by smartcrop in the output folder, never cropped "
                              "into it again (copy them elsewhere or give another -o to crop them)"]
     res = sw.run("-", "--ratio", "1:1", "--json", stdin=listed("\n"))
     assert res.code == 0 and sorted(Path(r["input"]).name for r in res.records) == ["p0.jpg", "p1.jpg", "p2.jpg"]
