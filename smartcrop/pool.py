@@ -223,10 +223,13 @@ class WorkerPool:
         old.shutdown(wait=False, cancel_futures=True)
 
     def close(self, cancel: bool = False) -> None:
-        """Wait for the running tasks (so every file being written is finished) and stop the workers."""
+        """Wait for the running tasks (so every file being written is finished) and stop the workers.  The pool
+        lets go of its shared objects too: a fork-server pool's semaphores are named, and one still held when the
+        CLI leaves with ``os._exit`` (e.g. by an interrupt's traceback) is reported leaked by multiprocessing."""
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=cancel)
             self._executor = None
+            self._budget = None
 
     def __enter__(self) -> "WorkerPool":
         return self

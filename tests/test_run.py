@@ -629,6 +629,40 @@ def test_only_small_pools_keep_freed_memory():
     assert mapped[2] < 1 << 20 and mapped[KEEP_FREED_MAX_WORKERS + 1] >= 24 << 20, mapped
 
 
+
+_INTERRUPTED_WITH_A_FORKSERVER_POOL = """
+import os, sys
+from smartcrop.pool import WorkerPool
+
+def prepare():
+    pool = WorkerPool(2, start_method="forkserver")
+    try:
+        assert pool.submit(abs, -3).result(timeout=60) == 3
+        raise KeyboardInterrupt
+    finally:
+        pool.close(cancel=True)
+
+try:
+    prepare()
+except KeyboardInterrupt as e:
+    stop = e  # kept, as the CLI's handler keeps it (the next exception's context), with prepare()'s frame
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(130)  # as the CLI leaves (cli._exit)
+"""
+
+
+def test_a_forkserver_pool_closed_by_an_interrupt_leaves_no_semaphores_behind():
+    """`train -j 2` stopped by Ctrl-C while preparing images: its fork-server pool is closed by the interrupt, the
+    CLI leaves with ``os._exit`` while the interrupt's traceback still holds the pool, and multiprocessing's
+    resource tracker then warned "There appear to be 4 leaked semaphore objects" (seen in the twenty-fifth
+    session).  Closing the pool now lets its semaphores go."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _INTERRUPTED_WITH_A_FORKSERVER_POOL], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert r.returncode == 130 and r.stderr.strip() == "interrupted", r.stderr
+
 _MAPPED_WHILE_HOLDING_A_PHOTO = """
 import ctypes, sys
 from smartcrop.pool import keep_freed_memory
