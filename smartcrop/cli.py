@@ -351,8 +351,8 @@ def run(
                                 "lower IoU with FCDB's expert crops on fold models (docs/results.md)."),
     free_grid: str = FREE_GRID_OPT,
     faces: bool = typer.Option(False, "--faces/--no-faces", help="Avoid crops that cut a detected face (frontal "
-                               "faces, OpenCV's Haar cascade: pip install 'smartcrop\\[faces]'); ~18 ms more a "
-                               "photo on one core."),
+                               "faces, OpenCV's Haar cascade: pip install 'opencv-python-headless<5', the faces "
+                               "extra); ~18 ms more a photo on one core."),
     scoring: str = typer.Option("auto", "--scoring", help="Where photos are scored: main (this process; "
                                 "batched, the GPU), workers (each worker loads the model: a many-core CPU), "
                                 "auto (workers on a CPU run with at least 8 workers, else main)."),
@@ -361,7 +361,7 @@ def run(
     adapt_epochs: int = typer.Option(ADAPT_EPOCHS, "--adapt-epochs", min=1, help="Epochs of the --adapt fine-tune."),
     engine: str = typer.Option("local", "--engine", help="local: this machine's cores; ray: Ray Data (a local Ray, "
                                "or a cluster with --ray-address); inputs and -o may then be URIs (s3://, gs://, "
-                               "hdfs://). Needs pip install 'smartcrop\\[ray]'."),
+                               "hdfs://). Needs Ray Data: pip install 'ray\\[data]>=2.40' (the ray extra)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join with --engine ray "
                                               "('auto', or HOST:PORT); default: start a local Ray."),
 ):

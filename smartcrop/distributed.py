@@ -21,7 +21,8 @@ such a death for tests: ``score:/path/marker,finish:/other`` kills the process r
 each named stage (prepare, score, finish) once — the marker file, created atomically, says it happened.
 
 Paths may be local or any URI pyarrow's file systems read and write (``s3://``, ``gs://``, ``hdfs://``,
-``file://``).  Ray is imported only by the functions that need it: ``pip install 'smartcrop[ray]'``.
+``file://``).  Ray is imported only by the functions that need it: ``pip install 'ray[data]>=2.40'`` (the ``ray``
+extra).
 
 Python entry point::
 
@@ -53,7 +54,7 @@ from .cropper import FUSE_K, Choice
 from .errors import SmartcropError, UsageError, one_line
 from .naming import suffixed
 
-INSTALL_HINT = "the Ray engine needs Ray Data: pip install 'smartcrop[ray]' (or: pip install 'ray[data]')"
+INSTALL_HINT = "the Ray engine needs Ray Data: pip install 'ray[data]>=2.40' (smartcrop's ray extra)"
 FAULT_ENV = "SMARTCROP_RAY_FAULT"
 STAGES = ("prepare", "score", "finish")
 

@@ -48,8 +48,8 @@ def _load_cascade():
         try:
             import cv2
         except ImportError:
-            raise FacesUnavailable("--faces needs OpenCV: pip install 'smartcrop[faces]' "
-                                   "(opencv-python-headless<5, which ships the face cascades)") from None
+            raise FacesUnavailable("--faces needs OpenCV: pip install 'opencv-python-headless>=4.8,<5' (5 no "
+                                   "longer ships the face cascades; smartcrop's faces extra)") from None
         c = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
         if c.empty():
             raise FacesUnavailable("OpenCV's haarcascade_frontalface_default.xml could not be loaded "

