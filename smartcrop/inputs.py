@@ -49,6 +49,7 @@ class Passed:
     crops: list = field(default_factory=list)  # smartcrop's crops found in the folders walked
     own: list = field(default_factory=list)  # smartcrop's crops in the output folder, named or listed
     folder_links: list = field(default_factory=list)  # symbolic links to folders met under -r, not followed
+    empty_stdin: bool = False  # '-' given and standard input empty (`find` matched nothing): an empty list
 
 
 #: Longest path shown in a message: a "name" longer than any path (a binary stream read as a list) is cut there
@@ -180,7 +181,7 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
 
     Every path that cannot be used is reported through ``on_error`` (one line naming it) and skipped; without
     ``on_error`` the first one raises :class:`UsageError`.  Data on stdin that is neither an image nor a list
-    naming any existing path is one such line.  ``exclude`` (the output folder) is never walked into, and the
+    naming any existing path is one such line; empty data (or only blanks) is an empty list.  ``exclude`` (the output folder) is never walked into, and the
     files smartcrop wrote there are not collected even when named.  The same file reached twice for the same
     output sub-folder is collected once.  Files in the folders walked that smartcrop wrote are not collected
     either; ``passed`` (when given) counts what was passed over so.
@@ -207,6 +208,8 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
                 "standard input holds an image, not a list of paths (crop it with `smartcrop run -`)"
                 if list_file == "-" else "an image, not a list of paths (crop it by naming it)"))
         names += list_lines(data)
+        if list_file == "-" and not data.strip() and passed is not None:
+            passed.empty_stdin = True
     if "-" in names and list_file == "-":
         raise UsageError("stdin cannot be both a file list and an input")
     expanded: list[str] = []
@@ -215,7 +218,11 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
             expanded.append(n)
             continue
         data = (stdin or sys.stdin.buffer).read()
-        if looks_like_image(data) or not data.strip():
+        if not data.strip():  # `find … | smartcrop run -` that found nothing: an empty list
+            if passed is not None:
+                passed.empty_stdin = True
+            continue
+        if looks_like_image(data):
             items.append(InputItem("<stdin>", None, Path(), "stdin", "", data))
             continue
         listed = list_lines(data)

@@ -316,6 +316,7 @@ def plan_run(inputs: Sequence[str], *, from_file: str | None = None, recursive: 
     name = "name them as files to crop them" if len(passed.crops) > 1 else "name it as a file to crop it"
     if not items and not errors:
         raise UsageError("no image files found in the inputs" + (
+            ": standard input is empty (neither an image nor a list of paths)" if passed.empty_stdin else
             f": the {own}" if passed.own else
             f": only {_crops(passed.crops)}, which a folder never gives again ({name})" if passed.crops
             else "" if recursive else " (use -r for sub-folders)"))

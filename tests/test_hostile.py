@@ -1769,6 +1769,21 @@ def test_help_shows_the_extras_to_install():
     assert r.exit_code == 0 and "pip install 'opencv-python-headless<5'" in r.stdout and "'ray[data]>=2.40'" in r.stdout
 
 
+@pytest.mark.parametrize("data", [b"", b"\n \n"])
+def test_an_empty_stdin_is_an_empty_list_not_a_broken_image(sw, data):
+    """`find . -name '*.jpg' | smartcrop run -` where find matched nothing: said as an empty folder is ("no image
+    files found", exit 2, nothing made), not as a broken image on stdin (it was "<stdin>: empty file", exit 1);
+    beside other inputs they are cropped."""
+    three(sw)
+    for flags in (["-"], ["--from-file", "-"]):
+        res = sw.run(*flags, "--ratio", "1:1", "-o", sw.out, stdin=data)
+        sw.check(res, 2, lines=1)
+        assert "no image files found in the inputs: standard input is empty" in res.err and not sw.out.exists()
+    res = sw.run("-", sw.src / "p0.jpg", "--ratio", "1:1", "-o", sw.out, "--json", stdin=data)
+    sw.check(res, 0, done=["p0.jpg"])
+    assert len(res.records) == 1
+
+
 def test_bad_sizes_ratios_and_repeated_stdin_are_usage_errors(sw):
     """A --size whose ratio is out of range, a ratio with '_' or '/' in a plain number (it would become a sub-folder
     in the output name) and '-' twice: exit 2, one line each, nothing written."""
