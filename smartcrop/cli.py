@@ -16,7 +16,7 @@ from typing import List, NoReturn, Optional
 import typer
 from typer.core import TyperGroup, TyperOption
 
-from .errors import SmartcropError
+from .errors import SmartcropError, out_of_memory
 
 
 def err(msg: str) -> None:
@@ -842,6 +842,12 @@ def main() -> None:
     except SystemExit as e:
         _exit(e.code)
         raise
+    except (MemoryError, RuntimeError) as e:  # e.g. importing torch or loading the model under a memory limit
+        if not out_of_memory(e):
+            raise
+        err("out of memory: stopped (files already written are complete; fewer jobs, -j, need less)")
+        _exit(1)
+        raise SystemExit(1) from None
     except OSError as e:
         if e.filename is not None or e.errno not in (errno.EPIPE, errno.EBADF, errno.ENOSPC):
             raise

@@ -556,7 +556,9 @@ class _Scorer:
                                                  self.ratios, self.top_k)
         except (RuntimeError, MemoryError) as e:
             if len(batch) == 1:
-                return [f"cannot score this photo ({_describe(e)})"]
+                from .runner import scoring_failure
+
+                return [scoring_failure(e)]
             return [self._score([b])[0] for b in batch]
 
     def __call__(self, table):
@@ -621,7 +623,7 @@ def _finish_photo(r: dict, base: dict, opts, out_root: str | None, return_bytes:
     refused: list[str] = []
     decisions, job = crop_job(item.display, _source(r), crops, ext, opts, claim,
                               write=claim is not None or return_bytes, on_refused=refused.append,
-                              mark=source_of(item))
+                              mark=source_of(item), full_size=(r["full_w"], r["full_h"]))
     recs = [{**base, "ratio": d.ratio, "box": list(d.box), "score": d.score, "size": list(d.size),
              **({"output": d.output, "skipped": d.skipped} if d.skipped else {})} for d in decisions]
     if refused:  # the crops left out, said once with the photo's first record (the driver counts it incomplete)

@@ -15,6 +15,17 @@ def one_line(text: object, limit: int = 300) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says memory ran out: a ``MemoryError``, or torch's ``RuntimeError`` from an allocator
+    ("DefaultCPUAllocator: can't allocate memory", "… not enough memory", "CUDA out of memory") or from C++
+    ("std::bad_alloc")."""
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(w in text for w in ("can't allocate memory", "not enough memory",
+                                                                    "out of memory", "bad_alloc"))
+
+
 class SmartcropError(Exception):
     """Base of every error smartcrop raises on purpose; ``str(err)`` is one line; ``exit_code`` is the command
     line's exit status when it stops a command."""

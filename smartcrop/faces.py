@@ -31,6 +31,7 @@ SEARCH_SCALE = 1.0
 MIN_FACE = 24  # pixels at the search size: the cascade's own window
 
 _cascade = None
+_threaded = False  # a search ran in this process with OpenCV's thread pool (see :func:`fork_unsafe`)
 
 
 class FacesUnavailable(UsageError):
@@ -66,6 +67,14 @@ def one_thread() -> None:
     cv2.setNumThreads(1)
 
 
+def fork_unsafe() -> bool:
+    """Whether this process has searched faces with OpenCV's thread pool running: a child forked from it then
+    deadlocks in its first OpenCV call (the pool's lock copied held; seen as a hang in ``cv2.setNumThreads``
+    when a library caller used ``Cropper(faces=True)`` before a run with worker processes), so
+    :class:`~smartcrop.pool.WorkerPool` starts its workers from a fork server instead."""
+    return _threaded
+
+
 def available() -> bool:
     """Whether :func:`detect_faces` can run here."""
     try:
@@ -91,6 +100,11 @@ def detect_faces(image, full_size: tuple[int, int] | None = None,
     g = np.asarray(gray)
     if min(g.shape) < MIN_FACE:
         return np.zeros((0, 4))
+    global _threaded
+    if not _threaded:
+        import cv2
+
+        _threaded = cv2.getNumThreads() > 1
     found = cascade.detectMultiScale(g, scaleFactor=1.2, minNeighbors=5, minSize=(MIN_FACE, MIN_FACE))
     if not len(found):
         return np.zeros((0, 4))

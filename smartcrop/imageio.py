@@ -291,6 +291,15 @@ def load_full(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
     return load_image(source, max_pixels=max_pixels, keep_original=True)
 
 
+def _too_many_files(e: OSError) -> str | None:
+    """The message for a file this process could not open because of its own open-files limit (not the file's
+    fault), else None."""
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        return (f"cannot open it: {e.strerror or e} in this process (the open-files limit, ulimit -n, is too "
+                "low), not a fault of the file")
+    return None
+
+
 @contextmanager
 def _open_source(source: Source) -> Iterator[IO[bytes]]:
     """Binary file object for a path or bytes, with file-system problems turned into :class:`ImageError`."""
@@ -311,7 +320,7 @@ def _open_source(source: Source) -> Iterator[IO[bytes]]:
     except PermissionError as e:
         raise ImageError("is a directory" if os.path.isdir(path) else "permission denied") from e
     except OSError as e:
-        raise ImageError(f"cannot open file ({e.strerror or e})") from e
+        raise ImageError(_too_many_files(e) or f"cannot open file ({e.strerror or e})") from e
     with fp:
         st = os.fstat(fp.fileno())
         if stat.S_ISDIR(st.st_mode):
@@ -347,7 +356,7 @@ def _open_image(fp: IO[bytes], max_pixels: int, container: str | None = None) ->
     except OSError as e:
         if e.errno is None:  # a plugin's own (a truncated WebP: "could not create decoder object"), not the disk's
             raise ImageError(f"truncated or corrupt image file ({_detail(e)})") from e
-        raise ImageError(f"cannot read file ({e.strerror or e})") from e
+        raise ImageError(_too_many_files(e) or f"cannot read file ({e.strerror or e})") from e
     except Exception as e:  # plugins may raise ValueError, struct.error, ... on mangled headers
         raise ImageError(f"corrupt image header ({_detail(e)})") from e
 
@@ -991,9 +1000,8 @@ def write_file(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = F
         tmp = None
         _fsync_dir(path.parent)
     except OSError as e:
-        if e.errno in _DISK_FULL:
-            raise OutputFullError(f"cannot write {safe_name(path)}: the output disk is full "
-                                  f"({e.strerror or errno.errorcode.get(e.errno, e.errno)})") from None
+        if (full := disk_full(path, e)) is not None:
+            raise full from None
         if e.errno is not None and e.strerror:  # about the file asked for, not the temporary one
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
@@ -1012,6 +1020,14 @@ _DISK_FULL = frozenset(e for e in (errno.ENOSPC, errno.EFBIG, getattr(errno, "ED
 
 class OutputFullError(SmartcropError):
     """The output file system is full (or the file too large for it): nothing was written, the input is fine."""
+
+
+def disk_full(path, e: OSError) -> OutputFullError | None:
+    """The error to raise for ``path`` when ``e`` says its file system is full, else None."""
+    if e.errno not in _DISK_FULL:
+        return None
+    return OutputFullError(f"cannot write {safe_name(path)}: the output disk is full "
+                           f"({e.strerror or errno.errorcode.get(e.errno, e.errno)})")
 
 
 def _write_all(fd: int, data: bytes) -> None:

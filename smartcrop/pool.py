@@ -36,6 +36,41 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: Open files a run of worker processes holds besides them, and per worker (its pipes and process handle; a
+#: forked worker starts with the parent's files): `run -j 2` worked at `ulimit -n` 20, `-j 4` at 23, `-j 8` at 36
+#: (2-core VM, 2026-11-28), and with less the pool failed to start — a traceback, then a hang.
+FILES_BASE, FILES_PER_WORKER = 32, 4
+
+
+def workers_for_open_files(workers: int) -> int:
+    """``workers``, or as many as this process's open-files limit (``RLIMIT_NOFILE``) can hold, at least 1 (no
+    worker process).  A soft limit too low is first raised as far as the hard limit allows."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return workers
+    need = FILES_BASE + FILES_PER_WORKER * workers
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return workers
+    return max(1, (soft - FILES_BASE) // FILES_PER_WORKER)
+
+
+def open_files_note(pool: "WorkerPool") -> str | None:
+    """The note for a pool given fewer workers than asked by :func:`workers_for_open_files`, else None."""
+    if pool.workers == pool.asked:
+        return None
+    return (f"note: -j {pool.workers} instead of {pool.asked}: the open-files limit (ulimit -n) holds no more; "
+            f"raise it to {FILES_BASE + FILES_PER_WORKER * pool.asked} for -j {pool.asked}")
+
+
 #: Pools of more workers than this do not keep freed memory for the next photo (:func:`keep_freed_memory`): the
 #: memory budget of 1.5 GB for a whole run.  Measured on 64 × 12 MP, scoring in the workers (docs/performance.md):
 #: 8 workers keeping it peak at 1.06 / 1.28 GB PSS (lossless / re-encoded), 16 at 1.76 / 2.13 GB; 16 not
@@ -174,19 +209,23 @@ def _release_free_memory() -> None:
 class WorkerPool:
     def __init__(self, workers: int | None = None, pixel_budget: int = DEFAULT_PIXEL_BUDGET,
                  start_method: str | None = None, preload: tuple = (), warm=None):
-        """``start_method``: multiprocessing's (default ``fork`` on Linux, else ``spawn``); a pool made after
+        """``start_method``: multiprocessing's (default ``fork`` on Linux, else ``spawn``; ``forkserver`` once this
+        process has searched faces with OpenCV's threads, :func:`smartcrop.faces.fork_unsafe`); a pool made after
         torch started its threads (training) asks for ``forkserver``, so no worker is forked from them.
         ``preload``: with ``forkserver``, modules the server imports once before forking every worker, so the
         workers share their memory (copy-on-write) instead of each importing them.  ``warm``: a picklable
         function each worker process calls when it starts, before its first task (e.g. loading a library it
         will need, while the caller is busy starting up)."""
-        self.workers = max(1, workers or usable_cores())
+        self.asked = max(1, workers or usable_cores())
+        self.workers = workers_for_open_files(self.asked)  # fewer when the open-files limit cannot hold them
         self._warm = warm
         self._executor = None
         self.restarts = 0  # pools started afresh because a worker died (its fellow workers are stopped with it)
         if self.workers > 1:
-            self._ctx = multiprocessing.get_context(start_method or ("fork" if sys.platform.startswith("linux")
-                                                                     else "spawn"))
+            if start_method is None and sys.platform.startswith("linux"):
+                faces = sys.modules.get("smartcrop.faces")  # OpenCV's threads would deadlock a forked worker
+                start_method = "forkserver" if faces is not None and faces.fork_unsafe() else "fork"
+            self._ctx = multiprocessing.get_context(start_method or "spawn")
             if preload and self._ctx.get_start_method() == "forkserver":
                 self._ctx.set_forkserver_preload(list(preload))
             self._budget = (self._ctx.Condition(), self._ctx.Value("q", 0, lock=False), pixel_budget)

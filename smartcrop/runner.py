@@ -22,12 +22,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .errors import StreamError, UsageError, one_line
+from .errors import StreamError, UsageError, one_line, out_of_memory
 from .imageio import safe_name
 from .inputs import InputItem
 from .naming import OutputNamer, forget_run, output_ext, source_of
 from .plan import RunOptions
-from .pool import WorkerPool, import_torch, keep_freed_memory, usable_cores
+from .pool import WorkerPool, import_torch, keep_freed_memory, open_files_note, usable_cores
 from .progress import stderr_is_tty
 from .stages import (PER_FILE_ERRORS, PRELOAD_ENV, WorkerModel, crop_job, depth_lost, finish, prepare,
                      prepare_and_score, may_crop_losslessly, warm_lossless)
@@ -178,6 +178,8 @@ class Runner:
             namer = OutputNamer.for_run(opts.out_dir, opts, list(items))
         own_pool = self.pool is None
         pool = self.pool or WorkerPool(opts.workers)
+        if (note := open_files_note(pool)) is not None:
+            self.on_error(note)
         summary = RunSummary()
         wm = self.worker_model
         if wm is not None:
@@ -329,7 +331,7 @@ class Runner:
             if len(batch) == 1:
                 summary.failed += 1
                 i = batch[0][0]
-                self.on_error(f"{self._items[i].display}: cannot score this photo ({describe_error(e)})")
+                self.on_error(f"{self._items[i].display}: {scoring_failure(e)}")
                 bar.advance()
                 return [None]
             return [self._score([b], bar, summary)[0] for b in batch]
@@ -348,7 +350,8 @@ class Runner:
         refused: list[str] = []
         ext = output_ext(item, opts.out_format, p.format, p.has_alpha)
         decisions, job = crop_job(item.display, _source(item), [(c.ratio, c.box, c.score) for c in crops],
-                                  ext, opts, claim, on_refused=refused.append, mark=source_of(item))
+                                  ext, opts, claim, on_refused=refused.append, mark=source_of(item),
+                                  full_size=p.full_size)
         for line in refused:
             self.on_error(f"{item.display}: {line}")
         summary.incomplete += bool(refused)
@@ -567,9 +570,15 @@ def _source(item: InputItem):
 _PER_FILE = PER_FILE_ERRORS + (BrokenExecutor,)
 
 
+def scoring_failure(e: BaseException) -> str:
+    """One line for a photo whose scoring failed (shown after its name)."""
+    return "out of memory while scoring this photo" if out_of_memory(e) else \
+        f"cannot score this photo ({describe_error(e)})"
+
+
 def describe_error(e: BaseException) -> str:
     """One line for a photo's failure (shown after its name)."""
-    if isinstance(e, MemoryError):
+    if out_of_memory(e):
         return "out of memory while processing this photo"
     if isinstance(e, BrokenExecutor):
         return "the worker process handling this photo died (killed for memory?)"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cropper import MIN_CROP_SIDE, Choice
-from .errors import SmartcropError
+from .errors import SmartcropError, out_of_memory
 
 
 class CropError(SmartcropError):
@@ -83,6 +83,7 @@ class FinishJob:
     retried: bool = False  # resubmitted after the worker running it died
     skip_existing: bool = False  # a name another process took since it was claimed: skipped, not renamed
     mark: bytes | None = None  # the input's tag in each crop's marker (:func:`smartcrop.naming.source_of`)
+    full_size: tuple | None = None  # upright (w, h) of the photo the boxes were chosen on: checked when read again
 
 
 @dataclass
@@ -116,7 +117,7 @@ class Decision:
 
 
 def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: bool = True, on_refused=None,
-             mark: bytes | None = None):
+             mark: bytes | None = None, full_size: tuple | None = None):
     """Stage 2½, shared by every engine: from a photo's chosen crops to ``(decisions, FinishJob or None)``.
 
     ``crops``: ``(ratio, box, score)`` triples, best first per ratio; ``ext``: the default output extension;
@@ -126,7 +127,8 @@ def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: boo
     check only.  A crop that cannot be written as asked (:func:`check_crop`: too small, would need
     upscaling) is left out and said to ``on_refused``, one line a ratio ("ratio 10:1: the best crop is only
     …"), the photo's other crops going on; without ``on_refused``, or when no crop is left, :class:`CropError` is
-    raised (that photo fails) before anything is written.  ``mark``: the input's tag for the crops' markers.
+    raised (that photo fails) before anything is written.  ``mark``: the input's tag for the crops' markers;
+    ``full_size``: the upright size of the photo as scored, which :func:`finish` checks the file still has.
     """
     decisions: list[Decision] = []
     specs: list[CropSpec] = []
@@ -168,7 +170,8 @@ def crop_job(display: str, source, crops, ext: str, opts, claim=None, write: boo
     job = None
     if specs:
         job = FinishJob(source, exts.pop(), specs, quality=opts.quality, strip=opts.strip, overwrite=opts.overwrite,
-                        lossless=not opts.reencode, skip_existing=opts.skip_existing, mark=mark)
+                        lossless=not opts.reencode, skip_existing=opts.skip_existing, mark=mark,
+                        full_size=tuple(full_size) if full_size is not None else None)
     return decisions, job
 
 
@@ -274,7 +277,8 @@ def prepare_and_score(source, model: WorkerModel) -> tuple:
         crops = cropper.best_crops_batch([(p.image, p.full_size)], list(model.ratios), model.top_k,
                                          faces=[p.faces] if model.choice.faces else None)[0]
     except (RuntimeError, MemoryError) as e:
-        raise ScoringError(f"cannot score this photo ({str(e) or type(e).__name__})") from None
+        raise ScoringError("out of memory while scoring this photo" if out_of_memory(e) else
+                           f"cannot score this photo ({str(e) or type(e).__name__})") from None
     return p, crops
 
 
@@ -303,7 +307,8 @@ def finish(job: FinishJob) -> list[Written]:
     """Stage 3: write every crop of one photo; lossless for JPEG → JPEG crops at their own size when possible.
 
     A photo is decoded at full size at most once (for the crops that cannot be cut losslessly), while holding
-    its share of the pixel budget."""
+    its share of the pixel budget.  A file that is no longer the size its crops were chosen on (replaced since it
+    was scored) fails with :class:`CropError` before anything is written."""
     from .imageio import crop_image, encode_image, write_file
     from .pool import pixel_budget
 
@@ -313,7 +318,9 @@ def finish(job: FinishJob) -> list[Written]:
         data = None
         for k, spec in enumerate(job.crops):
             if spec.own_size:
-                data = data if data is not None else _read_bytes(job.source)
+                if data is None:
+                    data = _read_bytes(job.source)
+                    _check_unchanged(job, _jpeg_size(data), either_way=True)
                 encoded[k], boxes[k] = _lossless(data, boxes[k], job.strip)
     lossless = [e is not None for e in encoded]
     if not all(lossless):
@@ -321,6 +328,7 @@ def finish(job: FinishJob) -> list[Written]:
 
         with pixel_budget(_pixels(job.source)):
             full = load_full(job.source)
+            _check_unchanged(job, full.original.size)
             keep = not job.strip
             for k, spec in enumerate(job.crops):
                 if encoded[k] is None:
@@ -342,6 +350,8 @@ def finish(job: FinishJob) -> list[Written]:
             from .naming import OutputError
 
             raise OutputError(f"cannot write {target}: a file is in the way of its folder") from None
+        except OSError as e:  # a full disk, a read-only one
+            _cannot_write(target, e)
         try:
             write_file(target, data, overwrite=job.overwrite, source=job.mark)
         except FileExistsError:
@@ -351,8 +361,22 @@ def finish(job: FinishJob) -> list[Written]:
                 out.append(Written(box, str(target), was_lossless, skipped="exists"))
                 continue
             target = _write_under_free_name(target, data, job.mark)
+        except OSError as e:
+            _cannot_write(target, e)
         out.append(Written(box, str(target), was_lossless))
     return out
+
+
+def _cannot_write(target: Path, e: OSError) -> None:
+    """Raise the one line for a crop that cannot be written (the output's problem, not the photo's): a full
+    disk as :func:`~smartcrop.imageio.write_file` says it, any other reason ("Read-only file system") after
+    "cannot write PATH"."""
+    from .imageio import disk_full, safe_name
+    from .naming import OutputError
+
+    if (full := disk_full(target, e)) is not None:
+        raise full from None
+    raise OutputError(f"cannot write {safe_name(target)} ({e.strerror or e})") from None
 
 
 #: at most this many suffixes are tried for a name another process took (:func:`_write_under_free_name`)
@@ -372,6 +396,32 @@ def _write_under_free_name(target: Path, data: bytes, mark: bytes | None = None)
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, f"{MAX_RACE_SUFFIX} names taken", str(target))
+
+
+def _check_unchanged(job: FinishJob, size, either_way: bool = False) -> None:
+    """:class:`CropError` when the photo read to write its crops is not the size they were chosen on: the file
+    was replaced since it was scored, and its boxes would be clamped into another picture.  ``either_way``:
+    ``size`` is the stored one, compared whichever way the photo is turned (a turn read differently is
+    :func:`_lossless`'s to catch)."""
+    if job.full_size is None or size is None:
+        return
+    same = sorted(size) == sorted(job.full_size) if either_way else tuple(size) == tuple(job.full_size)
+    if not same:
+        (w, h), (w2, h2) = job.full_size, size
+        raise CropError(f"the file changed while it was being cropped (its crops were chosen on {w}x{h}, it is now "
+                        f"{w2}x{h2}): nothing written for it; run again to crop it")
+
+
+def _jpeg_size(data: bytes):
+    """The stored size a JPEG's header gives, None when it gives none (not a JPEG, or one jpegcrop cannot parse:
+    the photo is then decoded and checked there)."""
+    from . import jpegcrop
+
+    try:
+        info = jpegcrop.probe(data)
+    except (jpegcrop.LosslessUnsupported, ValueError):
+        return None
+    return info.width, info.height
 
 
 def _read_bytes(source) -> bytes:

@@ -878,7 +878,7 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
 
     from .data import annotation_outside
     from .imageio import ImageError
-    from .pool import WorkerPool
+    from .pool import WorkerPool, open_files_note
     from .progress import progress_bar
     from .transforms import normalize_mos
 
@@ -889,6 +889,8 @@ def prepare_samples(trainer: Trainer, data: TrainData, log: Callable[[str], None
     skipped = 0
     # one worker: the pool's in-process stand-in (each decode runs as it is submitted)
     pool = WorkerPool(max(1, workers), start_method="forkserver")
+    if (note := open_files_note(pool)) is not None:
+        log(note)
     try:
         with progress_bar(len(jobs), "preparing images", progress) as bar:
             pending: deque = deque()

@@ -1564,6 +1564,36 @@ def test_size_never_upscales_unless_asked(sw):
     assert all(Image.open(r["output"]).size == (320, 180) for r in res.records)
 
 
+def test_an_output_folder_or_file_that_cannot_be_made_is_said_as_the_outputs_fault(sw, monkeypatch):
+    """A name template's sub-folder on a full disk said "No space left on device: out/p1" (raw), a read-only
+    output "Read-only file system: out/p2_1x1.jpg": now "cannot write …" as every other output failure, the
+    full disk as write_file says it; the other photos are cropped."""
+    import pathlib
+
+    import smartcrop.imageio as imageio
+
+    three(sw)
+    real_mkdir, real_write = pathlib.Path.mkdir, imageio.write_file
+
+    def mkdir(self, *a, **k):
+        if self.name == "p1":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_mkdir(self, *a, **k)
+
+    def write_file(path, *a, **k):
+        if Path(path).parent.name == "p2":
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_write(path, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    monkeypatch.setattr(imageio, "write_file", write_file)
+    res = sw.run(sw.src, "-o", sw.out, "--ratio", "1:1", "--name", "{stem}/{ratio}.{ext}", "--json")
+    sw.check(res, 1, failed=["p1.jpg", "p2.jpg"], done=["p0.jpg"])
+    one = sw.out / "p1" / "1x1.jpg"
+    assert f"p1.jpg: cannot write {one}: the output disk is full (No space left on device)" in res.lines[0]
+    assert f"p2.jpg: cannot write {sw.out / 'p2' / '1x1.jpg'} (Read-only file system)" in res.lines[1]
+
+
 def test_out_of_memory_while_decoding_fails_that_photo(sw, monkeypatch):
     three(sw)
     import smartcrop.runner as runner
@@ -1595,6 +1625,25 @@ def test_out_of_memory_while_scoring_fails_that_photo(sw, monkeypatch):
     monkeypatch.setattr(Cropper, "best_crops_batch", scored)
     res = sw.run(sw.src, "-o", sw.out, "--json", "--batch", "4")
     sw.check(res, 1, failed=["huge.jpg"], done=["p0.jpg", "p1.jpg", "p2.jpg"])
+    assert res.lines[0].endswith("huge.jpg: out of memory while scoring this photo"), res.lines
+
+
+@pytest.mark.parametrize("error", ["MemoryError()", "RuntimeError('std::bad_alloc')",
+                                   "RuntimeError(\"[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                                   "can't allocate memory: you tried to allocate 4718592 bytes\")"])
+def test_out_of_memory_before_any_photo_is_one_line_not_a_traceback(error):
+    """Under a memory limit (`ulimit -v`) importing torch or loading the model failed with a 50-line traceback:
+    now one line, exit 1.  Another RuntimeError still shows its traceback (a bug to report)."""
+    code = ("import sys, smartcrop.cli as cli\n"
+            "def boom(*a, **k):\n    raise ERROR\n"
+            "cli.app = boom\ncli.main()\n")
+    r = subprocess.run([sys.executable, "-c", code.replace("ERROR", error)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "smartcrop: out of memory: stopped (files already written are complete; fewer jobs, -j, need less)"], r.stderr
+    r = subprocess.run([sys.executable, "-c", code.replace("ERROR", "RuntimeError('a bug')")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "a bug" in r.stderr
 
 
 def test_control_characters_in_names_are_escaped(sw):
@@ -1672,6 +1721,45 @@ def test_the_real_command_exits_at_once_with_every_byte_and_its_exit_code(sw):
     assert sorted(Path(rec["input"]).name for rec in records) == ["p0.jpg", "p1.jpg", "p2.jpg"]
     assert all(Path(rec["output"]).is_file() for rec in records)
     assert len(r3.stderr.splitlines()) == 1 and b"bad.jpg" in r3.stderr
+
+
+def _open_files_limit(soft: int, hard: int):
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return limit
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX resource limits")
+def test_a_low_open_files_limit_runs_fewer_workers_with_a_note_instead_of_hanging(sw):
+    """`ulimit -n 16` (soft and hard) with `-j 2`: the worker pool failed to start (a traceback: "Too many open
+    files"), then the process waited for ever.  The pool now takes as many workers as the limit holds, here none
+    beside the main process, and says so in one note; with only the soft limit low, it is raised instead."""
+    three(sw)
+    args = ["run", str(sw.src), "--ratio", "1:1", "-j", "2", "--json", "--weights", str(sw.model)]
+    r = _cli([*args, "-o", str(sw.out / "a")], preexec_fn=_open_files_limit(16, 16))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.decode().splitlines() == ["smartcrop: note: -j 1 instead of 2: the open-files limit (ulimit -n) "
+                                              "holds no more; raise it to 40 for -j 2"]
+    assert len(r.stdout.splitlines()) == 3 and len(list((sw.out / "a").iterdir())) == 3
+    r = _cli([*args, "-o", str(sw.out / "b")], preexec_fn=_open_files_limit(16, 4096))
+    assert r.returncode == 0 and r.stderr == b"" and len(list((sw.out / "b").iterdir())) == 3
+
+
+def test_workers_fit_the_open_files_limit():
+    """How many workers a limit holds (in a child process: the limit is its own)."""
+    code = """
+import resource
+from smartcrop.pool import FILES_BASE, FILES_PER_WORKER, workers_for_open_files
+need = lambda j: FILES_BASE + FILES_PER_WORKER * j
+resource.setrlimit(resource.RLIMIT_NOFILE, (10, need(8) + 5))  # the soft limit alone too low: raised
+print(workers_for_open_files(8), resource.getrlimit(resource.RLIMIT_NOFILE)[0] == need(8))
+resource.setrlimit(resource.RLIMIT_NOFILE, (need(3), need(3)))
+print(workers_for_open_files(2), workers_for_open_files(3), workers_for_open_files(8), workers_for_open_files(1))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["8", "True", "2", "3", "3", "1"], r.stderr
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a stdout whose disk is full)")

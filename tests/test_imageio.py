@@ -219,6 +219,27 @@ def test_zero_byte_file(tmp_path):
         load_image(b"")
 
 
+def test_too_many_open_files_is_not_blamed_on_the_photo(tmp_path, monkeypatch):
+    """A process at its open-files limit said "p01.jpg: cannot read file (Too many open files)" of good photos;
+    the message now says the limit is the cause."""
+    import builtins
+    import errno
+
+    photo = tmp_path / "p01.jpg"
+    Image.new("RGB", (40, 30)).save(photo)
+    real_open = builtins.open
+
+    def at_the_limit(file, *a, **k):
+        if str(file) == str(photo):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", at_the_limit)
+    with pytest.raises(ImageError) as ei:
+        load_image(photo)
+    assert_one_line_error(ei, "Too many open files in this process", "ulimit -n", "not a fault of the file")
+
+
 def test_text_file_named_jpg(tmp_path):
     (tmp_path / "notes.jpg").write_text("these are not pixels\n" * 20)
     with pytest.raises(ImageError) as ei:

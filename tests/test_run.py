@@ -536,6 +536,42 @@ def test_a_dying_worker_is_replaced_and_its_photos_retried(tmp_path, small_model
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [f"p{k}_4x3.jpg" for k in range(4)]
 
 
+def _finish_after_a_photo_was_replaced(job):
+    """stages.finish, with the photo named by $SMARTCROP_TEST_REPLACE replaced by a smaller one first: the file
+    changed between scoring and writing (up to 64 photos are decoded ahead of their writes)."""
+    from smartcrop.stages import finish
+
+    if Path(job.source).name == os.environ["SMARTCROP_TEST_REPLACE"]:
+        draw_photo(Path(job.source), size=(200, 150), seed=9)
+    return finish(job)
+
+
+@pytest.mark.parametrize("name, flags", [("p1.jpg", []), ("p1.jpg", ["--reencode"]), ("p1.png", []),
+                                         ("p1.jpg", ["-j", "2"])])
+def test_a_photo_replaced_after_scoring_fails_alone_and_no_crop_of_it_is_written(tmp_path, small_model_file,
+                                                                                    monkeypatch, name, flags):
+    """Its boxes were chosen on the photo scored: they were clamped into the new picture, giving 1x1-pixel or
+    non-square "1:1" crops while the records said the planned sizes, exit 0.  Now that photo fails in one line
+    before any of its crops is written; the others are cropped."""
+    src = tmp_path / "in"
+    for stem in ("p0", "p2"):
+        draw_photo(src / f"{stem}.jpg", size=(320, 240), seed=int(stem[1]))
+    draw_photo(src / name, size=(320, 240), seed=1)
+    monkeypatch.setenv("SMARTCROP_TEST_REPLACE", name)
+    monkeypatch.setattr("smartcrop.runner.finish", _finish_after_a_photo_was_replaced)
+    code, out, err = run([src, "--ratio", "1:1", "--ratio", "16:9", "-o", tmp_path / "o", "--json",
+                          "--weights", small_model_file, *(["-j", "1"] if "-j" not in flags else []), *flags])
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0] and "changed while it was being cropped" in lines[0], err
+    assert "240" in lines[0] and "200x150" in lines[0]
+    recs = [r for r in jsonl(out) if r.get("output")]
+    assert sorted(Path(r["input"]).name for r in recs) == ["p0.jpg", "p0.jpg", "p2.jpg", "p2.jpg"]
+    assert all(Image.open(r["output"]).size == tuple(r["size"]) for r in recs)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == \
+        sorted(f"{s}_{r}.jpg" for s in ("p0", "p2") for r in ("1x1", "16x9"))
+
+
 def _hold_pixels(pixels: int, die: bool) -> int:
     """A decode holding ``pixels`` of the pool's budget; with ``die`` its worker is killed meanwhile (as the OOM
     killer would, so the budget's release never runs)."""
@@ -828,7 +864,14 @@ def test_a_photo_the_worker_cannot_score_fails_alone(tmp_path, small_model_file,
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(cropper, "best_crops_batch", oom)
-    with pytest.raises(ScoringError, match="cannot score this photo .*allocate"):
+    with pytest.raises(ScoringError, match="^out of memory while scoring this photo$"):
+        prepare_and_score(str(photo), wm)
+
+    def bug(*a, **k):
+        raise RuntimeError("shapes do not match")
+
+    monkeypatch.setattr(cropper, "best_crops_batch", bug)
+    with pytest.raises(ScoringError, match=r"cannot score this photo \(shapes do not match\)"):
         prepare_and_score(str(photo), wm)
 
 
