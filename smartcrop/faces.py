@@ -70,8 +70,8 @@ def one_thread() -> None:
 def fork_unsafe() -> bool:
     """Whether this process has searched faces with OpenCV's thread pool running: a child forked from it then
     deadlocks in its first OpenCV call (the pool's lock copied held; seen as a hang in ``cv2.setNumThreads``
-    when a library caller used ``Cropper(faces=True)`` before a run with worker processes), so
-    :class:`~smartcrop.pool.WorkerPool` starts its workers from a fork server instead."""
+    when a library caller used ``Cropper(faces=True)`` before a run with worker processes), so a run whose
+    workers search faces starts them from a fork server instead (``runner._start_method``)."""
     return _threaded
 
 

@@ -209,9 +209,10 @@ def _release_free_memory() -> None:
 class WorkerPool:
     def __init__(self, workers: int | None = None, pixel_budget: int = DEFAULT_PIXEL_BUDGET,
                  start_method: str | None = None, preload: tuple = (), warm=None):
-        """``start_method``: multiprocessing's (default ``fork`` on Linux, else ``spawn``; ``forkserver`` once this
-        process has searched faces with OpenCV's threads, :func:`smartcrop.faces.fork_unsafe`); a pool made after
-        torch started its threads (training) asks for ``forkserver``, so no worker is forked from them.
+        """``start_method``: multiprocessing's (default ``fork`` on Linux, else ``spawn``); a pool made after
+        torch started its threads (training) asks for ``forkserver``, so no worker is forked from them; so does a
+        run whose workers search faces in a process that searched some with OpenCV's threads
+        (:func:`smartcrop.faces.fork_unsafe`).
         ``preload``: with ``forkserver``, modules the server imports once before forking every worker, so the
         workers share their memory (copy-on-write) instead of each importing them.  ``warm``: a picklable
         function each worker process calls when it starts, before its first task (e.g. loading a library it
@@ -222,10 +223,8 @@ class WorkerPool:
         self._executor = None
         self.restarts = 0  # pools started afresh because a worker died (its fellow workers are stopped with it)
         if self.workers > 1:
-            if start_method is None and sys.platform.startswith("linux"):
-                faces = sys.modules.get("smartcrop.faces")  # OpenCV's threads would deadlock a forked worker
-                start_method = "forkserver" if faces is not None and faces.fork_unsafe() else "fork"
-            self._ctx = multiprocessing.get_context(start_method or "spawn")
+            self._ctx = multiprocessing.get_context(start_method or ("fork" if sys.platform.startswith("linux")
+                                                                     else "spawn"))
             if preload and self._ctx.get_start_method() == "forkserver":
                 self._ctx.set_forkserver_preload(list(preload))
             self._budget = (self._ctx.Condition(), self._ctx.Value("q", 0, lock=False), pixel_budget)

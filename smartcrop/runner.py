@@ -177,7 +177,7 @@ class Runner:
         if opts.out_dir is not None and not opts.dry_run:
             namer = OutputNamer.for_run(opts.out_dir, opts, list(items))
         own_pool = self.pool is None
-        pool = self.pool or WorkerPool(opts.workers)
+        pool = self.pool or WorkerPool(opts.workers, start_method=_start_method(opts))
         if (note := open_files_note(pool)) is not None:
             self.on_error(note)
         summary = RunSummary()
@@ -416,7 +416,8 @@ def crop_photos(plan, *, weights=None, model: str | None = None, device: str = "
             runner = Runner(None, opts, on_record=on_record, on_error=on_error, progress=progress, pool=pool,
                             worker_model=wm)
             return runner.run(plan.items, done=plan.done)
-    with _tidied(WorkerPool(opts.workers, warm=warm_lossless if may_crop_losslessly(opts) else None), opts) as pool:
+    with _tidied(WorkerPool(opts.workers, start_method=_start_method(opts),
+                            warm=warm_lossless if may_crop_losslessly(opts) else None), opts) as pool:
         early = {}
         if size is not None and not adapt_epochs:
             n = min(len(plan.items), max(_window(pool.workers, opts.batch or 1),
@@ -568,6 +569,16 @@ def _source(item: InputItem):
 
 # a worker process that died (e.g. killed for memory) fails the photos it held; the pool starts afresh
 _PER_FILE = PER_FILE_ERRORS + (BrokenExecutor,)
+
+
+def _start_method(opts) -> str | None:
+    """How the decoding workers start: from a fork server when they will search faces and this process has
+    searched some with OpenCV's threads (a worker forked from it deadlocks in its first OpenCV call); None: the
+    pool's default (``fork`` on Linux)."""
+    faces = sys.modules.get("smartcrop.faces")
+    if opts.choice.faces and faces is not None and faces.fork_unsafe() and sys.platform.startswith("linux"):
+        return "forkserver"
+    return None
 
 
 def scoring_failure(e: BaseException) -> str:

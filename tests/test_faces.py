@@ -180,26 +180,31 @@ def test_refine_centres_on_the_best_anchor_by_the_face_aware_scores(small_model)
 _FACES_THEN_A_POOL = """
 import sys
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 from PIL import Image
 
 from smartcrop import faces
-from smartcrop.pool import WorkerPool
-from smartcrop.stages import prepare
+from smartcrop.cropper import Choice
+from smartcrop.plan import plan_run
+from smartcrop.runner import crop_photos
 
 if __name__ == "__main__":
-    photo = sys.argv[1]
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(photo)
+    src = Path(sys.argv[1])
+    for k in range(4):
+        rng = np.random.default_rng(k)
+        Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(src / f"p{k}.png")
     cv2.setNumThreads(4)  # OpenCV's thread pool running, as on a machine of several cores
     for _ in range(3):
-        faces.detect_faces(Image.open(photo))
-    with WorkerPool(2) as pool:  # a run's decoding workers, each finding faces
-        print(len([pool.submit(prepare, photo, 256, 768, True).result(timeout=60) for _ in range(4)]))
+        faces.detect_faces(Image.open(src / "p0.png"))
+    plan = plan_run([str(src)], ratios=["1:1"], dry_run=True, workers=2, choice=Choice(faces=True))
+    summary = crop_photos(plan, weights=sys.argv[2], on_record=lambda r: print(r.ratio))
 """
 
 
-def test_worker_processes_after_faces_were_searched_here_do_not_deadlock(tmp_path):
+def test_worker_processes_after_faces_were_searched_here_do_not_deadlock(tmp_path, small_model_file):
     """`Cropper(faces=True)` used in this process (OpenCV's thread pool started), then a run with worker
     processes: a worker forked from it hung for ever in its first OpenCV call (`cv2.setNumThreads`, the pool's
     lock copied held; seen as a hung test).  The pool now starts its workers from a fork server then."""
@@ -208,6 +213,7 @@ def test_worker_processes_after_faces_were_searched_here_do_not_deadlock(tmp_pat
 
     script = tmp_path / "faces_then_pool.py"
     script.write_text(_FACES_THEN_A_POOL)
-    r = subprocess.run([sys.executable, str(script), str(tmp_path / "p.png")], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0 and r.stdout.split() == ["4"], r.stderr
+    (tmp_path / "in").mkdir()
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "in"), str(small_model_file)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["1:1"] * 4, r.stderr
