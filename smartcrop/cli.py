@@ -314,8 +314,8 @@ def run(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (default: ./cropped; "
                                           "stdout for a single image read from stdin)."),
     name: Optional[str] = typer.Option(None, "--name", help="Output name template; fields {stem} {ratio} {ext} "
-                                       "{rank} {w} {h} {name}. Default '{stem}_{ratio}.{ext}' ('{stem}_{ratio}_{rank}.{ext}' "
-                                       "with --top-k above 1)."),
+                                       "{rank} {w} {h} {name}. Default '{stem}_{ratio}.{ext}' "
+                                       "('{stem}_{ratio}_{rank}.{ext}' with --top-k above 1)."),
     size: Optional[str] = typer.Option(None, "--size", help="Resize each crop to exactly WxH, e.g. 1920x1080 "
                                        "(a smaller crop fails its photo unless --upscale)."),
     upscale: bool = typer.Option(False, "--upscale", help="Let --size enlarge crops smaller than WxH."),

@@ -181,8 +181,8 @@ def collect_inputs(paths: Sequence[str], recursive: bool, stdin=None, list_file:
 
     Every path that cannot be used is reported through ``on_error`` (one line naming it) and skipped; without
     ``on_error`` the first one raises :class:`UsageError`.  Data on stdin that is neither an image nor a list
-    naming any existing path is one such line; empty data (or only blanks) is an empty list.  ``exclude`` (the output folder) is never walked into, and the
-    files smartcrop wrote there are not collected even when named.  The same file reached twice for the same
+    naming any existing path is one such line; empty data (or only blanks) is an empty list.  ``exclude`` (the
+    output folder) is never walked into, and the files smartcrop wrote there are not collected even when named.  The same file reached twice for the same
     output sub-folder is collected once.  Files in the folders walked that smartcrop wrote are not collected
     either; ``passed`` (when given) counts what was passed over so.
     """

@@ -1175,7 +1175,8 @@ def test_earlier_outputs_elsewhere_in_the_tree_are_recognised(sw):
     assert res.lines[0].startswith("smartcrop: note: in the folders given, 3 files written by smartcrop: not ")
     # a folder holding nothing but earlier crops: why nothing is cropped, and how to crop them anyway
     res = sw.run(sw.src / "crops1", "-o", sw.out / "again", "--ratio", "16:9", "--json")
-    assert res.code == 2 and len(res.lines) == 1 and "inputs: only 3 files written by smartcrop, which a folder" in res.lines[0]
+    assert res.code == 2 and len(res.lines) == 1
+    assert "inputs: only 3 files written by smartcrop, which a folder" in res.lines[0]
     assert "-r" not in res.lines[0] and not (sw.out / "again").exists()
 
 
