@@ -556,7 +556,7 @@ class _Scorer:
                                                  self.ratios, self.top_k)
         except (RuntimeError, MemoryError) as e:
             if len(batch) == 1:
-                from .runner import scoring_failure
+                from .stages import scoring_failure
 
                 return [scoring_failure(e)]
             return [self._score([b])[0] for b in batch]

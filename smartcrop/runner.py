@@ -30,7 +30,7 @@ from .plan import RunOptions
 from .pool import WorkerPool, import_torch, keep_freed_memory, open_files_note, usable_cores
 from .progress import stderr_is_tty
 from .stages import (PER_FILE_ERRORS, PRELOAD_ENV, WorkerModel, crop_job, depth_lost, finish, prepare,
-                     prepare_and_score, may_crop_losslessly, warm_lossless)
+                     prepare_and_score, may_crop_losslessly, scoring_failure, warm_lossless)
 
 
 def write_all(stream, data: bytes) -> None:
@@ -579,12 +579,6 @@ def _start_method(opts) -> str | None:
     if opts.choice.faces and faces is not None and faces.fork_unsafe() and sys.platform.startswith("linux"):
         return "forkserver"
     return None
-
-
-def scoring_failure(e: BaseException) -> str:
-    """One line for a photo whose scoring failed (shown after its name)."""
-    return "out of memory while scoring this photo" if out_of_memory(e) else \
-        f"cannot score this photo ({describe_error(e)})"
 
 
 def describe_error(e: BaseException) -> str:

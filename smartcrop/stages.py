@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cropper import MIN_CROP_SIDE, Choice
-from .errors import SmartcropError, out_of_memory
+from .errors import SmartcropError, one_line, out_of_memory
 
 
 class CropError(SmartcropError):
@@ -214,6 +214,13 @@ class ScoringError(SmartcropError):
     """The model could not score a photo (e.g. an allocation failure): fails that photo."""
 
 
+def scoring_failure(e: BaseException) -> str:
+    """One line for a photo whose scoring raised ``e`` (a ``RuntimeError`` or ``MemoryError``; shown after its
+    name), in every scoring path."""
+    return "out of memory while scoring this photo" if out_of_memory(e) else \
+        f"cannot score this photo ({one_line(str(e) or type(e).__name__)})"
+
+
 @dataclass(frozen=True)
 class WorkerModel:
     """What a worker needs to score photos itself: the model file and what to ask it."""
@@ -277,8 +284,7 @@ def prepare_and_score(source, model: WorkerModel) -> tuple:
         crops = cropper.best_crops_batch([(p.image, p.full_size)], list(model.ratios), model.top_k,
                                          faces=[p.faces] if model.choice.faces else None)[0]
     except (RuntimeError, MemoryError) as e:
-        raise ScoringError("out of memory while scoring this photo" if out_of_memory(e) else
-                           f"cannot score this photo ({str(e) or type(e).__name__})") from None
+        raise ScoringError(scoring_failure(e)) from None
     return p, crops
 
 
